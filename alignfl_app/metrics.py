@@ -1,0 +1,135 @@
+"""Run outputs: ``results/<run-name>/summary.json``, sample grids, the accuracy plot, the final model.
+
+The summary is rewritten after every round, so an interrupted run still leaves what it measured.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+
+def _jsonable(v: Any) -> Any:
+    if isinstance(v, float):
+        return None if math.isnan(v) or math.isinf(v) else v
+    if isinstance(v, dict):
+        return {str(k): _jsonable(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_jsonable(x) for x in v]
+    if isinstance(v, (np.floating, np.integer)):
+        return _jsonable(v.item())
+    return v
+
+
+class RunRecorder:
+    """Collects per-round metrics and writes every artefact of a run into one folder."""
+
+    def __init__(self, run_dir: Path, config: dict[str, Any], method: str = "alignfl") -> None:
+        self.run_dir = Path(run_dir)
+        (self.run_dir / "samples").mkdir(parents=True, exist_ok=True)
+        self.started = time.time()
+        self.summary: dict[str, Any] = {
+            "method": method,
+            "config": dict(config),
+            "status": "running",
+            "rounds": [],
+        }
+
+    def round(self, server_round: int) -> dict[str, Any]:
+        """The (mutable) record of ``server_round``, created on first use."""
+        for r in self.summary["rounds"]:
+            if r["round"] == server_round:
+                return r
+        r = {"round": server_round, "silos": {}}
+        self.summary["rounds"].append(r)
+        self.summary["rounds"].sort(key=lambda x: x["round"])
+        return r
+
+    def silo(self, server_round: int, silo: str) -> dict[str, Any]:
+        return self.round(server_round)["silos"].setdefault(silo, {})
+
+    def write(self) -> Path:
+        self.summary["elapsed-seconds"] = time.time() - self.started
+        rounds = [r for r in self.summary["rounds"] if r.get("global", {}).get("accuracy") is not None]
+        if rounds:
+            last = rounds[-1]
+            self.summary["final-global-accuracy"] = last["global"]["accuracy"]
+            self.summary["final-per-class-accuracy"] = last["global"].get("per-class-accuracy")
+            self.summary["final-per-silo-accuracy"] = {
+                s: m["eval-accuracy"] for s, m in last["silos"].items() if "eval-accuracy" in m
+            }
+        path = self.run_dir / "summary.json"
+        tmp = path.with_suffix(".json.part")
+        tmp.write_text(json.dumps(_jsonable(self.summary), indent=2))
+        os.replace(tmp, path)
+        return path
+
+    def finish(self, status: str = "completed") -> Path:
+        self.summary["status"] = status
+        path = self.write()
+        self.plot_accuracy()
+        return path
+
+    def plot_accuracy(self) -> Path | None:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        rounds = [r for r in self.summary["rounds"] if r.get("global", {}).get("accuracy") is not None]
+        if not rounds:
+            return None
+        fig, ax = plt.subplots(figsize=(6, 4))
+        xs = [r["round"] for r in rounds]
+        ax.plot(xs, [r["global"]["accuracy"] for r in rounds], "o-", label="global test set", lw=2)
+        silos = sorted({s for r in rounds for s in r["silos"] if "eval-accuracy" in r["silos"][s]})
+        for s in silos:
+            pts = [(r["round"], r["silos"][s]["eval-accuracy"]) for r in rounds if "eval-accuracy" in r["silos"].get(s, {})]
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], "--", alpha=0.6, label=f"{s} local test")
+        ax.set_xlabel("round")
+        ax.set_ylabel("accuracy")
+        ax.set_ylim(0, 1)
+        ax.set_title(f"{self.summary['method']}: global model on real test data")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        path = self.run_dir / "accuracy.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        return path
+
+    def save_sample_grid(self, server_round: int, samples: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> Path:
+        """One row per silo: what its shared generator produces this round (label above each image)."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        rows = max(len(samples), 1)
+        cols = max((len(x) for x, _ in samples.values()), default=1)
+        fig, axes = plt.subplots(rows, cols, figsize=(cols * 0.8 + 1.2, rows * 0.9 + 0.4), squeeze=False)
+        for i, (silo, (x, y)) in enumerate(sorted(samples.items())):
+            for j in range(cols):
+                ax = axes[i][j]
+                ax.axis("off")
+                if j < len(x):
+                    ax.imshow(x[j, 0].numpy(), cmap="gray", vmin=0, vmax=1)
+                    ax.set_title(str(int(y[j])), fontsize=7, pad=1)
+            axes[i][0].text(-0.3, 0.5, silo, transform=axes[i][0].transAxes, ha="right", va="center", fontsize=8)
+        fig.suptitle(f"synthetic samples per silo, round {server_round}", fontsize=9)
+        path = self.run_dir / "samples" / f"round-{server_round:03d}.png"
+        fig.savefig(path, dpi=90, bbox_inches="tight")
+        plt.close(fig)
+        return path
+
+    def save_model(self, state: dict[str, np.ndarray], kind: str) -> Path:
+        path = self.run_dir / f"global_model_{kind}.pt"
+        torch.save({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in state.items()}, path)
+        return path

@@ -1,0 +1,147 @@
+"""Models: per-silo (conditional) VAEs whose decoder is the shared generator, and the global models.
+
+The decoder is a separate ``nn.Module`` (``vae.decoder``) so that exactly its parameters can be
+shipped (``decoder_only_state``) and rebuilt on the server from a descriptor alone.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from .config import IMAGE_SHAPE, ArchitectureSpec
+
+
+class Decoder(nn.Module):
+    """p(x | z, y): latent (+ one-hot label over the silo's own classes) -> image logits."""
+
+    def __init__(self, spec: ArchitectureSpec, cond_dim: int, image_shape: tuple[int, ...] = IMAGE_SHAPE) -> None:
+        super().__init__()
+        self.spec, self.cond_dim, self.image_shape = spec, cond_dim, tuple(image_shape)
+        c, h, w = self.image_shape
+        in_dim = spec.latent_dim + cond_dim
+        if spec.kind == "mlp":
+            widths = list(reversed(spec.hidden))
+            layers: list[nn.Module] = []
+            for width in widths:
+                layers += [nn.Linear(in_dim, width), nn.ReLU()]
+                in_dim = width
+            layers.append(nn.Linear(in_dim, c * h * w))
+            self.net = nn.Sequential(*layers)
+        else:
+            chans = list(reversed(spec.hidden))
+            down = 2 ** len(chans)
+            if h % down or w % down:
+                raise ValueError(f"conv architecture '{spec.name}' needs image sides divisible by {down}")
+            self.base = (chans[0], h // down, w // down)
+            self.fc = nn.Linear(in_dim, math.prod(self.base))
+            layers = []
+            for cin, cout in zip(chans, chans[1:] + [c]):
+                layers.append(nn.ConvTranspose2d(cin, cout, 4, 2, 1))
+                if cout != c:
+                    layers.append(nn.ReLU())
+            self.net = nn.Sequential(*layers)
+
+    def forward(self, z: torch.Tensor, y_onehot: torch.Tensor | None = None) -> torch.Tensor:
+        zin = z if self.cond_dim == 0 else torch.cat([z, y_onehot], dim=1)
+        if self.spec.kind == "mlp":
+            return self.net(zin).view(-1, *self.image_shape)
+        return self.net(F.relu(self.fc(zin)).view(-1, *self.base))
+
+
+class Encoder(nn.Module):
+    """q(z | x, y). Never leaves the silo."""
+
+    def __init__(self, spec: ArchitectureSpec, cond_dim: int, image_shape: tuple[int, ...] = IMAGE_SHAPE) -> None:
+        super().__init__()
+        self.spec, self.cond_dim = spec, cond_dim
+        c, h, w = image_shape
+        if spec.kind == "mlp":
+            layers: list[nn.Module] = [nn.Flatten()]
+            in_dim = c * h * w
+            self.features = nn.Sequential(*layers)
+            body: list[nn.Module] = []
+            in_dim += cond_dim
+            for width in spec.hidden:
+                body += [nn.Linear(in_dim, width), nn.ReLU()]
+                in_dim = width
+            self.body = nn.Sequential(*body)
+            feat = in_dim
+        else:
+            layers = []
+            cin = c
+            for cout in spec.hidden:
+                layers += [nn.Conv2d(cin, cout, 4, 2, 1), nn.ReLU()]
+                cin = cout
+            layers.append(nn.Flatten())
+            self.features = nn.Sequential(*layers)
+            down = 2 ** len(spec.hidden)
+            feat = spec.hidden[-1] * (h // down) * (w // down)
+            self.body = nn.Sequential(nn.Linear(feat + cond_dim, 256), nn.ReLU())
+            feat = 256
+        self.mu = nn.Linear(feat, spec.latent_dim)
+        self.logvar = nn.Linear(feat, spec.latent_dim)
+
+    def forward(self, x: torch.Tensor, y_onehot: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.features(x)
+        if self.cond_dim:
+            h = torch.cat([h, y_onehot], dim=1)
+        h = self.body(h)
+        return self.mu(h), self.logvar(h).clamp(-10.0, 10.0)
+
+
+class VAE(nn.Module):
+    """A silo's VAE. ``cond_dim`` = number of the silo's classes (0: unconditional)."""
+
+    def __init__(self, spec: ArchitectureSpec, cond_dim: int, image_shape: tuple[int, ...] = IMAGE_SHAPE) -> None:
+        super().__init__()
+        self.encoder = Encoder(spec, cond_dim, image_shape)
+        self.decoder = Decoder(spec, cond_dim, image_shape)
+
+    def forward(self, x: torch.Tensor, y_onehot: torch.Tensor | None = None):
+        mu, logvar = self.encoder(x, y_onehot)
+        z = mu + torch.randn_like(mu) * torch.exp(0.5 * logvar)
+        return self.decoder(z, y_onehot), mu, logvar
+
+
+def vae_loss(logits: torch.Tensor, x: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor,
+             kl_weight: float = 1.0, reduction: str = "mean") -> torch.Tensor:
+    """Negative ELBO per image (Bernoulli likelihood), averaged (or per-sample with reduction='none')."""
+    rec = F.binary_cross_entropy_with_logits(logits, x, reduction="none").flatten(1).sum(1)
+    kl = -0.5 * (1 + logvar - mu.pow(2) - logvar.exp()).sum(1)
+    loss = rec + kl_weight * kl
+    return loss if reduction == "none" else loss.mean()
+
+
+def decoder_only_state(vae: VAE) -> dict[str, np.ndarray]:
+    """The only weights a silo ever sends: its decoder's, as float32 numpy arrays."""
+    return {k: v.detach().cpu().numpy().astype(np.float32, copy=True) for k, v in vae.decoder.state_dict().items()}
+
+
+class Classifier(nn.Module):
+    """The global classifier the server trains on synthetic data (a small CNN)."""
+
+    def __init__(self, num_classes: int = 10, image_shape: tuple[int, ...] = IMAGE_SHAPE) -> None:
+        super().__init__()
+        c, h, w = image_shape
+        self.features = nn.Sequential(
+            nn.Conv2d(c, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+        )
+        self.head = nn.Sequential(nn.Linear(32 * (h // 4) * (w // 4), 128), nn.ReLU(), nn.Dropout(0.2),
+                                  nn.Linear(128, num_classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+def one_hot(labels_local: torch.Tensor, cond_dim: int) -> torch.Tensor | None:
+    return F.one_hot(labels_local, cond_dim).to(torch.float32) if cond_dim else None
+
+
+def num_parameters(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())

@@ -1,0 +1,30 @@
+"""Names of the records exchanged between ServerApp and ClientApp (one place, both sides import it).
+
+Train reply:    ``decoder`` (ArrayRecord, decoder tensors only), ``descriptor`` (ConfigRecord, key
+                ``json``: a GeneratorDescriptor), ``metrics`` (MetricRecord).
+Evaluate ask:   ``global-model`` (ArrayRecord), ``config`` (ConfigRecord with ``global-model-kind``).
+Evaluate reply: ``metrics`` (MetricRecord).
+"""
+
+DECODER = "decoder"
+DESCRIPTOR = "descriptor"
+DESCRIPTOR_JSON = "json"
+METRICS = "metrics"
+CONFIG = "config"
+GLOBAL_MODEL = "global-model"
+GLOBAL_MODEL_KIND = "global-model-kind"
+SERVER_ROUND = "server-round"
+SILO = "silo"  # evaluate reply: ConfigRecord {"name": silo name}
+VAE_STATE = "alignfl-vae"  # key in the silo's private Context.state; never sent
+
+
+# The only Flower-aware helpers in the core: numpy state dicts <-> ArrayRecord (numpy serialisation,
+# loaded with allow_pickle=False by Flower's Array.numpy()).
+def to_array_record(state: dict):
+    from flwr.app import Array, ArrayRecord
+
+    return ArrayRecord({k: Array(v) for k, v in state.items()})
+
+
+def from_array_record(record) -> dict:
+    return {k: a.numpy() for k, a in record.items()}

@@ -1,0 +1,90 @@
+"""One silo's side of ALIGN-FL, free of Flower: train the local VAE, hand out only the decoder.
+
+``client_app`` turns a Flower message into a call here and the result back into a reply.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .config import IMAGE_SHAPE, RunConfig, SiloNodeConfig, load_architecture, resolve_data_root
+from .data import SiloData, build_silo_data
+from .global_model import GlobalModel
+from .models import VAE, decoder_only_state
+from .store import GeneratorDescriptor
+from .training import set_threads, train_vae, vae_test_loss
+
+
+@dataclass
+class TrainOutcome:
+    decoder_state: dict[str, np.ndarray]
+    descriptor: GeneratorDescriptor
+    vae_state: dict[str, np.ndarray]  # stays on the silo (encoder included)
+    metrics: dict[str, float | int]
+
+
+class Silo:
+    """A silo: its data partition, its architecture, its VAE."""
+
+    def __init__(self, cfg: RunConfig, node: SiloNodeConfig) -> None:
+        self.cfg, self.node = cfg, node
+        self.index = node.partition_id
+        self.name = node.silo_name or f"silo-{self.index}"
+        self.architecture = load_architecture(node.architecture or cfg.architecture_for(self.index))
+        root = resolve_data_root(node.data_root) if node.data_root else cfg.resolved_data_root()
+        self.data: SiloData = build_silo_data(cfg, self.index, Path(root))
+        set_threads(cfg.client_threads)
+
+    @property
+    def cond_dim(self) -> int:
+        return len(self.data.classes) if self.cfg.conditional else 0
+
+    def new_vae(self) -> VAE:
+        torch.manual_seed(self.cfg.seed * 7919 + self.index)
+        return VAE(self.architecture, self.cond_dim, IMAGE_SHAPE)
+
+    def restore_vae(self, state: dict[str, np.ndarray] | None) -> VAE:
+        """The silo's VAE from its previous round (or fresh when absent or from another architecture)."""
+        vae = self.new_vae()
+        if state:
+            expected = vae.state_dict()
+            if set(state) == set(expected) and all(tuple(state[k].shape) == tuple(v.shape) for k, v in expected.items()):
+                vae.load_state_dict({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in state.items()})
+        return vae
+
+    def train_round(self, server_round: int, previous_vae: dict[str, np.ndarray] | None) -> TrainOutcome:
+        cfg = self.cfg
+        vae = self.restore_vae(previous_vae)
+        report = train_vae(
+            vae, self.data.x_train, self.data.y_train, self.data.classes, epochs=cfg.local_epochs,
+            batch_size=cfg.batch_size, lr=cfg.learning_rate, kl_weight=cfg.kl_weight,
+            seed=cfg.seed * 100003 + self.index * 1009 + server_round,
+        )
+        test_nelbo = vae_test_loss(vae, self.data.x_test, self.data.y_test, self.data.classes)
+        desc = GeneratorDescriptor(
+            silo=self.name, architecture=self.architecture, conditional=cfg.conditional,
+            label_set=self.data.classes, image_shape=IMAGE_SHAPE, round=server_round,
+            num_examples=len(self.data.x_train),
+        )
+        decoder_state = decoder_only_state(vae)
+        metrics: dict[str, float | int] = {
+            "num-examples": len(self.data.x_train),
+            "num-outliers": self.data.num_outliers,
+            "train-loss": report.loss,
+            "test-neg-elbo": test_nelbo,
+            "train-seconds": report.seconds,
+            "samples-per-second": report.examples_seen / max(report.seconds, 1e-9),
+            "decoder-bytes": int(sum(a.nbytes for a in decoder_state.values())),
+        }
+        vae_state = {k: v.detach().numpy().copy() for k, v in vae.state_dict().items()}
+        return TrainOutcome(decoder_state, desc, vae_state, metrics)
+
+    def evaluate_global(self, kind: str, state: dict[str, np.ndarray]) -> dict[str, float | list[float]]:
+        """Judge the global model on this silo's real held-out test set."""
+        model = GlobalModel(kind, self.cfg.num_classes, conditional=self.cfg.conditional)
+        model.load_state(state)
+        return model.evaluate(self.data.x_test, self.data.y_test)

@@ -1,0 +1,153 @@
+"""What a silo's generator is (descriptor), how a received one is checked, and where it is kept.
+
+The server never trusts a reply: ``check_decoder_state`` rebuilds the decoder from the descriptor
+and demands exactly its tensor names, shapes and dtype, all finite, within a byte budget. Only then
+does ``GeneratorStore.put`` write it, atomically, so a rejected or half-written reply can never
+replace a silo's last good generator. Generators live on disk (``.npz`` loaded with
+``allow_pickle=False``: nothing from a client is unpickled) and are loaded one at a time.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from .config import ArchitectureSpec, one_line
+from .models import Decoder
+
+
+class ReplyRejected(ValueError):
+    """A client reply that must not enter the store; the message says why in one line."""
+
+
+class GeneratorDescriptor(BaseModel):
+    """Everything the server needs to rebuild and use a silo's decoder."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    silo: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    architecture: ArchitectureSpec
+    conditional: bool
+    label_set: tuple[int, ...] = Field(min_length=1, max_length=1000)
+    image_shape: tuple[int, int, int]
+    round: int = Field(ge=0)
+    num_examples: int = Field(ge=0)
+
+    @model_validator(mode="after")
+    def _sane(self) -> GeneratorDescriptor:
+        if len(set(self.label_set)) != len(self.label_set) or min(self.label_set) < 0:
+            raise ValueError("label_set must hold distinct non-negative labels")
+        if any(not 1 <= s <= 512 for s in self.image_shape):
+            raise ValueError("image_shape sides must be in 1..512")
+        return self
+
+    @property
+    def cond_dim(self) -> int:
+        return len(self.label_set) if self.conditional else 0
+
+    def build_decoder(self) -> Decoder:
+        return Decoder(self.architecture, self.cond_dim, self.image_shape)
+
+
+def parse_descriptor(text: str) -> GeneratorDescriptor:
+    try:
+        return GeneratorDescriptor.model_validate_json(text)
+    except ValidationError as exc:
+        raise ReplyRejected(one_line(exc, "descriptor")) from exc
+
+
+def check_decoder_state(
+    desc: GeneratorDescriptor, state: dict[str, np.ndarray], max_bytes: int, num_classes: int | None = None
+) -> Decoder:
+    """Return the decoder loaded with ``state`` or raise ReplyRejected naming the first problem."""
+    if num_classes is not None and max(desc.label_set) >= num_classes:
+        raise ReplyRejected(f"label_set {list(desc.label_set)} has labels outside 0..{num_classes - 1}")
+    total = sum(int(a.nbytes) for a in state.values())
+    if total > max_bytes:
+        raise ReplyRejected(f"decoder is {total / 2**20:.1f} MiB, over the {max_bytes / 2**20:.1f} MiB limit")
+    try:
+        decoder = desc.build_decoder()
+    except (ValueError, RuntimeError) as exc:
+        raise ReplyRejected(f"descriptor does not describe a buildable decoder: {exc}") from exc
+    expected = decoder.state_dict()
+    extra = sorted(set(state) - set(expected))
+    missing = sorted(set(expected) - set(state))
+    if extra:
+        raise ReplyRejected(f"{len(extra)} tensors the decoder does not have (e.g. '{extra[0]}')")
+    if missing:
+        raise ReplyRejected(f"missing decoder tensors (e.g. '{missing[0]}')")
+    for name, ref in expected.items():
+        arr = state[name]
+        if tuple(arr.shape) != tuple(ref.shape):
+            raise ReplyRejected(f"'{name}' has shape {tuple(arr.shape)}, expected {tuple(ref.shape)}")
+        if arr.dtype != np.float32:
+            raise ReplyRejected(f"'{name}' has dtype {arr.dtype}, expected float32")
+        if not np.isfinite(arr).all():
+            raise ReplyRejected(f"'{name}' contains NaN or Inf")
+    decoder.load_state_dict({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in state.items()}, strict=True)
+    return decoder.eval()
+
+
+def _atomic_write(path: Path, write) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+class GeneratorStore:
+    """Each silo's latest good generator, on disk; survives rounds a silo misses and server restarts."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self._index_path = self.root / "index.json"
+        self._index: dict[str, dict] = json.loads(self._index_path.read_text()) if self._index_path.exists() else {}
+
+    def silos(self) -> list[str]:
+        return sorted(self._index)
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    def __contains__(self, silo: str) -> bool:
+        return silo in self._index
+
+    def entry(self, silo: str) -> dict:
+        """Bookkeeping for a silo: descriptor, round stored, bytes."""
+        return dict(self._index[silo])
+
+    def descriptor(self, silo: str) -> GeneratorDescriptor:
+        return GeneratorDescriptor.model_validate(self._index[silo]["descriptor"])
+
+    def put(self, desc: GeneratorDescriptor, state: dict[str, np.ndarray], server_round: int) -> None:
+        """Store an already-checked generator, replacing the silo's previous one atomically."""
+        path = self.root / f"{desc.silo}.npz"
+        _atomic_write(path, lambda f: np.savez(f, **state))
+        self._index[desc.silo] = {
+            "descriptor": desc.model_dump(mode="json"),
+            "file": path.name,
+            "stored_round": server_round,
+            "bytes": int(sum(a.nbytes for a in state.values())),
+        }
+        _atomic_write(self._index_path, lambda f: f.write(json.dumps(self._index, indent=1).encode()))
+
+    def load_decoder(self, silo: str) -> tuple[GeneratorDescriptor, Decoder]:
+        desc = self.descriptor(silo)
+        with np.load(self.root / self._index[silo]["file"], allow_pickle=False) as npz:
+            state = {k: npz[k] for k in npz.files}
+        decoder = desc.build_decoder()
+        decoder.load_state_dict({k: torch.from_numpy(v) for k, v in state.items()}, strict=True)
+        return desc, decoder.eval()

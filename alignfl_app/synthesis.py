@@ -1,0 +1,43 @@
+"""Sampling labelled synthetic data from the stored generators (the server's only view of the silos)."""
+
+from __future__ import annotations
+
+import torch
+
+from .models import Decoder, one_hot
+from .store import GeneratorDescriptor, GeneratorStore
+
+
+@torch.no_grad()
+def sample_generator(
+    desc: GeneratorDescriptor, decoder: Decoder, n: int, temperature: float = 1.0, seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``n`` images in [0, 1] and their global labels, classes balanced over the silo's label set.
+
+    Unconditional generators return label -1 (usable only by a global VAE).
+    """
+    g = torch.Generator().manual_seed(seed)
+    k = len(desc.label_set)
+    local = torch.arange(n) % k
+    local = local[torch.randperm(n, generator=g)]
+    z = torch.randn(n, desc.architecture.latent_dim, generator=g) * temperature
+    x = torch.sigmoid(decoder(z, one_hot(local, desc.cond_dim)))
+    labels = torch.tensor(desc.label_set)[local] if desc.conditional else torch.full((n,), -1)
+    return x, labels
+
+
+def synthesize(
+    store: GeneratorStore, n_per_silo: int, temperature: float = 1.0, seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor, dict[str, int]]:
+    """The union of ``n_per_silo`` samples from every stored generator (one decoder in memory at a time)."""
+    xs, ys, counts = [], [], {}
+    for i, silo in enumerate(store.silos()):
+        desc, decoder = store.load_decoder(silo)
+        x, y = sample_generator(desc, decoder, n_per_silo, temperature, seed=seed * 1000 + i)
+        xs.append(x)
+        ys.append(y)
+        counts[silo] = n_per_silo
+        del decoder
+    if not xs:
+        raise RuntimeError("no generator stored yet: no silo has sent a valid reply")
+    return torch.cat(xs), torch.cat(ys), counts

@@ -1,0 +1,128 @@
+"""Local VAE training (silo side) and global-model training / evaluation (server side)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from .models import VAE, one_hot, vae_loss
+
+
+def set_threads(n: int) -> None:
+    """Pin torch's intra-op threads to this process's CPU share (oversubscription costs 30x here)."""
+    if torch.get_num_threads() != n:
+        torch.set_num_threads(n)
+
+
+def to_local_labels(y: torch.Tensor, label_set: tuple[int, ...]) -> torch.Tensor:
+    """Global class ids -> index within the silo's label set (the decoder's condition)."""
+    lut = torch.full((int(max(label_set)) + 1,), -1, dtype=torch.long)
+    lut[torch.tensor(label_set)] = torch.arange(len(label_set))
+    local = lut[y]
+    if (local < 0).any():
+        raise ValueError("labels outside the silo's label set")
+    return local
+
+
+def _batches(n: int, batch_size: int, g: torch.Generator):
+    perm = torch.randperm(n, generator=g)
+    for i in range(0, n, batch_size):
+        yield perm[i:i + batch_size]
+
+
+@dataclass
+class VAETrainReport:
+    loss: float
+    examples_seen: int
+    seconds: float
+
+
+def train_vae(
+    vae: VAE, x: torch.Tensor, y: torch.Tensor, label_set: tuple[int, ...], *, epochs: int, batch_size: int,
+    lr: float, kl_weight: float = 1.0, seed: int = 0,
+) -> VAETrainReport:
+    """Plain (non-private) local training of a silo's (conditional) VAE."""
+    import time
+
+    t0 = time.perf_counter()
+    cond_dim = vae.decoder.cond_dim
+    y_local = to_local_labels(y, label_set) if cond_dim else torch.zeros(len(y), dtype=torch.long)
+    opt = torch.optim.Adam(vae.parameters(), lr=lr)
+    g = torch.Generator().manual_seed(seed)
+    vae.train()
+    total, seen = 0.0, 0
+    for _ in range(epochs):
+        for idx in _batches(len(x), batch_size, g):
+            xb, yb = x[idx], one_hot(y_local[idx], cond_dim)
+            logits, mu, logvar = vae(xb, yb)
+            loss = vae_loss(logits, xb, mu, logvar, kl_weight)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total += float(loss.detach()) * len(idx)
+            seen += len(idx)
+    return VAETrainReport(total / max(seen, 1), seen, time.perf_counter() - t0)
+
+
+@torch.no_grad()
+def vae_test_loss(vae: VAE, x: torch.Tensor, y: torch.Tensor, label_set: tuple[int, ...], batch_size: int = 1000) -> float:
+    """Mean negative ELBO of real held-out images (lower is better)."""
+    vae.eval()
+    y_local = to_local_labels(y, label_set) if vae.decoder.cond_dim else torch.zeros(len(y), dtype=torch.long)
+    total = 0.0
+    for i in range(0, len(x), batch_size):
+        xb = x[i:i + batch_size]
+        logits, mu, logvar = vae(xb, one_hot(y_local[i:i + batch_size], vae.decoder.cond_dim))
+        total += float(vae_loss(logits, xb, mu, logvar, reduction="none").sum())
+    return total / max(len(x), 1)
+
+
+def train_classifier(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs: int, batch_size: int, lr: float, seed: int = 0
+) -> float:
+    """Supervised training; returns the mean loss of the last epoch."""
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    g = torch.Generator().manual_seed(seed)
+    model.train()
+    last = float("nan")
+    for _ in range(epochs):
+        total, seen = 0.0, 0
+        for idx in _batches(len(x), batch_size, g):
+            loss = F.cross_entropy(model(x[idx]), y[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total += float(loss.detach()) * len(idx)
+            seen += len(idx)
+        last = total / max(seen, 1)
+    return last
+
+
+@dataclass
+class ClassifierEval:
+    accuracy: float
+    loss: float
+    per_class_accuracy: list[float]  # NaN where the class is absent from the test set
+    num_examples: int
+
+
+@torch.no_grad()
+def evaluate_classifier(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_classes: int,
+                        batch_size: int = 1000) -> ClassifierEval:
+    model.eval()
+    preds, loss = [], 0.0
+    for i in range(0, len(x), batch_size):
+        out = model(x[i:i + batch_size])
+        loss += float(F.cross_entropy(out, y[i:i + batch_size], reduction="sum"))
+        preds.append(out.argmax(1))
+    pred = torch.cat(preds) if preds else torch.empty(0, dtype=torch.long)
+    correct = pred == y
+    per_class = []
+    for c in range(num_classes):
+        mask = y == c
+        per_class.append(float(correct[mask].float().mean()) if mask.any() else float("nan"))
+    n = len(y)
+    return ClassifierEval(float(correct.float().mean()) if n else float("nan"), loss / max(n, 1), per_class, n)

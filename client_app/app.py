@@ -1,0 +1,55 @@
+"""The silo's Flower ClientApp. Train replies carry the decoder only; the encoder stays here."""
+
+from __future__ import annotations
+
+import json
+from functools import lru_cache
+
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from alignfl_app import protocol as P
+from alignfl_app.config import parse_node_config, parse_run_config
+from alignfl_app.protocol import from_array_record, to_array_record
+from alignfl_app.silo import Silo
+
+app = ClientApp()
+
+
+@lru_cache(maxsize=4)
+def _silo(run_config_json: str, node_config_json: str) -> Silo:
+    """One Silo (data partition loaded once) per run and node, reused across rounds in this process."""
+    return Silo(parse_run_config(json.loads(run_config_json)), parse_node_config(json.loads(node_config_json)))
+
+
+def silo_for(context: Context) -> Silo:
+    return _silo(json.dumps(dict(context.run_config), sort_keys=True),
+                 json.dumps(dict(context.node_config), sort_keys=True))
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    """Train the local VAE for one round; reply with decoder weights + descriptor + metrics."""
+    silo = silo_for(context)
+    server_round = int(msg.content[P.CONFIG][P.SERVER_ROUND])
+    previous = from_array_record(context.state[P.VAE_STATE]) if P.VAE_STATE in context.state else None
+    out = silo.train_round(server_round, previous)
+    context.state[P.VAE_STATE] = to_array_record(out.vae_state)
+    content = RecordDict({
+        P.DECODER: to_array_record(out.decoder_state),
+        P.DESCRIPTOR: ConfigRecord({P.DESCRIPTOR_JSON: out.descriptor.model_dump_json()}),
+        P.METRICS: MetricRecord(out.metrics),
+    })
+    return Message(content=content, reply_to=msg)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    """Evaluate the server's global model on this silo's real held-out test set."""
+    silo = silo_for(context)
+    kind = str(msg.content[P.CONFIG][P.GLOBAL_MODEL_KIND])
+    metrics = silo.evaluate_global(kind, from_array_record(msg.content[P.GLOBAL_MODEL]))
+    metrics = {k: v for k, v in metrics.items() if v is not None}
+    metrics["silo-index"] = silo.index
+    content = RecordDict({P.METRICS: MetricRecord(metrics), P.SILO: ConfigRecord({"name": silo.name})})
+    return Message(content=content, reply_to=msg)

@@ -1,0 +1,1 @@
+"""ServerApp and AlignFLStrategy: translate Flower messages into the core's store and global model."""

@@ -1,0 +1,73 @@
+"""The ALIGN-FL ServerApp: validate config, run the strategy, evaluate on the real global test set."""
+
+from __future__ import annotations
+
+import time
+from logging import ERROR, INFO
+
+from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
+from flwr.common import log
+from flwr.serverapp import Grid, ServerApp
+
+from alignfl_app.config import ConfigError, RunConfig, parse_run_config
+from alignfl_app.data import global_test_set
+from alignfl_app.global_model import GlobalModel
+from alignfl_app.metrics import RunRecorder
+from alignfl_app.protocol import from_array_record, to_array_record
+from alignfl_app.store import GeneratorStore
+from alignfl_app.training import set_threads
+
+from .strategy import AlignFLStrategy
+
+app = ServerApp()
+
+
+def run_directory(cfg: RunConfig, run_id: int):
+    name = cfg.run_name or f"{cfg.dataset}-{time.strftime('%Y%m%d-%H%M%S')}-{run_id}"
+    return cfg.resolved_results_dir() / name
+
+
+def make_global_evaluator(cfg: RunConfig, model: GlobalModel, recorder: RunRecorder):
+    """Server-side evaluation of each round's global model on the real test split of the dataset."""
+    x_test, y_test = global_test_set(cfg)
+
+    def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        set_threads(cfg.server_threads)
+        model.load_state(from_array_record(arrays))
+        metrics = model.evaluate(x_test, y_test)
+        if server_round > 0:
+            recorder.round(server_round)["global"] = metrics
+            recorder.write()
+        if "accuracy" in metrics:
+            log(INFO, "Round %d: global accuracy on the real %s test set: %.4f", server_round, cfg.dataset,
+                metrics["accuracy"])
+        return MetricRecord({k: v for k, v in metrics.items() if k != "per-class-accuracy"})
+
+    return evaluate
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    try:
+        cfg = parse_run_config(context.run_config)
+    except ConfigError as exc:
+        log(ERROR, "%s", exc)
+        raise SystemExit(f"alignfl: {exc}") from None
+    run_dir = run_directory(cfg, context.run_id)
+    recorder = RunRecorder(run_dir, cfg.model_dump(by_alias=True), method="alignfl")
+    log(INFO, "ALIGN-FL run %d: results in %s", context.run_id, run_dir)
+    model = GlobalModel.from_config(cfg)
+    strategy = AlignFLStrategy(cfg, GeneratorStore(run_dir / "generators"), model, recorder)
+    evaluate = make_global_evaluator(cfg, model, recorder)
+    try:
+        result = strategy.start(
+            grid=grid, initial_arrays=to_array_record(model.state()), num_rounds=cfg.num_server_rounds,
+            timeout=cfg.round_timeout, train_config=ConfigRecord(), evaluate_config=ConfigRecord(),
+            evaluate_fn=evaluate,
+        )
+    except BaseException:
+        recorder.finish("failed")
+        raise
+    recorder.save_model(from_array_record(result.arrays) if len(result.arrays) else model.state(), cfg.global_model)
+    path = recorder.finish("completed")
+    log(INFO, "ALIGN-FL finished: final global %s; summary in %s", recorder.summary.get("final-global-accuracy"), path)
