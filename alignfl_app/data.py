@@ -124,8 +124,12 @@ def _from_debian_fashion(dest: Path) -> None:
         if not all((src_dir / f"{n}.gz").is_file() for n in FILES):
             if shutil.which("apt-get") is None:
                 raise RuntimeError("apt-get is not available")
-            subprocess.run(["apt-get", "download", "dataset-fashion-mnist"], cwd=tmp, check=True,
-                           stdout=subprocess.DEVNULL, timeout=600)
+            download = ["apt-get", "download", "dataset-fashion-mnist"]
+            if subprocess.run(download, cwd=tmp, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              timeout=600).returncode != 0:
+                # a fresh machine may have no package lists yet
+                subprocess.run(["apt-get", "update", "-qq"], check=True, stdout=subprocess.DEVNULL, timeout=600)
+                subprocess.run(download, cwd=tmp, check=True, stdout=subprocess.DEVNULL, timeout=600)
             deb = next(Path(tmp).glob("dataset-fashion-mnist_*.deb"))
             subprocess.run(["dpkg-deb", "-x", str(deb), str(Path(tmp) / "x")], check=True, timeout=600)
             src_dir = Path(tmp) / "x" / DEBIAN_FASHION_DIR.relative_to("/")

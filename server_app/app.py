@@ -51,8 +51,8 @@ def main(grid: Grid, context: Context) -> None:
     try:
         cfg = parse_run_config(context.run_config)
     except ConfigError as exc:
-        log(ERROR, "%s", exc)
-        raise SystemExit(f"alignfl: {exc}") from None
+        log(ERROR, "alignfl: %s", exc)
+        raise
     run_dir = run_directory(cfg, context.run_id)
     recorder = RunRecorder(run_dir, cfg.model_dump(by_alias=True), method="alignfl")
     log(INFO, "ALIGN-FL run %d: results in %s", context.run_id, run_dir)

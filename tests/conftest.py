@@ -1,0 +1,50 @@
+"""Shared fixtures: the app's run config as Flower would hand it over, and Message/Context builders."""
+
+from __future__ import annotations
+
+import time
+import tomllib
+from pathlib import Path
+
+import pytest
+from flwr.app import Context, Message, Metadata, RecordDict
+
+PROJECT = Path(__file__).resolve().parent.parent
+
+
+def default_run_config() -> dict:
+    """``[tool.flwr.app.config]`` exactly as Flower flattens it into ``context.run_config``."""
+    return dict(tomllib.loads((PROJECT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"])
+
+
+TINY = {
+    "max-per-class": 60, "outliers-per-silo": 12, "local-epochs": 1, "batch-size": 32,
+    "synthetic-per-silo": 40, "server-epochs": 1, "server-batch-size": 32, "sample-grid-per-silo": 4,
+    "silo-classes": "0,1;2,3;4,5", "silo-architectures": "mlp-small;conv",
+}
+
+
+def tiny_run_config(results_dir: Path) -> dict:
+    """A 3-silo run config small enough for unit tests (real MNIST, a few records per class)."""
+    return {**default_run_config(), **TINY, "results-dir": str(results_dir)}
+
+
+@pytest.fixture
+def tiny_config(tmp_path) -> dict:
+    return tiny_run_config(tmp_path / "results")
+
+
+def make_message(content: RecordDict | None, message_type: str, src: int, dst: int, error=None) -> Message:
+    """A Message as it arrives outside a run (explicit Metadata, like flwr's own tests)."""
+    md = Metadata(run_id=1, message_id=f"m-{src}-{dst}-{time.time_ns()}", src_node_id=src, dst_node_id=dst,
+                  reply_to_message_id="", group_id="1", created_at=time.time(), ttl=3600.0,
+                  message_type=message_type)
+    if error is not None:
+        return Message(error=error, metadata=md)
+    return Message(content=content, metadata=md)
+
+
+def make_context(run_config: dict, partition_id: int, node_id: int | None = None, **node_extra) -> Context:
+    node_config = {"partition-id": partition_id, "num-partitions": 3, **node_extra}
+    return Context(run_id=1, node_id=node_id or 100 + partition_id, node_config=node_config,
+                   state=RecordDict(), run_config=dict(run_config))

@@ -1,0 +1,47 @@
+"""Bad configuration gives one line that names the key and the fix."""
+
+import pytest
+
+from alignfl_app.config import ConfigError, load_architecture, parse_node_config, parse_run_config
+
+
+@pytest.mark.parametrize("override, fragment", [
+    ({"silo-classes": "0,1;1,2"}, "disjoint"),
+    ({"silo-classes": "0,1;;2"}, "at least one class"),
+    ({"silo-classes": "0,a"}, "integers"),
+    ({"outlier-silos": "7"}, "out of range"),
+    ({"global-model": "gan"}, "global-model"),
+    ({"conditional": False}, "global-model='vae'"),
+    ({"outlier-dataset": "mnist"}, "must differ"),
+    ({"local-epochs": 0}, "local-epochs"),
+    ({"no-such-key": 1}, "no-such-key"),
+])
+def test_bad_run_config_is_one_line(override, fragment, tiny_config):
+    with pytest.raises(ConfigError) as err:
+        parse_run_config({**tiny_config, **override})
+    message = str(err.value)
+    assert fragment in message and "\n" not in message
+
+
+def test_unknown_architecture_lists_known_ones():
+    with pytest.raises(ConfigError, match=r"unknown architecture 'resnet9'.*'conv'.*'mlp'") as err:
+        load_architecture("resnet9")
+    assert "\n" not in str(err.value)
+
+
+def test_malformed_architecture_file_is_rejected(tmp_path):
+    (tmp_path / "bad.toml").write_text('kind = "mlp"\nlatent_dim = 0\nhidden = [64]\n')
+    with pytest.raises(ConfigError, match="latent_dim"):
+        load_architecture("bad", tmp_path)
+
+
+def test_every_shipped_architecture_loads():
+    for name in ("mlp", "conv", "mlp-small"):
+        assert load_architecture(name).name == name
+
+
+def test_node_config_overrides_validate():
+    node = parse_node_config({"partition-id": 2, "architecture": "conv", "silo-name": "hospital-a"})
+    assert (node.partition_id, node.architecture, node.silo_name) == (2, "conv", "hospital-a")
+    with pytest.raises(ConfigError, match="partition-id"):
+        parse_node_config({"architecture": "conv"})

@@ -1,0 +1,138 @@
+"""The server's side: stateful generator store, bad replies rejected without harm, global model learned."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from flwr.app import ArrayRecord, ConfigRecord, Error, MessageType, MetricRecord, RecordDict
+
+from alignfl_app import protocol as P
+from alignfl_app.config import parse_node_config, parse_run_config
+from alignfl_app.global_model import GlobalModel
+from alignfl_app.metrics import RunRecorder
+from alignfl_app.silo import Silo
+from alignfl_app.store import GeneratorStore
+from alignfl_app.synthesis import synthesize
+from server_app.strategy import AlignFLStrategy
+from tests.conftest import make_message, tiny_run_config
+
+NODE = {0: 1000, 1: 1001, 2: 1002}
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """One round of real local training for each of the 3 tiny silos (descriptor, decoder state)."""
+    cfg = parse_run_config(tiny_run_config(tmp_path_factory.mktemp("results")))
+    outs = {}
+    for s in range(3):
+        out = Silo(cfg, parse_node_config({"partition-id": s})).train_round(1, None)
+        outs[s] = (out.descriptor, out.decoder_state)
+    return cfg, outs
+
+
+def reply(node: int, desc, state, *, desc_json: str | None = None, extra_records=None):
+    content = RecordDict({
+        P.DECODER: P.to_array_record(state),
+        P.DESCRIPTOR: ConfigRecord({P.DESCRIPTOR_JSON: desc_json if desc_json is not None else desc.model_dump_json()}),
+        P.METRICS: MetricRecord({"num-examples": 10, "train-loss": 1.0}),
+    })
+    for k, v in (extra_records or {}).items():
+        content[k] = v
+    return make_message(content, MessageType.TRAIN, src=node, dst=1)
+
+
+def make_strategy(cfg, tmp_path: Path) -> AlignFLStrategy:
+    return AlignFLStrategy(cfg, GeneratorStore(tmp_path / "generators"), GlobalModel.from_config(cfg),
+                           RunRecorder(tmp_path / "run", cfg.model_dump(by_alias=True)))
+
+
+def test_silo_missing_a_round_still_contributes(trained, tmp_path):
+    cfg, outs = trained
+    strategy = make_strategy(cfg, tmp_path)
+    arrays, _ = strategy.aggregate_train(1, [reply(NODE[s], *outs[s]) for s in range(3)])
+    assert arrays is not None and strategy.store.silos() == ["silo-0", "silo-1", "silo-2"]
+    # round 2: silo 1 does not answer at all
+    arrays, metrics = strategy.aggregate_train(2, [reply(NODE[s], *outs[s]) for s in (0, 2)])
+    rnd = strategy.recorder.round(2)
+    assert rnd["generators-used"] == ["silo-0", "silo-1", "silo-2"] and rnd["stale-silos"] == ["silo-1"]
+    assert strategy.store.entry("silo-1")["stored_round"] == 1
+    _, labels, counts = synthesize(strategy.store, 30)
+    assert set(labels.tolist()) == {0, 1, 2, 3, 4, 5} and counts["silo-1"] == 30
+    assert metrics["generators"] == 3 and arrays is not None
+
+
+def _bad_variants(desc, state):
+    key = next(iter(state))
+    nan = {**state, key: state[key].copy()}
+    nan[key].flat[0] = np.nan
+    inf = {**state, key: state[key].copy()}
+    inf[key].flat[-1] = np.inf
+    shape = {**state, key: np.zeros((3, 3), np.float32)}
+    f64 = {**state, key: state[key].astype(np.float64)}
+    missing = dict(list(state.items())[1:])
+    extra = {**state, "encoder.mu.weight": np.zeros((2, 2), np.float32)}
+    text = desc.model_dump_json()
+    return {
+        "NaN": dict(state=nan),
+        "Inf": dict(state=inf),
+        "wrong shape": dict(state=shape),
+        "dtype": dict(state=f64),
+        "missing tensors": dict(state=missing),
+        "more tensors than the decoder": dict(state=extra),
+        "encoder record": dict(state=state, extra_records={"encoder": ArrayRecord()}),
+        "malformed descriptor": dict(state=state, desc_json="{not json"),
+        "unknown descriptor field": dict(state=state, desc_json=text[:-1] + ', "backdoor": 1}'),
+        "missing descriptor field": dict(state=state, desc_json=text.replace('"conditional":true,', "")),
+        "labels outside dataset": dict(state=state, desc_json=text.replace('"label_set":[0,1]', '"label_set":[0,11]')),
+    }
+
+
+@pytest.mark.parametrize("variant", [
+    "NaN", "Inf", "wrong shape", "dtype", "missing tensors", "more tensors than the decoder", "encoder record",
+    "malformed descriptor", "unknown descriptor field", "missing descriptor field", "labels outside dataset"])
+def test_bad_reply_is_rejected_and_keeps_last_good_generator(trained, tmp_path, variant):
+    cfg, outs = trained
+    strategy = make_strategy(cfg, tmp_path)
+    strategy.aggregate_train(1, [reply(NODE[s], *outs[s]) for s in range(3)])
+    npz = tmp_path / "generators" / "silo-0.npz"
+    before = npz.read_bytes()
+    desc, state = outs[0]
+    bad = _bad_variants(desc, state)[variant]
+    arrays, metrics = strategy.aggregate_train(
+        2, [reply(NODE[0], desc, **bad), reply(NODE[2], *outs[2])])
+    rnd = strategy.recorder.round(2)
+    assert rnd["accepted-replies"] == 1 and len(rnd["rejected-replies"]) == 1, rnd["rejected-replies"]
+    assert rnd["rejected-replies"][0].startswith(f"node {NODE[0]}:")
+    assert npz.read_bytes() == before and strategy.store.entry("silo-0")["stored_round"] == 1
+    assert strategy.store.entry("silo-2")["stored_round"] == 2
+    assert arrays is not None and metrics["rejected-replies"] == 1
+
+
+def test_oversized_decoder_rejected_before_it_is_decoded(trained, tmp_path):
+    cfg, outs = trained
+    small = parse_run_config({**cfg.model_dump(by_alias=True), "max-decoder-mb": 0.01})
+    strategy = make_strategy(small, tmp_path)
+    strategy.aggregate_train(1, [reply(NODE[0], *outs[0])])
+    assert "limit" in strategy.recorder.round(1)["rejected-replies"][0] and len(strategy.store) == 0
+
+
+def test_error_reply_and_impostor_do_not_kill_the_round(trained, tmp_path):
+    cfg, outs = trained
+    strategy = make_strategy(cfg, tmp_path)
+    strategy.aggregate_train(1, [reply(NODE[s], *outs[s]) for s in range(3)])
+    failed = make_message(None, MessageType.TRAIN, src=NODE[1], dst=1, error=Error(code=0, reason="silo crashed"))
+    impostor = reply(4242, *outs[0])  # another node claims to be silo-0
+    arrays, _ = strategy.aggregate_train(2, [failed, impostor, reply(NODE[2], *outs[2])])
+    reasons = " | ".join(strategy.recorder.round(2)["rejected-replies"])
+    assert "silo crashed" in reasons and "already served by node" in reasons
+    assert arrays is not None and strategy.store.entry("silo-0")["stored_round"] == 1
+
+
+def test_store_survives_a_restart(trained, tmp_path):
+    cfg, outs = trained
+    strategy = make_strategy(cfg, tmp_path)
+    strategy.aggregate_train(1, [reply(NODE[s], *outs[s]) for s in range(3)])
+    reopened = GeneratorStore(tmp_path / "generators")
+    assert reopened.silos() == ["silo-0", "silo-1", "silo-2"]
+    desc, decoder = reopened.load_decoder("silo-1")
+    assert desc.label_set == (2, 3) and desc.architecture.kind == "conv"
