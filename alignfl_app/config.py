@@ -92,7 +92,7 @@ class RunConfig(BaseModel):
     results_dir: str = "results"
     data_root: str = ""
     seed: int = 42
-    num_server_rounds: int = Field(default=3, ge=1, le=1000)
+    num_server_rounds: int = Field(default=4, ge=1, le=1000)
     round_timeout: float = Field(default=3600.0, gt=0)
 
     dataset: Literal["mnist", "fashion-mnist"] = "mnist"

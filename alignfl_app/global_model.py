@@ -13,7 +13,7 @@ import torch
 
 from .config import IMAGE_SHAPE, RunConfig, load_architecture
 from .models import VAE, Classifier
-from .training import evaluate_classifier, train_classifier, vae_test_loss
+from .training import evaluate_classifier, train_classifier, train_vae, vae_test_loss
 
 GLOBAL_VAE_ARCHITECTURE = "mlp"
 
@@ -30,6 +30,7 @@ class GlobalModel:
             self.model = VAE(load_architecture(GLOBAL_VAE_ARCHITECTURE), num_classes if conditional else 0, IMAGE_SHAPE)
         else:
             raise ValueError(f"unknown global model '{kind}': use 'classifier' or 'vae'")
+        self.optimizer: torch.optim.Optimizer | None = None  # created on first fit, kept across rounds
 
     @classmethod
     def from_config(cls, cfg: RunConfig) -> GlobalModel:
@@ -42,14 +43,18 @@ class GlobalModel:
         self.model.load_state_dict({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in state.items()}, strict=True)
 
     def fit(self, x: torch.Tensor, y: torch.Tensor, *, epochs: int, batch_size: int, lr: float, seed: int) -> dict[str, float]:
-        """Train on (synthetic) data, warm-starting from the current weights."""
+        """Train on (synthetic) data, warm-starting from the current weights and optimiser state."""
+        if self.optimizer is None:
+            self.optimizer = torch.optim.Adam(self.model.parameters(), lr=lr)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
         if self.kind == "classifier":
-            loss = train_classifier(self.model, x, y, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed)
+            loss = train_classifier(self.model, x, y, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
+                                    optimizer=self.optimizer)
             return {"server-train-loss": loss}
-        from .training import train_vae
-
         labels = tuple(range(self.num_classes))
-        report = train_vae(self.model, x, y, labels, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed)
+        report = train_vae(self.model, x, y, labels, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
+                           optimizer=self.optimizer)
         return {"server-train-loss": report.loss}
 
     def evaluate(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, float | list[float]]:
@@ -62,6 +67,7 @@ class GlobalModel:
         return {"neg-elbo": nelbo, "loss": nelbo, "num-examples": len(x)}
 
 
-def finite_or_none(values: list[float]) -> list[float | None]:
-    """JSON has no NaN: absent classes become null."""
-    return [None if (v is None or math.isnan(v)) else v for v in values]
+def cosine_lr(base: float, step: int, total: int, floor: float = 0.01) -> float:
+    """Learning rate annealed over the planned server epochs of the whole run (stable final model)."""
+    frac = min(max(step / max(total, 1), 0.0), 1.0)
+    return base * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * frac)))

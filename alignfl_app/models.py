@@ -61,18 +61,16 @@ class Encoder(nn.Module):
         self.spec, self.cond_dim = spec, cond_dim
         c, h, w = image_shape
         if spec.kind == "mlp":
-            layers: list[nn.Module] = [nn.Flatten()]
-            in_dim = c * h * w
-            self.features = nn.Sequential(*layers)
+            self.features: nn.Module = nn.Flatten()
+            in_dim = c * h * w + cond_dim
             body: list[nn.Module] = []
-            in_dim += cond_dim
             for width in spec.hidden:
                 body += [nn.Linear(in_dim, width), nn.ReLU()]
                 in_dim = width
             self.body = nn.Sequential(*body)
             feat = in_dim
         else:
-            layers = []
+            layers: list[nn.Module] = []
             cin = c
             for cout in spec.hidden:
                 layers += [nn.Conv2d(cin, cout, 4, 2, 1), nn.ReLU()]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import torch
@@ -42,15 +43,14 @@ class VAETrainReport:
 
 def train_vae(
     vae: VAE, x: torch.Tensor, y: torch.Tensor, label_set: tuple[int, ...], *, epochs: int, batch_size: int,
-    lr: float, kl_weight: float = 1.0, seed: int = 0,
+    lr: float, kl_weight: float = 1.0, seed: int = 0, optimizer: torch.optim.Optimizer | None = None,
 ) -> VAETrainReport:
     """Plain (non-private) local training of a silo's (conditional) VAE."""
-    import time
 
     t0 = time.perf_counter()
     cond_dim = vae.decoder.cond_dim
     y_local = to_local_labels(y, label_set) if cond_dim else torch.zeros(len(y), dtype=torch.long)
-    opt = torch.optim.Adam(vae.parameters(), lr=lr)
+    opt = optimizer or torch.optim.Adam(vae.parameters(), lr=lr)
     g = torch.Generator().manual_seed(seed)
     vae.train()
     total, seen = 0.0, 0
@@ -81,10 +81,11 @@ def vae_test_loss(vae: VAE, x: torch.Tensor, y: torch.Tensor, label_set: tuple[i
 
 
 def train_classifier(
-    model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs: int, batch_size: int, lr: float, seed: int = 0
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs: int, batch_size: int, lr: float, seed: int = 0,
+    optimizer: torch.optim.Optimizer | None = None,
 ) -> float:
-    """Supervised training; returns the mean loss of the last epoch."""
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    """Supervised training; returns the mean loss of the last epoch. Pass ``optimizer`` to keep its state."""
+    opt = optimizer or torch.optim.Adam(model.parameters(), lr=lr)
     g = torch.Generator().manual_seed(seed)
     model.train()
     last = float("nan")

@@ -19,7 +19,7 @@ from flwr.serverapp.strategy import Strategy
 
 from alignfl_app import protocol as P
 from alignfl_app.config import RunConfig
-from alignfl_app.global_model import GlobalModel
+from alignfl_app.global_model import GlobalModel, cosine_lr
 from alignfl_app.metrics import RunRecorder
 from alignfl_app.protocol import to_array_record
 from alignfl_app.store import GeneratorStore, ReplyRejected, check_decoder_state, parse_descriptor
@@ -166,6 +166,8 @@ class AlignFLStrategy(Strategy):
             key = "accuracy" if "accuracy" in m else "neg-elbo"
             value, n = float(m.get(key, float("nan"))), int(m.get("num-examples", 0))
             self.recorder.silo(server_round, silo).update({f"eval-{key}": value, "eval-num-examples": n})
+            if "per-class-accuracy" in m:
+                self.recorder.silo(server_round, silo)["eval-per-class-accuracy"] = list(m["per-class-accuracy"])
             total += n
             weighted += value * n
         if total == 0:
@@ -183,7 +185,9 @@ class AlignFLStrategy(Strategy):
             x, y, _ = synthesize(self.store, c.synthetic_per_silo, c.sample_temperature,
                                  seed=c.seed * 10007 + server_round * 101 + epoch)
             n += len(x)
-            fit = self.model.fit(x, y, epochs=1, batch_size=c.server_batch_size, lr=c.server_learning_rate,
+            step = (server_round - 1) * c.server_epochs + epoch
+            lr = cosine_lr(c.server_learning_rate, step, c.num_server_rounds * c.server_epochs)
+            fit = self.model.fit(x, y, epochs=1, batch_size=c.server_batch_size, lr=lr,
                                  seed=c.seed + server_round * 1000 + epoch)
             loss = fit["server-train-loss"]
         if c.sample_grid_per_silo:

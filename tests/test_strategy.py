@@ -136,3 +136,19 @@ def test_store_survives_a_restart(trained, tmp_path):
     assert reopened.silos() == ["silo-0", "silo-1", "silo-2"]
     desc, decoder = reopened.load_decoder("silo-1")
     assert desc.label_set == (2, 3) and desc.architecture.kind == "conv"
+
+
+def test_unconditional_generators_train_a_global_vae(tmp_path):
+    """The paper's code path: unconditional decoders, a global VAE learned from their samples."""
+    cfg = parse_run_config({**tiny_run_config(tmp_path / "results"), "conditional": False, "global-model": "vae"})
+    outs = [Silo(cfg, parse_node_config({"partition-id": s})).train_round(1, None) for s in range(2)]
+    assert all(o.descriptor.cond_dim == 0 for o in outs)
+    strategy = make_strategy(cfg, tmp_path)
+    arrays, metrics = strategy.aggregate_train(1, [reply(NODE[s], o.descriptor, o.decoder_state)
+                                                   for s, o in enumerate(outs)])
+    assert arrays is not None and np.isfinite(metrics["server-train-loss"])
+    from alignfl_app.data import global_test_set
+
+    x, y = global_test_set(cfg)
+    result = strategy.model.evaluate(x[:200], y[:200])
+    assert np.isfinite(result["neg-elbo"]) and result["neg-elbo"] > 0
