@@ -121,6 +121,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--run-config", default="", help="flwr --run-config overrides or a TOML file")
     parser.add_argument("--keep", default=str(PROJECT / ".flwr-local"), help="folder for the SuperLink's state and log")
     args = parser.parse_args(argv)
+    # turn `kill` into an exception so the SuperLink (its own process group) is always stopped
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     work = Path(args.keep)
     work.mkdir(parents=True, exist_ok=True)
     run_config = args.run_config or "results-dir='results'"

@@ -162,7 +162,8 @@ class AlignFLStrategy(Strategy):
                     msg.error.reason if msg.has_error() else "no metrics")
                 continue
             m = dict(msg.content[P.METRICS])
-            silo = self.silo_of_node.get(node, f"node-{node}")
+            declared = msg.content[P.SILO].get("name") if P.SILO in msg.content.config_records else None
+            silo = self.silo_of_node.get(node) or (f"{declared}?" if isinstance(declared, str) else f"node-{node}")
             key = "accuracy" if "accuracy" in m else "neg-elbo"
             value, n = float(m.get(key, float("nan"))), int(m.get("num-examples", 0))
             self.recorder.silo(server_round, silo).update({f"eval-{key}": value, "eval-num-examples": n})
