@@ -93,6 +93,7 @@ class RunRecorder:
         for s in silos:
             pts = [(r["round"], r["silos"][s]["eval-accuracy"]) for r in rounds if "eval-accuracy" in r["silos"].get(s, {})]
             ax.plot([p[0] for p in pts], [p[1] for p in pts], "--", alpha=0.6, label=f"{s} local test")
+        ax.set_xticks(xs)
         ax.set_xlabel("round")
         ax.set_ylabel("accuracy")
         ax.set_ylim(0, 1)

@@ -63,7 +63,9 @@ def decode_train_reply(msg: Message, max_bytes: int, num_classes: int):
         except (TypeError, ValueError) as exc:
             raise ReplyRejected(f"tensor '{name}' is not a plain numpy array ({exc})") from exc
     check_decoder_state(desc, state, max_bytes, num_classes)
-    metrics = dict(content[P.METRICS]) if P.METRICS in content and isinstance(content[P.METRICS], MetricRecord) else {}
+    raw = dict(content[P.METRICS]) if P.METRICS in content and isinstance(content[P.METRICS], MetricRecord) else {}
+    # keep what a summary can hold: scalars and short lists (a client cannot bloat summary.json)
+    metrics = {k: v for k, v in raw.items() if not isinstance(v, list) or len(v) <= 100}
     return desc, state, metrics, size
 
 
@@ -121,8 +123,7 @@ class AlignFLStrategy(Strategy):
             self.store.put(desc, state, server_round)
             accepted += 1
             self.recorder.silo(server_round, desc.silo).update(
-                {**{f"train-{k}" if not k.startswith(("train", "num", "test", "samples", "decoder")) else k: v
-                    for k, v in metrics.items()}, "bytes-up": size, "bytes-down-train": 0,
+                {**metrics, "bytes-up": size, "bytes-down-train": 0,
                  "architecture": desc.architecture.name, "label-set": list(desc.label_set)})
         for reason in rejected:
             log(WARNING, "Rejected train reply from %s", reason)
