@@ -83,6 +83,7 @@ class Silo:
             "peak-rss-mb": peak_rss_mb(),
         }
         vae_state = {k: v.detach().numpy().copy() for k, v in vae.state_dict().items()}
+        metrics["vae-bytes"] = int(sum(a.nbytes for a in vae_state.values()))  # what a full-model upload would cost
         return TrainOutcome(decoder_state, desc, vae_state, metrics)
 
     def train_global_classifier(self, server_round: int, global_state: dict[str, np.ndarray],

@@ -38,7 +38,10 @@ def make_global_evaluator(cfg: RunConfig, model: GlobalModel, recorder: RunRecor
         metrics = model.evaluate(x_test, y_test)
         if server_round > 0:
             recorder.round(server_round)["global"] = metrics
+            recorder.round(server_round)["elapsed-seconds"] = time.time() - recorder.started  # round wall times
             recorder.write()
+        else:
+            recorder.summary["initial-eval-elapsed-seconds"] = time.time() - recorder.started
         if "accuracy" in metrics:
             log(INFO, "Round %d: global accuracy on the real %s test set: %.4f", server_round, cfg.dataset,
                 metrics["accuracy"])
