@@ -17,7 +17,7 @@ from alignfl_app.models import Classifier
 from alignfl_app.reference import centralised, local_only
 from alignfl_app.training import proximal_term, train_classifier
 from client_app.app import app as client_app
-from tests.conftest import make_context, make_message
+from tests.conftest import PROJECT, make_context, make_message
 
 
 def _distance(model, anchor):
@@ -94,9 +94,14 @@ def test_slices_layout_splits_shared_classes(tiny_config):
 
 
 def test_experiment_files_are_valid_run_configs():
+    """Each file works as `flwr run . --run-config conf/experiments/<name>.toml` (flwr's own parsing and
+    fusing with pyproject's defaults, which rejects unknown keys) and passes our validation."""
+    from flwr.common.config import get_fused_config_from_dir, parse_config_args
+
     names = sorted(p.stem for p in EXPERIMENTS_DIR.glob("*.toml"))
     assert {"mnist-paper", "fashion-mnist-paper", "mnist-fast"} <= set(names)
     for name in names:
-        load_experiment(name)
+        fused = get_fused_config_from_dir(PROJECT, parse_config_args([str(EXPERIMENTS_DIR / f"{name}.toml")]))
+        assert parse_run_config(fused) == load_experiment(name)
     with pytest.raises(ConfigError, match="no experiment 'nope'"):
         load_experiment("nope")
