@@ -120,7 +120,6 @@ class RunConfig(BaseModel):
     max_decoder_mb: float = Field(default=64.0, gt=0)
     sample_grid_per_silo: int = Field(default=10, ge=0, le=64)
 
-
     @field_validator("silo_classes")
     @classmethod
     def _classes_disjoint(cls, v: str) -> str:
