@@ -127,8 +127,8 @@ class RunConfig(BaseModel):
         if any(not g for g in groups):
             raise ValueError("every silo needs at least one class, e.g. '0,1;2,3'")
         flat = [c for g in groups for c in g]
-        if len(flat) != len(set(flat)):
-            raise ValueError(f"classes must be disjoint across silos, got '{v}'")
+        if any(len(g) != len(set(g)) for g in groups):
+            raise ValueError(f"a silo lists a class twice, got '{v}'")
         if any(c < 0 or c > 9 for c in flat):
             raise ValueError(f"classes must be in 0..9, got '{v}'")
         return v
@@ -136,6 +136,16 @@ class RunConfig(BaseModel):
     @model_validator(mode="after")
     def _consistent(self) -> RunConfig:
         n = self.num_silos
+        flat = [c for g in self.classes_per_silo for c in g]
+        if self.silo_layout == "disjoint" and len(flat) != len(set(flat)):
+            raise ValueError(
+                f"silo-classes: classes must be disjoint across silos, got '{self.silo_classes}' "
+                "(or set silo-layout='slices' to split a shared class's records between its silos)"
+            )
+        if self.strategy != "alignfl" and self.global_model != "classifier":
+            raise ValueError(
+                f"strategy='{self.strategy}' trains the global classifier only: set global-model='classifier'"
+            )
         bad = [s for s in self.outlier_silo_ids if s < 0 or s >= n]
         if bad:
             raise ValueError(f"outlier-silos {bad} out of range for {n} silos (0..{n - 1})")
@@ -188,6 +198,18 @@ class RunConfig(BaseModel):
             base = os.environ.get("ALIGNFL_PROJECT_DIR")
             path = (Path(base) if base else Path.cwd()) / path
         return path
+
+    # --- issue 4: baselines and benchmarks ---
+    strategy: Literal["alignfl", "fedavg", "fedprox"] = "alignfl"
+    """alignfl: decoders only, server learns from samples. fedavg/fedprox: Flower's built-in weight averaging
+    of the global classifier, trained by the silos on their real data (local-epochs, batch-size, learning-rate)."""
+    proximal_mu: float = Field(default=0.01, ge=0)
+    """FedProx: weight of mu/2 * ||w - w_global||^2 in the silos' loss (ignored by the other strategies)."""
+    reference_epochs: int = Field(default=10, ge=1)
+    """Epochs of the local-only and centralised reference classifiers (python -m alignfl_app.reference)."""
+    silo_layout: Literal["disjoint", "slices"] = "disjoint"
+    """disjoint: every class belongs to one silo. slices: a class listed by several silos is split into
+    disjoint slices of its records, one per silo (lets 50 silos share 10 classes for scaling runs)."""
 
 
 def resolve_data_root(data_root: str = "") -> Path:

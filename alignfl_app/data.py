@@ -200,6 +200,16 @@ def class_indices(labels: torch.Tensor, cls: int, limit: int, seed: int) -> np.n
     return _rng(seed, 1, cls).permutation(idx)[:limit]
 
 
+def silo_class_indices(cfg: RunConfig, labels: torch.Tensor, cls: int, silo: int) -> np.ndarray:
+    """Records of class ``cls`` for ``silo``; a class shared by several silos (silo-layout='slices')
+    is cut into disjoint slices of one seeded permutation, one slice per holder in silo order."""
+    holders = [s for s, group in enumerate(cfg.classes_per_silo) if cls in group]
+    if len(holders) == 1:
+        return class_indices(labels, cls, cfg.max_per_class, cfg.seed)
+    everything = class_indices(labels, cls, len(labels), cfg.seed)
+    return np.array_split(everything, len(holders))[holders.index(silo)][:cfg.max_per_class]
+
+
 def outlier_slice(cfg: RunConfig, silo: int, pool_size: int, seed_tag: int) -> np.ndarray:
     """Indices into the outlier pool for ``silo``: disjoint slices of one seeded permutation."""
     if cfg.outlier_source is None or silo not in cfg.outlier_silo_ids:
@@ -224,7 +234,7 @@ def build_silo_data(cfg: RunConfig, silo: int, root: Path | None = None) -> Silo
     classes = tuple(cfg.classes_per_silo[silo])
     x_all, y_all = load_split(root_s, cfg.dataset, True)
     xt_all, yt_all = load_split(root_s, cfg.dataset, False)
-    idx = np.concatenate([class_indices(y_all, c, cfg.max_per_class, cfg.seed) for c in classes])
+    idx = np.concatenate([silo_class_indices(cfg, y_all, c, silo) for c in classes])
     x, y = x_all[idx], y_all[idx]
     test_mask = torch.isin(yt_all, torch.tensor(classes))
     x_test, y_test = xt_all[test_mask], yt_all[test_mask]

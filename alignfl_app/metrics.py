@@ -16,6 +16,13 @@ import numpy as np
 import torch
 
 
+def peak_rss_mb() -> float:
+    """This process's peak resident memory so far (MiB; Linux reports ru_maxrss in KiB)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
 def _jsonable(v: Any) -> Any:
     if isinstance(v, float):
         return None if math.isnan(v) or math.isinf(v) else v

@@ -2,6 +2,8 @@
 
 Train reply:    ``decoder`` (ArrayRecord, decoder tensors only), ``descriptor`` (ConfigRecord, key
                 ``json``: a GeneratorDescriptor), ``metrics`` (MetricRecord).
+FedAvg/FedProx train ask: ``global-model`` (ArrayRecord), ``config`` (``strategy``, ``proximal-mu``);
+                reply: ``global-model`` (the locally trained classifier), ``metrics``, ``silo``.
 Evaluate ask:   ``global-model`` (ArrayRecord), ``config`` (ConfigRecord with ``global-model-kind``).
 Evaluate reply: ``metrics`` (MetricRecord).
 """
@@ -15,6 +17,8 @@ GLOBAL_MODEL = "global-model"
 GLOBAL_MODEL_KIND = "global-model-kind"
 SERVER_ROUND = "server-round"
 SILO = "silo"  # evaluate reply: ConfigRecord {"name": silo name}
+STRATEGY = "strategy"  # train ask config: alignfl | fedavg | fedprox (absent: alignfl)
+PROXIMAL_MU = "proximal-mu"  # train ask config of FedProx (Flower's FedProx sets it)
 VAE_STATE = "alignfl-vae"  # key in the silo's private Context.state; never sent
 
 

@@ -16,7 +16,8 @@ from .data import SiloData, build_silo_data
 from .global_model import GlobalModel
 from .models import VAE, decoder_only_state
 from .store import GeneratorDescriptor
-from .training import set_threads, train_vae, vae_test_loss
+from .metrics import peak_rss_mb
+from .training import set_threads, train_classifier, train_vae, vae_test_loss
 
 
 @dataclass
@@ -79,9 +80,38 @@ class Silo:
             "train-seconds": report.seconds,
             "samples-per-second": report.examples_seen / max(report.seconds, 1e-9),
             "decoder-bytes": int(sum(a.nbytes for a in decoder_state.values())),
+            "peak-rss-mb": peak_rss_mb(),
         }
         vae_state = {k: v.detach().numpy().copy() for k, v in vae.state_dict().items()}
+        metrics["vae-bytes"] = int(sum(a.nbytes for a in vae_state.values()))  # what a full-model upload would cost
         return TrainOutcome(decoder_state, desc, vae_state, metrics)
+
+    def train_global_classifier(self, server_round: int, global_state: dict[str, np.ndarray],
+                                proximal_mu: float = 0.0) -> tuple[dict[str, np.ndarray], dict[str, float | int]]:
+        """FedAvg / FedProx round: the received global classifier, trained on this silo's real data
+        (outliers included, same local-epochs / batch-size / learning-rate as the VAE)."""
+        import time
+
+        cfg = self.cfg
+        model = GlobalModel("classifier", cfg.num_classes, seed=cfg.seed)
+        model.load_state(global_state)
+        t0 = time.perf_counter()
+        loss = train_classifier(
+            model.model, self.data.x_train, self.data.y_train, epochs=cfg.local_epochs, batch_size=cfg.batch_size,
+            lr=cfg.learning_rate, seed=cfg.seed * 100003 + self.index * 1009 + server_round, proximal_mu=proximal_mu,
+        )
+        seconds = time.perf_counter() - t0
+        state = model.state()
+        metrics: dict[str, float | int] = {
+            "num-examples": len(self.data.x_train),
+            "num-outliers": self.data.num_outliers,
+            "train-loss": loss,
+            "train-seconds": seconds,
+            "samples-per-second": cfg.local_epochs * len(self.data.x_train) / max(seconds, 1e-9),
+            "model-bytes": int(sum(a.nbytes for a in state.values())),
+            "peak-rss-mb": peak_rss_mb(),
+        }
+        return state, metrics
 
     def evaluate_global(self, kind: str, state: dict[str, np.ndarray]) -> dict[str, float | list[float]]:
         """Judge the global model on this silo's real held-out test set."""

@@ -80,23 +80,35 @@ def vae_test_loss(vae: VAE, x: torch.Tensor, y: torch.Tensor, label_set: tuple[i
     return total / max(len(x), 1)
 
 
+def proximal_term(model: nn.Module, anchor: list[torch.Tensor]) -> torch.Tensor:
+    """||w - w_anchor||^2 over all parameters, differentiable in w (FedProx, Li et al. 2020)."""
+    return sum(((p - a) ** 2).sum() for p, a in zip(model.parameters(), anchor, strict=True))
+
+
 def train_classifier(
     model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs: int, batch_size: int, lr: float, seed: int = 0,
-    optimizer: torch.optim.Optimizer | None = None,
+    optimizer: torch.optim.Optimizer | None = None, proximal_mu: float = 0.0,
 ) -> float:
-    """Supervised training; returns the mean loss of the last epoch. Pass ``optimizer`` to keep its state."""
+    """Supervised training; returns the mean task loss (cross-entropy) of the last epoch.
+
+    Pass ``optimizer`` to keep its state across calls. ``proximal_mu > 0`` adds FedProx's
+    ``mu/2 * ||w - w_start||^2`` to the loss, anchored at the weights the model had on entry (the global
+    model a silo received), so it pulls the gradient back towards them.
+    """
     opt = optimizer or torch.optim.Adam(model.parameters(), lr=lr)
     g = torch.Generator().manual_seed(seed)
+    anchor = [p.detach().clone() for p in model.parameters()] if proximal_mu > 0 else []
     model.train()
     last = float("nan")
     for _ in range(epochs):
         total, seen = 0.0, 0
         for idx in _batches(len(x), batch_size, g):
-            loss = F.cross_entropy(model(x[idx]), y[idx])
+            task = F.cross_entropy(model(x[idx]), y[idx])
+            loss = task + 0.5 * proximal_mu * proximal_term(model, anchor) if anchor else task
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            total += float(loss.detach()) * len(idx)
+            total += float(task.detach()) * len(idx)
             seen += len(idx)
         last = total / max(seen, 1)
     return last

@@ -29,7 +29,29 @@ def silo_for(context: Context) -> Silo:
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    """Train the local VAE for one round; reply with decoder weights + descriptor + metrics."""
+    """Dispatch on the strategy named in the message config (ALIGN-FL when absent)."""
+    strategy = str(msg.content[P.CONFIG].get(P.STRATEGY, "alignfl"))
+    if strategy in ("fedavg", "fedprox"):
+        return train_averaged_classifier(msg, context)
+    if strategy != "alignfl":
+        raise ValueError(f"unknown strategy '{strategy}' in the train config: use alignfl, fedavg or fedprox")
+    return train_generator(msg, context)
+
+
+def train_averaged_classifier(msg: Message, context: Context) -> Message:
+    """FedAvg / FedProx: train the received global classifier on local data; reply with all its weights."""
+    silo = silo_for(context)
+    config = msg.content[P.CONFIG]
+    mu = float(config.get(P.PROXIMAL_MU, 0.0)) if config.get(P.STRATEGY) == "fedprox" else 0.0
+    state, metrics = silo.train_global_classifier(int(config[P.SERVER_ROUND]),
+                                                  from_array_record(msg.content[P.GLOBAL_MODEL]), mu)
+    content = RecordDict({P.GLOBAL_MODEL: to_array_record(state), P.METRICS: MetricRecord(metrics),
+                          P.SILO: ConfigRecord({"name": silo.name})})
+    return Message(content=content, reply_to=msg)
+
+
+def train_generator(msg: Message, context: Context) -> Message:
+    """ALIGN-FL: train the local VAE for one round; reply with decoder weights + descriptor + metrics."""
     silo = silo_for(context)
     server_round = int(msg.content[P.CONFIG][P.SERVER_ROUND])
     previous = from_array_record(context.state[P.VAE_STATE]) if P.VAE_STATE in context.state else None

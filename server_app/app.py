@@ -17,6 +17,7 @@ from alignfl_app.protocol import from_array_record, to_array_record
 from alignfl_app.store import GeneratorStore
 from alignfl_app.training import set_threads
 
+from .baselines import averaging_strategy
 from .strategy import AlignFLStrategy
 
 app = ServerApp()
@@ -37,7 +38,10 @@ def make_global_evaluator(cfg: RunConfig, model: GlobalModel, recorder: RunRecor
         metrics = model.evaluate(x_test, y_test)
         if server_round > 0:
             recorder.round(server_round)["global"] = metrics
+            recorder.round(server_round)["elapsed-seconds"] = time.time() - recorder.started  # round wall times
             recorder.write()
+        else:
+            recorder.summary["initial-eval-elapsed-seconds"] = time.time() - recorder.started
         if "accuracy" in metrics:
             log(INFO, "Round %d: global accuracy on the real %s test set: %.4f", server_round, cfg.dataset,
                 metrics["accuracy"])
@@ -54,10 +58,13 @@ def main(grid: Grid, context: Context) -> None:
         log(ERROR, "alignfl: %s", exc)
         raise
     run_dir = run_directory(cfg, context.run_id)
-    recorder = RunRecorder(run_dir, cfg.model_dump(by_alias=True), method="alignfl")
-    log(INFO, "ALIGN-FL run %d: results in %s", context.run_id, run_dir)
+    recorder = RunRecorder(run_dir, cfg.model_dump(by_alias=True), method=cfg.strategy)
+    log(INFO, "%s run %d: results in %s", cfg.strategy, context.run_id, run_dir)
     model = GlobalModel.from_config(cfg)
-    strategy = AlignFLStrategy(cfg, GeneratorStore(run_dir / "generators"), model, recorder)
+    if cfg.strategy == "alignfl":
+        strategy = AlignFLStrategy(cfg, GeneratorStore(run_dir / "generators"), model, recorder)
+    else:
+        strategy = averaging_strategy(cfg, recorder)
     evaluate = make_global_evaluator(cfg, model, recorder)
     try:
         result = strategy.start(
@@ -70,4 +77,4 @@ def main(grid: Grid, context: Context) -> None:
         raise
     recorder.save_model(from_array_record(result.arrays) if len(result.arrays) else model.state(), cfg.global_model)
     path = recorder.finish("completed")
-    log(INFO, "ALIGN-FL finished: final global %s; summary in %s", recorder.summary.get("final-global-accuracy"), path)
+    log(INFO, "%s finished: final global %s; summary in %s", cfg.strategy, recorder.summary.get("final-global-accuracy"), path)

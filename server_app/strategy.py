@@ -9,7 +9,7 @@ it. Clients may use different architectures, because decoders are rebuilt from t
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from logging import INFO, WARNING
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
@@ -20,7 +20,7 @@ from flwr.serverapp.strategy import Strategy
 from alignfl_app import protocol as P
 from alignfl_app.config import RunConfig
 from alignfl_app.global_model import GlobalModel, cosine_lr
-from alignfl_app.metrics import RunRecorder
+from alignfl_app.metrics import RunRecorder, peak_rss_mb
 from alignfl_app.protocol import to_array_record
 from alignfl_app.store import GeneratorStore, ReplyRejected, check_decoder_state, parse_descriptor
 from alignfl_app.synthesis import sample_generator, synthesize
@@ -67,6 +67,39 @@ def decode_train_reply(msg: Message, max_bytes: int, num_classes: int):
     # keep what a summary can hold: scalars and short lists (a client cannot bloat summary.json)
     metrics = {k: v for k, v in raw.items() if not isinstance(v, list) or len(v) <= 100}
     return desc, state, metrics, size
+
+
+def declared_silo(msg: Message) -> str:
+    """Name for a node not bound to a silo by a train reply: its declared name marked '?', else its node id."""
+    declared = msg.content[P.SILO].get("name") if msg.has_content() and P.SILO in msg.content.config_records else None
+    return f"{declared}?" if isinstance(declared, str) else f"node-{msg.metadata.src_node_id}"
+
+
+def record_evaluate_replies(recorder: RunRecorder, server_round: int, replies: Iterable[Message],
+                            silo_of: Callable[[Message], str]) -> MetricRecord | None:
+    """Record each silo's evaluation of the global model on its own real test set; weighted mean over silos.
+
+    Shared by every strategy, so ALIGN-FL and the baselines are judged the same way.
+    """
+    total, weighted = 0, 0.0
+    for msg in replies:
+        node = msg.metadata.src_node_id
+        if msg.has_error() or P.METRICS not in msg.content:
+            log(WARNING, "Evaluate reply from node %d failed: %s", node,
+                msg.error.reason if msg.has_error() else "no metrics")
+            continue
+        m = dict(msg.content[P.METRICS])
+        key = "accuracy" if "accuracy" in m else "neg-elbo"
+        value, n = float(m.get(key, float("nan"))), int(m.get("num-examples", 0))
+        record = recorder.silo(server_round, silo_of(msg))
+        record.update({f"eval-{key}": value, "eval-num-examples": n})
+        if "per-class-accuracy" in m:
+            record["eval-per-class-accuracy"] = list(m["per-class-accuracy"])
+        total += n
+        weighted += value * n
+    if total == 0:
+        return None
+    return MetricRecord({"silo-mean-eval": weighted / total, "num-examples": total})
 
 
 class AlignFLStrategy(Strategy):
@@ -155,26 +188,9 @@ class AlignFLStrategy(Strategy):
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         """Per-silo accuracy of the global model on each silo's own real test set."""
-        total, weighted = 0, 0.0
-        for msg in replies:
-            node = msg.metadata.src_node_id
-            if msg.has_error() or P.METRICS not in msg.content:
-                log(WARNING, "Evaluate reply from node %d failed: %s", node,
-                    msg.error.reason if msg.has_error() else "no metrics")
-                continue
-            m = dict(msg.content[P.METRICS])
-            declared = msg.content[P.SILO].get("name") if P.SILO in msg.content.config_records else None
-            silo = self.silo_of_node.get(node) or (f"{declared}?" if isinstance(declared, str) else f"node-{node}")
-            key = "accuracy" if "accuracy" in m else "neg-elbo"
-            value, n = float(m.get(key, float("nan"))), int(m.get("num-examples", 0))
-            self.recorder.silo(server_round, silo).update({f"eval-{key}": value, "eval-num-examples": n})
-            if "per-class-accuracy" in m:
-                self.recorder.silo(server_round, silo)["eval-per-class-accuracy"] = list(m["per-class-accuracy"])
-            total += n
-            weighted += value * n
-        if total == 0:
-            return None
-        return MetricRecord({"silo-mean-eval": weighted / total, "num-examples": total})
+        return record_evaluate_replies(
+            self.recorder, server_round, replies,
+            lambda msg: self.silo_of_node.get(msg.metadata.src_node_id) or declared_silo(msg))
 
     # --- the server's own learning ---------------------------------------------------------
     def learn_global_model(self, server_round: int) -> dict[str, float]:
@@ -201,4 +217,5 @@ class AlignFLStrategy(Strategy):
         seconds = time.perf_counter() - t0
         log(INFO, "Global %s trained on %d synthetic samples from %d generators in %.1fs (loss %.4f)",
             c.global_model, n, len(self.store), seconds, loss)
-        return {"server-train-loss": loss, "synthetic-samples": n, "server-seconds": seconds}
+        return {"server-train-loss": loss, "synthetic-samples": n, "server-seconds": seconds,
+                "server-peak-rss-mb": peak_rss_mb()}

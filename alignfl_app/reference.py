@@ -1,0 +1,111 @@
+"""Reference points without federation, on exactly the silos' partitions (outliers included).
+
+- local-only: every silo trains the global classifier architecture on its own data alone; judged on the
+  real global test set (mean and per silo) and on its own local test set. The floor federation must beat.
+- centralised: one classifier on the pooled training data of all silos: the upper bound.
+
+Both write ``summary.json`` in the RunRecorder format (one "round" holding the final model), so the
+comparison reads them like the federated runs.
+
+    python -m alignfl_app.reference --experiment mnist-fast [--method local-only centralised] [--set k=v ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .config import ConfigError, RunConfig
+from .data import build_silo_data, global_test_set
+from .experiments import load_experiment, parse_assignments
+from .global_model import GlobalModel
+from .metrics import RunRecorder, peak_rss_mb
+from .training import set_threads
+
+METHODS = ("local-only", "centralised")
+
+
+def _fit(cfg: RunConfig, x: torch.Tensor, y: torch.Tensor, seed: int) -> tuple[GlobalModel, dict[str, float]]:
+    model = GlobalModel("classifier", cfg.num_classes, seed=seed)
+    t0 = time.perf_counter()
+    loss = model.fit(x, y, epochs=cfg.reference_epochs, batch_size=cfg.batch_size, lr=cfg.learning_rate,
+                     seed=seed)["server-train-loss"]
+    seconds = time.perf_counter() - t0
+    return model, {"train-loss": loss, "train-seconds": seconds,
+                   "samples-per-second": cfg.reference_epochs * len(x) / max(seconds, 1e-9),
+                   "num-examples": len(x)}
+
+
+def local_only(cfg: RunConfig, run_dir: Path) -> dict:
+    """Each silo's own classifier; the 'global' entry is the mean over silos of their global-test metrics."""
+    rec = RunRecorder(run_dir, cfg.model_dump(by_alias=True), method="local-only")
+    x_test, y_test = global_test_set(cfg)
+    accs, per_class = [], []
+    for k in range(cfg.num_silos):
+        data = build_silo_data(cfg, k)
+        model, fit = _fit(cfg, data.x_train, data.y_train, seed=cfg.seed + k)
+        glob = model.evaluate(x_test, y_test)
+        local = model.evaluate(data.x_test, data.y_test)
+        rec.silo(1, f"silo-{k}").update({**fit, "num-outliers": data.num_outliers, "global-accuracy": glob["accuracy"],
+                                         "global-per-class-accuracy": glob["per-class-accuracy"],
+                                         "eval-accuracy": local["accuracy"], "eval-num-examples": len(data.y_test)})
+        accs.append(glob["accuracy"])
+        per_class.append(glob["per-class-accuracy"])
+    rec.round(1)["global"] = {"accuracy": float(np.mean(accs)),
+                              "per-class-accuracy": np.nanmean(np.array(per_class, dtype=float), axis=0).tolist(),
+                              "accuracy-std-over-silos": float(np.std(accs)), "num-examples": len(y_test)}
+    rec.round(1)["server"] = {"peak-rss-mb": peak_rss_mb()}
+    rec.finish()
+    return rec.summary
+
+
+def centralised(cfg: RunConfig, run_dir: Path) -> dict:
+    """One classifier on the union of all silos' training records; judged on the global and local test sets."""
+    rec = RunRecorder(run_dir, cfg.model_dump(by_alias=True), method="centralised")
+    silos = [build_silo_data(cfg, k) for k in range(cfg.num_silos)]
+    x = torch.cat([d.x_train for d in silos])
+    y = torch.cat([d.y_train for d in silos])
+    model, fit = _fit(cfg, x, y, seed=cfg.seed)
+    x_test, y_test = global_test_set(cfg)
+    rec.round(1)["global"] = model.evaluate(x_test, y_test)
+    rec.round(1)["server"] = {**fit, "peak-rss-mb": peak_rss_mb()}
+    for d in silos:
+        local = model.evaluate(d.x_test, d.y_test)
+        rec.silo(1, f"silo-{d.silo}").update({"eval-accuracy": local["accuracy"], "eval-num-examples": len(d.y_test)})
+    rec.save_model(model.state(), "classifier")
+    rec.finish()
+    return rec.summary
+
+
+RUNNERS = {"local-only": local_only, "centralised": centralised}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m alignfl_app.reference", description=__doc__.splitlines()[0])
+    parser.add_argument("--experiment", default="", help="name in conf/experiments/ or a TOML file (default: pyproject)")
+    parser.add_argument("--method", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="run-config overrides")
+    parser.add_argument("--out", default="", help="results folder (default: <results-dir>/<run-name or experiment>-<method>)")
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_experiment(args.experiment or None, parse_assignments(args.set))
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    set_threads(args.threads)
+    base = Path(args.out) if args.out else cfg.resolved_results_dir()
+    stem = cfg.run_name or (Path(args.experiment).stem if args.experiment else cfg.dataset)
+    for method in args.method:
+        summary = RUNNERS[method](cfg, base / f"{stem}-{method}")
+        print(f"[alignfl] {method}: global accuracy {summary['final-global-accuracy']:.4f} ({base / f'{stem}-{method}'})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,171 @@
+"""Cost of each method: time, throughput, bytes on the wire and peak memory; plus a silo-count scaling run.
+
+Every figure is read from the run folders the methods write themselves (summary.json, measured inside
+the ServerApp / ClientApp processes), so a comparison run can be benchmarked without rerunning it.
+
+    python scripts/benchmark.py --from results/compare-mnist-fast            # tabulate an existing comparison
+    python scripts/benchmark.py --experiment mnist-fast [--methods ...]      # run the methods, then tabulate
+    python scripts/benchmark.py --scaling 5 10 20 50 [--scaling-methods alignfl fedavg]  # server cost vs silos
+
+Writes <out>/benchmark.json and <out>/benchmark.md (default out: results/benchmark).
+Peak memory is the process's own ru_maxrss (a Ray worker process may host several silos in turn).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from compare import FEDERATED, METHODS, run_methods  # noqa: E402
+from flower_local import PROJECT  # noqa: E402
+
+from alignfl_app.config import ConfigError  # noqa: E402
+from alignfl_app.experiments import parse_assignments  # noqa: E402
+
+SCALING_EXPERIMENT = "mnist-fast"
+
+
+def _silo_values(summary: dict, *keys: str) -> list[float]:
+    """Every silo-round value of the first of ``keys`` present (ALIGN-FL prefixes some metrics with train-)."""
+    out = []
+    for r in summary["rounds"]:
+        for m in r.get("silos", {}).values():
+            for k in keys:
+                if isinstance(m.get(k), (int, float)):
+                    out.append(float(m[k]))
+                    break
+    return out
+
+
+def _mean(xs: list[float]) -> float | None:
+    return statistics.fmean(xs) if xs else None
+
+
+def costs(summary: dict) -> dict[str, Any]:
+    """The cost figures of one run, from its summary.json."""
+    method = summary["method"]
+    rounds = [r for r in summary["rounds"] if "elapsed-seconds" in r]
+    walls, prev = [], summary.get("initial-eval-elapsed-seconds")
+    for r in rounds:
+        if prev is not None:
+            walls.append(r["elapsed-seconds"] - prev)
+        prev = r["elapsed-seconds"]
+    server = [r.get("server", {}) for r in summary["rounds"]]
+    down = [m.get("bytes-down-train", 0) + m.get("bytes-down-eval", 0)
+            for r in summary["rounds"] for m in r.get("silos", {}).values() if "bytes-up" in m]
+    return {
+        "method": method,
+        "silos": len(summary["config"]["silo-classes"].split(";")),
+        "rounds": len(summary["rounds"]),
+        "total-wall-seconds": summary.get("flwr-wall-seconds", summary.get("elapsed-seconds")),
+        "wall-seconds-per-round": _mean(walls),
+        "client-train-seconds-per-round": _mean(_silo_values(summary, "train-seconds")),
+        "client-samples-per-second": _mean(_silo_values(summary, "samples-per-second")
+                                           or [s["samples-per-second"] for s in server if "samples-per-second" in s]),
+        "server-seconds-per-round": _mean([s["server-seconds"] for s in server if "server-seconds" in s]),
+        "synthetic-samples-per-round": _mean([s["synthetic-samples"] for s in server if "synthetic-samples" in s]),
+        "bytes-up-per-silo-round": _mean(_silo_values(summary, "bytes-up")),
+        "bytes-down-per-silo-round": _mean([float(d) for d in down]),
+        "full-vae-bytes": _mean(_silo_values(summary, "train-vae-bytes", "vae-bytes")),
+        "server-peak-rss-mb": max([s.get("server-peak-rss-mb", s.get("peak-rss-mb", 0.0)) for s in server] or [0.0])
+        or None,
+        "client-peak-rss-mb": max(_silo_values(summary, "train-peak-rss-mb", "peak-rss-mb"), default=None),
+        "final-global-accuracy": summary.get("final-global-accuracy"),
+    }
+
+
+def from_folder(folder: Path) -> list[dict[str, Any]]:
+    runs = folder / "runs"
+    return [costs(json.loads((runs / m / "summary.json").read_text()))
+            for m in METHODS if (runs / m / "summary.json").is_file()]
+
+
+def scaling_overrides(num_silos: int) -> dict[str, Any]:
+    """``num_silos`` silos over MNIST's 10 classes: silo k holds pair k mod 5, shared pairs are sliced."""
+    pairs = ";".join(f"{2 * (k % 5)},{2 * (k % 5) + 1}" for k in range(num_silos))
+    return {"silo-classes": pairs, "silo-layout": "slices", "max-per-class": 200, "outliers-per-silo": 60,
+            "local-epochs": 1, "num-server-rounds": 2, "synthetic-per-silo": 200, "server-epochs": 2,
+            "reference-epochs": 1, "sample-grid-per-silo": 0}
+
+
+MB = 2 ** 20
+
+
+def _f(v: Any, scale: float = 1.0, digits: int = 1) -> str:
+    return "-" if v is None else f"{v / scale:.{digits}f}"
+
+
+def markdown(rows: list[dict], scaling: list[dict]) -> str:
+    out = []
+    if rows:
+        out += ["## Cost per method", "",
+                "| method | silos | wall s / round | client train s / round | client samples/s | "
+                "server s / round | up MiB / silo / round | down MiB / silo / round | full VAE MiB | "
+                "server peak RSS MiB | client peak RSS MiB | final accuracy |",
+                "|" + "---|" * 12]
+        for r in rows:
+            out.append(f"| {r['method']} | {r['silos']} | {_f(r['wall-seconds-per-round'])} | "
+                       f"{_f(r['client-train-seconds-per-round'], digits=2)} | {_f(r['client-samples-per-second'], digits=0)} | "
+                       f"{_f(r['server-seconds-per-round'], digits=2)} | {_f(r['bytes-up-per-silo-round'], MB, 3)} | "
+                       f"{_f(r['bytes-down-per-silo-round'], MB, 3)} | {_f(r['full-vae-bytes'], MB, 3)} | "
+                       f"{_f(r['server-peak-rss-mb'], digits=0)} | {_f(r['client-peak-rss-mb'], digits=0)} | "
+                       f"{_f(r['final-global-accuracy'], digits=4)} |")
+        out.append("")
+    if scaling:
+        out += ["## Scaling with the number of silos", "",
+                "| method | silos | wall s / round | server s / round | synthetic samples / round | "
+                "server peak RSS MiB | up MiB / silo / round |", "|" + "---|" * 7]
+        for r in scaling:
+            out.append(f"| {r['method']} | {r['silos']} | {_f(r['wall-seconds-per-round'])} | "
+                       f"{_f(r['server-seconds-per-round'], digits=2)} | {_f(r['synthetic-samples-per-round'], digits=0)} | "
+                       f"{_f(r['server-peak-rss-mb'], digits=0)} | {_f(r['bytes-up-per-silo-round'], MB, 3)} |")
+        out.append("")
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--from", dest="source", default="", help="an existing comparison folder to tabulate")
+    parser.add_argument("--experiment", default="", help="run this experiment's methods first (conf/experiments/)")
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--scaling", nargs="*", type=int, default=[], metavar="SILOS")
+    parser.add_argument("--scaling-methods", nargs="+", default=["alignfl"], choices=FEDERATED)
+    parser.add_argument("--out", default=str(PROJECT / "results" / "benchmark"))
+    args = parser.parse_args(argv)
+    out = Path(args.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        overrides = parse_assignments(args.set)
+        rows: list[dict] = []
+        if args.experiment:
+            run_methods(args.experiment, args.methods, overrides, out / "methods")
+            rows = from_folder(out / "methods")
+        elif args.source:
+            rows = from_folder(Path(args.source))
+        scaling = []
+        for n in args.scaling:
+            folder = out / f"scaling-{n}"
+            summaries = run_methods(SCALING_EXPERIMENT, args.scaling_methods, {**scaling_overrides(n), **overrides},
+                                    folder)
+            scaling += [costs(s) for s in summaries.values()]
+            (out / "benchmark.json").write_text(json.dumps({"methods": rows, "scaling": scaling}, indent=2))
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    (out / "benchmark.json").write_text(json.dumps({"methods": rows, "scaling": scaling}, indent=2))
+    (out / "benchmark.md").write_text(markdown(rows, scaling))
+    print((out / "benchmark.md").read_text())
+    print(f"[benchmark] wrote {out}/benchmark.json and benchmark.md")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

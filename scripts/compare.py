@@ -1,0 +1,229 @@
+"""Run one experiment for every method on the same partitions and write one comparison folder.
+
+ALIGN-FL, FedAvg and FedProx run as real ``flwr run`` simulations on a private SuperLink
+(scripts/flower_local.py); local-only and centralised train directly (alignfl_app/reference.py).
+
+    python scripts/compare.py mnist-fast [--methods alignfl fedavg ...] [--set key=value ...] [--out DIR]
+
+Writes <out>/comparison.csv, comparison.md, accuracy.png, samples-<method>.png and one run folder per
+method (summary.json, accuracy.png, final model) under <out>/runs/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from flower_local import PROJECT, SimulationLink, simulation_superlink  # noqa: E402
+
+from alignfl_app.config import ConfigError, RunConfig  # noqa: E402
+from alignfl_app.experiments import (experiment_overrides, load_experiment, parse_assignments,  # noqa: E402
+                                     run_config_string)
+from alignfl_app.reference import RUNNERS  # noqa: E402
+from alignfl_app.training import set_threads  # noqa: E402
+
+FEDERATED = ("alignfl", "fedavg", "fedprox")
+METHODS = FEDERATED + tuple(RUNNERS)
+
+
+def run_federated(link: SimulationLink, method: str, values: dict[str, Any], cfg: RunConfig, runs_dir: Path,
+                  cpus_per_client: int, timeout: float) -> dict:
+    """One ``flwr run`` of ``method``; returns its summary.json plus the run's status and wall time."""
+    values = {**values, "strategy": method, "results-dir": str(runs_dir), "run-name": method}
+    t0 = time.perf_counter()
+    run, log = link.run_app(run_config_string(values), num_supernodes=cfg.num_silos,
+                            cpus_per_client=cpus_per_client, timeout=timeout)
+    wall = time.perf_counter() - t0
+    path = runs_dir / method / "summary.json"
+    if run["status"] != "finished:completed" or not path.is_file():
+        raise RuntimeError(f"{method}: flwr run ended with status {run['status']}; last log lines:\n{log[-3000:]}")
+    summary = json.loads(path.read_text())
+    summary["flwr-status"], summary["flwr-wall-seconds"] = run["status"], wall
+    path.write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def run_reference(method: str, cfg: RunConfig, runs_dir: Path) -> dict:
+    t0 = time.perf_counter()
+    summary = RUNNERS[method](cfg, runs_dir / method)
+    summary["flwr-wall-seconds"] = time.perf_counter() - t0
+    return summary
+
+
+def run_methods(experiment: str, methods: list[str], overrides: dict[str, Any], out: Path,
+                cpus_per_client: int = 1, timeout: float = 7200) -> dict[str, dict]:
+    """Every method of ``methods`` on the experiment's settings; summaries by method."""
+    cfg = load_experiment(experiment, overrides)
+    values = {**experiment_overrides(experiment), **overrides}
+    runs_dir = out / "runs"
+    runs_dir.mkdir(parents=True, exist_ok=True)
+    summaries = {}
+    federated = [m for m in methods if m in FEDERATED]
+    if federated:
+        with tempfile.TemporaryDirectory(prefix="alignfl-compare-") as tmp, simulation_superlink(Path(tmp)) as link:
+            for method in federated:  # one SuperLink, one `flwr run` per method
+                print(f"[compare] {method} (flwr run) ...", flush=True)
+                summaries[method] = run_federated(link, method, values, cfg, runs_dir, cpus_per_client, timeout)
+                print(f"[compare] {method}: final global accuracy {summaries[method]['final-global-accuracy']:.4f}",
+                      flush=True)
+    set_threads(1)
+    for method in [m for m in methods if m not in FEDERATED]:
+        print(f"[compare] {method} ...", flush=True)
+        summaries[method] = run_reference(method, cfg, runs_dir)
+        print(f"[compare] {method}: final global accuracy {summaries[method]['final-global-accuracy']:.4f}", flush=True)
+    return {m: summaries[m] for m in methods}
+
+
+# --- the comparison tables ----------------------------------------------------------------------
+def _rounds(summary: dict) -> list[dict]:
+    return [r for r in summary["rounds"] if (r.get("global") or {}).get("accuracy") is not None]
+
+
+def _fmt(v: Any) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "-"
+    return f"{v:.4f}" if isinstance(v, float) else str(v)
+
+
+def comparison_rows(summaries: dict[str, dict]) -> list[dict[str, Any]]:
+    """One row per method and round (reference methods: one row, round 'final')."""
+    rows = []
+    for method, s in summaries.items():
+        rounds = _rounds(s)
+        for r in rounds:
+            row: dict[str, Any] = {"method": method, "round": r["round"] if method in FEDERATED else "final",
+                                   "global-accuracy": r["global"]["accuracy"]}
+            for c, a in enumerate(r["global"].get("per-class-accuracy") or []):
+                row[f"class-{c}"] = a
+            for silo, m in sorted(r["silos"].items()):
+                if "eval-accuracy" in m:
+                    row[f"{silo}-local-accuracy"] = m["eval-accuracy"]
+                if "global-accuracy" in m:
+                    row[f"{silo}-global-accuracy"] = m["global-accuracy"]
+            rows.append(row)
+    return rows
+
+
+def write_csv(rows: list[dict], path: Path) -> None:
+    keys: list[str] = []
+    for row in rows:
+        keys += [k for k in row if k not in keys]
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=keys)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def _table(header: list[str], rows: list[list[Any]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(_fmt(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def markdown(experiment: str, summaries: dict[str, dict], cfg: RunConfig) -> str:
+    finals = {m: _rounds(s)[-1] for m, s in summaries.items() if _rounds(s)}
+    out = [f"# Comparison: {experiment}", "",
+           f"{cfg.dataset}, {cfg.num_silos} silos (classes {cfg.silo_classes}), {cfg.outliers_per_silo} outliers "
+           f"in silos {cfg.outlier_silos}, {cfg.num_server_rounds} rounds x {cfg.local_epochs} local epochs; "
+           "accuracy of the final global model on the real global test set.", ""]
+    rows = []
+    for m, r in finals.items():
+        local = [v["eval-accuracy"] for v in r["silos"].values() if "eval-accuracy" in v]
+        rows.append([m, r["global"]["accuracy"], sum(local) / len(local) if local else None,
+                     summaries[m].get("flwr-wall-seconds")])
+    out += ["## Final accuracy", "", _table(["method", "global accuracy", "mean silo local-test accuracy",
+                                             "wall s"], rows), ""]
+    n_rounds = max((len(_rounds(s)) for m, s in summaries.items() if m in FEDERATED), default=0)
+    if n_rounds:
+        rows = [[m] + [r["global"]["accuracy"] for r in _rounds(s)] for m, s in summaries.items() if m in FEDERATED]
+        out += ["## Global accuracy per round", "", _table(["method"] + [f"round {i + 1}" for i in range(n_rounds)],
+                                                           rows), ""]
+    rows = [[m] + list(r["global"].get("per-class-accuracy") or []) for m, r in finals.items()]
+    out += ["## Per-class accuracy (final, global test set)", "",
+            _table(["method"] + [str(c) for c in range(cfg.num_classes)], rows), ""]
+    silos = sorted({s for r in finals.values() for s in r["silos"]}, key=lambda s: int(s.rsplit("-", 1)[-1]))
+    rows = [[m] + [r["silos"].get(s, {}).get("eval-accuracy") for s in silos] for m, r in finals.items()]
+    out += ["## Per-silo accuracy (final global model on each silo's local test set; local-only: its own model)", "",
+            _table(["method"] + silos, rows), ""]
+    if "local-only" in finals:
+        r = finals["local-only"]
+        out += ["Local-only, each silo's own model on the global test set: "
+                + ", ".join(f"{s} {_fmt(r['silos'][s].get('global-accuracy'))}" for s in silos if s in r["silos"]), ""]
+    return "\n".join(out)
+
+
+def plot(summaries: dict[str, dict], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    rounds_max = 1
+    for m, s in summaries.items():
+        if m in FEDERATED and _rounds(s):
+            xs = [r["round"] for r in _rounds(s)]
+            rounds_max = max(rounds_max, xs[-1])
+            ax.plot(xs, [r["global"]["accuracy"] for r in _rounds(s)], "o-", lw=2, label=m)
+    for m, s in summaries.items():
+        if m not in FEDERATED and _rounds(s):
+            ax.axhline(_rounds(s)[-1]["global"]["accuracy"], ls="--", alpha=0.7,
+                       color="gray" if m == "local-only" else "black", label=f"{m} (reference)")
+    ax.set_xlabel("round")
+    ax.set_ylabel("global test accuracy")
+    ax.set_ylim(0, 1)
+    ax.set_xticks(range(1, rounds_max + 1))
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_comparison(experiment: str, summaries: dict[str, dict], cfg: RunConfig, out: Path) -> None:
+    write_csv(comparison_rows(summaries), out / "comparison.csv")
+    (out / "comparison.md").write_text(markdown(experiment, summaries, cfg))
+    plot(summaries, out / "accuracy.png", f"{experiment}: global accuracy per round")
+    for m in summaries:
+        grids = sorted((out / "runs" / m / "samples").glob("round-*.png"))
+        if grids:
+            shutil.copyfile(grids[-1], out / f"samples-{m}.png")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("experiment", help="name in conf/experiments/ (e.g. mnist-fast) or a TOML file")
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="run-config overrides for all methods")
+    parser.add_argument("--out", default="", help="comparison folder (default: results/compare-<experiment>)")
+    parser.add_argument("--cpus-per-client", type=int, default=1)
+    args = parser.parse_args(argv)
+    try:
+        overrides = parse_assignments(args.set)
+        cfg = load_experiment(args.experiment, overrides)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    out = Path(args.out) if args.out else PROJECT / "results" / f"compare-{Path(args.experiment).stem}"
+    out = out.resolve()
+    summaries = run_methods(args.experiment, args.methods, overrides, out, args.cpus_per_client)
+    write_comparison(args.experiment, summaries, cfg, out)
+    print((out / "comparison.md").read_text())
+    print(f"[compare] wrote {out}/comparison.csv, comparison.md, accuracy.png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

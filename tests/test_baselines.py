@@ -1,0 +1,107 @@
+"""Baselines a user compares ALIGN-FL with: a real FedProx term, FedAvg/FedProx client replies, the
+reference classifiers, class slices for many-silo layouts, and experiment files that load."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import ConfigRecord, MessageType, RecordDict
+
+from alignfl_app import protocol as P
+from alignfl_app.config import ConfigError, parse_run_config
+from alignfl_app.data import build_silo_data
+from alignfl_app.experiments import EXPERIMENTS_DIR, load_experiment
+from alignfl_app.global_model import GlobalModel
+from alignfl_app.models import Classifier
+from alignfl_app.reference import centralised, local_only
+from alignfl_app.training import proximal_term, train_classifier
+from client_app.app import app as client_app
+from tests.conftest import PROJECT, make_context, make_message
+
+
+def _distance(model, anchor):
+    return float(proximal_term(model, anchor))
+
+
+def test_proximal_term_pulls_weights_back_to_the_global_model():
+    torch.manual_seed(0)
+    x, y = torch.rand(64, 1, 28, 28), torch.randint(0, 10, (64,))
+    start = Classifier(10).state_dict()
+    drift = {}
+    for mu in (0.0, 10.0):
+        model = Classifier(10)
+        model.load_state_dict(start)
+        anchor = [p.detach().clone() for p in model.parameters()]
+        train_classifier(model, x, y, epochs=3, batch_size=16, lr=1e-2, seed=1, proximal_mu=mu)
+        drift[mu] = _distance(model, anchor)
+    assert drift[10.0] < 0.5 * drift[0.0], drift
+    # the term has a gradient: (w - w0) * mu after a perturbation
+    model = Classifier(10)
+    anchor = [p.detach().clone() for p in model.parameters()]
+    with torch.no_grad():
+        next(model.parameters()).add_(1.0)
+    (0.5 * 2.0 * proximal_term(model, anchor)).backward()
+    assert torch.allclose(next(model.parameters()).grad, torch.full_like(anchor[0], 2.0))
+
+
+@pytest.mark.parametrize("strategy", ["fedavg", "fedprox"])
+def test_averaging_reply_carries_the_trained_classifier(tiny_config, strategy):
+    cfg = parse_run_config({**tiny_config, "strategy": strategy})
+    glob = GlobalModel("classifier", 10, seed=3)
+    ctx = make_context(tiny_config, 1)
+    config = ConfigRecord({P.SERVER_ROUND: 1, P.STRATEGY: strategy, P.PROXIMAL_MU: 0.5})
+    msg = make_message(RecordDict({P.GLOBAL_MODEL: P.to_array_record(glob.state()), P.CONFIG: config}),
+                       MessageType.TRAIN, src=1, dst=ctx.node_id)
+    reply = client_app(msg, ctx).content
+    assert set(reply.array_records) == {P.GLOBAL_MODEL} and len(reply.metric_records) == 1
+    state = P.from_array_record(reply[P.GLOBAL_MODEL])
+    assert set(state) == set(glob.state())
+    assert any(not np.array_equal(state[k], v) for k, v in glob.state().items())  # it trained
+    m = reply[P.METRICS]
+    assert m["num-examples"] == 2 * cfg.max_per_class and m["samples-per-second"] > 0
+    assert reply[P.SILO]["name"] == "silo-1"
+
+
+def test_averaging_needs_the_classifier():
+    with pytest.raises(ConfigError, match="global-model='classifier'"):
+        load_experiment("mnist-fast", {"strategy": "fedavg", "global-model": "vae"})
+
+
+def test_reference_points_use_the_silo_partitions(tmp_path, tiny_config):
+    cfg = parse_run_config({**tiny_config, "reference-epochs": 1})
+    local = local_only(cfg, tmp_path / "local")
+    central = centralised(cfg, tmp_path / "central")
+    assert set(local["final-per-silo-accuracy"]) == {"silo-0", "silo-1", "silo-2"}
+    silos = local["rounds"][0]["silos"]
+    assert np.isclose(local["final-global-accuracy"], np.mean([s["global-accuracy"] for s in silos.values()]))
+    # a silo that only saw classes 0,1 cannot recognise 9
+    assert silos["silo-0"]["global-per-class-accuracy"][9] == 0.0
+    assert central["rounds"][0]["server"]["num-examples"] == sum(s["num-examples"] for s in silos.values())
+    for d in ("local", "central"):
+        assert json.loads((tmp_path / d / "summary.json").read_text())["status"] == "completed"
+
+
+def test_slices_layout_splits_shared_classes(tiny_config):
+    raw = {**tiny_config, "silo-classes": "0,1;0,1;0,1", "silo-layout": "slices", "outliers-per-silo": 0}
+    with pytest.raises(ConfigError, match="disjoint.*silo-layout='slices'"):
+        parse_run_config({**raw, "silo-layout": "disjoint"})
+    cfg = parse_run_config({**raw, "max-per-class": 100000})
+    xs = [build_silo_data(cfg, k).x_train for k in range(3)]
+    flat = torch.cat(xs).flatten(1)
+    assert len(torch.unique(flat, dim=0)) == len(flat)  # no record in two silos
+    assert abs(len(xs[0]) - len(xs[2])) <= 2
+
+
+def test_experiment_files_are_valid_run_configs():
+    """Each file works as `flwr run . --run-config conf/experiments/<name>.toml` (flwr's own parsing and
+    fusing with pyproject's defaults, which rejects unknown keys) and passes our validation."""
+    from flwr.common.config import get_fused_config_from_dir, parse_config_args
+
+    names = sorted(p.stem for p in EXPERIMENTS_DIR.glob("*.toml"))
+    assert {"mnist-paper", "fashion-mnist-paper", "mnist-fast"} <= set(names)
+    for name in names:
+        fused = get_fused_config_from_dir(PROJECT, parse_config_args([str(EXPERIMENTS_DIR / f"{name}.toml")]))
+        assert parse_run_config(fused) == load_experiment(name)
+    with pytest.raises(ConfigError, match="no experiment 'nope'"):
+        load_experiment("nope")
