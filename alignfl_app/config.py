@@ -189,6 +189,16 @@ class RunConfig(BaseModel):
             path = (Path(base) if base else Path.cwd()) / path
         return path
 
+    # --- issue 5: resumable server state ---
+    resume: bool = False
+    """Continue results/<run-name>/ from its last completed round (checkpoint/), with every stored generator."""
+
+    @model_validator(mode="after")
+    def _resume_names_a_run(self) -> RunConfig:
+        if self.resume and not self.run_name:
+            raise ValueError("resume=true needs the run-name of the run to continue, e.g. run-name='study-1'")
+        return self
+
 
 def resolve_data_root(data_root: str = "") -> Path:
     """Where datasets live: explicit value, else $ALIGNFL_DATA_ROOT, else ~/.cache/alignfl/data."""
