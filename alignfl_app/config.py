@@ -127,8 +127,8 @@ class RunConfig(BaseModel):
         if any(not g for g in groups):
             raise ValueError("every silo needs at least one class, e.g. '0,1;2,3'")
         flat = [c for g in groups for c in g]
-        if len(flat) != len(set(flat)):
-            raise ValueError(f"classes must be disjoint across silos, got '{v}'")
+        if any(len(g) != len(set(g)) for g in groups):
+            raise ValueError(f"a silo lists a class twice in '{v}'")
         if any(c < 0 or c > 9 for c in flat):
             raise ValueError(f"classes must be in 0..9, got '{v}'")
         return v
@@ -193,11 +193,21 @@ class RunConfig(BaseModel):
     resume: bool = False
     """Continue results/<run-name>/ from its last completed round (checkpoint/), with every stored generator."""
 
+    silo_class_slices: bool = False
+    """Silos may share a class; each shared class's records are split into disjoint slices among its silos."""
+
     @model_validator(mode="after")
     def _resume_names_a_run(self) -> RunConfig:
         if self.resume and not self.run_name:
             raise ValueError("resume=true needs the run-name of the run to continue, e.g. run-name='study-1'")
+        flat = [c for g in self.classes_per_silo for c in g]
+        if not self.silo_class_slices and len(flat) != len(set(flat)):
+            raise ValueError(f"silo-classes: classes must be disjoint across silos, got '{self.silo_classes}' "
+                             "(or set silo-class-slices=true to split shared classes into disjoint slices)")
         return self
+
+    def silos_holding(self, cls: int) -> list[int]:
+        return [s for s, g in enumerate(self.classes_per_silo) if cls in g]
 
 
 def resolve_data_root(data_root: str = "") -> Path:

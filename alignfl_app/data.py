@@ -199,6 +199,14 @@ def class_indices(labels: torch.Tensor, cls: int, limit: int, seed: int) -> np.n
     return _rng(seed, 1, cls).permutation(idx)[:limit]
 
 
+def class_slice(cfg: RunConfig, silo: int, cls: int, idx: np.ndarray) -> np.ndarray:
+    """With silo-class-slices, this silo's disjoint share of a class that several silos hold."""
+    holders = cfg.silos_holding(cls) if cfg.silo_class_slices else []
+    if silo not in holders:
+        return idx
+    return np.array_split(idx, len(holders))[holders.index(silo)]
+
+
 def outlier_slice(cfg: RunConfig, silo: int, pool_size: int, seed_tag: int) -> np.ndarray:
     """Indices into the outlier pool for ``silo``: disjoint slices of one seeded permutation."""
     if cfg.outlier_source is None or silo not in cfg.outlier_silo_ids:
@@ -227,7 +235,8 @@ def build_silo_data(cfg: RunConfig, silo: int, root: Path | None = None,
     classes = tuple(classes if classes is not None else cfg.classes_per_silo[silo])
     x_all, y_all = load_split(root_s, cfg.dataset, True)
     xt_all, yt_all = load_split(root_s, cfg.dataset, False)
-    idx = np.concatenate([class_indices(y_all, c, cfg.max_per_class, cfg.seed) for c in classes])
+    idx = np.concatenate([class_slice(cfg, silo, c, class_indices(y_all, c, cfg.max_per_class, cfg.seed))
+                          for c in classes])
     x, y = x_all[idx], y_all[idx]
     test_mask = torch.isin(yt_all, torch.tensor(classes))
     x_test, y_test = xt_all[test_mask], yt_all[test_mask]

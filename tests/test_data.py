@@ -67,3 +67,20 @@ def test_missing_data_names_the_fetch_command(tmp_path, tiny_config):
 def test_too_many_silos_is_a_clear_error(tiny_config):
     with pytest.raises(ValueError, match="num-supernodes=3"):
         build_silo_data(parse_run_config(tiny_config), 3)
+
+
+def test_class_slices_let_many_silos_share_a_class_without_sharing_records(tmp_path):
+    from alignfl_app.config import ConfigError, parse_run_config
+    from alignfl_app.data import build_silo_data
+    from tests.conftest import tiny_run_config
+
+    raw = {**tiny_run_config(tmp_path), "silo-classes": "0,1;1,2;0,2;0", "outlier-silos": "0"}
+    with pytest.raises(ConfigError, match="disjoint.*silo-class-slices=true"):
+        parse_run_config(raw)
+    cfg = parse_run_config({**raw, "silo-class-slices": True})
+    silos = [build_silo_data(cfg, s) for s in range(4)]
+    zeros = [s.x_train[(s.y_train == 0) & ~s.is_outlier] for s in (silos[0], silos[2], silos[3])]
+    assert [len(z) for z in zeros] == [20, 20, 20]  # max-per-class=60 split three ways
+    flat = torch.cat(zeros).flatten(1)
+    assert len(torch.unique(flat, dim=0)) == 60  # no image in two silos
+    assert set(silos[1].y_train.tolist()) == {1, 2} and len(silos[1].x_train) == 60  # 30 of class 1, 30 of class 2
