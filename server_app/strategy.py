@@ -159,8 +159,12 @@ class AlignFLStrategy(Strategy):
             try:
                 desc, state, metrics, size = decode_train_reply(msg, max_bytes, self.cfg.num_classes)
                 owner = next((n for n, s in self.silo_of_node.items() if s == desc.silo and n != node), None)
-                if owner is not None:
+                if owner is not None and not self.gone(owner, server_round):
                     raise ReplyRejected(f"silo name '{desc.silo}' is already served by node {owner}")
+                if owner is not None:  # e.g. a resumed simulation, whose nodes get new ids
+                    log(WARNING, "Silo '%s' is now served by node %d (node %d is no longer connected)",
+                        desc.silo, node, owner)
+                    del self.silo_of_node[owner]
                 if self.silo_of_node.get(node, desc.silo) != desc.silo:
                     raise ReplyRejected(f"node switched silo name from '{self.silo_of_node[node]}' to '{desc.silo}'")
             except ReplyRejected as exc:
@@ -228,6 +232,10 @@ class AlignFLStrategy(Strategy):
         if total == 0:
             return None
         return MetricRecord({"silo-mean-eval": weighted / total, "num-examples": total})
+
+    def gone(self, node: int, server_round: int) -> bool:
+        """True when ``node`` was not connected when this round's train instructions went out."""
+        return server_round in self.asked and node not in self.asked[server_round]
 
     # --- the server's own learning ---------------------------------------------------------
     def learn_global_model(self, server_round: int) -> dict[str, float]:

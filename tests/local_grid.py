@@ -25,8 +25,9 @@ NODE_BASE = 1000
 
 class LocalGrid(Grid):
     def __init__(self, run_config: dict, num_silos: int, faults: dict[tuple[int, int], str] | None = None,
-                 kill_at_round: int | None = None) -> None:
-        self.contexts = {NODE_BASE + p: make_context(run_config, p, node_id=NODE_BASE + p) for p in range(num_silos)}
+                 kill_at_round: int | None = None, node_base: int = NODE_BASE) -> None:
+        self.node_base = node_base  # node ids are node_base + partition id (a new run may get new ids)
+        self.contexts = {node_base + p: make_context(run_config, p, node_id=node_base + p) for p in range(num_silos)}
         self.faults = faults or {}  # (round, partition) -> "timeout" | "error", train messages only
         self.kill_at_round = kill_at_round
         self.train_rounds: list[int] = []
@@ -44,7 +45,7 @@ class LocalGrid(Grid):
                 self.train_rounds.append(rnd)
                 if rnd == self.kill_at_round:
                     os.kill(os.getpid(), signal.SIGKILL)
-                fault = self.faults.get((rnd, node - NODE_BASE))
+                fault = self.faults.get((rnd, node - self.node_base))
             if fault == "timeout":
                 continue
             if fault == "error":

@@ -71,8 +71,9 @@ def test_killed_server_resumes_after_last_completed_round(tmp_path, flwr_log):
     with pytest.raises(ConfigError, match="synthetic-per-silo"):
         run_server({**cfg, "resume": True, "synthetic-per-silo": 7})
 
-    # resume; silo-2 is down in round 3, so its round-2 generator must stand in for it
-    grid = run_server({**cfg, "resume": True}, faults={(3, 2): "timeout"})
+    # resume with new node ids (as in a new simulation run); silo-2 is down in round 3, so its
+    # round-2 generator must stand in for it
+    grid = run_server({**cfg, "resume": True}, faults={(3, 2): "timeout"}, node_base=2000)
     assert grid.train_rounds == [3, 3, 3]
     assert any("Resuming after round 2" in line for line in flwr_log)
     s = summary(tmp_path)
@@ -81,6 +82,7 @@ def test_killed_server_resumes_after_last_completed_round(tmp_path, flwr_log):
     r3 = s["rounds"][2]
     assert r3["generators-used"] == ["silo-0", "silo-1", "silo-2"] and r3["missing-replies"] == ["silo-2"]
     assert stored_rounds(tmp_path) == {"silo-0": 3, "silo-1": 3, "silo-2": 2}
+    assert r3["rejected-replies"] == [] and r3["accepted-replies"] == 2
     assert s["rounds"][1]["global"]["accuracy"] is not None  # round 2, measured before the kill, kept
     assert json.loads((ckpt / "state.json").read_text())["completed_round"] == 3
     with np.load(ckpt / "global-model-round-0003.npz", allow_pickle=False) as npz:
