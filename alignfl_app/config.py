@@ -211,6 +211,18 @@ class RunConfig(BaseModel):
     """disjoint: every class belongs to one silo. slices: a class listed by several silos is split into
     disjoint slices of its records, one per silo (lets 50 silos share 10 classes for scaling runs)."""
 
+    # --- issue 5: resumable server state ---
+    resume: bool = False
+    """Continue results/<run-name>/ from its last completed round (checkpoint/), with every stored generator."""
+
+    @model_validator(mode="after")
+    def _resume_names_a_run(self) -> RunConfig:
+        if self.resume and not self.run_name:
+            raise ValueError("resume=true needs the run-name of the run to continue, e.g. run-name='study-1'")
+        if self.resume and self.strategy != "alignfl":
+            raise ValueError(f"resume=true is supported for strategy='alignfl' only, not '{self.strategy}'")
+        return self
+
 
 def resolve_data_root(data_root: str = "") -> Path:
     """Where datasets live: explicit value, else $ALIGNFL_DATA_ROOT, else ~/.cache/alignfl/data."""
@@ -233,15 +245,35 @@ def parse_run_config(raw: dict[str, Any]) -> RunConfig:
 
 
 class SiloNodeConfig(BaseModel):
-    """What a SuperNode may override for its own silo (deployment): ``--node-config 'k=v ...'``."""
+    """What a SuperNode may override for its own silo (deployment): ``--node-config 'k=v ...'``.
 
-    model_config = ConfigDict(extra="ignore", alias_generator=_dashed, populate_by_name=True, frozen=True)
+    Unknown keys are errors: a misspelt ``data_root`` on a silo's machine must not silently fall
+    back to the run's data root.
+    """
+
+    model_config = ConfigDict(extra="forbid", alias_generator=_dashed, populate_by_name=True, frozen=True)
 
     partition_id: int = Field(ge=0)
     num_partitions: int | None = Field(default=None, ge=1)
     architecture: str | None = None
     data_root: str | None = None
     silo_name: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    classes: str | None = None
+    """The classes this silo holds, e.g. '3,4'; default: group ``partition-id`` of the run's silo-classes."""
+
+    @field_validator("classes")
+    @classmethod
+    def _classes_listed(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        labels = _int_list(v)
+        if not labels or len(labels) != len(set(labels)) or any(c < 0 or c > 9 for c in labels):
+            raise ValueError(f"classes must be distinct integers in 0..9 separated by ',', e.g. '3,4'; got '{v}'")
+        return v
+
+    @property
+    def class_list(self) -> list[int] | None:
+        return _int_list(self.classes) if self.classes is not None else None
 
 
 def parse_node_config(raw: dict[str, Any]) -> SiloNodeConfig:

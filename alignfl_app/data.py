@@ -204,7 +204,7 @@ def silo_class_indices(cfg: RunConfig, labels: torch.Tensor, cls: int, silo: int
     """Records of class ``cls`` for ``silo``; a class shared by several silos (silo-layout='slices')
     is cut into disjoint slices of one seeded permutation, one slice per holder in silo order."""
     holders = [s for s, group in enumerate(cfg.classes_per_silo) if cls in group]
-    if len(holders) == 1:
+    if cfg.silo_layout != "slices" or len(holders) <= 1 or silo not in holders:
         return class_indices(labels, cls, cfg.max_per_class, cfg.seed)
     everything = class_indices(labels, cls, len(labels), cfg.seed)
     return np.array_split(everything, len(holders))[holders.index(silo)][:cfg.max_per_class]
@@ -223,15 +223,19 @@ def outlier_slice(cfg: RunConfig, silo: int, pool_size: int, seed_tag: int) -> n
     return _rng(cfg.seed, seed_tag).permutation(pool_size)[k * n:(k + 1) * n]
 
 
-def build_silo_data(cfg: RunConfig, silo: int, root: Path | None = None) -> SiloData:
-    """Deterministic partition for ``silo`` (same seed -> same records on every machine)."""
-    if not 0 <= silo < cfg.num_silos:
+def build_silo_data(cfg: RunConfig, silo: int, root: Path | None = None,
+                    classes: list[int] | None = None) -> SiloData:
+    """Deterministic partition for ``silo`` (same seed -> same records on every machine).
+
+    ``classes`` (a silo's own node config) overrides the run's ``silo-classes`` group for ``silo``.
+    """
+    if classes is None and not 0 <= silo < cfg.num_silos:
         raise ValueError(
             f"silo {silo} does not exist: silo-classes defines {cfg.num_silos} silos; "
             f"set num-supernodes={cfg.num_silos} or add class groups"
         )
     root_s = str(root or cfg.resolved_data_root())
-    classes = tuple(cfg.classes_per_silo[silo])
+    classes = tuple(classes if classes is not None else cfg.classes_per_silo[silo])
     x_all, y_all = load_split(root_s, cfg.dataset, True)
     xt_all, yt_all = load_split(root_s, cfg.dataset, False)
     idx = np.concatenate([silo_class_indices(cfg, y_all, c, silo) for c in classes])

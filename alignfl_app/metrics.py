@@ -49,6 +49,13 @@ class RunRecorder:
             "rounds": [],
         }
 
+    def resume(self, completed_round: int) -> None:
+        """Carry over the rounds an interrupted run completed (from its summary.json) into this one."""
+        path = self.run_dir / "summary.json"
+        previous = json.loads(path.read_text()) if path.exists() else {}
+        self.summary["rounds"] = [r for r in previous.get("rounds", []) if r.get("round", 0) <= completed_round]
+        self.summary["resumed-after-rounds"] = [*previous.get("resumed-after-rounds", []), completed_round]
+
     def round(self, server_round: int) -> dict[str, Any]:
         """The (mutable) record of ``server_round``, created on first use."""
         for r in self.summary["rounds"]:

@@ -37,7 +37,7 @@ class Silo:
         self.name = node.silo_name or f"silo-{self.index}"
         self.architecture = load_architecture(node.architecture or cfg.architecture_for(self.index))
         root = resolve_data_root(node.data_root) if node.data_root else cfg.resolved_data_root()
-        self.data: SiloData = build_silo_data(cfg, self.index, Path(root))
+        self.data: SiloData = build_silo_data(cfg, self.index, Path(root), node.class_list)
         set_threads(cfg.client_threads)
 
     @property

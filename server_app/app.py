@@ -9,6 +9,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
 
+from alignfl_app.checkpoint import Checkpoint
 from alignfl_app.config import ConfigError, RunConfig, parse_run_config
 from alignfl_app.data import global_test_set
 from alignfl_app.global_model import GlobalModel
@@ -50,6 +51,24 @@ def make_global_evaluator(cfg: RunConfig, model: GlobalModel, recorder: RunRecor
     return evaluate
 
 
+def resume_point(cfg: RunConfig, checkpoint: Checkpoint, model: GlobalModel, recorder: RunRecorder,
+                 strategy: AlignFLStrategy) -> int:
+    """The first round to run: 1, or (resume) one past the checkpoint, whose state is loaded here."""
+    if not cfg.resume:
+        if checkpoint.exists():
+            raise ConfigError(f"run-name '{cfg.run_name}' already has a checkpoint in {checkpoint.dir}: "
+                              "set resume=true to continue it, or choose another run-name")
+        return 1
+    state = checkpoint.load()
+    checkpoint.check_compatible(state, cfg)
+    model.load_state(checkpoint.load_model(state))
+    strategy.silo_of_node = {int(k): v for k, v in state.silo_of_node.items()}
+    recorder.resume(state.completed_round)
+    log(INFO, "Resuming after round %d: global model from the checkpoint, %d stored generators %s",
+        state.completed_round, len(strategy.store), strategy.store.silos())
+    return state.completed_round + 1
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     try:
@@ -58,19 +77,31 @@ def main(grid: Grid, context: Context) -> None:
         log(ERROR, "alignfl: %s", exc)
         raise
     run_dir = run_directory(cfg, context.run_id)
+    checkpoint = Checkpoint(run_dir)
     recorder = RunRecorder(run_dir, cfg.model_dump(by_alias=True), method=cfg.strategy)
     log(INFO, "%s run %d: results in %s", cfg.strategy, context.run_id, run_dir)
     model = GlobalModel.from_config(cfg)
+
+    def save_checkpoint(completed_round: int) -> None:
+        checkpoint.save(completed_round, model.state(), strategy.silo_of_node, cfg)
+
     if cfg.strategy == "alignfl":
         strategy = AlignFLStrategy(cfg, GeneratorStore(run_dir / "generators"), model, recorder)
+        try:
+            first_round = resume_point(cfg, checkpoint, model, recorder, strategy)
+        except ConfigError as exc:
+            log(ERROR, "alignfl: %s", exc)
+            raise
+        resumable = {"first_round": first_round, "after_round": save_checkpoint}
     else:
         strategy = averaging_strategy(cfg, recorder)
+        resumable = {}
     evaluate = make_global_evaluator(cfg, model, recorder)
     try:
         result = strategy.start(
             grid=grid, initial_arrays=to_array_record(model.state()), num_rounds=cfg.num_server_rounds,
             timeout=cfg.round_timeout, train_config=ConfigRecord(), evaluate_config=ConfigRecord(),
-            evaluate_fn=evaluate,
+            evaluate_fn=evaluate, **resumable,
         )
     except BaseException:
         recorder.finish("failed")

@@ -8,6 +8,7 @@ it. Clients may use different architectures, because decoders are rebuilt from t
 
 from __future__ import annotations
 
+import io
 import time
 from collections.abc import Callable, Iterable
 from logging import INFO, WARNING
@@ -15,7 +16,7 @@ from logging import INFO, WARNING
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.common import log
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import Strategy
+from flwr.serverapp.strategy import Result, Strategy
 
 from alignfl_app import protocol as P
 from alignfl_app.config import RunConfig
@@ -109,6 +110,55 @@ class AlignFLStrategy(Strategy):
         self.cfg, self.store, self.model, self.recorder = cfg, store, model, recorder
         self.silo_of_node: dict[int, str] = {}
         self.rejected: dict[int, list[str]] = {}
+        self.first_round = 1
+        self.asked: dict[int, list[int]] = {}  # round -> nodes asked to train
+
+    def start(self, grid: Grid, initial_arrays: ArrayRecord, num_rounds: int = 3, timeout: float = 3600,
+              train_config: ConfigRecord | None = None, evaluate_config: ConfigRecord | None = None,
+              evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None = None, *,
+              first_round: int = 1, after_round: Callable[[int], None] | None = None) -> Result:
+        """Flower's round loop, able to start at ``first_round`` (resume) and to checkpoint via ``after_round``.
+
+        Same order as ``Strategy.start``: train, client evaluation, server evaluation; then the hook.
+        """
+        self.first_round = first_round
+        log(INFO, "Starting %s at round %d of %d", self.__class__.__name__, first_round, num_rounds)
+        self.summary()
+        train_config = ConfigRecord() if train_config is None else train_config
+        evaluate_config = ConfigRecord() if evaluate_config is None else evaluate_config
+        result, arrays, t_start = Result(), initial_arrays, time.time()
+        result.arrays = initial_arrays
+        if evaluate_fn and first_round == 1:
+            res = evaluate_fn(0, initial_arrays)
+            if res is not None:
+                result.evaluate_metrics_serverapp[0] = res
+        for rnd in range(first_round, num_rounds + 1):
+            log(INFO, "")
+            log(INFO, "[ROUND %s/%s]", rnd, num_rounds)
+            replies = grid.send_and_receive(messages=self.configure_train(rnd, arrays, train_config, grid),
+                                            timeout=timeout)
+            agg_arrays, train_metrics = self.aggregate_train(rnd, replies)
+            if agg_arrays is not None:
+                result.arrays = arrays = agg_arrays
+            if train_metrics is not None:
+                log(INFO, "\t└──> Aggregated MetricRecord: %s", train_metrics)
+                result.train_metrics_clientapp[rnd] = train_metrics
+            replies = grid.send_and_receive(messages=self.configure_evaluate(rnd, arrays, evaluate_config, grid),
+                                            timeout=timeout)
+            eval_metrics = self.aggregate_evaluate(rnd, replies)
+            if eval_metrics is not None:
+                log(INFO, "\t└──> Aggregated MetricRecord: %s", eval_metrics)
+                result.evaluate_metrics_clientapp[rnd] = eval_metrics
+            if evaluate_fn:
+                res = evaluate_fn(rnd, arrays)
+                if res is not None:
+                    result.evaluate_metrics_serverapp[rnd] = res
+            if after_round:
+                after_round(rnd)
+        log(INFO, "Strategy execution finished in %.2fs", time.time() - t_start)
+        for line in io.StringIO(str(result)):
+            log(INFO, "\t%s", line.strip("\n"))
+        return result
 
     # --- Strategy interface -------------------------------------------------------------
     def summary(self) -> None:
@@ -122,8 +172,9 @@ class AlignFLStrategy(Strategy):
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
         """Train instructions carry no weights: a silo's VAE never depends on others'."""
-        wait = 120.0 if server_round == 1 else 5.0
+        wait = 120.0 if server_round == self.first_round else 5.0
         nodes = wait_for_nodes(grid, self.cfg.num_silos, wait)
+        self.asked[server_round] = list(nodes)
         log(INFO, "configure_train: asking %d silos to train their VAEs", len(nodes))
         cfg = ConfigRecord({**dict(config), P.SERVER_ROUND: server_round})
         return [Message(RecordDict({P.CONFIG: cfg}), dst_node_id=n, message_type=MessageType.TRAIN) for n in nodes]
@@ -132,18 +183,23 @@ class AlignFLStrategy(Strategy):
                         replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Store every valid generator, then train the global model on samples from all of them."""
         rnd = self.recorder.round(server_round)
-        accepted, rejected = 0, []
+        accepted, rejected, replied = 0, [], set()
         max_bytes = int(self.cfg.max_decoder_mb * 2**20)
         for msg in replies:
             node = msg.metadata.src_node_id
+            replied.add(node)
             if msg.has_error():
                 rejected.append(f"node {node}: error reply: {msg.error.reason}")
                 continue
             try:
                 desc, state, metrics, size = decode_train_reply(msg, max_bytes, self.cfg.num_classes)
                 owner = next((n for n, s in self.silo_of_node.items() if s == desc.silo and n != node), None)
-                if owner is not None:
+                if owner is not None and not self.gone(owner, server_round):
                     raise ReplyRejected(f"silo name '{desc.silo}' is already served by node {owner}")
+                if owner is not None:  # e.g. a resumed simulation, whose nodes get new ids
+                    log(WARNING, "Silo '%s' is now served by node %d (node %d is no longer connected)",
+                        desc.silo, node, owner)
+                    del self.silo_of_node[owner]
                 if self.silo_of_node.get(node, desc.silo) != desc.silo:
                     raise ReplyRejected(f"node switched silo name from '{self.silo_of_node[node]}' to '{desc.silo}'")
             except ReplyRejected as exc:
@@ -160,10 +216,15 @@ class AlignFLStrategy(Strategy):
                  "architecture": desc.architecture.name, "label-set": list(desc.label_set)})
         for reason in rejected:
             log(WARNING, "Rejected train reply from %s", reason)
+        missing = [self.silo_of_node.get(n, f"node-{n}") for n in self.asked.get(server_round, []) if n not in replied]
+        if missing:
+            log(WARNING, "No train reply within round-timeout from %s (silo died or timed out); the round goes on",
+                missing)
         stale = [s for s in self.store.silos() if self.store.entry(s)["stored_round"] != server_round]
         if stale:
             log(INFO, "Silos without a new generator this round (their stored one is used): %s", stale)
-        rnd.update({"accepted-replies": accepted, "rejected-replies": rejected, "stale-silos": stale,
+        rnd.update({"accepted-replies": accepted, "rejected-replies": rejected, "missing-replies": missing,
+                    "stale-silos": stale,
                     "generators-used": self.store.silos()})
         if len(self.store) == 0:
             log(WARNING, "No generator stored yet; the global model is unchanged")
@@ -191,6 +252,10 @@ class AlignFLStrategy(Strategy):
         return record_evaluate_replies(
             self.recorder, server_round, replies,
             lambda msg: self.silo_of_node.get(msg.metadata.src_node_id) or declared_silo(msg))
+
+    def gone(self, node: int, server_round: int) -> bool:
+        """True when ``node`` was not connected when this round's train instructions went out."""
+        return server_round in self.asked and node not in self.asked[server_round]
 
     # --- the server's own learning ---------------------------------------------------------
     def learn_global_model(self, server_round: int) -> dict[str, float]:

@@ -45,3 +45,18 @@ def test_node_config_overrides_validate():
     assert (node.partition_id, node.architecture, node.silo_name) == (2, "conv", "hospital-a")
     with pytest.raises(ConfigError, match="partition-id"):
         parse_node_config({"architecture": "conv"})
+
+
+def test_node_config_check_is_one_line_and_strict():
+    from client_app.node_config import check_node_config
+
+    node = check_node_config('partition-id=3 silo-name="lab-c" architecture="conv" classes="6,7"')
+    assert node.class_list == [6, 7] and node.silo_name == "lab-c"
+    for text, needle in [('partition-id=0 silo-nam="a"', "silo-nam"),
+                         ('partition-id=0 classes="6,6"', "distinct"),
+                         ('partition-id=0 architecture="resnet"', "unknown architecture"),
+                         ('partition-id=0 data-root="/no/such/dir"', "not a folder"),
+                         ("partition-id=0 silo-name=a b", "quote strings")]:
+        with pytest.raises(ConfigError, match=needle) as info:
+            check_node_config(text)
+        assert "\n" not in str(info.value)

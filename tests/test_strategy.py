@@ -152,3 +152,35 @@ def test_unconditional_generators_train_a_global_vae(tmp_path):
     x, y = global_test_set(cfg)
     result = strategy.model.evaluate(x[:200], y[:200])
     assert np.isfinite(result["neg-elbo"]) and result["neg-elbo"] > 0
+
+
+class _Payload:
+    """Unpickling this writes a file: proof of code execution if anything ever unpickles a reply."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return (Path.write_text, (Path(self.path), "pwned"))
+
+
+def test_pickled_tensor_is_rejected_and_never_unpickled(trained, tmp_path):
+    import io
+
+    from flwr.app import Array
+
+    cfg, outs = trained
+    strategy = make_strategy(cfg, tmp_path)
+    strategy.aggregate_train(1, [reply(NODE[s], *outs[s]) for s in range(3)])
+    desc, state = outs[0]
+    marker = tmp_path / "unpickled"
+    buf = io.BytesIO()
+    np.save(buf, np.array([_Payload(str(marker))], dtype=object), allow_pickle=True)
+    key = next(iter(state))
+    msg = reply(NODE[0], desc, state)
+    msg.content[P.DECODER][key] = Array(dtype="object", shape=(1,), stype="numpy.ndarray", data=buf.getvalue())
+    strategy.aggregate_train(2, [msg, reply(NODE[2], *outs[2])])
+    rnd = strategy.recorder.round(2)
+    assert not marker.exists()
+    assert len(rnd["rejected-replies"]) == 1 and "not a plain numpy array" in rnd["rejected-replies"][0]
+    assert strategy.store.entry("silo-0")["stored_round"] == 1

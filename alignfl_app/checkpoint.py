@@ -1,0 +1,84 @@
+"""The server's resumable state: ``results/<run>/checkpoint/`` after every completed round.
+
+The generators already live on disk (``GeneratorStore``); the checkpoint adds the global model, the
+completed round counter, the node -> silo map and the run config it ran with. ``state.json`` is
+written last and atomically, so a server killed at any moment leaves either the previous round's
+checkpoint or the new one, never a mix. Nothing is unpickled (``np.load(allow_pickle=False)``).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from .config import ConfigError, RunConfig, one_line
+from .store import _atomic_write
+
+# Keys a resumed run may change: how long and where it runs, not what it learns.
+RESUMABLE_CHANGES = frozenset({"num-server-rounds", "round-timeout", "resume", "results-dir", "data-root",
+                               "server-threads", "client-threads", "sample-grid-per-silo"})
+
+
+class CheckpointState(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    completed_round: int = Field(ge=1)
+    model_file: str
+    silo_of_node: dict[str, str]
+    config: dict[str, Any]
+
+
+class Checkpoint:
+    """``<run_dir>/checkpoint/``: state.json + the global model of the last completed round."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.dir = Path(run_dir) / "checkpoint"
+        self.state_path = self.dir / "state.json"
+
+    def exists(self) -> bool:
+        return self.state_path.is_file()
+
+    def save(self, completed_round: int, model_state: dict[str, np.ndarray], silo_of_node: dict[int, str],
+             cfg: RunConfig) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        model_file = f"global-model-round-{completed_round:04d}.npz"
+        buf = io.BytesIO()
+        np.savez(buf, **model_state)
+        _atomic_write(self.dir / model_file, lambda f: f.write(buf.getvalue()))
+        state = CheckpointState(completed_round=completed_round, model_file=model_file,
+                                silo_of_node={str(k): v for k, v in silo_of_node.items()},
+                                config=cfg.model_dump(by_alias=True))
+        _atomic_write(self.state_path, lambda f: f.write(state.model_dump_json(indent=1).encode()))
+        for old in self.dir.glob("global-model-round-*.npz"):
+            if old.name != model_file:
+                old.unlink(missing_ok=True)
+
+    def load(self) -> CheckpointState:
+        try:
+            return CheckpointState.model_validate_json(self.state_path.read_text())
+        except FileNotFoundError as exc:
+            raise ConfigError(f"resume: no checkpoint at {self.state_path}; the run never completed a round "
+                              "there: start it without resume=true") from exc
+        except ValidationError as exc:
+            raise ConfigError(one_line(exc, str(self.state_path)) + "; restore the file or start a new run") from exc
+
+    def load_model(self, state: CheckpointState) -> dict[str, np.ndarray]:
+        with np.load(self.dir / state.model_file, allow_pickle=False) as npz:
+            return {k: npz[k] for k in npz.files}
+
+    def check_compatible(self, state: CheckpointState, cfg: RunConfig) -> None:
+        """A resumed run must learn the same thing; only RESUMABLE_CHANGES may differ (one-line error)."""
+        now = cfg.model_dump(by_alias=True)
+        for key in sorted(set(now) | set(state.config)):
+            if key in RESUMABLE_CHANGES:
+                continue
+            if json.dumps(now.get(key)) != json.dumps(state.config.get(key)):
+                raise ConfigError(
+                    f"resume: {key}={now.get(key)!r} but the checkpointed run used {state.config.get(key)!r}; "
+                    "use the same value or start a new run-name"
+                )

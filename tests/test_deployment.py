@@ -1,0 +1,78 @@
+"""Deployment end to end: TLS SuperLink with SuperNode authentication and real SuperNodes on loopback.
+
+Uses the deploy/ scripts exactly as docs/deployment.md tells users to, on one machine: each SuperNode
+has its own FLWR_HOME, port, key pair and node config; nothing but the CA certificate is shared.
+"""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from alignfl_app.config import resolve_data_root
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+from flower_local import BIN, DEPLOY, deployment_federation  # noqa: E402
+
+pytestmark = pytest.mark.e2e
+
+SILOS = {  # silo name -> node config (own architecture, own data root, silo 2 picks its own classes)
+    "hospital-a": 'partition-id=0 silo-name="hospital-a" architecture="mlp-small" data-root="{root}"',
+    "hospital-b": 'partition-id=1 silo-name="hospital-b" architecture="conv" data-root="{root}"',
+    "lab-c": 'partition-id=2 silo-name="lab-c" architecture="mlp-small" data-root="{root}" classes="6,7"',
+}
+
+
+def test_tls_authenticated_federation_runs_and_refuses_unregistered_silo(tmp_path):
+    results = tmp_path / "results"
+    root = str(resolve_data_root())
+    run_config = (
+        f"results-dir='{results}' run-name='deployed' num-server-rounds=1 max-per-class=60 outliers-per-silo=12 "
+        "local-epochs=1 batch-size=32 synthetic-per-silo=40 server-epochs=1 silo-classes='0,1;2,3;4,5' "
+        "sample-grid-per-silo=2 round-timeout=300"
+    )
+    with deployment_federation(tmp_path / "fed") as fed:
+        for silo, node_config in SILOS.items():
+            key = fed.make_key(silo)
+            fed.register(key)
+            fed.start_supernode(silo, node_config.format(root=root), key)
+        fed.wait_online(3)
+
+        intruder = fed.start_supernode("intruder", f'partition-id=0 silo-name="intruder" data-root="{root}"',
+                                       fed.make_key("intruder"))  # key made but never registered
+        try:
+            intruder.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            pytest.fail("a SuperNode with an unregistered key stayed connected")
+        assert intruder.returncode != 0
+        assert "Failed to activate SuperNode" in fed.supernode_log("intruder"), fed.supernode_log("intruder")[-2000:]
+        assert fed.online_nodes() == 3
+
+        run, log = fed.run_app(run_config, num_supernodes=None, timeout=600)
+        assert run["status"] == "finished:completed", log[-4000:] + fed.log.read_text()[-3000:]
+        assert all(p.poll() is None for name, p in fed.supernodes.items() if name != "intruder")
+
+    summary = json.loads((results / "deployed" / "summary.json").read_text())
+    assert summary["status"] == "completed" and [r["round"] for r in summary["rounds"]] == [1]
+    last = summary["rounds"][-1]
+    assert last["generators-used"] == ["hospital-a", "hospital-b", "lab-c"] and last["rejected-replies"] == []
+    assert {s: m["architecture"] for s, m in last["silos"].items()} == {
+        "hospital-a": "mlp-small", "hospital-b": "conv", "lab-c": "mlp-small"}
+    assert last["silos"]["lab-c"]["label-set"] == [6, 7]
+    assert last["silos"]["hospital-a"]["num-outliers"] == 12
+    assert 0.0 <= summary["final-global-accuracy"] <= 1.0
+    assert set(summary["final-per-silo-accuracy"]) == set(SILOS)
+
+
+def test_start_supernode_rejects_a_bad_node_config_in_one_line(tmp_path):
+    key, ca = tmp_path / "k", tmp_path / "ca.crt"
+    key.write_text("x")
+    ca.write_text("x")
+    res = subprocess.run([str(DEPLOY / "start-supernode.sh"), "127.0.0.1:1", str(ca), str(key),
+                          'partition-id=0 silo-nam="a"'], capture_output=True, text=True, timeout=60,
+                         env={"ALIGNFL_BIN": str(BIN), "PATH": "/usr/bin:/bin"})
+    assert res.returncode == 1
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and "silo-nam" in lines[0] and "node config" in lines[0], res.stderr
