@@ -133,6 +133,8 @@ class RunConfig(BaseModel):
     lipschitz: Literal["none", "gp", "gp-one-sided", "spectral"] = "none"
     lipschitz_weight: float = Field(default=0.0, ge=0)  # lambda of the gradient penalty
     lipschitz_target: float = Field(default=1.0, gt=0)  # slope the penalty aims at; per-layer cap for spectral
+    audit: bool = True  # outlier audit in the last round on silos that hold outliers (audit.py)
+    audit_samples: int = Field(default=2000, ge=1)  # decoder samples for the leakage rate and the MIA
 
     @model_validator(mode="after")
     def _privacy_consistent(self) -> RunConfig:

@@ -16,6 +16,7 @@ from .data import SiloData, build_silo_data
 from .global_model import GlobalModel
 from .models import VAE, decoder_only_state
 from .store import GeneratorDescriptor
+from .audit import audit_outliers, save_audit_figure
 from .lipschitz import empirical_lipschitz, upper_bound
 from .privacy import DPPlan, PrivacyLedger, dp_enabled, ledger_path, plan_dp
 from .training import set_threads, train_vae, vae_test_loss
@@ -111,8 +112,19 @@ class Silo:
         else:  # losses on the silo's records are not privatised: sent only without DP
             metrics["train-loss"] = report.loss
             metrics["test-neg-elbo"] = vae_test_loss(vae, self.data.x_test, self.data.y_test, self.data.classes)
+        if cfg.audit and server_round == cfg.num_server_rounds and self.data.num_outliers:
+            metrics.update(self.audit(vae, server_round))
         vae_state = {k: v.detach().numpy().copy() for k, v in vae.state_dict().items()}
         return TrainOutcome(decoder_state, desc, vae_state, metrics)
+
+    def audit(self, vae: VAE, server_round: int) -> dict[str, float | int]:
+        """The outlier audit (numbers for the reply); its figure shows raw outliers, so it stays on the silo."""
+        d = self.data
+        result = audit_outliers(vae, d.x_train, d.y_train, d.is_outlier, d.heldout_outliers, d.classes,
+                                num_samples=self.cfg.audit_samples, seed=self.cfg.seed + server_round)
+        save_audit_figure(vae, d.x_train, d.y_train, d.is_outlier, d.classes,
+                          self.cfg.resolved_results_dir() / "silo-audits" / f"{self.name}-round{server_round}.png")
+        return result.metrics()
 
     def evaluate_global(self, kind: str, state: dict[str, np.ndarray]) -> dict[str, float | list[float]]:
         """Judge the global model on this silo's real held-out test set."""

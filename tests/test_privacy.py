@@ -144,3 +144,31 @@ def test_upper_bound_is_an_upper_bound_of_the_measured_slope():
         dec = VAE(load_architecture(arch), 2).decoder
         assert 0 < empirical_lipschitz(dec, n=256) <= upper_bound(dec)
 
+
+
+def _constant_decoder_vae(image: torch.Tensor) -> VAE:
+    """A VAE whose decoder ignores its input and always draws ``image`` (memorisation, to the extreme)."""
+    vae = VAE(load_architecture("mlp-small"), 0)
+    last = vae.decoder.net[-1]
+    with torch.no_grad():
+        last.weight.zero_()
+        last.bias.copy_(torch.logit(image.flatten().clamp(1e-4, 1 - 1e-4)))
+    return vae
+
+
+def test_audit_scores_a_memorised_outlier_as_leaked_and_a_typical_decoder_as_clean():
+    from alignfl_app.audit import audit_outliers
+
+    g = torch.Generator().manual_seed(0)
+    typical = torch.rand(20, 1, 28, 28, generator=g) * 0.1  # dark images
+    outliers = torch.rand(2, 1, 28, 28, generator=g)  # bright noise, far from every typical record
+    heldout = torch.rand(3, 1, 28, 28, generator=g)
+    x = torch.cat([typical, outliers])
+    y = torch.zeros(len(x), dtype=torch.long)
+    is_outlier = torch.tensor([False] * 20 + [True] * 2)
+    leaky = audit_outliers(_constant_decoder_vae(outliers[0]), x, y, is_outlier, heldout, (0,), num_samples=50)
+    assert leaky.leakage_rate == 1.0 and leaky.outlier_share == pytest.approx(2 / 22)
+    assert leaky.mapping_rate <= 0.5  # the memorised outlier is reproduced, not mapped
+    assert leaky.mia_auc >= 0.5 + 1 / 6  # the memorised member beats every non-member
+    clean = audit_outliers(_constant_decoder_vae(typical[0]), x, y, is_outlier, heldout, (0,), num_samples=50)
+    assert clean.leakage_rate == 0.0 and clean.mapping_rate == 1.0
