@@ -252,6 +252,11 @@ class AdaptiveClipDP:
         self.clip *= math.exp(-plan.clip_lr * (frac - plan.clip_quantile))
 
 
+def secure_seed() -> int:
+    """A seed from the OS entropy pool (Opacus' secure_mode would need torchcsprng, not installed here)."""
+    return int.from_bytes(os.urandom(8), "little") & ((1 << 63) - 1)
+
+
 def poisson_batches(n: int, sample_rate: float, steps: int, g: torch.Generator):
     """``steps`` batches, each record in each batch independently with probability ``sample_rate``."""
     for _ in range(steps):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -10,7 +11,7 @@ from torch.nn import functional as F
 
 from .lipschitz import SpectralProjector, gradient_penalty
 from .models import VAE, one_hot, vae_loss
-from .privacy import AdaptiveClipDP, DPPlan, poisson_batches
+from .privacy import AdaptiveClipDP, DPPlan, poisson_batches, secure_seed
 
 
 def set_threads(n: int) -> None:
@@ -63,9 +64,11 @@ def train_vae(
     cond_dim = vae.decoder.cond_dim
     y_local = to_local_labels(y, label_set) if cond_dim else torch.zeros(len(y), dtype=torch.long)
     opt = torch.optim.Adam(vae.parameters(), lr=lr)
-    g = torch.Generator().manual_seed(seed)
+    # Private runs draw batches and noise from an unpredictable seed: the run config's seed is known to the
+    # server, and noise it could replay would protect nothing.
+    g = torch.Generator().manual_seed(secure_seed() if dp_plan else seed)
     vae.train()
-    dp = AdaptiveClipDP(vae, dp_plan, clip_bound or dp_plan.clip_init, torch.Generator().manual_seed(seed + 1)) \
+    dp = AdaptiveClipDP(vae, dp_plan, clip_bound or dp_plan.clip_init, torch.Generator().manual_seed(secure_seed())) \
         if dp_plan else None
     if dp_plan:
         batches = poisson_batches(len(x), dp_plan.sample_rate, dp_plan.steps_per_round, g)
@@ -94,7 +97,9 @@ def train_vae(
                 if dp:
                     dp.hooks(False)
                 pen = gradient_penalty(vae.decoder, batch_size, lipschitz_target, lipschitz == "gp-one-sided", g)
-                (lipschitz_weight * pen).backward()
+                with warnings.catch_warnings():  # Opacus' (disabled) full backward hooks still warn
+                    warnings.simplefilter("ignore", UserWarning)
+                    (lipschitz_weight * pen).backward()
                 if dp:
                     dp.hooks(True)
                 penalty = float(pen.detach())

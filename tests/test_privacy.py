@@ -119,15 +119,17 @@ def test_penalty_is_active_and_finite_under_dp_and_spectral_cap_holds():
     torch.manual_seed(0)
     x, y = torch.rand(120, 1, 28, 28), torch.tensor([0, 1] * 60)
     plan = plan_dp(parse_run_config({**tiny_run_config("r"), "dp-epsilon": 4.0, "batch-size": 30}), len(x))
-    decoders = {}
-    for name, lip in {"none": {}, "gp": {"lipschitz": "gp", "lipschitz_weight": 1.0}}.items():
+    slopes = {}
+    for name, lip in {"none": {}, "gp": {"lipschitz": "gp", "lipschitz_weight": 10.0, "lipschitz_target": 0.5}}.items():
         torch.manual_seed(0)
         vae = VAE(load_architecture("mlp-small"), 2)
-        rep = train_vae(vae, x, y, (0, 1), epochs=1, batch_size=30, lr=1e-3, seed=3, dp_plan=plan, **lip)
-        decoders[name] = vae.decoder.state_dict()
+        before = empirical_lipschitz(vae.decoder)
+        rep = train_vae(vae, x, y, (0, 1), epochs=1, batch_size=30, lr=1e-2, dp_plan=plan, **lip)
+        slopes[name] = empirical_lipschitz(vae.decoder)
         if name == "gp":
             assert rep.penalty is not None and np.isfinite(rep.penalty) and rep.penalty > 0
-    assert any(not torch.equal(decoders["none"][k], decoders["gp"][k]) for k in decoders["gp"])
+    # measured here: 2.5 at init, about 2.8 after private training, about 1.6 with the penalty
+    assert slopes["gp"] < before - 0.4 and slopes["gp"] < slopes["none"] - 0.4
     torch.manual_seed(0)
     vae = VAE(load_architecture("conv"), 2)
     keys = set(vae.decoder.state_dict())
