@@ -67,6 +67,8 @@ def train_vae(
     # Private runs draw batches and noise from an unpredictable seed: the run config's seed is known to the
     # server, and noise it could replay would protect nothing.
     g = torch.Generator().manual_seed(secure_seed() if dp_plan else seed)
+    if dp_plan:  # per-sample gradients of sparse images underflow to denormals: 1.5x slower on MNIST otherwise
+        torch.set_flush_denormal(True)
     vae.train()
     dp = AdaptiveClipDP(vae, dp_plan, clip_bound or dp_plan.clip_init, torch.Generator().manual_seed(secure_seed())) \
         if dp_plan else None
