@@ -11,14 +11,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .audit import audit_outliers, save_audit_figure
 from .config import IMAGE_SHAPE, RunConfig, SiloNodeConfig, load_architecture, resolve_data_root
 from .data import SiloData, build_silo_data
 from .global_model import GlobalModel
-from .models import VAE, decoder_only_state
-from .store import GeneratorDescriptor
-from .audit import audit_outliers, save_audit_figure
 from .lipschitz import empirical_lipschitz, upper_bound
+from .models import VAE, decoder_only_state
 from .privacy import DPPlan, PrivacyLedger, dp_enabled, ledger_path, plan_dp
+from .store import GeneratorDescriptor
 from .training import set_threads, train_vae, vae_test_loss
 
 
