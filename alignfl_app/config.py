@@ -120,6 +120,30 @@ class RunConfig(BaseModel):
     max_decoder_mb: float = Field(default=64.0, gt=0)
     sample_grid_per_silo: int = Field(default=10, ge=0, le=64)
 
+    # --- issue 3: privacy (DP-SGD with adaptive clipping, Lipschitz decoders, outlier audit) ---
+    dp_epsilon: float = Field(default=0.0, ge=0)  # target epsilon for the whole planned run; 0: see noise multiplier
+    dp_noise_multiplier: float = Field(default=0.0, ge=0)  # >0: use this sigma instead of calibrating
+    dp_delta: float = Field(default=1e-5, gt=0, lt=1)
+    dp_budget_epsilon: float = Field(default=0.0, ge=0)  # ledger cap; 0: dp-epsilon (no cap if that is 0 too)
+    dp_clip_init: float = Field(default=1.0, gt=0)  # initial clip bound (data-independent)
+    dp_clip_quantile: float = Field(default=0.5, gt=0, lt=1)  # target share of unclipped gradients
+    dp_clip_lr: float = Field(default=0.2, ge=0)  # geometric learning rate of the bound
+    dp_unclipped_std: float = Field(default=0.0, ge=0)  # noise std of the unclipped count; 0: expected batch / 20
+    privacy_ledger_dir: str = ""  # empty: <results-dir>/privacy-ledgers; one <silo>.json per silo
+    lipschitz: Literal["none", "gp", "gp-one-sided", "spectral"] = "none"
+    lipschitz_weight: float = Field(default=0.0, ge=0)  # lambda of the gradient penalty
+    lipschitz_target: float = Field(default=1.0, gt=0)  # slope the penalty aims at; per-layer cap for spectral
+    audit: bool = True  # outlier audit in the last round on silos that hold outliers (audit.py)
+    audit_samples: int = Field(default=2000, ge=1)  # decoder samples for the leakage rate and the MIA
+
+    @model_validator(mode="after")
+    def _privacy_consistent(self) -> RunConfig:
+        if self.lipschitz in ("gp", "gp-one-sided") and self.lipschitz_weight == 0:
+            raise ValueError(f"lipschitz='{self.lipschitz}' needs lipschitz-weight > 0 (e.g. 0.1), or lipschitz='none'")
+        if self.dp_epsilon > 0 and self.dp_noise_multiplier > 0:
+            raise ValueError("set either dp-epsilon (calibrate the noise) or dp-noise-multiplier, not both")
+        return self
+
     @field_validator("silo_classes")
     @classmethod
     def _classes_disjoint(cls, v: str) -> str:
@@ -274,6 +298,8 @@ class SiloNodeConfig(BaseModel):
     @property
     def class_list(self) -> list[int] | None:
         return _int_list(self.classes) if self.classes is not None else None
+    # --- issue 3: privacy ---
+    privacy_ledger: str | None = None  # this silo's ledger file (wins over run config privacy-ledger-dir)
 
 
 def parse_node_config(raw: dict[str, Any]) -> SiloNodeConfig:

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
+from .lipschitz import SpectralProjector, gradient_penalty
 from .models import VAE, one_hot, vae_loss
+from .privacy import AdaptiveClipDP, DPPlan, poisson_batches, secure_seed
 
 
 def set_threads(n: int) -> None:
@@ -39,32 +42,84 @@ class VAETrainReport:
     loss: float
     examples_seen: int
     seconds: float
+    steps: int = 0
+    clip_bound: float | None = None  # DP: the adaptive bound after the last step (carried to the next round)
+    unclipped_fraction: float | None = None  # DP: mean noisy share of unclipped records
+    penalty: float | None = None  # gradient penalty (unweighted) of the last step
 
 
 def train_vae(
     vae: VAE, x: torch.Tensor, y: torch.Tensor, label_set: tuple[int, ...], *, epochs: int, batch_size: int,
     lr: float, kl_weight: float = 1.0, seed: int = 0, optimizer: torch.optim.Optimizer | None = None,
+    dp_plan: DPPlan | None = None, clip_bound: float | None = None,
+    lipschitz: str = "none", lipschitz_weight: float = 0.0, lipschitz_target: float = 1.0,
 ) -> VAETrainReport:
-    """Plain (non-private) local training of a silo's (conditional) VAE."""
+    """Local training of a silo's (conditional) VAE; private (DP-SGD, adaptive clipping) when ``dp_plan`` is set.
+
+    Private: Poisson-sampled batches, ``dp_plan.steps_per_round`` steps (``epochs`` is part of the plan).
+    Lipschitz methods act on the decoder only and never touch a record (see ``lipschitz.py``), so they
+    compose with DP as post-processing. Pass ``optimizer`` to keep its state across calls.
+    """
 
     t0 = time.perf_counter()
     cond_dim = vae.decoder.cond_dim
     y_local = to_local_labels(y, label_set) if cond_dim else torch.zeros(len(y), dtype=torch.long)
     opt = optimizer or torch.optim.Adam(vae.parameters(), lr=lr)
-    g = torch.Generator().manual_seed(seed)
+    # Private runs draw batches and noise from an unpredictable seed: the run config's seed is known to the
+    # server, and noise it could replay would protect nothing.
+    g = torch.Generator().manual_seed(secure_seed() if dp_plan else seed)
+    if dp_plan:  # per-sample gradients of sparse images underflow to denormals: 1.5x slower on MNIST otherwise
+        torch.set_flush_denormal(True)
     vae.train()
-    total, seen = 0.0, 0
-    for _ in range(epochs):
-        for idx in _batches(len(x), batch_size, g):
-            xb, yb = x[idx], one_hot(y_local[idx], cond_dim)
-            logits, mu, logvar = vae(xb, yb)
-            loss = vae_loss(logits, xb, mu, logvar, kl_weight)
+    dp = AdaptiveClipDP(vae, dp_plan, clip_bound or dp_plan.clip_init, torch.Generator().manual_seed(secure_seed())) \
+        if dp_plan else None
+    if dp_plan:
+        batches = poisson_batches(len(x), dp_plan.sample_rate, dp_plan.steps_per_round, g)
+    else:
+        batches = (idx for _ in range(epochs) for idx in _batches(len(x), batch_size, g))
+    projector = SpectralProjector(vae.decoder, lipschitz_target, g) if lipschitz == "spectral" else None
+    penalised = lipschitz in ("gp", "gp-one-sided") and lipschitz_weight > 0
+    total, seen, steps, penalty = 0.0, 0, 0, None
+    try:
+        for idx in batches:
+            steps += 1
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            if len(idx):
+                xb, yb = x[idx], one_hot(y_local[idx], cond_dim)
+                logits, mu, logvar = vae(xb, yb)
+                per_sample = vae_loss(logits, xb, mu, logvar, kl_weight, reduction="none")
+                total += float(per_sample.detach().sum())
+                seen += len(idx)
+            else:  # an empty Poisson batch is still a step: the noise alone is released
+                per_sample = None
+            if dp:
+                dp.private_backward(per_sample)
+            elif per_sample is not None:
+                per_sample.mean().backward()
+            if penalised:
+                if dp:
+                    dp.hooks(False)
+                pen = gradient_penalty(vae.decoder, batch_size, lipschitz_target, lipschitz == "gp-one-sided", g)
+                with warnings.catch_warnings():  # Opacus' (disabled) full backward hooks still warn
+                    warnings.simplefilter("ignore", UserWarning)
+                    (lipschitz_weight * pen).backward()
+                if dp:
+                    dp.hooks(True)
+                penalty = float(pen.detach())
             opt.step()
-            total += float(loss.detach()) * len(idx)
-            seen += len(idx)
-    return VAETrainReport(total / max(seen, 1), seen, time.perf_counter() - t0)
+            if projector:
+                projector.step()
+    finally:
+        if dp:
+            dp.close()
+        if projector:
+            projector.finish()
+    return VAETrainReport(
+        total / max(seen, 1), seen, time.perf_counter() - t0, steps,
+        clip_bound=dp.clip if dp else None,
+        unclipped_fraction=sum(dp.unclipped_fraction) / max(len(dp.unclipped_fraction), 1) if dp else None,
+        penalty=penalty,
+    )
 
 
 @torch.no_grad()

@@ -5,13 +5,16 @@ from __future__ import annotations
 import json
 from functools import lru_cache
 
-from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from alignfl_app import protocol as P
 from alignfl_app.config import parse_node_config, parse_run_config
 from alignfl_app.protocol import from_array_record, to_array_record
+from alignfl_app.privacy import PrivacyBudgetExceeded
 from alignfl_app.silo import Silo
+
+PRIVACY_BUDGET_ERROR = 4031  # error reply code: the silo's privacy ledger refused the round
 
 app = ClientApp()
 
@@ -55,7 +58,10 @@ def train_generator(msg: Message, context: Context) -> Message:
     silo = silo_for(context)
     server_round = int(msg.content[P.CONFIG][P.SERVER_ROUND])
     previous = from_array_record(context.state[P.VAE_STATE]) if P.VAE_STATE in context.state else None
-    out = silo.train_round(server_round, previous)
+    try:
+        out = silo.train_round(server_round, previous)
+    except PrivacyBudgetExceeded as exc:  # a clear error reply; the server keeps the last generator
+        return Message(error=Error(code=PRIVACY_BUDGET_ERROR, reason=str(exc)), reply_to=msg)
     context.state[P.VAE_STATE] = to_array_record(out.vae_state)
     content = RecordDict({
         P.DECODER: to_array_record(out.decoder_state),

@@ -1,0 +1,133 @@
+"""What a silo's shared decoder leaks about its outliers (run on the silo: it needs the raw records).
+
+All distances are Euclidean in pixel space ([0, 1] images, 784 values).
+
+* **mapping rate**: share of the silo's training outliers ``x_o`` whose encode-decode
+  ``r = sigmoid(D(mu(x_o, y), y))`` (posterior mean, the outlier's own label) lies nearer to some typical
+  (non-outlier) training record of the silo than to ``x_o`` itself: ``min_j |r - x_j| < |r - x_o|``.
+  1.0: every outlier is mapped onto typical data; 0.0: every outlier is reproduced.
+* **leakage rate**: share of ``n`` samples of the shared decoder (prior latents, the silo's labels
+  balanced) whose nearest training record is an outlier; compare it with the **outlier share**
+  (outliers / training records): a decoder that ignores outliers scores below the share, one that
+  memorises them scores far above it.
+* **MIA AUC**: a decoder-only membership-inference attack (what the server could run): score a
+  candidate by minus its distance to the nearest decoder sample; members are the training outliers,
+  non-members the held-out outliers of the same source. AUC 0.5: no signal; 1.0: perfect inference.
+
+Only these numbers leave the silo (reply metrics -> summary.json); the figure, which shows raw outliers,
+is written on the silo's side.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .models import VAE, one_hot
+from .training import to_local_labels
+
+
+@dataclass
+class OutlierAudit:
+    mapping_rate: float
+    leakage_rate: float
+    outlier_share: float
+    mia_auc: float
+    num_outliers: int
+    num_samples: int
+
+    def metrics(self) -> dict[str, float | int]:
+        return {"audit-mapping-rate": self.mapping_rate, "audit-leakage-rate": self.leakage_rate,
+                "audit-outlier-share": self.outlier_share, "audit-mia-auc": self.mia_auc,
+                "audit-num-outliers": self.num_outliers, "audit-num-samples": self.num_samples}
+
+
+def _nearest(queries: torch.Tensor, refs: torch.Tensor, chunk: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+    """(distance, index) of each query's nearest reference row."""
+    q, r = queries.flatten(1), refs.flatten(1)
+    dists, idx = [], []
+    for i in range(0, len(q), chunk):
+        d = torch.cdist(q[i:i + chunk], r)
+        m = d.min(dim=1)
+        dists.append(m.values)
+        idx.append(m.indices)
+    return torch.cat(dists), torch.cat(idx)
+
+
+def auc(pos: torch.Tensor, neg: torch.Tensor) -> float:
+    """P(score of a positive > score of a negative), ties count half (Mann-Whitney)."""
+    if len(pos) == 0 or len(neg) == 0:
+        return float("nan")
+    diff = pos[:, None] - neg[None, :]
+    return float(((diff > 0).float() + 0.5 * (diff == 0).float()).mean())
+
+
+@torch.no_grad()
+def reconstruct(vae: VAE, x: torch.Tensor, y: torch.Tensor, label_set: tuple[int, ...]) -> torch.Tensor:
+    vae.eval()
+    cond = vae.decoder.cond_dim
+    yl = one_hot(to_local_labels(y, label_set), cond) if cond else None
+    mu, _ = vae.encoder(x, yl)
+    return torch.sigmoid(vae.decoder(mu, yl))
+
+
+@torch.no_grad()
+def decoder_samples(vae: VAE, label_set: tuple[int, ...], n: int, seed: int) -> torch.Tensor:
+    """What the server can make of the shared decoder: prior latents, the silo's labels balanced."""
+    g = torch.Generator().manual_seed(seed)
+    cond = vae.decoder.cond_dim
+    local = torch.arange(n) % max(len(label_set), 1)
+    z = torch.randn(n, vae.decoder.spec.latent_dim, generator=g)
+    vae.eval()
+    return torch.sigmoid(vae.decoder(z, one_hot(local, cond) if cond else None))
+
+
+def audit_outliers(vae: VAE, x: torch.Tensor, y: torch.Tensor, is_outlier: torch.Tensor, heldout: torch.Tensor,
+                   label_set: tuple[int, ...], num_samples: int = 2000, seed: int = 0) -> OutlierAudit:
+    """The three numbers above for one silo (needs at least one outlier and one typical record)."""
+    out_x, out_y, typical = x[is_outlier], y[is_outlier], x[~is_outlier]
+    if len(out_x) == 0 or len(typical) == 0:
+        raise ValueError("the outlier audit needs a silo with both outliers and typical records")
+    rec = reconstruct(vae, out_x, out_y, label_set)
+    d_typical, _ = _nearest(rec, typical)
+    d_self = (rec - out_x).flatten(1).norm(dim=1)
+    samples = decoder_samples(vae, label_set, num_samples, seed)
+    _, nn_idx = _nearest(samples, x)
+    leakage = float(is_outlier[nn_idx].float().mean())
+    member_score = -_nearest(out_x, samples)[0]
+    nonmember_score = -_nearest(heldout, samples)[0]
+    return OutlierAudit(
+        mapping_rate=float((d_typical < d_self).float().mean()), leakage_rate=leakage,
+        outlier_share=float(is_outlier.float().mean()), mia_auc=auc(member_score, nonmember_score),
+        num_outliers=len(out_x), num_samples=num_samples,
+    )
+
+
+def save_audit_figure(vae: VAE, x: torch.Tensor, y: torch.Tensor, is_outlier: torch.Tensor,
+                      label_set: tuple[int, ...], path: Path, k: int = 8, seed: int = 0) -> Path:
+    """Rows: outliers; their encode-decode; the decoder sample nearest to each outlier (silo-side file)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_x, out_y = x[is_outlier][:k], y[is_outlier][:k]
+    rec = reconstruct(vae, out_x, out_y, label_set)
+    samples = decoder_samples(vae, label_set, 2000, seed)
+    _, idx = _nearest(out_x, samples)
+    rows = [("outlier", out_x), ("encode-decode", rec), ("nearest decoder sample", samples[idx])]
+    fig, axes = plt.subplots(3, len(out_x), figsize=(1.2 * len(out_x), 4.0), squeeze=False)
+    for r, (title, imgs) in enumerate(rows):
+        for c in range(len(out_x)):
+            ax = axes[r][c]
+            ax.imshow(imgs[c, 0].numpy(), cmap="gray", vmin=0, vmax=1)
+            ax.set_xticks([])
+            ax.set_yticks([])
+        axes[r][0].set_ylabel(title, fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

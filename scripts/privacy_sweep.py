@@ -1,0 +1,135 @@
+"""Privacy-utility sweep: epsilon x Lipschitz weight x dataset, each a real ``flwr run`` (simulation).
+
+    nice -n 10 .venv/bin/python scripts/privacy_sweep.py [--datasets mnist fashion-mnist] \
+        [--epsilons 1 2 4 8 none] [--weights 0 0.1 1] [--base 'num-server-rounds=3 ...'] [--out results/sweep]
+
+Lipschitz weight 0 means no penalty; > 0 the two-sided gradient penalty (``lipschitz='gp'``). Each run has
+its own privacy-ledger folder (budgets of different runs never mix). Writes ``<out>/sweep.csv``,
+``<out>/sweep.md`` and ``<out>/sweep.png``; ``--report-only`` rebuilds them from finished runs.
+Columns: global accuracy (real test set, last round), outlier mapping rate, leakage rate, outlier share,
+MIA AUC (outlier silos, mean), largest epsilon any silo spent.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+from pathlib import Path
+
+PROJECT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(PROJECT / "scripts"))
+
+COLUMNS = ["dataset", "epsilon", "lipschitz_weight", "status", "global_accuracy", "mapping_rate", "leakage_rate",
+           "outlier_share", "mia_auc", "epsilon_spent_max", "run"]
+
+
+def run_name(dataset: str, eps: str, weight: str) -> str:
+    return f"sweep-{dataset}-eps{eps}-lip{weight}"
+
+
+def run_config(dataset: str, eps: str, weight: str, base: str, out: Path) -> str:
+    name = run_name(dataset, eps, weight)
+    parts = [base, f"dataset='{dataset}'", f"run-name='{name}'", f"results-dir='{out}'",
+             f"privacy-ledger-dir='{out / 'ledgers' / name}'"]
+    if eps != "none":
+        parts.append(f"dp-epsilon={float(eps)}")
+    if float(weight) > 0:
+        parts.append(f"lipschitz='gp' lipschitz-weight={float(weight)}")
+    return " ".join(p for p in parts if p)
+
+
+def row_of(summary_path: Path, dataset: str, eps: str, weight: str) -> dict:
+    row = {"dataset": dataset, "epsilon": eps, "lipschitz_weight": weight, "run": summary_path.parent.name}
+    if not summary_path.is_file():
+        return {**row, "status": "missing"}
+    s = json.loads(summary_path.read_text())
+    row["status"] = s.get("status")
+    row["global_accuracy"] = s.get("final-global-accuracy")
+    spent, audits = [], []
+    for rnd in s.get("rounds", []):
+        for m in rnd.get("silos", {}).values():
+            if "dp-epsilon-spent" in m:
+                spent.append(m["dp-epsilon-spent"])
+            if "audit-mapping-rate" in m:
+                audits.append(m)
+    row["epsilon_spent_max"] = max(spent) if spent else None
+    for key, col in (("mapping-rate", "mapping_rate"), ("leakage-rate", "leakage_rate"),
+                     ("outlier-share", "outlier_share"), ("mia-auc", "mia_auc")):
+        vals = [m[f"audit-{key}"] for m in audits if m.get(f"audit-{key}") is not None]
+        row[col] = sum(vals) / len(vals) if vals else None
+    return row
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return "-"
+    return f"{v:.3f}" if isinstance(v, float) else str(v)
+
+
+def write_report(rows: list[dict], out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "sweep.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=COLUMNS)
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: r.get(k) for k in COLUMNS})
+    lines = ["| " + " | ".join(COLUMNS[:-1]) + " |", "|" + "---|" * (len(COLUMNS) - 1)]
+    lines += ["| " + " | ".join(_fmt(r.get(k)) for k in COLUMNS[:-1]) + " |" for r in rows]
+    (out / "sweep.md").write_text("\n".join(lines) + "\n")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    for ds in sorted({r["dataset"] for r in rows}):
+        for wgt in sorted({r["lipschitz_weight"] for r in rows}, key=float):
+            pts = [r for r in rows if r["dataset"] == ds and r["lipschitz_weight"] == wgt
+                   and r.get("global_accuracy") is not None]
+            pts.sort(key=lambda r: float("inf") if r["epsilon"] == "none" else float(r["epsilon"]))
+            xs = [r["epsilon"] for r in pts]
+            for ax, key in zip(axes, ("global_accuracy", "leakage_rate", "mia_auc")):
+                ys = [r.get(key) if r.get(key) is not None else float("nan") for r in pts]
+                ax.plot(xs, ys, "o-", label=f"{ds}, lambda={wgt}")
+    for ax, title in zip(axes, ("global accuracy", "outlier leakage rate", "outlier MIA AUC")):
+        ax.set_xlabel("epsilon ('none' = no DP)")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "sweep.png", dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--datasets", nargs="+", default=["mnist", "fashion-mnist"])
+    ap.add_argument("--epsilons", nargs="+", default=["1", "2", "4", "8", "none"])
+    ap.add_argument("--weights", nargs="+", default=["0", "0.1", "1"])
+    ap.add_argument("--base", default="", help="run-config overrides shared by every run")
+    ap.add_argument("--out", default=str(PROJECT / "results" / "sweep"))
+    ap.add_argument("--num-supernodes", type=int, default=5)
+    ap.add_argument("--report-only", action="store_true")
+    args = ap.parse_args(argv)
+    out = Path(args.out).resolve()
+    rows = []
+    for ds in args.datasets:
+        for eps in args.epsilons:
+            for wgt in args.weights:
+                summary = out / run_name(ds, eps, wgt) / "summary.json"
+                if not args.report_only and not summary.is_file():
+                    import flower_local
+
+                    print(f"[sweep] {run_name(ds, eps, wgt)}", flush=True)
+                    flower_local.main(["--num-supernodes", str(args.num_supernodes),
+                                       "--run-config", run_config(ds, eps, wgt, args.base, out)])
+                rows.append(row_of(summary, ds, eps, wgt))
+                write_report(rows, out)
+    print((out / "sweep.md").read_text())
+    return 0 if all(r.get("status") == "completed" for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
