@@ -21,19 +21,27 @@ take the silo past its budget.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import warnings
 from pathlib import Path
 
 import torch
-from opacus.accountants import RDPAccountant
-from opacus.accountants.utils import get_noise_multiplier
-from opacus.grad_sample import GradSampleModuleFastGradientClipping, register_grad_sampler
 from pydantic import BaseModel, ConfigDict
 from torch import nn
 
 from .config import ConfigError, RunConfig
+
+# opacus.utils.module_utils calls logging.basicConfig() on import: drop the root handler it adds, else every
+# Flower log line is printed twice in the ServerApp / ClientApp processes.
+_root_handlers = list(logging.getLogger().handlers)
+from opacus.accountants import RDPAccountant  # noqa: E402
+from opacus.accountants.utils import get_noise_multiplier  # noqa: E402
+from opacus.grad_sample import GradSampleModuleFastGradientClipping, register_grad_sampler  # noqa: E402
+
+for _handler in logging.getLogger().handlers[len(_root_handlers):]:
+    logging.getLogger().removeHandler(_handler)
 
 
 # Opacus' default RDP orders plus larger ones (small sampling rates x few steps want high orders).
