@@ -109,7 +109,6 @@ class AlignFLStrategy(Strategy):
     def __init__(self, cfg: RunConfig, store: GeneratorStore, model: GlobalModel, recorder: RunRecorder) -> None:
         self.cfg, self.store, self.model, self.recorder = cfg, store, model, recorder
         self.silo_of_node: dict[int, str] = {}
-        self.rejected: dict[int, list[str]] = {}
         self.first_round = 1
         self.asked: dict[int, list[int]] = {}  # round -> nodes asked to train
 
