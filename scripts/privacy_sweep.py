@@ -16,6 +16,7 @@ import argparse
 import csv
 import json
 import sys
+import time
 from pathlib import Path
 
 PROJECT = Path(__file__).resolve().parent.parent
@@ -111,22 +112,29 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--base", default="", help="run-config overrides shared by every run")
     ap.add_argument("--out", default=str(PROJECT / "results" / "sweep"))
     ap.add_argument("--num-supernodes", type=int, default=5)
+    ap.add_argument("--timeout", type=float, default=7200, help="seconds one `flwr run` may take")
     ap.add_argument("--report-only", action="store_true")
     args = ap.parse_args(argv)
     out = Path(args.out).resolve()
-    rows = []
-    for ds in args.datasets:
-        for eps in args.epsilons:
-            for wgt in args.weights:
-                summary = out / run_name(ds, eps, wgt) / "summary.json"
-                if not args.report_only and not summary.is_file():
-                    import flower_local
+    cells = [(ds, eps, wgt) for ds in args.datasets for eps in args.epsilons for wgt in args.weights]
+    todo = [c for c in cells if not (out / run_name(*c) / "summary.json").is_file()]
+    if todo and not args.report_only:
+        import tempfile
 
-                    print(f"[sweep] {run_name(ds, eps, wgt)}", flush=True)
-                    flower_local.main(["--num-supernodes", str(args.num_supernodes),
-                                       "--run-config", run_config(ds, eps, wgt, args.base, out)])
-                rows.append(row_of(summary, ds, eps, wgt))
-                write_report(rows, out)
+        from flower_local import simulation_superlink
+
+        with tempfile.TemporaryDirectory(prefix="alignfl-sweep-") as tmp, simulation_superlink(Path(tmp)) as link:
+            for cell in todo:  # one SuperLink, one `flwr run` per cell; finished cells are kept (re-run resumes)
+                print(f"[sweep] {run_name(*cell)}", flush=True)
+                t0 = time.perf_counter()
+                run, log = link.run_app(run_config(*cell, args.base, out), num_supernodes=args.num_supernodes,
+                                        timeout=args.timeout)
+                print(f"[sweep] {run_name(*cell)}: {run['status']} in {time.perf_counter() - t0:.0f} s", flush=True)
+                if run["status"] != "finished:completed":
+                    print(log[-3000:], flush=True)
+                write_report([row_of(out / run_name(*c) / "summary.json", *c) for c in cells], out)
+    rows = [row_of(out / run_name(*c) / "summary.json", *c) for c in cells]
+    write_report(rows, out)
     print((out / "sweep.md").read_text())
     return 0 if all(r.get("status") == "completed" for r in rows) else 1
 
