@@ -71,10 +71,7 @@ class RecordedAveraging:
         return messages
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        return record_evaluate_replies(
-            self.recorder, server_round, replies,
-            lambda msg: str(msg.content[P.SILO]["name"]) if P.SILO in msg.content
-            else self.silo_of_node.get(msg.metadata.src_node_id, f"node-{msg.metadata.src_node_id}"))
+        return record_evaluate_replies(self.recorder, server_round, replies, self.silo_of_node)
 
 
 class RecordedFedAvg(RecordedAveraging, FedAvg):

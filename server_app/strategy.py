@@ -77,10 +77,11 @@ def declared_silo(msg: Message) -> str:
 
 
 def record_evaluate_replies(recorder: RunRecorder, server_round: int, replies: Iterable[Message],
-                            silo_of: Callable[[Message], str]) -> MetricRecord | None:
+                            silo_of_node: dict[int, str]) -> MetricRecord | None:
     """Record each silo's evaluation of the global model on its own real test set; weighted mean over silos.
 
-    Shared by every strategy, so ALIGN-FL and the baselines are judged the same way.
+    Shared by every strategy, so ALIGN-FL and the baselines are judged and named the same way: a node is
+    named by the silo its train replies bound it to, else by ``declared_silo``.
     """
     total, weighted = 0, 0.0
     for msg in replies:
@@ -92,7 +93,7 @@ def record_evaluate_replies(recorder: RunRecorder, server_round: int, replies: I
         m = dict(msg.content[P.METRICS])
         key = "accuracy" if "accuracy" in m else "neg-elbo"
         value, n = float(m.get(key, float("nan"))), int(m.get("num-examples", 0))
-        record = recorder.silo(server_round, silo_of(msg))
+        record = recorder.silo(server_round, silo_of_node.get(node) or declared_silo(msg))
         record.update({f"eval-{key}": value, "eval-num-examples": n})
         if "per-class-accuracy" in m:
             record["eval-per-class-accuracy"] = list(m["per-class-accuracy"])
@@ -248,9 +249,7 @@ class AlignFLStrategy(Strategy):
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         """Per-silo accuracy of the global model on each silo's own real test set."""
-        return record_evaluate_replies(
-            self.recorder, server_round, replies,
-            lambda msg: self.silo_of_node.get(msg.metadata.src_node_id) or declared_silo(msg))
+        return record_evaluate_replies(self.recorder, server_round, replies, self.silo_of_node)
 
     def gone(self, node: int, server_round: int) -> bool:
         """True when ``node`` was not connected when this round's train instructions went out."""

@@ -105,3 +105,29 @@ def test_experiment_files_are_valid_run_configs():
         assert parse_run_config(fused) == load_experiment(name)
     with pytest.raises(ConfigError, match="no experiment 'nope'"):
         load_experiment("nope")
+
+
+def test_averaging_names_evaluate_replies_like_alignfl(tmp_path, tiny_config):
+    """A node is named by the silo its train reply bound it to; an unbound node's declared name is marked '?'."""
+    from flwr.app import MetricRecord
+
+    from alignfl_app.metrics import RunRecorder
+    from server_app.baselines import averaging_strategy
+
+    cfg = parse_run_config({**tiny_config, "strategy": "fedavg"})
+    recorder = RunRecorder(tmp_path / "run", {}, method="fedavg")
+    strategy = averaging_strategy(cfg, recorder)
+    state = GlobalModel("classifier", 10, seed=0).state()
+    train = make_message(RecordDict({P.GLOBAL_MODEL: P.to_array_record(state),
+                                     P.METRICS: MetricRecord({"num-examples": 10}),
+                                     P.SILO: ConfigRecord({"name": "silo-0"})}), MessageType.TRAIN, src=7, dst=0)
+    strategy.aggregate_train(1, [train])
+
+    def evaluate(node: int, declared: str):
+        return make_message(RecordDict({P.METRICS: MetricRecord({"accuracy": 0.5, "num-examples": 4}),
+                                        P.SILO: ConfigRecord({"name": declared})}),
+                            MessageType.EVALUATE, src=node, dst=0)
+
+    metrics = strategy.aggregate_evaluate(1, [evaluate(7, "silo-9"), evaluate(8, "silo-3")])
+    assert set(recorder.round(1)["silos"]) == {"silo-0", "silo-3?"}
+    assert recorder.silo(1, "silo-0")["eval-accuracy"] == 0.5 and metrics["num-examples"] == 8
