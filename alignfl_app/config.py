@@ -18,6 +18,8 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 ARCHITECTURES_DIR = PROJECT_ROOT / "conf" / "architectures"
 NUM_CLASSES = {"mnist": 10, "fashion-mnist": 10}
 IMAGE_SHAPE = (1, 28, 28)
+# how each kind of global model is judged on real test data (summary keys: global.<m>, eval-<m>, final-global-<m>)
+HEADLINE_METRIC = {"classifier": "accuracy", "vae": "neg-elbo"}
 
 
 class ConfigError(ValueError):
@@ -166,9 +168,14 @@ class RunConfig(BaseModel):
                 f"silo-classes: classes must be disjoint across silos, got '{self.silo_classes}' "
                 "(or set silo-layout='slices' to split a shared class's records between its silos)"
             )
-        if self.strategy != "alignfl" and self.global_model != "classifier":
+        if self.strategy != "alignfl" and (self.dp_epsilon > 0 or self.dp_noise_multiplier > 0):
             raise ValueError(
-                f"strategy='{self.strategy}' trains the global classifier only: set global-model='classifier'"
+                f"DP applies to ALIGN-FL's silos only; strategy='{self.strategy}' trains without it: "
+                "set dp-epsilon=0 and dp-noise-multiplier=0"
+            )
+        if self.strategy != "alignfl" and self.lipschitz != "none":
+            raise ValueError(
+                f"lipschitz applies to ALIGN-FL's silo decoders only: set lipschitz='none' for strategy='{self.strategy}'"
             )
         bad = [s for s in self.outlier_silo_ids if s < 0 or s >= n]
         if bad:

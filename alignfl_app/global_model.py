@@ -42,20 +42,20 @@ class GlobalModel:
     def load_state(self, state: dict[str, np.ndarray]) -> None:
         self.model.load_state_dict({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in state.items()}, strict=True)
 
-    def fit(self, x: torch.Tensor, y: torch.Tensor, *, epochs: int, batch_size: int, lr: float, seed: int) -> dict[str, float]:
-        """Train on (synthetic) data, warm-starting from the current weights and optimiser state."""
+    def fit(self, x: torch.Tensor, y: torch.Tensor, *, epochs: int, batch_size: int, lr: float, seed: int,
+            proximal_mu: float = 0.0) -> float:
+        """Train on (synthetic or a silo's real) data, warm-starting from the current weights and optimiser
+        state; returns the mean training loss of the last epoch. ``proximal_mu``: FedProx's term."""
         if self.optimizer is None:
             self.optimizer = torch.optim.Adam(self.model.parameters(), lr=lr)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         if self.kind == "classifier":
-            loss = train_classifier(self.model, x, y, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
-                                    optimizer=self.optimizer)
-            return {"server-train-loss": loss}
+            return train_classifier(self.model, x, y, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
+                                    optimizer=self.optimizer, proximal_mu=proximal_mu)
         labels = tuple(range(self.num_classes))
-        report = train_vae(self.model, x, y, labels, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
-                           optimizer=self.optimizer)
-        return {"server-train-loss": report.loss}
+        return train_vae(self.model, x, y, labels, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
+                         optimizer=self.optimizer, proximal_mu=proximal_mu).loss
 
     def evaluate(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, float | list[float]]:
         """Real-data metrics. Classifier: accuracy + per-class accuracy. VAE: negative ELBO."""

@@ -15,6 +15,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from .config import HEADLINE_METRIC
+
 
 def peak_rss_mb() -> float:
     """This process's peak resident memory so far (MiB; Linux reports ru_maxrss in KiB)."""
@@ -48,6 +50,7 @@ class RunRecorder:
             "status": "running",
             "rounds": [],
         }
+        self.metric = HEADLINE_METRIC[str(config.get("global-model", "classifier"))]
 
     def resume(self, completed_round: int) -> None:
         """Carry over the rounds an interrupted run completed (from its summary.json) into this one."""
@@ -71,13 +74,15 @@ class RunRecorder:
 
     def write(self) -> Path:
         self.summary["elapsed-seconds"] = time.time() - self.started
-        rounds = [r for r in self.summary["rounds"] if r.get("global", {}).get("accuracy") is not None]
+        key = self.metric
+        rounds = [r for r in self.summary["rounds"] if r.get("global", {}).get(key) is not None]
         if rounds:
             last = rounds[-1]
-            self.summary["final-global-accuracy"] = last["global"]["accuracy"]
-            self.summary["final-per-class-accuracy"] = last["global"].get("per-class-accuracy")
-            self.summary["final-per-silo-accuracy"] = {
-                s: m["eval-accuracy"] for s, m in last["silos"].items() if "eval-accuracy" in m
+            self.summary[f"final-global-{key}"] = last["global"][key]
+            if key == "accuracy":
+                self.summary["final-per-class-accuracy"] = last["global"].get("per-class-accuracy")
+            self.summary[f"final-per-silo-{key}"] = {
+                s: m[f"eval-{key}"] for s, m in last["silos"].items() if f"eval-{key}" in m
             }
         path = self.run_dir / "summary.json"
         tmp = path.with_suffix(".json.part")
@@ -97,20 +102,22 @@ class RunRecorder:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        rounds = [r for r in self.summary["rounds"] if r.get("global", {}).get("accuracy") is not None]
+        key = self.metric
+        rounds = [r for r in self.summary["rounds"] if r.get("global", {}).get(key) is not None]
         if not rounds:
             return None
         fig, ax = plt.subplots(figsize=(6, 4))
         xs = [r["round"] for r in rounds]
-        ax.plot(xs, [r["global"]["accuracy"] for r in rounds], "o-", label="global test set", lw=2)
-        silos = sorted({s for r in rounds for s in r["silos"] if "eval-accuracy" in r["silos"][s]})
+        ax.plot(xs, [r["global"][key] for r in rounds], "o-", label="global test set", lw=2)
+        silos = sorted({s for r in rounds for s in r["silos"] if f"eval-{key}" in r["silos"][s]})
         for s in silos:
-            pts = [(r["round"], r["silos"][s]["eval-accuracy"]) for r in rounds if "eval-accuracy" in r["silos"].get(s, {})]
+            pts = [(r["round"], r["silos"][s][f"eval-{key}"]) for r in rounds if f"eval-{key}" in r["silos"].get(s, {})]
             ax.plot([p[0] for p in pts], [p[1] for p in pts], "--", alpha=0.6, label=f"{s} local test")
         ax.set_xticks(xs)
         ax.set_xlabel("round")
-        ax.set_ylabel("accuracy")
-        ax.set_ylim(0, 1)
+        ax.set_ylabel(key if key == "accuracy" else f"{key} (lower is better)")
+        if key == "accuracy":
+            ax.set_ylim(0, 1)
         ax.set_title(f"{self.summary['method']}: global model on real test data")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)

@@ -1,8 +1,9 @@
 """Reference points without federation, on exactly the silos' partitions (outliers included).
 
-- local-only: every silo trains the global classifier architecture on its own data alone; judged on the
-  real global test set (mean and per silo) and on its own local test set. The floor federation must beat.
-- centralised: one classifier on the pooled training data of all silos: the upper bound.
+- local-only: every silo trains the global model (``global-model``: the classifier, or the VAE over all
+  classes) on its own data alone; judged on the real global test set (mean and per silo) and on its own
+  local test set. The floor federation must beat.
+- centralised: one such model on the pooled training data of all silos: the upper bound.
 
 Both write ``summary.json`` in the RunRecorder format (one "round" holding the final model), so the
 comparison reads them like the federated runs.
@@ -20,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .config import ConfigError, RunConfig
+from .config import HEADLINE_METRIC, ConfigError, RunConfig
 from .data import build_silo_data, global_test_set
 from .experiments import load_experiment, parse_assignments
 from .global_model import GlobalModel
@@ -31,10 +32,10 @@ METHODS = ("local-only", "centralised")
 
 
 def _fit(cfg: RunConfig, x: torch.Tensor, y: torch.Tensor, seed: int) -> tuple[GlobalModel, dict[str, float]]:
-    model = GlobalModel("classifier", cfg.num_classes, seed=seed)
+    model = GlobalModel(cfg.global_model, cfg.num_classes, seed=seed, conditional=cfg.conditional)
     t0 = time.perf_counter()
     loss = model.fit(x, y, epochs=cfg.reference_epochs, batch_size=cfg.batch_size, lr=cfg.learning_rate,
-                     seed=seed)["server-train-loss"]
+                     seed=seed)
     seconds = time.perf_counter() - t0
     return model, {"train-loss": loss, "train-seconds": seconds,
                    "samples-per-second": cfg.reference_epochs * len(x) / max(seconds, 1e-9),
@@ -42,31 +43,36 @@ def _fit(cfg: RunConfig, x: torch.Tensor, y: torch.Tensor, seed: int) -> tuple[G
 
 
 def local_only(cfg: RunConfig, run_dir: Path) -> dict:
-    """Each silo's own classifier; the 'global' entry is the mean over silos of their global-test metrics."""
+    """Each silo's own model; the 'global' entry is the mean over silos of their global-test metrics."""
     rec = RunRecorder(run_dir, cfg.model_dump(by_alias=True), method="local-only")
+    key = HEADLINE_METRIC[cfg.global_model]
     x_test, y_test = global_test_set(cfg)
-    accs, per_class = [], []
+    values, per_class = [], []
     for k in range(cfg.num_silos):
         data = build_silo_data(cfg, k)
         model, fit = _fit(cfg, data.x_train, data.y_train, seed=cfg.seed + k)
         glob = model.evaluate(x_test, y_test)
         local = model.evaluate(data.x_test, data.y_test)
-        rec.silo(1, f"silo-{k}").update({**fit, "num-outliers": data.num_outliers, "global-accuracy": glob["accuracy"],
-                                         "global-per-class-accuracy": glob["per-class-accuracy"],
-                                         "eval-accuracy": local["accuracy"], "eval-num-examples": len(data.y_test)})
-        accs.append(glob["accuracy"])
-        per_class.append(glob["per-class-accuracy"])
-    rec.round(1)["global"] = {"accuracy": float(np.mean(accs)),
-                              "per-class-accuracy": np.nanmean(np.array(per_class, dtype=float), axis=0).tolist(),
-                              "accuracy-std-over-silos": float(np.std(accs)), "num-examples": len(y_test)}
+        silo = rec.silo(1, f"silo-{k}")
+        silo.update({**fit, "num-outliers": data.num_outliers, f"global-{key}": glob[key],
+                     f"eval-{key}": local[key], "eval-num-examples": len(data.y_test)})
+        values.append(glob[key])
+        if "per-class-accuracy" in glob:
+            silo["global-per-class-accuracy"] = glob["per-class-accuracy"]
+            per_class.append(glob["per-class-accuracy"])
+    rec.round(1)["global"] = {key: float(np.mean(values)), f"{key}-std-over-silos": float(np.std(values)),
+                              "num-examples": len(y_test)}
+    if per_class:
+        rec.round(1)["global"]["per-class-accuracy"] = np.nanmean(np.array(per_class, dtype=float), axis=0).tolist()
     rec.round(1)["server"] = {"peak-rss-mb": peak_rss_mb()}
     rec.finish()
     return rec.summary
 
 
 def centralised(cfg: RunConfig, run_dir: Path) -> dict:
-    """One classifier on the union of all silos' training records; judged on the global and local test sets."""
+    """One model on the union of all silos' training records; judged on the global and local test sets."""
     rec = RunRecorder(run_dir, cfg.model_dump(by_alias=True), method="centralised")
+    key = HEADLINE_METRIC[cfg.global_model]
     silos = [build_silo_data(cfg, k) for k in range(cfg.num_silos)]
     x = torch.cat([d.x_train for d in silos])
     y = torch.cat([d.y_train for d in silos])
@@ -76,8 +82,8 @@ def centralised(cfg: RunConfig, run_dir: Path) -> dict:
     rec.round(1)["server"] = {**fit, "peak-rss-mb": peak_rss_mb()}
     for d in silos:
         local = model.evaluate(d.x_test, d.y_test)
-        rec.silo(1, f"silo-{d.silo}").update({"eval-accuracy": local["accuracy"], "eval-num-examples": len(d.y_test)})
-    rec.save_model(model.state(), "classifier")
+        rec.silo(1, f"silo-{d.silo}").update({f"eval-{key}": local[key], "eval-num-examples": len(d.y_test)})
+    rec.save_model(model.state(), cfg.global_model)
     rec.finish()
     return rec.summary
 
@@ -103,7 +109,8 @@ def main(argv: list[str] | None = None) -> int:
     stem = cfg.run_name or (Path(args.experiment).stem if args.experiment else cfg.dataset)
     for method in args.method:
         summary = RUNNERS[method](cfg, base / f"{stem}-{method}")
-        print(f"[alignfl] {method}: global accuracy {summary['final-global-accuracy']:.4f} ({base / f'{stem}-{method}'})")
+        key = HEADLINE_METRIC[cfg.global_model]
+        print(f"[alignfl] {method}: global {key} {summary[f'final-global-{key}']:.4f} ({base / f'{stem}-{method}'})")
     return 0
 
 

@@ -20,7 +20,7 @@ from .metrics import peak_rss_mb
 from .models import VAE, decoder_only_state
 from .privacy import DPPlan, PrivacyLedger, dp_enabled, ledger_path, plan_dp
 from .store import GeneratorDescriptor
-from .training import set_threads, train_classifier, train_vae, vae_test_loss
+from .training import set_threads, train_vae, vae_test_loss
 
 
 @dataclass
@@ -120,20 +120,20 @@ class Silo:
         metrics["vae-bytes"] = int(sum(a.nbytes for a in vae_state.values()))  # what a full-model upload would cost
         return TrainOutcome(decoder_state, desc, vae_state, metrics)
 
-    def train_global_classifier(self, server_round: int, global_state: dict[str, np.ndarray],
-                                proximal_mu: float = 0.0) -> tuple[dict[str, np.ndarray], dict[str, float | int]]:
-        """FedAvg / FedProx round: the received global classifier, trained on this silo's real data
-        (outliers included, same local-epochs / batch-size / learning-rate as the VAE)."""
+    def train_global_model(self, server_round: int, global_state: dict[str, np.ndarray],
+                           proximal_mu: float = 0.0) -> tuple[dict[str, np.ndarray], dict[str, float | int]]:
+        """FedAvg / FedProx round: the received global model (``global-model``: the classifier, or the VAE over
+        all classes), trained on this silo's real data with the settings the ALIGN-FL silos use for their VAEs
+        (outliers included, local-epochs / batch-size / learning-rate)."""
         import time
 
         cfg = self.cfg
-        model = GlobalModel("classifier", cfg.num_classes, seed=cfg.seed)
+        model = GlobalModel.from_config(cfg)
         model.load_state(global_state)
         t0 = time.perf_counter()
-        loss = train_classifier(
-            model.model, self.data.x_train, self.data.y_train, epochs=cfg.local_epochs, batch_size=cfg.batch_size,
-            lr=cfg.learning_rate, seed=cfg.seed * 100003 + self.index * 1009 + server_round, proximal_mu=proximal_mu,
-        )
+        loss = model.fit(self.data.x_train, self.data.y_train, epochs=cfg.local_epochs, batch_size=cfg.batch_size,
+                         lr=cfg.learning_rate, seed=cfg.seed * 100003 + self.index * 1009 + server_round,
+                         proximal_mu=proximal_mu)
         seconds = time.perf_counter() - t0
         state = model.state()
         metrics: dict[str, float | int] = {
@@ -146,6 +146,7 @@ class Silo:
             "peak-rss-mb": peak_rss_mb(),
         }
         return state, metrics
+
     def audit(self, vae: VAE, server_round: int) -> dict[str, float | int]:
         """The outlier audit (numbers for the reply); its figure shows raw outliers, so it stays on the silo."""
         d = self.data

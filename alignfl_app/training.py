@@ -53,13 +53,17 @@ def train_vae(
     lr: float, kl_weight: float = 1.0, seed: int = 0, optimizer: torch.optim.Optimizer | None = None,
     dp_plan: DPPlan | None = None, clip_bound: float | None = None,
     lipschitz: str = "none", lipschitz_weight: float = 0.0, lipschitz_target: float = 1.0,
+    proximal_mu: float = 0.0,
 ) -> VAETrainReport:
     """Local training of a silo's (conditional) VAE; private (DP-SGD, adaptive clipping) when ``dp_plan`` is set.
 
     Private: Poisson-sampled batches, ``dp_plan.steps_per_round`` steps (``epochs`` is part of the plan).
     Lipschitz methods act on the decoder only and never touch a record (see ``lipschitz.py``), so they
-    compose with DP as post-processing. Pass ``optimizer`` to keep its state across calls.
+    compose with DP as post-processing. Pass ``optimizer`` to keep its state across calls. ``proximal_mu > 0``
+    adds FedProx's term (see ``train_classifier``); the baselines that use it train without DP.
     """
+    if dp_plan and proximal_mu > 0:
+        raise ValueError("the FedProx term is not supported under DP: set proximal-mu=0 or drop dp-epsilon")
 
     t0 = time.perf_counter()
     cond_dim = vae.decoder.cond_dim
@@ -79,6 +83,7 @@ def train_vae(
         batches = (idx for _ in range(epochs) for idx in _batches(len(x), batch_size, g))
     projector = SpectralProjector(vae.decoder, lipschitz_target, g) if lipschitz == "spectral" else None
     penalised = lipschitz in ("gp", "gp-one-sided") and lipschitz_weight > 0
+    anchor = [p.detach().clone() for p in vae.parameters()] if proximal_mu > 0 else []
     total, seen, steps, penalty = 0.0, 0, 0, None
     try:
         for idx in batches:
@@ -95,7 +100,8 @@ def train_vae(
             if dp:
                 dp.private_backward(per_sample)
             elif per_sample is not None:
-                per_sample.mean().backward()
+                loss = per_sample.mean()
+                (loss + 0.5 * proximal_mu * proximal_term(vae, anchor) if anchor else loss).backward()
             if penalised:
                 if dp:
                     dp.hooks(False)

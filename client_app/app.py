@@ -35,19 +35,20 @@ def train(msg: Message, context: Context) -> Message:
     """Dispatch on the strategy named in the message config (ALIGN-FL when absent)."""
     strategy = str(msg.content[P.CONFIG].get(P.STRATEGY, "alignfl"))
     if strategy in ("fedavg", "fedprox"):
-        return train_averaged_classifier(msg, context)
+        return train_averaged_model(msg, context)
     if strategy != "alignfl":
         raise ValueError(f"unknown strategy '{strategy}' in the train config: use alignfl, fedavg or fedprox")
     return train_generator(msg, context)
 
 
-def train_averaged_classifier(msg: Message, context: Context) -> Message:
-    """FedAvg / FedProx: train the received global classifier on local data; reply with all its weights."""
+def train_averaged_model(msg: Message, context: Context) -> Message:
+    """FedAvg / FedProx: train the received global model (classifier or VAE) on local data; reply with all
+    its weights."""
     silo = silo_for(context)
     config = msg.content[P.CONFIG]
     mu = float(config.get(P.PROXIMAL_MU, 0.0)) if config.get(P.STRATEGY) == "fedprox" else 0.0
-    state, metrics = silo.train_global_classifier(int(config[P.SERVER_ROUND]),
-                                                  from_array_record(msg.content[P.GLOBAL_MODEL]), mu)
+    state, metrics = silo.train_global_model(int(config[P.SERVER_ROUND]),
+                                             from_array_record(msg.content[P.GLOBAL_MODEL]), mu)
     content = RecordDict({P.GLOBAL_MODEL: to_array_record(state), P.METRICS: MetricRecord(metrics),
                           P.SILO: ConfigRecord({"name": silo.name})})
     return Message(content=content, reply_to=msg)

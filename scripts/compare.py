@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from flower_local import PROJECT, SimulationLink, simulation_superlink  # noqa: E402
 
-from alignfl_app.config import ConfigError, RunConfig  # noqa: E402
+from alignfl_app.config import HEADLINE_METRIC, ConfigError, RunConfig  # noqa: E402
 from alignfl_app.experiments import (experiment_overrides, load_experiment, parse_assignments,  # noqa: E402
                                      run_config_string)
 from alignfl_app.reference import RUNNERS  # noqa: E402
@@ -65,6 +65,7 @@ def run_methods(experiment: str, methods: list[str], overrides: dict[str, Any], 
                 cpus_per_client: int = 1, timeout: float = 7200) -> dict[str, dict]:
     """Every method of ``methods`` on the experiment's settings; summaries by method."""
     cfg = load_experiment(experiment, overrides)
+    key = HEADLINE_METRIC[cfg.global_model]
     values = {**experiment_overrides(experiment), **overrides}
     runs_dir = out / "runs"
     runs_dir.mkdir(parents=True, exist_ok=True)
@@ -75,19 +76,24 @@ def run_methods(experiment: str, methods: list[str], overrides: dict[str, Any], 
             for method in federated:  # one SuperLink, one `flwr run` per method
                 print(f"[compare] {method} (flwr run) ...", flush=True)
                 summaries[method] = run_federated(link, method, values, cfg, runs_dir, cpus_per_client, timeout)
-                print(f"[compare] {method}: final global accuracy {summaries[method]['final-global-accuracy']:.4f}",
+                print(f"[compare] {method}: final global {key} {summaries[method][f'final-global-{key}']:.4f}",
                       flush=True)
     set_threads(1)
     for method in [m for m in methods if m not in FEDERATED]:
         print(f"[compare] {method} ...", flush=True)
         summaries[method] = run_reference(method, cfg, runs_dir)
-        print(f"[compare] {method}: final global accuracy {summaries[method]['final-global-accuracy']:.4f}", flush=True)
+        print(f"[compare] {method}: final global {key} {summaries[method][f'final-global-{key}']:.4f}", flush=True)
     return {m: summaries[m] for m in methods}
 
 
 # --- the comparison tables ----------------------------------------------------------------------
+def _key(summary: dict) -> str:
+    """The headline metric of a run: accuracy (global classifier) or neg-elbo (global VAE)."""
+    return HEADLINE_METRIC[summary["config"].get("global-model", "classifier")]
+
+
 def _rounds(summary: dict) -> list[dict]:
-    return [r for r in summary["rounds"] if (r.get("global") or {}).get("accuracy") is not None]
+    return [r for r in summary["rounds"] if (r.get("global") or {}).get(_key(summary)) is not None]
 
 
 def _fmt(v: Any) -> str:
@@ -100,17 +106,17 @@ def comparison_rows(summaries: dict[str, dict]) -> list[dict[str, Any]]:
     """One row per method and round (reference methods: one row, round 'final')."""
     rows = []
     for method, s in summaries.items():
-        rounds = _rounds(s)
-        for r in rounds:
+        key = _key(s)
+        for r in _rounds(s):
             row: dict[str, Any] = {"method": method, "round": r["round"] if method in FEDERATED else "final",
-                                   "global-accuracy": r["global"]["accuracy"]}
+                                   f"global-{key}": r["global"][key]}
             for c, a in enumerate(r["global"].get("per-class-accuracy") or []):
                 row[f"class-{c}"] = a
             for silo, m in sorted(r["silos"].items()):
-                if "eval-accuracy" in m:
-                    row[f"{silo}-local-accuracy"] = m["eval-accuracy"]
-                if "global-accuracy" in m:
-                    row[f"{silo}-global-accuracy"] = m["global-accuracy"]
+                if f"eval-{key}" in m:
+                    row[f"{silo}-local-{key}"] = m[f"eval-{key}"]
+                if f"global-{key}" in m:
+                    row[f"{silo}-global-{key}"] = m[f"global-{key}"]
             rows.append(row)
     return rows
 
@@ -132,34 +138,37 @@ def _table(header: list[str], rows: list[list[Any]]) -> str:
 
 
 def markdown(experiment: str, summaries: dict[str, dict], cfg: RunConfig) -> str:
+    key = HEADLINE_METRIC[cfg.global_model]
+    name = "accuracy" if key == "accuracy" else "negative ELBO (nats per image, lower is better)"
     finals = {m: _rounds(s)[-1] for m, s in summaries.items() if _rounds(s)}
     out = [f"# Comparison: {experiment}", "",
            f"{cfg.dataset}, {cfg.num_silos} silos (classes {cfg.silo_classes}), {cfg.outliers_per_silo} outliers "
            f"in silos {cfg.outlier_silos}, {cfg.num_server_rounds} rounds x {cfg.local_epochs} local epochs; "
-           "accuracy of the final global model on the real global test set.", ""]
+           f"{name} of the final global {cfg.global_model} on the real global test set.", ""]
     rows = []
     for m, r in finals.items():
-        local = [v["eval-accuracy"] for v in r["silos"].values() if "eval-accuracy" in v]
-        rows.append([m, r["global"]["accuracy"], sum(local) / len(local) if local else None,
+        local = [v[f"eval-{key}"] for v in r["silos"].values() if f"eval-{key}" in v]
+        rows.append([m, r["global"][key], sum(local) / len(local) if local else None,
                      summaries[m].get("flwr-wall-seconds")])
-    out += ["## Final accuracy", "", _table(["method", "global accuracy", "mean silo local-test accuracy",
-                                             "wall s"], rows), ""]
+    out += [f"## Final {key}", "", _table(["method", f"global {key}", f"mean silo local-test {key}",
+                                           "wall s"], rows), ""]
     n_rounds = max((len(_rounds(s)) for m, s in summaries.items() if m in FEDERATED), default=0)
     if n_rounds:
-        rows = [[m] + [r["global"]["accuracy"] for r in _rounds(s)] for m, s in summaries.items() if m in FEDERATED]
-        out += ["## Global accuracy per round", "", _table(["method"] + [f"round {i + 1}" for i in range(n_rounds)],
-                                                           rows), ""]
-    rows = [[m] + list(r["global"].get("per-class-accuracy") or []) for m, r in finals.items()]
-    out += ["## Per-class accuracy (final, global test set)", "",
-            _table(["method"] + [str(c) for c in range(cfg.num_classes)], rows), ""]
+        rows = [[m] + [r["global"][key] for r in _rounds(s)] for m, s in summaries.items() if m in FEDERATED]
+        out += [f"## Global {key} per round", "", _table(["method"] + [f"round {i + 1}" for i in range(n_rounds)],
+                                                         rows), ""]
+    if key == "accuracy":
+        rows = [[m] + list(r["global"].get("per-class-accuracy") or []) for m, r in finals.items()]
+        out += ["## Per-class accuracy (final, global test set)", "",
+                _table(["method"] + [str(c) for c in range(cfg.num_classes)], rows), ""]
     silos = sorted({s for r in finals.values() for s in r["silos"]}, key=lambda s: int(s.rsplit("-", 1)[-1]))
-    rows = [[m] + [r["silos"].get(s, {}).get("eval-accuracy") for s in silos] for m, r in finals.items()]
-    out += ["## Per-silo accuracy (final global model on each silo's local test set; local-only: its own model)", "",
+    rows = [[m] + [r["silos"].get(s, {}).get(f"eval-{key}") for s in silos] for m, r in finals.items()]
+    out += [f"## Per-silo {key} (final global model on each silo's local test set; local-only: its own model)", "",
             _table(["method"] + silos, rows), ""]
     if "local-only" in finals:
         r = finals["local-only"]
         out += ["Local-only, each silo's own model on the global test set: "
-                + ", ".join(f"{s} {_fmt(r['silos'][s].get('global-accuracy'))}" for s in silos if s in r["silos"]), ""]
+                + ", ".join(f"{s} {_fmt(r['silos'][s].get(f'global-{key}'))}" for s in silos if s in r["silos"]), ""]
     return "\n".join(out)
 
 
@@ -170,19 +179,23 @@ def plot(summaries: dict[str, dict], path: Path, title: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.5, 4))
-    rounds_max = 1
+    rounds_max, key = 1, "accuracy"
     for m, s in summaries.items():
+        key = _key(s)
         if m in FEDERATED and _rounds(s):
             xs = [r["round"] for r in _rounds(s)]
             rounds_max = max(rounds_max, xs[-1])
-            ax.plot(xs, [r["global"]["accuracy"] for r in _rounds(s)], "o-", lw=2, label=m)
+            ax.plot(xs, [r["global"][key] for r in _rounds(s)], "o-", lw=2, label=m)
     for m, s in summaries.items():
         if m not in FEDERATED and _rounds(s):
-            ax.axhline(_rounds(s)[-1]["global"]["accuracy"], ls="--", alpha=0.7,
+            ax.axhline(_rounds(s)[-1]["global"][key], ls="--", alpha=0.7,
                        color="gray" if m == "local-only" else "black", label=f"{m} (reference)")
     ax.set_xlabel("round")
-    ax.set_ylabel("global test accuracy")
-    ax.set_ylim(0, 1)
+    if key == "accuracy":
+        ax.set_ylabel("global test accuracy")
+        ax.set_ylim(0, 1)
+    else:
+        ax.set_ylabel(f"global test {key} (lower is better)")
     ax.set_xticks(range(1, rounds_max + 1))
     ax.set_title(title)
     ax.grid(alpha=0.3)
@@ -195,7 +208,7 @@ def plot(summaries: dict[str, dict], path: Path, title: str) -> None:
 def write_comparison(experiment: str, summaries: dict[str, dict], cfg: RunConfig, out: Path) -> None:
     write_csv(comparison_rows(summaries), out / "comparison.csv")
     (out / "comparison.md").write_text(markdown(experiment, summaries, cfg))
-    plot(summaries, out / "accuracy.png", f"{experiment}: global accuracy per round")
+    plot(summaries, out / "accuracy.png", f"{experiment}: global {HEADLINE_METRIC[cfg.global_model]} per round")
     for m in summaries:
         grids = sorted((out / "runs" / m / "samples").glob("round-*.png"))
         if grids:

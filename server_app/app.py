@@ -108,4 +108,5 @@ def main(grid: Grid, context: Context) -> None:
         raise
     recorder.save_model(from_array_record(result.arrays) if len(result.arrays) else model.state(), cfg.global_model)
     path = recorder.finish("completed")
-    log(INFO, "%s finished: final global %s; summary in %s", cfg.strategy, recorder.summary.get("final-global-accuracy"), path)
+    log(INFO, "%s finished: final global %s %s; summary in %s", cfg.strategy, recorder.metric,
+        recorder.summary.get(f"final-global-{recorder.metric}"), path)

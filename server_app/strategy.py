@@ -268,9 +268,8 @@ class AlignFLStrategy(Strategy):
             n += len(x)
             step = (server_round - 1) * c.server_epochs + epoch
             lr = cosine_lr(c.server_learning_rate, step, c.num_server_rounds * c.server_epochs)
-            fit = self.model.fit(x, y, epochs=1, batch_size=c.server_batch_size, lr=lr,
-                                 seed=c.seed + server_round * 1000 + epoch)
-            loss = fit["server-train-loss"]
+            loss = self.model.fit(x, y, epochs=1, batch_size=c.server_batch_size, lr=lr,
+                                  seed=c.seed + server_round * 1000 + epoch)
         if c.sample_grid_per_silo:
             grid = {}
             for silo in self.store.silos():

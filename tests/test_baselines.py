@@ -63,9 +63,39 @@ def test_averaging_reply_carries_the_trained_classifier(tiny_config, strategy):
     assert reply[P.SILO]["name"] == "silo-1"
 
 
-def test_averaging_needs_the_classifier():
-    with pytest.raises(ConfigError, match="global-model='classifier'"):
-        load_experiment("mnist-fast", {"strategy": "fedavg", "global-model": "vae"})
+def test_averaging_refuses_settings_it_would_ignore():
+    with pytest.raises(ConfigError, match="set dp-epsilon=0"):
+        load_experiment("mnist-fast", {"strategy": "fedavg", "dp-epsilon": 2.0})
+    with pytest.raises(ConfigError, match="lipschitz='none'"):
+        load_experiment("mnist-fast", {"strategy": "fedprox", "lipschitz": "gp", "lipschitz-weight": 0.1})
+
+
+def test_fedprox_over_the_vae_trains_the_whole_global_vae(tiny_config):
+    """global-model='vae': the silos train the server's VAE (all classes) and return all its weights."""
+    cfg = {**tiny_config, "strategy": "fedprox", "global-model": "vae"}
+    glob = GlobalModel("vae", 10, seed=3)
+    ctx = make_context(cfg, 0)
+    config = ConfigRecord({P.SERVER_ROUND: 1, P.STRATEGY: "fedprox", P.PROXIMAL_MU: 0.1})
+    msg = make_message(RecordDict({P.GLOBAL_MODEL: P.to_array_record(glob.state()), P.CONFIG: config}),
+                       MessageType.TRAIN, src=1, dst=ctx.node_id)
+    reply = client_app(msg, ctx).content
+    state = P.from_array_record(reply[P.GLOBAL_MODEL])
+    assert set(state) == set(glob.state()) and any(k.startswith("encoder.") for k in state)
+    assert any(not np.array_equal(state[k], v) for k, v in glob.state().items())
+    assert np.isfinite(reply[P.METRICS]["train-loss"])
+
+
+def test_vae_proximal_term_keeps_weights_near_the_global_model(tiny_config):
+    cfg = parse_run_config(tiny_config)
+    data = build_silo_data(cfg, 0)
+
+    def drift(mu: float) -> float:
+        model = GlobalModel("vae", 10, seed=5)
+        start = [p.detach().clone() for p in model.model.parameters()]
+        model.fit(data.x_train, data.y_train, epochs=2, batch_size=32, lr=1e-2, seed=0, proximal_mu=mu)
+        return _distance(model.model, start)
+
+    assert drift(100.0) < 0.5 * drift(0.0)
 
 
 def test_reference_points_use_the_silo_partitions(tmp_path, tiny_config):
@@ -80,6 +110,26 @@ def test_reference_points_use_the_silo_partitions(tmp_path, tiny_config):
     assert central["rounds"][0]["server"]["num-examples"] == sum(s["num-examples"] for s in silos.values())
     for d in ("local", "central"):
         assert json.loads((tmp_path / d / "summary.json").read_text())["status"] == "completed"
+
+
+def test_references_and_comparison_judge_a_global_vae_by_its_elbo(tmp_path, tiny_config):
+    """global-model='vae': the references train the VAE and every table reads the negative ELBO."""
+    import sys
+
+    sys.path.insert(0, str(PROJECT / "scripts"))
+    from compare import write_comparison
+
+    cfg = parse_run_config({**tiny_config, "reference-epochs": 1, "global-model": "vae"})
+    summaries = {"local-only": local_only(cfg, tmp_path / "runs" / "local-only"),
+                 "centralised": centralised(cfg, tmp_path / "runs" / "centralised")}
+    local, central = summaries["local-only"], summaries["centralised"]
+    assert "final-global-accuracy" not in local and set(local["final-per-silo-neg-elbo"]) == {"silo-0", "silo-1", "silo-2"}
+    # pooled data models every class better than the mean silo that saw two classes
+    assert 0 < central["final-global-neg-elbo"] < local["final-global-neg-elbo"]
+    write_comparison("tiny", summaries, cfg, tmp_path)
+    text = (tmp_path / "comparison.md").read_text()
+    assert "## Final neg-elbo" in text and "Per-class accuracy" not in text
+    assert "global-neg-elbo" in (tmp_path / "comparison.csv").read_text().splitlines()[0]
 
 
 def test_slices_layout_splits_shared_classes(tiny_config):
