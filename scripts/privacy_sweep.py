@@ -6,8 +6,10 @@
 Lipschitz weight 0 means no penalty; > 0 the two-sided gradient penalty (``lipschitz='gp'``). Each run has
 its own privacy-ledger folder (budgets of different runs never mix). Writes ``<out>/sweep.csv``,
 ``<out>/sweep.md`` and ``<out>/sweep.png``; ``--report-only`` rebuilds them from finished runs.
-Columns: global accuracy (real test set, last round), outlier mapping rate, leakage rate, outlier share,
-MIA AUC (outlier silos, mean), largest epsilon any silo spent.
+Columns: global accuracy (real test set, last round), outlier mapping rate, leakage rate, member-nearer
+rate, outlier share, MIA AUC (outlier silos, mean), largest epsilon any silo spent. ``--reaudit``
+recomputes the decoder-only audit (leakage rate, member-nearer rate, MIA AUC) of finished cells from their
+stored generators (``python -m alignfl_app.audit``), for runs made before the member-nearer rate existed.
 """
 
 from __future__ import annotations
@@ -23,7 +25,10 @@ PROJECT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(PROJECT / "scripts"))
 
 COLUMNS = ["dataset", "epsilon", "lipschitz_weight", "status", "global_accuracy", "mapping_rate", "leakage_rate",
-           "outlier_share", "mia_auc", "epsilon_spent_max", "run"]
+           "member_nearer_rate", "outlier_share", "mia_auc", "epsilon_spent_max", "run"]
+AUDIT_COLUMNS = (("mapping-rate", "mapping_rate"), ("leakage-rate", "leakage_rate"),
+                 ("member-nearer-rate", "member_nearer_rate"), ("outlier-share", "outlier_share"),
+                 ("mia-auc", "mia_auc"))
 
 
 def run_name(dataset: str, eps: str, weight: str) -> str:
@@ -48,17 +53,20 @@ def row_of(summary_path: Path, dataset: str, eps: str, weight: str) -> dict:
     s = json.loads(summary_path.read_text())
     row["status"] = s.get("status")
     row["global_accuracy"] = s.get("final-global-accuracy")
-    spent, audits = [], []
+    spent, audits = [], {}
     for rnd in s.get("rounds", []):
-        for m in rnd.get("silos", {}).values():
+        for silo, m in rnd.get("silos", {}).items():
             if "dp-epsilon-spent" in m:
                 spent.append(m["dp-epsilon-spent"])
             if "audit-mapping-rate" in m:
-                audits.append(m)
+                audits[silo] = m
     row["epsilon_spent_max"] = max(spent) if spent else None
-    for key, col in (("mapping-rate", "mapping_rate"), ("leakage-rate", "leakage_rate"),
-                     ("outlier-share", "outlier_share"), ("mia-auc", "mia_auc")):
-        vals = [m[f"audit-{key}"] for m in audits if m.get(f"audit-{key}") is not None]
+    recomputed = summary_path.parent / "decoder-audit.json"  # --reaudit: same decoder, seed and samples
+    if recomputed.is_file():
+        for silo, m in json.loads(recomputed.read_text()).items():
+            audits[silo] = {**m, **audits.get(silo, {})}  # numbers recorded in the run win
+    for key, col in AUDIT_COLUMNS:
+        vals = [m[f"audit-{key}"] for m in audits.values() if m.get(f"audit-{key}") is not None]
         row[col] = sum(vals) / len(vals) if vals else None
     return row
 
@@ -114,6 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--num-supernodes", type=int, default=5)
     ap.add_argument("--timeout", type=float, default=7200, help="seconds one `flwr run` may take")
     ap.add_argument("--report-only", action="store_true")
+    ap.add_argument("--reaudit", action="store_true", help="recompute the decoder-only audit of finished cells")
     args = ap.parse_args(argv)
     out = Path(args.out).resolve()
     cells = [(ds, eps, wgt) for ds in args.datasets for eps in args.epsilons for wgt in args.weights]
@@ -133,6 +142,14 @@ def main(argv: list[str] | None = None) -> int:
                 if run["status"] != "finished:completed":
                     print(log[-3000:], flush=True)
                 write_report([row_of(out / run_name(*c) / "summary.json", *c) for c in cells], out)
+    if args.reaudit:
+        sys.path.insert(0, str(PROJECT))
+        from alignfl_app.audit import audit_run
+
+        for c in cells:
+            run = out / run_name(*c)
+            if (run / "summary.json").is_file() and not (run / "decoder-audit.json").is_file():
+                (run / "decoder-audit.json").write_text(json.dumps(audit_run(run), indent=2) + "\n")
     rows = [row_of(out / run_name(*c) / "summary.json", *c) for c in cells]
     write_report(rows, out)
     print((out / "sweep.md").read_text())

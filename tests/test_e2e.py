@@ -34,6 +34,14 @@ def test_flwr_run_completes_and_writes_summary(tmp_path):
     assert archs == {"silo-0": "mlp-small", "silo-1": "conv", "silo-2": "mlp-small"}
     assert all(m["bytes-up"] > 0 and m["bytes-down-eval"] > 0 for m in last["silos"].values())
     assert last["silos"]["silo-0"]["num-outliers"] == 20
+    # silo 0's outlier audit reached the summary; the stored generator reproduces its decoder-only numbers
+    from alignfl_app.audit import audit_run
+
+    audit = last["silos"]["silo-0"]
+    assert 0.0 <= audit["audit-mapping-rate"] <= 1.0 and 0.0 <= audit["audit-member-nearer-rate"] <= 1.0
+    again = audit_run(run_dir)["silo-0"]
+    for key in ("audit-leakage-rate", "audit-member-nearer-rate", "audit-mia-auc"):
+        assert again[key] == pytest.approx(audit[key]), key
     for name in ("accuracy.png", "samples/round-001.png", "samples/round-002.png", "global_model_classifier.pt"):
         assert (run_dir / name).stat().st_size > 0, name
 

@@ -172,5 +172,9 @@ def test_audit_scores_a_memorised_outlier_as_leaked_and_a_typical_decoder_as_cle
     assert leaky.leakage_rate == 1.0 and leaky.outlier_share == pytest.approx(2 / 22)
     assert leaky.mapping_rate <= 0.5  # the memorised outlier is reproduced, not mapped
     assert leaky.mia_auc >= 0.5 + 1 / 6  # the memorised member beats every non-member
+    assert leaky.member_nearer_rate == 1.0  # its samples sit on a member, not on a held-out outlier
     clean = audit_outliers(_constant_decoder_vae(typical[0]), x, y, is_outlier, heldout, (0,), num_samples=50)
     assert clean.leakage_rate == 0.0 and clean.mapping_rate == 1.0
+    # a decoder that draws an outlier it never saw is outlier-like, but not nearer to the members
+    fresh = audit_outliers(_constant_decoder_vae(heldout[0]), x, y, is_outlier, heldout, (0,), num_samples=50)
+    assert fresh.member_nearer_rate == 0.0 and set(fresh.metrics()) >= {"audit-member-nearer-rate", "audit-mia-auc"}
