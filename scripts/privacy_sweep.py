@@ -92,17 +92,19 @@ def write_report(rows: list[dict], out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    panels = {"global_accuracy": "global accuracy", "mapping_rate": "outlier mapping rate",
+              "leakage_rate": "outlier leakage rate", "mia_auc": "outlier MIA AUC"}
+    fig, axes = plt.subplots(1, len(panels), figsize=(17, 3.8))
     for ds in sorted({r["dataset"] for r in rows}):
         for wgt in sorted({r["lipschitz_weight"] for r in rows}, key=float):
             pts = [r for r in rows if r["dataset"] == ds and r["lipschitz_weight"] == wgt
                    and r.get("global_accuracy") is not None]
             pts.sort(key=lambda r: float("inf") if r["epsilon"] == "none" else float(r["epsilon"]))
             xs = [r["epsilon"] for r in pts]
-            for ax, key in zip(axes, ("global_accuracy", "leakage_rate", "mia_auc")):
+            for ax, key in zip(axes, panels):
                 ys = [r.get(key) if r.get(key) is not None else float("nan") for r in pts]
                 ax.plot(xs, ys, "o-", label=f"{ds}, lambda={wgt}")
-    for ax, title in zip(axes, ("global accuracy", "outlier leakage rate", "outlier MIA AUC")):
+    for ax, title in zip(axes, panels.values()):
         ax.set_xlabel("epsilon ('none' = no DP)")
         ax.set_title(title)
         ax.grid(alpha=0.3)
