@@ -98,6 +98,11 @@ def decoder_samples(decoder: Decoder, label_set: tuple[int, ...], n: int, seed: 
     return torch.sigmoid(decoder(z, one_hot(local, cond) if cond else None))
 
 
+def audit_seed(run_seed: int, server_round: int) -> int:
+    """Seed of the audit's decoder samples; shared by the in-run audit and ``audit_run`` so they match."""
+    return run_seed + server_round
+
+
 def audit_decoder(decoder: Decoder, x: torch.Tensor, is_outlier: torch.Tensor, heldout: torch.Tensor,
                   label_set: tuple[int, ...], num_samples: int = 2000, seed: int = 0) -> OutlierAudit:
     """The numbers that need only the shared decoder and the silo's records (no mapping rate)."""
@@ -182,7 +187,7 @@ def audit_run(run_dir: Path, data_root: str = "") -> dict[str, dict[str, float |
         desc, decoder = store.load_decoder(name)
         data = build_silo_data(cfg, k)
         result = audit_decoder(decoder, data.x_train, data.is_outlier, data.heldout_outliers, tuple(desc.label_set),
-                               num_samples=cfg.audit_samples, seed=cfg.seed + cfg.num_server_rounds)
+                               num_samples=cfg.audit_samples, seed=audit_seed(cfg.seed, cfg.num_server_rounds))
         out[name] = result.metrics()
     return out
 

@@ -22,6 +22,11 @@ IMAGE_SHAPE = (1, 28, 28)
 HEADLINE_METRIC = {"classifier": "accuracy", "vae": "neg-elbo"}
 
 
+def headline_metric(run_config: dict[str, Any]) -> str:
+    """The metric that judges a run, from its (flat, hyphenated) run config: see HEADLINE_METRIC."""
+    return HEADLINE_METRIC[str(run_config.get("global-model", "classifier"))]
+
+
 class ConfigError(ValueError):
     """A configuration problem, phrased as one line that names the fix."""
 

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .config import HEADLINE_METRIC
+from .config import headline_metric
 
 
 def peak_rss_mb() -> float:
@@ -50,7 +50,7 @@ class RunRecorder:
             "status": "running",
             "rounds": [],
         }
-        self.metric = HEADLINE_METRIC[str(config.get("global-model", "classifier"))]
+        self.metric = headline_metric(config)
 
     def resume(self, completed_round: int) -> None:
         """Carry over the rounds an interrupted run completed (from its summary.json) into this one."""

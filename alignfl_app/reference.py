@@ -45,7 +45,7 @@ def _fit(cfg: RunConfig, x: torch.Tensor, y: torch.Tensor, seed: int) -> tuple[G
 def local_only(cfg: RunConfig, run_dir: Path) -> dict:
     """Each silo's own model; the 'global' entry is the mean over silos of their global-test metrics."""
     rec = RunRecorder(run_dir, cfg.model_dump(by_alias=True), method="local-only")
-    key = HEADLINE_METRIC[cfg.global_model]
+    key = rec.metric
     x_test, y_test = global_test_set(cfg)
     values, per_class = [], []
     for k in range(cfg.num_silos):
@@ -72,7 +72,7 @@ def local_only(cfg: RunConfig, run_dir: Path) -> dict:
 def centralised(cfg: RunConfig, run_dir: Path) -> dict:
     """One model on the union of all silos' training records; judged on the global and local test sets."""
     rec = RunRecorder(run_dir, cfg.model_dump(by_alias=True), method="centralised")
-    key = HEADLINE_METRIC[cfg.global_model]
+    key = rec.metric
     silos = [build_silo_data(cfg, k) for k in range(cfg.num_silos)]
     x = torch.cat([d.x_train for d in silos])
     y = torch.cat([d.y_train for d in silos])
@@ -107,9 +107,9 @@ def main(argv: list[str] | None = None) -> int:
     set_threads(args.threads)
     base = Path(args.out) if args.out else cfg.resolved_results_dir()
     stem = cfg.run_name or (Path(args.experiment).stem if args.experiment else cfg.dataset)
+    key = HEADLINE_METRIC[cfg.global_model]
     for method in args.method:
         summary = RUNNERS[method](cfg, base / f"{stem}-{method}")
-        key = HEADLINE_METRIC[cfg.global_model]
         print(f"[alignfl] {method}: global {key} {summary[f'final-global-{key}']:.4f} ({base / f'{stem}-{method}'})")
     return 0
 

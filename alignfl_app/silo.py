@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .audit import audit_outliers, save_audit_figure
+from .audit import audit_outliers, audit_seed, save_audit_figure
 from .config import IMAGE_SHAPE, RunConfig, SiloNodeConfig, load_architecture, resolve_data_root
 from .data import SiloData, build_silo_data
 from .global_model import GlobalModel
@@ -151,7 +151,7 @@ class Silo:
         """The outlier audit (numbers for the reply); its figure shows raw outliers, so it stays on the silo."""
         d = self.data
         result = audit_outliers(vae, d.x_train, d.y_train, d.is_outlier, d.heldout_outliers, d.classes,
-                                num_samples=self.cfg.audit_samples, seed=self.cfg.seed + server_round)
+                                num_samples=self.cfg.audit_samples, seed=audit_seed(self.cfg.seed, server_round))
         save_audit_figure(vae, d.x_train, d.y_train, d.is_outlier, d.classes,
                           self.cfg.resolved_results_dir() / "silo-audits" / f"{self.name}-round{server_round}.png")
         return result.metrics()

@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from flower_local import PROJECT, SimulationLink, simulation_superlink  # noqa: E402
 
-from alignfl_app.config import HEADLINE_METRIC, ConfigError, RunConfig  # noqa: E402
+from alignfl_app.config import HEADLINE_METRIC, ConfigError, RunConfig, headline_metric  # noqa: E402
 from alignfl_app.experiments import (experiment_overrides, load_experiment, parse_assignments,  # noqa: E402
                                      run_config_string)
 from alignfl_app.reference import RUNNERS  # noqa: E402
@@ -89,7 +89,7 @@ def run_methods(experiment: str, methods: list[str], overrides: dict[str, Any], 
 # --- the comparison tables ----------------------------------------------------------------------
 def _key(summary: dict) -> str:
     """The headline metric of a run: accuracy (global classifier) or neg-elbo (global VAE)."""
-    return HEADLINE_METRIC[summary["config"].get("global-model", "classifier")]
+    return headline_metric(summary["config"])
 
 
 def _rounds(summary: dict) -> list[dict]:
@@ -172,16 +172,15 @@ def markdown(experiment: str, summaries: dict[str, dict], cfg: RunConfig) -> str
     return "\n".join(out)
 
 
-def plot(summaries: dict[str, dict], path: Path, title: str) -> None:
+def plot(summaries: dict[str, dict], path: Path, title: str, key: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.5, 4))
-    rounds_max, key = 1, "accuracy"
+    rounds_max = 1
     for m, s in summaries.items():
-        key = _key(s)
         if m in FEDERATED and _rounds(s):
             xs = [r["round"] for r in _rounds(s)]
             rounds_max = max(rounds_max, xs[-1])
@@ -208,7 +207,8 @@ def plot(summaries: dict[str, dict], path: Path, title: str) -> None:
 def write_comparison(experiment: str, summaries: dict[str, dict], cfg: RunConfig, out: Path) -> None:
     write_csv(comparison_rows(summaries), out / "comparison.csv")
     (out / "comparison.md").write_text(markdown(experiment, summaries, cfg))
-    plot(summaries, out / "accuracy.png", f"{experiment}: global {HEADLINE_METRIC[cfg.global_model]} per round")
+    key = HEADLINE_METRIC[cfg.global_model]
+    plot(summaries, out / "accuracy.png", f"{experiment}: global {key} per round", key)
     for m in summaries:
         grids = sorted((out / "runs" / m / "samples").glob("round-*.png"))
         if grids:

@@ -91,7 +91,7 @@ def record_evaluate_replies(recorder: RunRecorder, server_round: int, replies: I
                 msg.error.reason if msg.has_error() else "no metrics")
             continue
         m = dict(msg.content[P.METRICS])
-        key = "accuracy" if "accuracy" in m else "neg-elbo"
+        key = recorder.metric
         value, n = float(m.get(key, float("nan"))), int(m.get("num-examples", 0))
         record = recorder.silo(server_round, silo_of_node.get(node) or declared_silo(msg))
         record.update({f"eval-{key}": value, "eval-num-examples": n})
