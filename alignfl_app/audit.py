@@ -36,6 +36,7 @@ from pathlib import Path
 import torch
 
 from .models import VAE, Decoder, one_hot
+from .seeds import audit_seed
 from .training import to_local_labels
 
 
@@ -96,11 +97,6 @@ def decoder_samples(decoder: Decoder, label_set: tuple[int, ...], n: int, seed: 
     z = torch.randn(n, decoder.spec.latent_dim, generator=g)
     decoder.eval()
     return torch.sigmoid(decoder(z, one_hot(local, cond) if cond else None))
-
-
-def audit_seed(run_seed: int, server_round: int) -> int:
-    """Seed of the audit's decoder samples; shared by the in-run audit and ``audit_run`` so they match."""
-    return run_seed + server_round
 
 
 def audit_decoder(decoder: Decoder, x: torch.Tensor, is_outlier: torch.Tensor, heldout: torch.Tensor,
@@ -180,14 +176,15 @@ def audit_run(run_dir: Path, data_root: str = "") -> dict[str, dict[str, float |
     cfg = parse_run_config(config)
     store = GeneratorStore(run_dir / "generators")
     out = {}
-    for k in cfg.outlier_silo_ids:
+    for k in cfg.data.outlier_silos:
         name = f"silo-{k}"
         if name not in store.silos():
             continue
         desc, decoder = store.load_decoder(name)
         data = build_silo_data(cfg, k)
         result = audit_decoder(decoder, data.x_train, data.is_outlier, data.heldout_outliers, tuple(desc.label_set),
-                               num_samples=cfg.audit_samples, seed=audit_seed(cfg.seed, cfg.num_server_rounds))
+                               num_samples=cfg.privacy.audit_samples,
+                               seed=audit_seed(cfg.run.seed, cfg.run.num_server_rounds))
         out[name] = result.metrics()
     return out
 

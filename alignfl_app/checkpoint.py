@@ -14,10 +14,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .config import ConfigError, RunConfig, one_line
-from .store import _atomic_write
+from .files import atomic_write_bytes, atomic_write_text
 
 # Keys a resumed run may change: how long and where it runs, not what it learns.
 RESUMABLE_CHANGES = frozenset({"num-server-rounds", "round-timeout", "resume", "results-dir", "data-root",
@@ -43,17 +44,17 @@ class Checkpoint:
     def exists(self) -> bool:
         return self.state_path.is_file()
 
-    def save(self, completed_round: int, model_state: dict[str, np.ndarray], silo_of_node: dict[int, str],
+    def save(self, completed_round: int, model_state: dict[str, torch.Tensor], silo_of_node: dict[int, str],
              cfg: RunConfig) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
         model_file = f"global-model-round-{completed_round:04d}.npz"
         buf = io.BytesIO()
-        np.savez(buf, **model_state)
-        _atomic_write(self.dir / model_file, lambda f: f.write(buf.getvalue()))
+        np.savez(buf, **{k: v.detach().cpu().numpy() for k, v in model_state.items()})
+        atomic_write_bytes(self.dir / model_file, buf.getvalue())
         state = CheckpointState(completed_round=completed_round, model_file=model_file,
                                 silo_of_node={str(k): v for k, v in silo_of_node.items()},
-                                config=cfg.model_dump(by_alias=True))
-        _atomic_write(self.state_path, lambda f: f.write(state.model_dump_json(indent=1).encode()))
+                                config=cfg.flat())
+        atomic_write_text(self.state_path, state.model_dump_json(indent=1))
         for old in self.dir.glob("global-model-round-*.npz"):
             if old.name != model_file:
                 old.unlink(missing_ok=True)
@@ -67,13 +68,13 @@ class Checkpoint:
         except ValidationError as exc:
             raise ConfigError(one_line(exc, str(self.state_path)) + "; restore the file or start a new run") from exc
 
-    def load_model(self, state: CheckpointState) -> dict[str, np.ndarray]:
+    def load_model(self, state: CheckpointState) -> dict[str, torch.Tensor]:
         with np.load(self.dir / state.model_file, allow_pickle=False) as npz:
-            return {k: npz[k] for k in npz.files}
+            return {k: torch.from_numpy(npz[k]) for k in npz.files}
 
     def check_compatible(self, state: CheckpointState, cfg: RunConfig) -> None:
         """A resumed run must learn the same thing; only RESUMABLE_CHANGES may differ (one-line error)."""
-        now = cfg.model_dump(by_alias=True)
+        now = cfg.flat()
         for key in sorted(set(now) | set(state.config)):
             if key in RESUMABLE_CHANGES:
                 continue

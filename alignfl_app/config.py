@@ -1,8 +1,11 @@
 """Every config surface of alignfl as a pydantic model.
 
-Flower hands us flat ``run_config`` / ``node_config`` dicts (bool/int/float/str values, dashed keys);
-these models turn them into typed, validated objects and turn any problem into a one-line
-``ConfigError`` that names the offending key and how to fix it.
+Flower hands us flat ``run_config`` / ``node_config`` dicts (bool/int/float/str values, dashed keys).
+``RunConfig`` keeps those flat keys (users and experiment files rely on them) but groups them into typed
+sections, one per concern (run, data, local training, privacy, Lipschitz, server, baselines); list-valued
+strings are parsed once here. The model holds the defaults (pyproject.toml's ``[tool.flwr.app.config]``
+must equal them, a test checks it) and turns any problem into a one-line ``ConfigError`` naming the key
+and the fix.
 """
 
 from __future__ import annotations
@@ -10,16 +13,18 @@ from __future__ import annotations
 import os
 import tomllib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, ValidationError, field_serializer, field_validator,
+                      model_validator)
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
-ARCHITECTURES_DIR = PROJECT_ROOT / "conf" / "architectures"
+from .resources import conf_dir
+
 NUM_CLASSES = {"mnist": 10, "fashion-mnist": 10}
 IMAGE_SHAPE = (1, 28, 28)
 # how each kind of global model is judged on real test data (summary keys: global.<m>, eval-<m>, final-global-<m>)
 HEADLINE_METRIC = {"classifier": "accuracy", "vae": "neg-elbo"}
+NAME_PATTERN = r"^[A-Za-z0-9_.-]{1,64}$"
 
 
 def headline_metric(run_config: dict[str, Any]) -> str:
@@ -36,9 +41,9 @@ def _dashed(name: str) -> str:
 
 
 def one_line(err: ValidationError, source: str) -> str:
-    """Flatten a pydantic error into one line: ``source: key: message``."""
+    """Flatten a pydantic error into one line: ``source: key: message`` (the flat key, not the section)."""
     first = err.errors()[0]
-    loc = ".".join(str(p) for p in first["loc"]) or "(root)"
+    loc = str(first["loc"][-1]) if first["loc"] else "(root)"
     msg = first["msg"].removeprefix("Value error, ")
     more = f" (+{err.error_count() - 1} more)" if err.error_count() > 1 else ""
     return f"{source}: {loc}: {msg}{more}"
@@ -49,7 +54,7 @@ class ArchitectureSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    name: str = Field(pattern=NAME_PATTERN)
     kind: Literal["mlp", "conv"]
     latent_dim: int = Field(ge=1, le=256)
     hidden: tuple[int, ...] = Field(min_length=1, max_length=4)
@@ -63,14 +68,13 @@ class ArchitectureSpec(BaseModel):
         return v
 
 
-def load_architecture(name: str, directory: Path = ARCHITECTURES_DIR) -> ArchitectureSpec:
+def load_architecture(name: str, directory: Path | None = None) -> ArchitectureSpec:
     """Read ``conf/architectures/<name>.toml``; unknown names list what exists."""
+    directory = directory or conf_dir() / "architectures"
     path = directory / f"{name}.toml"
     if not path.is_file():
         known = sorted(p.stem for p in directory.glob("*.toml"))
-        raise ConfigError(
-            f"unknown architecture '{name}': add {path} or use one of {known}"
-        )
+        raise ConfigError(f"unknown architecture '{name}': add {path} or use one of {known}")
     try:
         raw = tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as exc:
@@ -82,182 +86,21 @@ def load_architecture(name: str, directory: Path = ARCHITECTURES_DIR) -> Archite
         raise ConfigError(one_line(exc, str(path))) from exc
 
 
-def _int_list(text: str, sep: str = ",") -> list[int]:
+def _int_list(text: str, sep: str = ",") -> tuple[int, ...]:
     parts = [p.strip() for p in text.split(sep) if p.strip()]
     try:
-        return [int(p) for p in parts]
+        return tuple(int(p) for p in parts)
     except ValueError as exc:
         raise ValueError(f"expected integers separated by '{sep}', got '{text}'") from exc
 
 
-class RunConfig(BaseModel):
-    """The run config of ``[tool.flwr.app.config]``, validated (see pyproject.toml for the meaning)."""
-
-    model_config = ConfigDict(extra="forbid", alias_generator=_dashed, populate_by_name=True, frozen=True)
-
-    run_name: str = Field(default="", pattern=r"^[A-Za-z0-9_.-]{0,100}$")
-    results_dir: str = "results"
-    data_root: str = ""
-    seed: int = 42
-    num_server_rounds: int = Field(default=4, ge=1, le=1000)
-    round_timeout: float = Field(default=3600.0, gt=0)
-
-    dataset: Literal["mnist", "fashion-mnist"] = "mnist"
-    silo_classes: str = "0,1;2,3;4,5;6,7;8,9"
-    max_per_class: int = Field(default=6000, ge=1)
-    outlier_dataset: Literal["auto", "none", "mnist", "fashion-mnist"] = "auto"
-    outlier_silos: str = "0"
-    outliers_per_silo: int = Field(default=600, ge=0)
-    silo_architectures: str = "mlp;conv"
-
-    conditional: bool = True
-    local_epochs: int = Field(default=5, ge=1)
-    batch_size: int = Field(default=128, ge=1)
-    learning_rate: float = Field(default=1e-3, gt=0)
-    kl_weight: float = Field(default=1.0, ge=0)
-    client_threads: int = Field(default=1, ge=1)
-
-    global_model: Literal["classifier", "vae"] = "classifier"
-    synthetic_per_silo: int = Field(default=2000, ge=1)
-    sample_temperature: float = Field(default=1.0, gt=0)
-    server_epochs: int = Field(default=5, ge=0)
-    server_batch_size: int = Field(default=128, ge=1)
-    server_learning_rate: float = Field(default=1e-3, gt=0)
-    server_threads: int = Field(default=2, ge=1)
-    max_decoder_mb: float = Field(default=64.0, gt=0)
-    sample_grid_per_silo: int = Field(default=10, ge=0, le=64)
-
-    # --- issue 3: privacy (DP-SGD with adaptive clipping, Lipschitz decoders, outlier audit) ---
-    dp_epsilon: float = Field(default=0.0, ge=0)  # target epsilon for the whole planned run; 0: see noise multiplier
-    dp_noise_multiplier: float = Field(default=0.0, ge=0)  # >0: use this sigma instead of calibrating
-    dp_delta: float = Field(default=1e-5, gt=0, lt=1)
-    dp_budget_epsilon: float = Field(default=0.0, ge=0)  # ledger cap; 0: dp-epsilon (no cap if that is 0 too)
-    dp_clip_init: float = Field(default=1.0, gt=0)  # initial clip bound (data-independent)
-    dp_clip_quantile: float = Field(default=0.5, gt=0, lt=1)  # target share of unclipped gradients
-    dp_clip_lr: float = Field(default=0.2, ge=0)  # geometric learning rate of the bound
-    dp_unclipped_std: float = Field(default=0.0, ge=0)  # noise std of the unclipped count; 0: expected batch / 20
-    privacy_ledger_dir: str = ""  # empty: <results-dir>/privacy-ledgers; one <silo>.json per silo
-    lipschitz: Literal["none", "gp", "gp-one-sided", "spectral"] = "none"
-    lipschitz_weight: float = Field(default=0.0, ge=0)  # lambda of the gradient penalty
-    lipschitz_target: float = Field(default=1.0, gt=0)  # slope the penalty aims at; per-layer cap for spectral
-    audit: bool = True  # outlier audit in the last round on silos that hold outliers (audit.py)
-    audit_samples: int = Field(default=2000, ge=1)  # decoder samples for the leakage rate and the MIA
-
-    @model_validator(mode="after")
-    def _privacy_consistent(self) -> RunConfig:
-        if self.lipschitz in ("gp", "gp-one-sided") and self.lipschitz_weight == 0:
-            raise ValueError(f"lipschitz='{self.lipschitz}' needs lipschitz-weight > 0 (e.g. 0.1), or lipschitz='none'")
-        if self.dp_epsilon > 0 and self.dp_noise_multiplier > 0:
-            raise ValueError("set either dp-epsilon (calibrate the noise) or dp-noise-multiplier, not both")
-        return self
-
-    @field_validator("silo_classes")
-    @classmethod
-    def _classes_disjoint(cls, v: str) -> str:
-        groups = [_int_list(g) for g in v.split(";")]
-        if any(not g for g in groups):
-            raise ValueError("every silo needs at least one class, e.g. '0,1;2,3'")
-        flat = [c for g in groups for c in g]
-        if any(len(g) != len(set(g)) for g in groups):
-            raise ValueError(f"a silo lists a class twice, got '{v}'")
-        if any(c < 0 or c > 9 for c in flat):
-            raise ValueError(f"classes must be in 0..9, got '{v}'")
-        return v
-
-    @model_validator(mode="after")
-    def _consistent(self) -> RunConfig:
-        n = self.num_silos
-        flat = [c for g in self.classes_per_silo for c in g]
-        if self.silo_layout == "disjoint" and len(flat) != len(set(flat)):
-            raise ValueError(
-                f"silo-classes: classes must be disjoint across silos, got '{self.silo_classes}' "
-                "(or set silo-layout='slices' to split a shared class's records between its silos)"
-            )
-        if self.strategy != "alignfl" and (self.dp_epsilon > 0 or self.dp_noise_multiplier > 0):
-            raise ValueError(
-                f"DP applies to ALIGN-FL's silos only; strategy='{self.strategy}' trains without it: "
-                "set dp-epsilon=0 and dp-noise-multiplier=0"
-            )
-        if self.strategy != "alignfl" and self.lipschitz != "none":
-            raise ValueError(
-                f"lipschitz applies to ALIGN-FL's silo decoders only: set lipschitz='none' for strategy='{self.strategy}'"
-            )
-        bad = [s for s in self.outlier_silo_ids if s < 0 or s >= n]
-        if bad:
-            raise ValueError(f"outlier-silos {bad} out of range for {n} silos (0..{n - 1})")
-        if not self.conditional and self.global_model == "classifier":
-            raise ValueError(
-                "an unconditional decoder yields unlabelled samples: set global-model='vae' or conditional=true"
-            )
-        if self.outlier_source == self.dataset:
-            raise ValueError("outlier-dataset must differ from dataset (or be 'auto'/'none')")
-        if not [a for a in self.silo_architectures.split(";") if a.strip()]:
-            raise ValueError("silo-architectures needs at least one architecture name, e.g. 'mlp;conv'")
-        return self
-
-    # --- derived views -------------------------------------------------------------------
-    @property
-    def classes_per_silo(self) -> list[list[int]]:
-        return [_int_list(g) for g in self.silo_classes.split(";")]
-
-    @property
-    def num_silos(self) -> int:
-        return len(self.classes_per_silo)
-
-    @property
-    def outlier_silo_ids(self) -> list[int]:
-        return _int_list(self.outlier_silos)
-
-    @property
-    def outlier_source(self) -> str | None:
-        """The dataset outliers are drawn from, or None when outliers are off."""
-        if self.outlier_dataset == "none" or self.outliers_per_silo == 0 or not self.outlier_silo_ids:
-            return None
-        if self.outlier_dataset == "auto":
-            return "fashion-mnist" if self.dataset == "mnist" else "mnist"
-        return self.outlier_dataset
-
-    @property
-    def num_classes(self) -> int:
-        return NUM_CLASSES[self.dataset]
-
-    def architecture_for(self, silo: int) -> str:
-        names = [a.strip() for a in self.silo_architectures.split(";") if a.strip()]
-        return names[silo % len(names)]
-
-    def resolved_data_root(self) -> Path:
-        return resolve_data_root(self.data_root)
-
-    def resolved_results_dir(self) -> Path:
-        path = Path(self.results_dir).expanduser()
-        if not path.is_absolute():
-            base = os.environ.get("ALIGNFL_PROJECT_DIR")
-            path = (Path(base) if base else Path.cwd()) / path
-        return path
-
-    # --- issue 4: baselines and benchmarks ---
-    strategy: Literal["alignfl", "fedavg", "fedprox"] = "alignfl"
-    """alignfl: decoders only, server learns from samples. fedavg/fedprox: Flower's built-in weight averaging
-    of the global classifier, trained by the silos on their real data (local-epochs, batch-size, learning-rate)."""
-    proximal_mu: float = Field(default=0.01, ge=0)
-    """FedProx: weight of mu/2 * ||w - w_global||^2 in the silos' loss (ignored by the other strategies)."""
-    reference_epochs: int = Field(default=10, ge=1)
-    """Epochs of the local-only and centralised reference classifiers (python -m alignfl_app.reference)."""
-    silo_layout: Literal["disjoint", "slices"] = "disjoint"
-    """disjoint: every class belongs to one silo. slices: a class listed by several silos is split into
-    disjoint slices of its records, one per silo (lets 50 silos share 10 classes for scaling runs)."""
-
-    # --- issue 5: resumable server state ---
-    resume: bool = False
-    """Continue results/<run-name>/ from its last completed round (checkpoint/), with every stored generator."""
-
-    @model_validator(mode="after")
-    def _resume_names_a_run(self) -> RunConfig:
-        if self.resume and not self.run_name:
-            raise ValueError("resume=true needs the run-name of the run to continue, e.g. run-name='study-1'")
-        if self.resume and self.strategy != "alignfl":
-            raise ValueError(f"resume=true is supported for strategy='alignfl' only, not '{self.strategy}'")
-        return self
+def _resolve_against_project(path: str) -> Path:
+    """Relative paths resolve against $ALIGNFL_PROJECT_DIR (set by scripts/run), else the current folder."""
+    p = Path(path).expanduser()
+    if not p.is_absolute():
+        base = os.environ.get("ALIGNFL_PROJECT_DIR")
+        p = (Path(base) if base else Path.cwd()) / p
+    return p
 
 
 def resolve_data_root(data_root: str = "") -> Path:
@@ -270,6 +113,271 @@ def resolve_data_root(data_root: str = "") -> Path:
     return Path.home() / ".cache" / "alignfl" / "data"
 
 
+class Section(BaseModel):
+    """A group of flat run-config keys: each field's alias is its key in ``[tool.flwr.app.config]``."""
+
+    model_config = ConfigDict(extra="forbid", alias_generator=_dashed, populate_by_name=True, frozen=True)
+
+
+class RunSection(Section):
+    """Where results go and how long the federation runs."""
+
+    run_name: str = Field(default="", pattern=r"^[A-Za-z0-9_.-]{0,100}$")
+    results_dir: str = "results"
+    seed: int = 42
+    num_server_rounds: int = Field(default=4, ge=1, le=1000)
+    round_timeout: float = Field(default=3600.0, gt=0)
+    resume: bool = False
+    """Continue results/<run-name>/ from its last completed round (checkpoint/), with every stored generator."""
+
+    def resolved_results_dir(self) -> Path:
+        return _resolve_against_project(self.results_dir)
+
+
+class DataSection(Section):
+    """Which dataset, and which classes and outliers each silo holds."""
+
+    dataset: Literal["mnist", "fashion-mnist"] = "mnist"
+    data_root: str = ""
+    silo_classes: tuple[tuple[int, ...], ...] = ((0, 1), (2, 3), (4, 5), (6, 7), (8, 9))
+    """Flat form ``"0,1;2,3"``: silo k holds the classes of the k-th ';'-separated group."""
+    silo_layout: Literal["disjoint", "slices"] = "disjoint"
+    """disjoint: every class belongs to one silo. slices: a class listed by several silos is split into
+    disjoint slices of its records, one per silo (lets 50 silos share 10 classes for scaling runs)."""
+    max_per_class: int = Field(default=6000, ge=1)
+    outlier_dataset: Literal["auto", "none", "mnist", "fashion-mnist"] = "auto"
+    outlier_silos: tuple[int, ...] = (0,)
+    outliers_per_silo: int = Field(default=600, ge=0)
+
+    @field_validator("silo_classes", mode="before")
+    @classmethod
+    def _parse_classes(cls, v: Any) -> Any:
+        if not isinstance(v, str):
+            return v
+        groups = [_int_list(g) for g in v.split(";")]
+        if any(not g for g in groups):
+            raise ValueError("every silo needs at least one class, e.g. '0,1;2,3'")
+        return tuple(groups)
+
+    @field_validator("silo_classes")
+    @classmethod
+    def _classes_valid(cls, v: tuple[tuple[int, ...], ...]) -> tuple[tuple[int, ...], ...]:
+        if not v or any(not g for g in v):
+            raise ValueError("every silo needs at least one class, e.g. '0,1;2,3'")
+        if any(len(g) != len(set(g)) for g in v):
+            raise ValueError(f"a silo lists a class twice, got '{_classes_text(v)}'")
+        if any(c < 0 or c > 9 for g in v for c in g):
+            raise ValueError(f"classes must be in 0..9, got '{_classes_text(v)}'")
+        return v
+
+    @field_validator("outlier_silos", mode="before")
+    @classmethod
+    def _parse_outlier_silos(cls, v: Any) -> Any:
+        return _int_list(v) if isinstance(v, str) else v
+
+    @field_serializer("silo_classes")
+    def _classes_flat(self, v: tuple[tuple[int, ...], ...]) -> str:
+        return _classes_text(v)
+
+    @field_serializer("outlier_silos")
+    def _outlier_silos_flat(self, v: tuple[int, ...]) -> str:
+        return ",".join(map(str, v))
+
+    @model_validator(mode="after")
+    def _consistent(self) -> DataSection:
+        n = self.num_silos
+        flat = [c for g in self.silo_classes for c in g]
+        if self.silo_layout == "disjoint" and len(flat) != len(set(flat)):
+            raise ValueError(
+                f"silo-classes: classes must be disjoint across silos, got '{_classes_text(self.silo_classes)}' "
+                "(or set silo-layout='slices' to split a shared class's records between its silos)"
+            )
+        bad = [s for s in self.outlier_silos if s < 0 or s >= n]
+        if bad:
+            raise ValueError(f"outlier-silos {bad} out of range for {n} silos (0..{n - 1})")
+        if self.outlier_source == self.dataset:
+            raise ValueError("outlier-dataset must differ from dataset (or be 'auto'/'none')")
+        return self
+
+    @property
+    def num_silos(self) -> int:
+        return len(self.silo_classes)
+
+    @property
+    def num_classes(self) -> int:
+        return NUM_CLASSES[self.dataset]
+
+    @property
+    def outlier_source(self) -> str | None:
+        """The dataset outliers are drawn from, or None when outliers are off."""
+        if self.outlier_dataset == "none" or self.outliers_per_silo == 0 or not self.outlier_silos:
+            return None
+        if self.outlier_dataset == "auto":
+            return "fashion-mnist" if self.dataset == "mnist" else "mnist"
+        return self.outlier_dataset
+
+    def resolved_data_root(self) -> Path:
+        return resolve_data_root(self.data_root)
+
+
+def _classes_text(groups: tuple[tuple[int, ...], ...]) -> str:
+    return ";".join(",".join(map(str, g)) for g in groups)
+
+
+class LocalTrainingSection(Section):
+    """A silo's local training: its architecture and the optimiser settings of its VAE."""
+
+    silo_architectures: tuple[str, ...] = ("mlp", "conv")
+    """Flat form ``"mlp;conv"``: cycled over silos; names of conf/architectures/<name>.toml."""
+    conditional: bool = True
+    local_epochs: int = Field(default=5, ge=1)
+    batch_size: int = Field(default=128, ge=1)
+    learning_rate: float = Field(default=1e-3, gt=0)
+    kl_weight: float = Field(default=1.0, ge=0)
+    client_threads: int = Field(default=1, ge=1)
+
+    @field_validator("silo_architectures", mode="before")
+    @classmethod
+    def _parse_architectures(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            v = tuple(a.strip() for a in v.split(";") if a.strip())
+        if not v:
+            raise ValueError("silo-architectures needs at least one architecture name, e.g. 'mlp;conv'")
+        return v
+
+    @field_serializer("silo_architectures")
+    def _architectures_flat(self, v: tuple[str, ...]) -> str:
+        return ";".join(v)
+
+    def architecture_for(self, silo: int) -> str:
+        return self.silo_architectures[silo % len(self.silo_architectures)]
+
+
+class PrivacySection(Section):
+    """DP-SGD with adaptive clipping on the silos, their privacy ledgers, and the outlier audit."""
+
+    epsilon: float = Field(default=0.0, ge=0, alias="dp-epsilon")
+    """Target epsilon for the whole planned run; 0: no DP unless dp-noise-multiplier."""
+    noise_multiplier: float = Field(default=0.0, ge=0, alias="dp-noise-multiplier")
+    delta: float = Field(default=1e-5, gt=0, lt=1, alias="dp-delta")
+    budget_epsilon: float = Field(default=0.0, ge=0, alias="dp-budget-epsilon")
+    """The ledger's cap; 0: dp-epsilon (no cap if that is 0 too)."""
+    clip_init: float = Field(default=1.0, gt=0, alias="dp-clip-init")
+    clip_quantile: float = Field(default=0.5, gt=0, lt=1, alias="dp-clip-quantile")
+    clip_lr: float = Field(default=0.2, ge=0, alias="dp-clip-lr")
+    unclipped_std: float = Field(default=0.0, ge=0, alias="dp-unclipped-std")
+    """Noise std of the unclipped count; 0: expected batch / 20."""
+    ledger_dir: str = Field(default="", alias="privacy-ledger-dir")
+    audit: bool = True
+    audit_samples: int = Field(default=2000, ge=1)
+
+    @model_validator(mode="after")
+    def _one_calibration(self) -> PrivacySection:
+        if self.epsilon > 0 and self.noise_multiplier > 0:
+            raise ValueError("set either dp-epsilon (calibrate the noise) or dp-noise-multiplier, not both")
+        return self
+
+    @property
+    def enabled(self) -> bool:
+        return self.epsilon > 0 or self.noise_multiplier > 0
+
+
+class LipschitzSection(Section):
+    """Lipschitz control of the shared decoders (data-free, so it composes with DP)."""
+
+    method: Literal["none", "gp", "gp-one-sided", "spectral"] = Field(default="none", alias="lipschitz")
+    weight: float = Field(default=0.0, ge=0, alias="lipschitz-weight")
+    target: float = Field(default=1.0, gt=0, alias="lipschitz-target")
+
+    @model_validator(mode="after")
+    def _weighted(self) -> LipschitzSection:
+        if self.method in ("gp", "gp-one-sided") and self.weight == 0:
+            raise ValueError(f"lipschitz='{self.method}' needs lipschitz-weight > 0 (e.g. 0.1), or lipschitz='none'")
+        return self
+
+
+class ServerSection(Section):
+    """What the server learns from the stored generators, and how."""
+
+    global_model: Literal["classifier", "vae"] = "classifier"
+    synthetic_per_silo: int = Field(default=2000, ge=1)
+    sample_temperature: float = Field(default=1.0, gt=0)
+    epochs: int = Field(default=5, ge=0, alias="server-epochs")
+    batch_size: int = Field(default=128, ge=1, alias="server-batch-size")
+    learning_rate: float = Field(default=1e-3, gt=0, alias="server-learning-rate")
+    threads: int = Field(default=2, ge=1, alias="server-threads")
+    max_decoder_mb: float = Field(default=64.0, gt=0)
+    sample_grid_per_silo: int = Field(default=10, ge=0, le=64)
+
+
+class BaselinesSection(Section):
+    """The methods ALIGN-FL is compared with."""
+
+    strategy: Literal["alignfl", "fedavg", "fedprox"] = "alignfl"
+    """alignfl: decoders only, server learns from samples. fedavg/fedprox: Flower's built-in weight averaging
+    of the global model, trained by the silos on their real data (local-epochs, batch-size, learning-rate)."""
+    proximal_mu: float = Field(default=0.01, ge=0)
+    reference_epochs: int = Field(default=10, ge=1)
+
+
+class RunConfig(BaseModel):
+    """The run config of ``[tool.flwr.app.config]``: flat keys in, typed sections out (``flat()`` goes back)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    SECTIONS: ClassVar[dict[str, type[Section]]] = {
+        "run": RunSection, "data": DataSection, "local": LocalTrainingSection, "privacy": PrivacySection,
+        "lipschitz": LipschitzSection, "server": ServerSection, "baselines": BaselinesSection,
+    }
+
+    run: RunSection = RunSection()
+    data: DataSection = DataSection()
+    local: LocalTrainingSection = LocalTrainingSection()
+    privacy: PrivacySection = PrivacySection()
+    lipschitz: LipschitzSection = LipschitzSection()
+    server: ServerSection = ServerSection()
+    baselines: BaselinesSection = BaselinesSection()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _sections_from_flat_keys(cls, raw: Any) -> Any:
+        if not isinstance(raw, dict) or set(raw) <= set(cls.SECTIONS):
+            return raw
+        owner = {field.alias or name: section for section, model in cls.SECTIONS.items()
+                 for name, field in model.model_fields.items()}
+        unknown = sorted(k for k in raw if k not in owner)
+        if unknown:
+            raise ValueError(f"unknown key '{unknown[0]}': use the keys of [tool.flwr.app.config] in pyproject.toml")
+        grouped: dict[str, dict[str, Any]] = {s: {} for s in cls.SECTIONS}
+        for key, value in raw.items():
+            grouped[owner[key]][key] = value
+        return grouped
+
+    @model_validator(mode="after")
+    def _consistent(self) -> RunConfig:
+        strategy = self.baselines.strategy
+        if strategy != "alignfl" and self.privacy.enabled:
+            raise ValueError(f"DP applies to ALIGN-FL's silos only; strategy='{strategy}' trains without it: "
+                             "set dp-epsilon=0 and dp-noise-multiplier=0")
+        if strategy != "alignfl" and self.lipschitz.method != "none":
+            raise ValueError(f"lipschitz applies to ALIGN-FL's silo decoders only: set lipschitz='none' for "
+                             f"strategy='{strategy}'")
+        if not self.local.conditional and self.server.global_model == "classifier":
+            raise ValueError("an unconditional decoder yields unlabelled samples: set global-model='vae' or "
+                             "conditional=true")
+        if self.run.resume and not self.run.run_name:
+            raise ValueError("resume=true needs the run-name of the run to continue, e.g. run-name='study-1'")
+        if self.run.resume and strategy != "alignfl":
+            raise ValueError(f"resume=true is supported for strategy='alignfl' only, not '{strategy}'")
+        return self
+
+    def flat(self) -> dict[str, Any]:
+        """The flat, hyphenated run config (what Flower passes, what summaries and checkpoints record)."""
+        out: dict[str, Any] = {}
+        for section in self.SECTIONS:
+            out.update(getattr(self, section).model_dump(by_alias=True))
+        return out
+
+
 def parse_run_config(raw: dict[str, Any]) -> RunConfig:
     """Validate Flower's flat run config; raise ConfigError with a one-line message."""
     try:
@@ -278,6 +386,12 @@ def parse_run_config(raw: dict[str, Any]) -> RunConfig:
         raise ConfigError(
             one_line(exc, "run config") + " (fix it in [tool.flwr.app.config] or --run-config)"
         ) from exc
+
+
+def silos_root() -> Path:
+    """Where simulated silos keep what they own: $ALIGNFL_SILOS_ROOT, else ~/.cache/alignfl/silos."""
+    env = os.environ.get("ALIGNFL_SILOS_ROOT")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "alignfl" / "silos"
 
 
 class SiloNodeConfig(BaseModel):
@@ -293,25 +407,35 @@ class SiloNodeConfig(BaseModel):
     num_partitions: int | None = Field(default=None, ge=1)
     architecture: str | None = None
     data_root: str | None = None
-    silo_name: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_.-]{1,64}$")
-    classes: str | None = None
-    """The classes this silo holds, e.g. '3,4'; default: group ``partition-id`` of the run's silo-classes."""
+    silo_name: str | None = Field(default=None, pattern=NAME_PATTERN)
+    classes: tuple[int, ...] | None = None
+    """The classes this silo holds (flat form '3,4'); default: group ``partition-id`` of the run's silo-classes."""
+    privacy_ledger: str | None = None
+    """This silo's ledger file (wins over the run config's privacy-ledger-dir)."""
+    silo_dir: str | None = None
+    """The one folder where this silo keeps what it owns (audit reports); default <silos root>/<silo name>."""
 
-    @field_validator("classes")
+    @field_validator("classes", mode="before")
     @classmethod
-    def _classes_listed(cls, v: str | None) -> str | None:
-        if v is None:
+    def _parse_classes(cls, v: Any) -> Any:
+        if not isinstance(v, str):
             return v
         labels = _int_list(v)
         if not labels or len(labels) != len(set(labels)) or any(c < 0 or c > 9 for c in labels):
             raise ValueError(f"classes must be distinct integers in 0..9 separated by ',', e.g. '3,4'; got '{v}'")
-        return v
+        return labels
+
+    @field_serializer("classes")
+    def _classes_flat(self, v: tuple[int, ...] | None) -> str | None:
+        return None if v is None else ",".join(map(str, v))
 
     @property
-    def class_list(self) -> list[int] | None:
-        return _int_list(self.classes) if self.classes is not None else None
-    # --- issue 3: privacy ---
-    privacy_ledger: str | None = None  # this silo's ledger file (wins over run config privacy-ledger-dir)
+    def name(self) -> str:
+        """The silo's name: ``silo-name``, else ``silo-<partition-id>``."""
+        return self.silo_name or f"silo-{self.partition_id}"
+
+    def resolved_silo_dir(self) -> Path:
+        return Path(self.silo_dir).expanduser() if self.silo_dir else silos_root() / self.name
 
 
 def parse_node_config(raw: dict[str, Any]) -> SiloNodeConfig:

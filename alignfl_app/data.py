@@ -203,41 +203,41 @@ def class_indices(labels: torch.Tensor, cls: int, limit: int, seed: int) -> np.n
 def silo_class_indices(cfg: RunConfig, labels: torch.Tensor, cls: int, silo: int) -> np.ndarray:
     """Records of class ``cls`` for ``silo``; a class shared by several silos (silo-layout='slices')
     is cut into disjoint slices of one seeded permutation, one slice per holder in silo order."""
-    holders = [s for s, group in enumerate(cfg.classes_per_silo) if cls in group]
-    if cfg.silo_layout != "slices" or len(holders) <= 1 or silo not in holders:
-        return class_indices(labels, cls, cfg.max_per_class, cfg.seed)
-    everything = class_indices(labels, cls, len(labels), cfg.seed)
-    return np.array_split(everything, len(holders))[holders.index(silo)][:cfg.max_per_class]
+    holders = [s for s, group in enumerate(cfg.data.silo_classes) if cls in group]
+    if cfg.data.silo_layout != "slices" or len(holders) <= 1 or silo not in holders:
+        return class_indices(labels, cls, cfg.data.max_per_class, cfg.run.seed)
+    everything = class_indices(labels, cls, len(labels), cfg.run.seed)
+    return np.array_split(everything, len(holders))[holders.index(silo)][:cfg.data.max_per_class]
 
 
 def outlier_slice(cfg: RunConfig, silo: int, pool_size: int, seed_tag: int) -> np.ndarray:
     """Indices into the outlier pool for ``silo``: disjoint slices of one seeded permutation."""
-    if cfg.outlier_source is None or silo not in cfg.outlier_silo_ids:
+    if cfg.data.outlier_source is None or silo not in cfg.data.outlier_silos:
         return np.empty(0, dtype=np.int64)
-    k = sorted(set(cfg.outlier_silo_ids)).index(silo)
-    n = cfg.outliers_per_silo
+    k = sorted(set(cfg.data.outlier_silos)).index(silo)
+    n = cfg.data.outliers_per_silo
     if (k + 1) * n > pool_size:
         raise ValueError(
-            f"outliers-per-silo={n} x {len(set(cfg.outlier_silo_ids))} silos exceeds the {pool_size} images available"
+            f"outliers-per-silo={n} x {len(set(cfg.data.outlier_silos))} silos exceeds the {pool_size} images available"
         )
-    return _rng(cfg.seed, seed_tag).permutation(pool_size)[k * n:(k + 1) * n]
+    return _rng(cfg.run.seed, seed_tag).permutation(pool_size)[k * n:(k + 1) * n]
 
 
 def build_silo_data(cfg: RunConfig, silo: int, root: Path | None = None,
-                    classes: list[int] | None = None) -> SiloData:
+                    classes: tuple[int, ...] | None = None) -> SiloData:
     """Deterministic partition for ``silo`` (same seed -> same records on every machine).
 
     ``classes`` (a silo's own node config) overrides the run's ``silo-classes`` group for ``silo``.
     """
-    if classes is None and not 0 <= silo < cfg.num_silos:
+    if classes is None and not 0 <= silo < cfg.data.num_silos:
         raise ValueError(
-            f"silo {silo} does not exist: silo-classes defines {cfg.num_silos} silos; "
-            f"set num-supernodes={cfg.num_silos} or add class groups"
+            f"silo {silo} does not exist: silo-classes defines {cfg.data.num_silos} silos; "
+            f"set num-supernodes={cfg.data.num_silos} or add class groups"
         )
-    root_s = str(root or cfg.resolved_data_root())
-    classes = tuple(classes if classes is not None else cfg.classes_per_silo[silo])
-    x_all, y_all = load_split(root_s, cfg.dataset, True)
-    xt_all, yt_all = load_split(root_s, cfg.dataset, False)
+    root_s = str(root or cfg.data.resolved_data_root())
+    classes = tuple(classes if classes is not None else cfg.data.silo_classes[silo])
+    x_all, y_all = load_split(root_s, cfg.data.dataset, True)
+    xt_all, yt_all = load_split(root_s, cfg.data.dataset, False)
     idx = np.concatenate([silo_class_indices(cfg, y_all, c, silo) for c in classes])
     x, y = x_all[idx], y_all[idx]
     test_mask = torch.isin(yt_all, torch.tensor(classes))
@@ -245,12 +245,12 @@ def build_silo_data(cfg: RunConfig, silo: int, root: Path | None = None,
 
     heldout = torch.empty(0, *x.shape[1:])
     is_out = torch.zeros(len(x), dtype=torch.bool)
-    if cfg.outlier_source is not None and silo in cfg.outlier_silo_ids:
-        xo_all, _ = load_split(root_s, cfg.outlier_source, True)
-        xo_test, _ = load_split(root_s, cfg.outlier_source, False)
+    if cfg.data.outlier_source is not None and silo in cfg.data.outlier_silos:
+        xo_all, _ = load_split(root_s, cfg.data.outlier_source, True)
+        xo_test, _ = load_split(root_s, cfg.data.outlier_source, False)
         o_idx = outlier_slice(cfg, silo, len(xo_all), 2)
         h_idx = outlier_slice(cfg, silo, len(xo_test), 3)
-        labels = torch.tensor(classes)[torch.from_numpy(_rng(cfg.seed, 4, silo).integers(0, len(classes), len(o_idx)))]
+        labels = torch.tensor(classes)[torch.from_numpy(_rng(cfg.run.seed, 4, silo).integers(0, len(classes), len(o_idx)))]
         x = torch.cat([x, xo_all[o_idx]])
         y = torch.cat([y, labels])
         is_out = torch.cat([is_out, torch.ones(len(o_idx), dtype=torch.bool)])
@@ -259,8 +259,8 @@ def build_silo_data(cfg: RunConfig, silo: int, root: Path | None = None,
 
 
 def global_test_set(cfg: RunConfig, root: Path | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The real 10-class test split of ``cfg.dataset``: what the global model is judged on."""
-    return load_split(str(root or cfg.resolved_data_root()), cfg.dataset, False)
+    """The real 10-class test split of ``cfg.data.dataset``: what the global model is judged on."""
+    return load_split(str(root or cfg.data.resolved_data_root()), cfg.data.dataset, False)
 
 
 def main(argv: list[str] | None = None) -> int:

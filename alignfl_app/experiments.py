@@ -10,14 +10,15 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-from .config import PROJECT_ROOT, ConfigError, RunConfig, parse_run_config
+from .config import ConfigError, RunConfig, parse_run_config
+from .resources import conf_dir
 
-EXPERIMENTS_DIR = PROJECT_ROOT / "conf" / "experiments"
+EXPERIMENTS_DIR = conf_dir() / "experiments"
 
 
 def app_defaults() -> dict[str, Any]:
-    """``[tool.flwr.app.config]`` of pyproject.toml, as Flower flattens it."""
-    return dict(tomllib.loads((PROJECT_ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"])
+    """The defaults of every run-config key, as Flower flattens ``[tool.flwr.app.config]`` (which equals them)."""
+    return RunConfig().flat()
 
 
 def experiment_path(name_or_path: str) -> Path:

@@ -1,21 +1,22 @@
 """The global model the server learns from synthetic data, and how it is judged on real data.
 
-Shared by the server (training, global test set) and the silos (evaluation on their local test set),
-so both sides compute the same metrics the same way.
+Shared by the server (training, global test set), the baselines' silos (training on real data) and every
+silo's evaluation, so all sides train through the same loop and compute the same metrics the same way.
 """
 
 from __future__ import annotations
 
-import math
+from collections.abc import Iterable, Sequence
 
-import numpy as np
 import torch
 
 from .config import IMAGE_SHAPE, RunConfig, load_architecture
 from .models import VAE, Classifier
-from .training import evaluate_classifier, train_classifier, train_vae, vae_test_loss
+from .training import (CrossEntropy, NegativeELBO, Objective, StepHook, Trainer, TrainReport, evaluate_classifier,
+                       vae_test_loss)
 
 GLOBAL_VAE_ARCHITECTURE = "mlp"
+StateDict = dict[str, torch.Tensor]
 
 
 class GlobalModel:
@@ -24,38 +25,46 @@ class GlobalModel:
     def __init__(self, kind: str, num_classes: int, seed: int = 0, conditional: bool = True) -> None:
         self.kind, self.num_classes = kind, num_classes
         torch.manual_seed(seed)
+        self.objective: Objective
         if kind == "classifier":
             self.model: torch.nn.Module = Classifier(num_classes, IMAGE_SHAPE)
+            self.objective = CrossEntropy()
         elif kind == "vae":
             self.model = VAE(load_architecture(GLOBAL_VAE_ARCHITECTURE), num_classes if conditional else 0, IMAGE_SHAPE)
+            self.objective = NegativeELBO()
         else:
             raise ValueError(f"unknown global model '{kind}': use 'classifier' or 'vae'")
-        self.optimizer: torch.optim.Optimizer | None = None  # created on first fit, kept across rounds
+        self.optimizer: torch.optim.Optimizer | None = None
 
     @classmethod
     def from_config(cls, cfg: RunConfig) -> GlobalModel:
-        return cls(cfg.global_model, cfg.num_classes, cfg.seed, cfg.conditional)
+        return cls(cfg.server.global_model, cfg.data.num_classes, cfg.run.seed, cfg.local.conditional)
 
-    def state(self) -> dict[str, np.ndarray]:
-        return {k: v.detach().cpu().numpy().copy() for k, v in self.model.state_dict().items()}
+    def state(self) -> StateDict:
+        return {k: v.detach().clone() for k, v in self.model.state_dict().items()}
 
-    def load_state(self, state: dict[str, np.ndarray]) -> None:
-        self.model.load_state_dict({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in state.items()}, strict=True)
+    def load_state(self, state: StateDict) -> None:
+        self.model.load_state_dict(state, strict=True)
 
-    def fit(self, x: torch.Tensor, y: torch.Tensor, *, epochs: int, batch_size: int, lr: float, seed: int,
-            proximal_mu: float = 0.0) -> float:
-        """Train on (synthetic or a silo's real) data, warm-starting from the current weights and optimiser
-        state; returns the mean training loss of the last epoch. ``proximal_mu``: FedProx's term."""
+    def optimizer_for(self, lr: float) -> torch.optim.Optimizer:
+        """The model's Adam optimiser, made on first use and kept (its state carries across rounds)."""
         if self.optimizer is None:
             self.optimizer = torch.optim.Adam(self.model.parameters(), lr=lr)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        if self.kind == "classifier":
-            return train_classifier(self.model, x, y, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
-                                    optimizer=self.optimizer, proximal_mu=proximal_mu)
-        labels = tuple(range(self.num_classes))
-        return train_vae(self.model, x, y, labels, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
-                         optimizer=self.optimizer, proximal_mu=proximal_mu).loss
+        return self.optimizer
+
+    def _targets(self, y: torch.Tensor) -> torch.Tensor:
+        """Class ids for the classifier and the conditional VAE; zeros for an unconditional VAE (labels -1)."""
+        if self.kind == "vae" and not self.model.decoder.cond_dim:
+            return torch.zeros(len(y), dtype=torch.long)
+        return y
+
+    def fit(self, data: tuple[torch.Tensor, torch.Tensor], batches: Iterable[torch.Tensor], lr: float,
+            hooks: Sequence[StepHook] = ()) -> TrainReport:
+        """Train on (synthetic or a silo's real) data, warm-starting from the current weights and optimiser
+        state. ``lr`` is used when the optimiser is made; a schedule may change it in between."""
+        x, y = data
+        return Trainer(self.objective, hooks=hooks).fit(self.model, (x, self._targets(y)), batches,
+                                                         self.optimizer_for(lr))
 
     def evaluate(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, float | list[float]]:
         """Real-data metrics. Classifier: accuracy + per-class accuracy. VAE: negative ELBO."""
@@ -63,11 +72,5 @@ class GlobalModel:
             ev = evaluate_classifier(self.model, x, y, self.num_classes)
             return {"accuracy": ev.accuracy, "loss": ev.loss, "per-class-accuracy": ev.per_class_accuracy,
                     "num-examples": ev.num_examples}
-        nelbo = vae_test_loss(self.model, x, y, tuple(range(self.num_classes)))
+        nelbo = vae_test_loss(self.model, x, self._targets(y))
         return {"neg-elbo": nelbo, "loss": nelbo, "num-examples": len(x)}
-
-
-def cosine_lr(base: float, step: int, total: int, floor: float = 0.01) -> float:
-    """Learning rate annealed over the planned server epochs of the whole run (stable final model)."""
-    frac = min(max(step / max(total, 1), 0.0), 1.0)
-    return base * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * frac)))

@@ -5,7 +5,7 @@
   unit direction ``v``. The interpolated latents are drawn from the prior (``z = t z_a + (1 - t) z_b``,
   random labels of the silo), so the penalty never touches a record: under DP its gradient is added
   after the privatised data gradient at no privacy cost (post-processing).
-* ``project_spectral``: after each optimizer step, rescale every decoder layer whose spectral bound
+* ``SpectralProjection``: after each optimizer step, rescale every decoder layer whose spectral bound
   exceeds K (post-processing too). Weights stay plain tensors, so the decoder's state_dict keys are
   unchanged and the server rebuilds it from the descriptor as before.
 * ``layer_bounds`` / ``upper_bound``: a certified bound, the product of per-layer bounds (ReLU is
@@ -22,7 +22,9 @@ import math
 import torch
 from torch import nn
 
+from .config import LipschitzSection
 from .models import Decoder, one_hot
+from .training import GradientRule, StepHook
 
 SECANT_STEP = 0.05
 
@@ -48,7 +50,7 @@ def upper_bound(decoder: Decoder) -> float:
     return float(math.prod(layer_bounds(decoder)))
 
 
-class SpectralProjector:
+class SpectralProjection(StepHook):
     """Keeps every decoder layer's bound <= ``cap``: cheap power iterations each step, exact at ``finish``."""
 
     def __init__(self, decoder: Decoder, cap: float, generator: torch.Generator) -> None:
@@ -56,7 +58,7 @@ class SpectralProjector:
         self.u = [torch.randn(_matrix_and_factor(m)[0].shape[0], generator=generator) for m in self.layers]
 
     @torch.no_grad()
-    def step(self, iterations: int = 2) -> None:
+    def after_step(self, iterations: int = 2) -> None:
         for i, layer in enumerate(self.layers):
             mat, factor = _matrix_and_factor(layer)
             u = self.u[i]
@@ -76,6 +78,34 @@ class SpectralProjector:
             sigma = float(torch.linalg.matrix_norm(mat, ord=2)) * factor
             if sigma > self.cap:
                 layer.weight.mul_(self.cap / sigma)
+
+
+class GradientPenalty(StepHook):
+    """The weighted penalty on ``n`` data-free latents, its gradient added after the data gradient."""
+
+    def __init__(self, decoder: Decoder, n: int, section: LipschitzSection, generator: torch.Generator) -> None:
+        self.decoder, self.n, self.section, self.g = decoder, n, section, generator
+        self.last: float | None = None
+
+    def after_backward(self, rule: GradientRule) -> None:
+        with rule.data_free():
+            pen = gradient_penalty(self.decoder, self.n, self.section.target, self.section.method == "gp-one-sided",
+                                   self.g)
+            (self.section.weight * pen).backward()
+        self.last = float(pen.detach())
+
+    def report(self) -> dict[str, float]:
+        return {} if self.last is None else {"lipschitz-penalty": self.last}
+
+
+def lipschitz_hooks(section: LipschitzSection, decoder: Decoder, batch_size: int,
+                    generator: torch.Generator) -> list[StepHook]:
+    """The step hooks of the run's Lipschitz method (none, a penalty, or a projection)."""
+    if section.method == "spectral":
+        return [SpectralProjection(decoder, section.target, generator)]
+    if section.method in ("gp", "gp-one-sided") and section.weight > 0:
+        return [GradientPenalty(decoder, batch_size, section, generator)]
+    return []
 
 
 def _prior_points(decoder: Decoder, n: int, g: torch.Generator, temperature: float = 1.0):

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -16,6 +15,7 @@ import numpy as np
 import torch
 
 from .config import headline_metric
+from .files import atomic_write_text
 
 
 def peak_rss_mb() -> float:
@@ -85,9 +85,7 @@ class RunRecorder:
                 s: m[f"eval-{key}"] for s, m in last["silos"].items() if f"eval-{key}" in m
             }
         path = self.run_dir / "summary.json"
-        tmp = path.with_suffix(".json.part")
-        tmp.write_text(json.dumps(_jsonable(self.summary), indent=2))
-        os.replace(tmp, path)
+        atomic_write_text(path, json.dumps(_jsonable(self.summary), indent=2))
         return path
 
     def finish(self, status: str = "completed") -> Path:
@@ -151,7 +149,25 @@ class RunRecorder:
         plt.close(fig)
         return path
 
-    def save_model(self, state: dict[str, np.ndarray], kind: str) -> Path:
+    def save_model(self, state: dict[str, torch.Tensor], kind: str) -> Path:
         path = self.run_dir / f"global_model_{kind}.pt"
-        torch.save({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in state.items()}, path)
+        torch.save(state, path)
         return path
+
+    def record_evaluations(self, server_round: int,
+                           results: list[tuple[str, dict[str, Any]]]) -> dict[str, float] | None:
+        """Each silo's evaluation of the global model on its own real test set; the mean weighted by examples.
+
+        Shared by every strategy, so ALIGN-FL and the baselines are judged and named the same way."""
+        total, weighted = 0, 0.0
+        for silo, m in results:
+            value, n = float(m.get(self.metric, float("nan"))), int(m.get("num-examples", 0))
+            record = self.silo(server_round, silo)
+            record.update({f"eval-{self.metric}": value, "eval-num-examples": n})
+            if "per-class-accuracy" in m:
+                record["eval-per-class-accuracy"] = list(m["per-class-accuracy"])
+            total += n
+            weighted += value * n
+        if total == 0:
+            return None
+        return {"silo-mean-eval": weighted / total, "num-examples": total}

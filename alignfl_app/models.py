@@ -1,14 +1,13 @@
 """Models: per-silo (conditional) VAEs whose decoder is the shared generator, and the global models.
 
 The decoder is a separate ``nn.Module`` (``vae.decoder``) so that exactly its parameters can be
-shipped (``decoder_only_state``) and rebuilt on the server from a descriptor alone.
+shipped and rebuilt on the server from a descriptor alone.
 """
 
 from __future__ import annotations
 
 import math
 
-import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -113,11 +112,6 @@ def vae_loss(logits: torch.Tensor, x: torch.Tensor, mu: torch.Tensor, logvar: to
     kl = -0.5 * (1 + logvar - mu.pow(2) - logvar.exp()).sum(1)
     loss = rec + kl_weight * kl
     return loss if reduction == "none" else loss.mean()
-
-
-def decoder_only_state(vae: VAE) -> dict[str, np.ndarray]:
-    """The only weights a silo ever sends: its decoder's, as float32 numpy arrays."""
-    return {k: v.detach().cpu().numpy().astype(np.float32, copy=True) for k, v in vae.decoder.state_dict().items()}
 
 
 class Classifier(nn.Module):

@@ -3,9 +3,9 @@
 Train reply:    ``decoder`` (ArrayRecord, decoder tensors only), ``descriptor`` (ConfigRecord, key
                 ``json``: a GeneratorDescriptor), ``metrics`` (MetricRecord).
 FedAvg/FedProx train ask: ``global-model`` (ArrayRecord), ``config`` (``strategy``, ``proximal-mu``);
-                reply: ``global-model`` (the locally trained classifier), ``metrics``, ``silo``.
+                reply: ``global-model`` (the locally trained model), ``metrics``, ``silo``.
 Evaluate ask:   ``global-model`` (ArrayRecord), ``config`` (ConfigRecord with ``global-model-kind``).
-Evaluate reply: ``metrics`` (MetricRecord).
+Evaluate reply: ``metrics`` (MetricRecord), ``silo``.
 """
 
 DECODER = "decoder"
@@ -16,19 +16,7 @@ CONFIG = "config"
 GLOBAL_MODEL = "global-model"
 GLOBAL_MODEL_KIND = "global-model-kind"
 SERVER_ROUND = "server-round"
-SILO = "silo"  # evaluate reply: ConfigRecord {"name": silo name}
+SILO = "silo"  # ConfigRecord {"name": silo name}
 STRATEGY = "strategy"  # train ask config: alignfl | fedavg | fedprox (absent: alignfl)
 PROXIMAL_MU = "proximal-mu"  # train ask config of FedProx (Flower's FedProx sets it)
 VAE_STATE = "alignfl-vae"  # key in the silo's private Context.state; never sent
-
-
-# The only Flower-aware helpers in the core: numpy state dicts <-> ArrayRecord (numpy serialisation,
-# loaded with allow_pickle=False by Flower's Array.numpy()).
-def to_array_record(state: dict):
-    from flwr.app import Array, ArrayRecord
-
-    return ArrayRecord({k: Array(v) for k, v in state.items()})
-
-
-def from_array_record(record) -> dict:
-    return {k: a.numpy() for k, a in record.items()}

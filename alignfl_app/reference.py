@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -26,31 +25,28 @@ from .data import build_silo_data, global_test_set
 from .experiments import load_experiment, parse_assignments
 from .global_model import GlobalModel
 from .metrics import RunRecorder, peak_rss_mb
-from .training import set_threads
+from .training import ShuffledBatches, set_threads
 
 METHODS = ("local-only", "centralised")
 
 
 def _fit(cfg: RunConfig, x: torch.Tensor, y: torch.Tensor, seed: int) -> tuple[GlobalModel, dict[str, float]]:
-    model = GlobalModel(cfg.global_model, cfg.num_classes, seed=seed, conditional=cfg.conditional)
-    t0 = time.perf_counter()
-    loss = model.fit(x, y, epochs=cfg.reference_epochs, batch_size=cfg.batch_size, lr=cfg.learning_rate,
-                     seed=seed)
-    seconds = time.perf_counter() - t0
-    return model, {"train-loss": loss, "train-seconds": seconds,
-                   "samples-per-second": cfg.reference_epochs * len(x) / max(seconds, 1e-9),
-                   "num-examples": len(x)}
+    model = GlobalModel(cfg.server.global_model, cfg.data.num_classes, seed=seed, conditional=cfg.local.conditional)
+    batches = ShuffledBatches(cfg.local.batch_size, cfg.baselines.reference_epochs)
+    report = model.fit((x, y), batches(len(x), torch.Generator().manual_seed(seed)), cfg.local.learning_rate)
+    return model, {"train-loss": report.loss, "train-seconds": report.seconds,
+                   "samples-per-second": report.examples_seen / max(report.seconds, 1e-9), "num-examples": len(x)}
 
 
 def local_only(cfg: RunConfig, run_dir: Path) -> dict:
     """Each silo's own model; the 'global' entry is the mean over silos of their global-test metrics."""
-    rec = RunRecorder(run_dir, cfg.model_dump(by_alias=True), method="local-only")
+    rec = RunRecorder(run_dir, cfg.flat(), method="local-only")
     key = rec.metric
     x_test, y_test = global_test_set(cfg)
     values, per_class = [], []
-    for k in range(cfg.num_silos):
+    for k in range(cfg.data.num_silos):
         data = build_silo_data(cfg, k)
-        model, fit = _fit(cfg, data.x_train, data.y_train, seed=cfg.seed + k)
+        model, fit = _fit(cfg, data.x_train, data.y_train, seed=cfg.run.seed + k)
         glob = model.evaluate(x_test, y_test)
         local = model.evaluate(data.x_test, data.y_test)
         silo = rec.silo(1, f"silo-{k}")
@@ -71,19 +67,19 @@ def local_only(cfg: RunConfig, run_dir: Path) -> dict:
 
 def centralised(cfg: RunConfig, run_dir: Path) -> dict:
     """One model on the union of all silos' training records; judged on the global and local test sets."""
-    rec = RunRecorder(run_dir, cfg.model_dump(by_alias=True), method="centralised")
+    rec = RunRecorder(run_dir, cfg.flat(), method="centralised")
     key = rec.metric
-    silos = [build_silo_data(cfg, k) for k in range(cfg.num_silos)]
+    silos = [build_silo_data(cfg, k) for k in range(cfg.data.num_silos)]
     x = torch.cat([d.x_train for d in silos])
     y = torch.cat([d.y_train for d in silos])
-    model, fit = _fit(cfg, x, y, seed=cfg.seed)
+    model, fit = _fit(cfg, x, y, seed=cfg.run.seed)
     x_test, y_test = global_test_set(cfg)
     rec.round(1)["global"] = model.evaluate(x_test, y_test)
     rec.round(1)["server"] = {**fit, "peak-rss-mb": peak_rss_mb()}
     for d in silos:
         local = model.evaluate(d.x_test, d.y_test)
         rec.silo(1, f"silo-{d.silo}").update({f"eval-{key}": local[key], "eval-num-examples": len(d.y_test)})
-    rec.save_model(model.state(), cfg.global_model)
+    rec.save_model(model.state(), cfg.server.global_model)
     rec.finish()
     return rec.summary
 
@@ -105,9 +101,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     set_threads(args.threads)
-    base = Path(args.out) if args.out else cfg.resolved_results_dir()
-    stem = cfg.run_name or (Path(args.experiment).stem if args.experiment else cfg.dataset)
-    key = HEADLINE_METRIC[cfg.global_model]
+    base = Path(args.out) if args.out else cfg.run.resolved_results_dir()
+    stem = cfg.run.run_name or (Path(args.experiment).stem if args.experiment else cfg.data.dataset)
+    key = HEADLINE_METRIC[cfg.server.global_model]
     for method in args.method:
         summary = RUNNERS[method](cfg, base / f"{stem}-{method}")
         print(f"[alignfl] {method}: global {key} {summary[f'final-global-{key}']:.4f} ({base / f'{stem}-{method}'})")

@@ -1,163 +1,156 @@
 """One silo's side of ALIGN-FL, free of Flower: train the local VAE, hand out only the decoder.
 
-``client_app`` turns a Flower message into a call here and the result back into a reply.
+``client_app`` turns a Flower message into a call here and the result back into a reply. A round is
+composed from the silo's privacy mode (privacy.py: batches, gradient rule, ledger), its Lipschitz hooks
+(lipschitz.py) and the shared training loop (training.py).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
-import numpy as np
 import torch
 
-from .audit import audit_outliers, audit_seed, save_audit_figure
+from .audit import audit_outliers, save_audit_figure
 from .config import IMAGE_SHAPE, RunConfig, SiloNodeConfig, load_architecture, resolve_data_root
 from .data import SiloData, build_silo_data
 from .global_model import GlobalModel
-from .lipschitz import empirical_lipschitz, upper_bound
+from .lipschitz import empirical_lipschitz, lipschitz_hooks, upper_bound
 from .metrics import peak_rss_mb
-from .models import VAE, decoder_only_state
-from .privacy import DPPlan, PrivacyLedger, dp_enabled, ledger_path, plan_dp
+from .models import VAE
+from .privacy import privacy_mode
+from .seeds import audit_seed, local_batches_seed, vae_init_seed
 from .store import GeneratorDescriptor
-from .training import set_threads, train_vae, vae_test_loss
+from .training import NegativeELBO, ProximalTerm, ShuffledBatches, Trainer, set_threads, to_local_labels, vae_test_loss
+
+StateDict = dict[str, torch.Tensor]
 
 
 @dataclass
 class TrainOutcome:
-    decoder_state: dict[str, np.ndarray]
+    decoder_state: StateDict
     descriptor: GeneratorDescriptor
-    vae_state: dict[str, np.ndarray]  # stays on the silo (encoder included)
+    vae_state: StateDict  # stays on the silo (encoder included)
     metrics: dict[str, float | int]
 
 
 class Silo:
-    """A silo: its data partition, its architecture, its VAE."""
+    """A silo: its data partition, its architecture, its privacy mode, its VAE."""
 
     def __init__(self, cfg: RunConfig, node: SiloNodeConfig) -> None:
         self.cfg, self.node = cfg, node
         self.index = node.partition_id
-        self.name = node.silo_name or f"silo-{self.index}"
-        self.architecture = load_architecture(node.architecture or cfg.architecture_for(self.index))
-        root = resolve_data_root(node.data_root) if node.data_root else cfg.resolved_data_root()
-        self.data: SiloData = build_silo_data(cfg, self.index, Path(root), node.class_list)
-        set_threads(cfg.client_threads)
-        self.dp_plan: DPPlan | None = plan_dp(cfg, len(self.data.x_train)) if dp_enabled(cfg) else None
+        self.name = node.name
+        self.dir = node.resolved_silo_dir()
+        self.architecture = load_architecture(node.architecture or cfg.local.architecture_for(self.index))
+        root = resolve_data_root(node.data_root or cfg.data.data_root)
+        self.data: SiloData = build_silo_data(cfg, self.index, root, node.classes)
+        set_threads(cfg.local.client_threads)
+        self.privacy = privacy_mode(cfg, len(self.data.x_train), node.privacy_ledger, self.name)
+        cond_dim = len(self.data.classes) if cfg.local.conditional else 0
+        self.y_train = self._decoder_labels(self.data.y_train, cond_dim)
+        self.y_test = self._decoder_labels(self.data.y_test, cond_dim)
 
-    def ledger(self) -> PrivacyLedger:
-        """The silo's privacy ledger, read from disk each round (another process may have spent budget)."""
-        plan = self.dp_plan
-        assert plan is not None
-        return PrivacyLedger(ledger_path(self.cfg, self.node.privacy_ledger, self.name), self.name, plan.delta,
-                             plan.budget_epsilon)
-
-    @property
-    def cond_dim(self) -> int:
-        return len(self.data.classes) if self.cfg.conditional else 0
+    def _decoder_labels(self, y: torch.Tensor, cond_dim: int) -> torch.Tensor:
+        """The decoder's condition: index in the silo's label set (all zero for an unconditional decoder)."""
+        return to_local_labels(y, self.data.classes) if cond_dim else torch.zeros(len(y), dtype=torch.long)
 
     def new_vae(self) -> VAE:
-        torch.manual_seed(self.cfg.seed * 7919 + self.index)
-        return VAE(self.architecture, self.cond_dim, IMAGE_SHAPE)
+        torch.manual_seed(vae_init_seed(self.cfg.run.seed, self.index))
+        cond_dim = len(self.data.classes) if self.cfg.local.conditional else 0
+        return VAE(self.architecture, cond_dim, IMAGE_SHAPE)
 
-    def restore_vae(self, state: dict[str, np.ndarray] | None) -> VAE:
+    def restore_vae(self, state: StateDict | None) -> VAE:
         """The silo's VAE from its previous round (or fresh when absent or from another architecture)."""
         vae = self.new_vae()
         if state:
             expected = vae.state_dict()
-            if set(state) == set(expected) and all(tuple(state[k].shape) == tuple(v.shape) for k, v in expected.items()):
-                vae.load_state_dict({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in state.items()})
+            if set(state) == set(expected) and all(state[k].shape == v.shape for k, v in expected.items()):
+                vae.load_state_dict(state)
         return vae
 
-    def train_round(self, server_round: int, previous_vae: dict[str, np.ndarray] | None) -> TrainOutcome:
-        """One round of local training. Private runs book the round in the ledger first
-        (``PrivacyBudgetExceeded`` if it would pass the budget) and report only data-free or private numbers."""
-        cfg, plan = self.cfg, self.dp_plan
+    def train_round(self, server_round: int, previous_vae: StateDict | None) -> TrainOutcome:
+        """One round of local training under the silo's privacy mode (a DP silo books the round first and
+        raises ``PrivacyBudgetExceeded`` if it would pass the budget); only data-free or private numbers
+        leave a DP silo."""
+        cfg, privacy = self.cfg, self.privacy
         vae = self.restore_vae(previous_vae)
-        ledger = self.ledger() if plan else None
-        spent = ledger.reserve(server_round, plan.noise_multiplier, plan.sample_rate, plan.steps_per_round) \
-            if ledger and plan else None
-        report = train_vae(
-            vae, self.data.x_train, self.data.y_train, self.data.classes, epochs=cfg.local_epochs,
-            batch_size=cfg.batch_size, lr=cfg.learning_rate, kl_weight=cfg.kl_weight,
-            seed=cfg.seed * 100003 + self.index * 1009 + server_round,
-            dp_plan=plan, clip_bound=ledger.state.clip_bound if ledger else None, lipschitz=cfg.lipschitz,
-            lipschitz_weight=cfg.lipschitz_weight, lipschitz_target=cfg.lipschitz_target,
-        )
+        optimizer = torch.optim.Adam(vae.parameters(), lr=cfg.local.learning_rate)
+        generator = privacy.generator(local_batches_seed(cfg.run.seed, self.index, server_round))
+        rule = privacy.open_round(server_round, vae)
+        batches = privacy.batcher()(len(self.data.x_train), generator)
+        hooks = lipschitz_hooks(cfg.lipschitz, vae.decoder, cfg.local.batch_size, generator)
+        report = Trainer(NegativeELBO(cfg.local.kl_weight), rule, hooks).fit(
+            vae, (self.data.x_train, self.y_train), batches, optimizer)
         desc = GeneratorDescriptor(
-            silo=self.name, architecture=self.architecture, conditional=cfg.conditional,
+            silo=self.name, architecture=self.architecture, conditional=cfg.local.conditional,
             label_set=self.data.classes, image_shape=IMAGE_SHAPE, round=server_round,
             num_examples=len(self.data.x_train),
         )
-        decoder_state = decoder_only_state(vae)
+        decoder_state = {k: v.detach().clone() for k, v in vae.decoder.state_dict().items()}
         metrics: dict[str, float | int] = {
             "num-examples": len(self.data.x_train),
             "num-outliers": self.data.num_outliers,
             "train-seconds": report.seconds,
             "samples-per-second": report.examples_seen / max(report.seconds, 1e-9),
-            "decoder-bytes": int(sum(a.nbytes for a in decoder_state.values())),
+            "decoder-bytes": state_bytes(decoder_state),
             "peak-rss-mb": peak_rss_mb(),
             "lipschitz-upper-bound": upper_bound(vae.decoder),
             "lipschitz-empirical": empirical_lipschitz(vae.decoder, seed=server_round),
+            **report.details,
+            **privacy.close_round(report),
         }
-        if report.penalty is not None:
-            metrics["lipschitz-penalty"] = report.penalty
-        if ledger and plan and spent is not None:
-            ledger.state.clip_bound = report.clip_bound
-            ledger.save()
-            metrics.update({
-                "dp-epsilon-spent": spent, "dp-delta": plan.delta, "dp-noise-multiplier": plan.noise_multiplier,
-                "dp-sample-rate": plan.sample_rate, "dp-steps": report.steps, "dp-clip-bound": report.clip_bound or 0.0,
-                "dp-unclipped-fraction": report.unclipped_fraction or 0.0,
-            })
-            if plan.budget_epsilon != float("inf"):
-                metrics["dp-epsilon-budget"] = plan.budget_epsilon
-        else:  # losses on the silo's records are not privatised: sent only without DP
+        if privacy.releases_record_losses:
             metrics["train-loss"] = report.loss
-            metrics["test-neg-elbo"] = vae_test_loss(vae, self.data.x_test, self.data.y_test, self.data.classes)
-        if cfg.audit and server_round == cfg.num_server_rounds and self.data.num_outliers:
+            metrics["test-neg-elbo"] = vae_test_loss(vae, self.data.x_test, self.y_test)
+        if cfg.privacy.audit and server_round == cfg.run.num_server_rounds and self.data.num_outliers:
             metrics.update(self.audit(vae, server_round))
-        vae_state = {k: v.detach().numpy().copy() for k, v in vae.state_dict().items()}
-        metrics["vae-bytes"] = int(sum(a.nbytes for a in vae_state.values()))  # what a full-model upload would cost
+        vae_state = {k: v.detach().clone() for k, v in vae.state_dict().items()}
+        metrics["vae-bytes"] = state_bytes(vae_state)  # what a full-model upload would cost
         return TrainOutcome(decoder_state, desc, vae_state, metrics)
 
-    def train_global_model(self, server_round: int, global_state: dict[str, np.ndarray],
-                           proximal_mu: float = 0.0) -> tuple[dict[str, np.ndarray], dict[str, float | int]]:
+    def train_global_model(self, server_round: int, global_state: StateDict,
+                           proximal_mu: float = 0.0) -> tuple[StateDict, dict[str, float | int]]:
         """FedAvg / FedProx round: the received global model (``global-model``: the classifier, or the VAE over
         all classes), trained on this silo's real data with the settings the ALIGN-FL silos use for their VAEs
         (outliers included, local-epochs / batch-size / learning-rate)."""
-        import time
-
         cfg = self.cfg
         model = GlobalModel.from_config(cfg)
         model.load_state(global_state)
-        t0 = time.perf_counter()
-        loss = model.fit(self.data.x_train, self.data.y_train, epochs=cfg.local_epochs, batch_size=cfg.batch_size,
-                         lr=cfg.learning_rate, seed=cfg.seed * 100003 + self.index * 1009 + server_round,
-                         proximal_mu=proximal_mu)
-        seconds = time.perf_counter() - t0
+        hooks = [ProximalTerm(model.model, proximal_mu)] if proximal_mu > 0 else []
+        batches = ShuffledBatches(cfg.local.batch_size, cfg.local.local_epochs)
+        generator = torch.Generator().manual_seed(local_batches_seed(cfg.run.seed, self.index, server_round))
+        report = model.fit((self.data.x_train, self.data.y_train), batches(len(self.data.x_train), generator),
+                           cfg.local.learning_rate, hooks)
         state = model.state()
         metrics: dict[str, float | int] = {
             "num-examples": len(self.data.x_train),
             "num-outliers": self.data.num_outliers,
-            "train-loss": loss,
-            "train-seconds": seconds,
-            "samples-per-second": cfg.local_epochs * len(self.data.x_train) / max(seconds, 1e-9),
-            "model-bytes": int(sum(a.nbytes for a in state.values())),
+            "train-loss": report.loss,
+            "train-seconds": report.seconds,
+            "samples-per-second": report.examples_seen / max(report.seconds, 1e-9),
+            "model-bytes": state_bytes(state),
             "peak-rss-mb": peak_rss_mb(),
         }
         return state, metrics
 
     def audit(self, vae: VAE, server_round: int) -> dict[str, float | int]:
-        """The outlier audit (numbers for the reply); its figure shows raw outliers, so it stays on the silo."""
+        """The outlier audit (numbers for the reply); its figure shows raw outliers, so it stays in the silo's
+        own folder."""
         d = self.data
         result = audit_outliers(vae, d.x_train, d.y_train, d.is_outlier, d.heldout_outliers, d.classes,
-                                num_samples=self.cfg.audit_samples, seed=audit_seed(self.cfg.seed, server_round))
+                                num_samples=self.cfg.privacy.audit_samples,
+                                seed=audit_seed(self.cfg.run.seed, server_round))
         save_audit_figure(vae, d.x_train, d.y_train, d.is_outlier, d.classes,
-                          self.cfg.resolved_results_dir() / "silo-audits" / f"{self.name}-round{server_round}.png")
+                          self.dir / "audits" / f"round-{server_round:03d}.png")
         return result.metrics()
 
-    def evaluate_global(self, kind: str, state: dict[str, np.ndarray]) -> dict[str, float | list[float]]:
+    def evaluate_global(self, kind: str, state: StateDict) -> dict[str, float | list[float]]:
         """Judge the global model on this silo's real held-out test set."""
-        model = GlobalModel(kind, self.cfg.num_classes, conditional=self.cfg.conditional)
+        model = GlobalModel(kind, self.cfg.data.num_classes, conditional=self.cfg.local.conditional)
         model.load_state(state)
         return model.evaluate(self.data.x_test, self.data.y_test)
+
+
+def state_bytes(state: StateDict) -> int:
+    return int(sum(t.numel() * t.element_size() for t in state.values()))

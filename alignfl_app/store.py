@@ -9,9 +9,8 @@ replace a silo's last good generator. Generators live on disk (``.npz`` loaded w
 
 from __future__ import annotations
 
+import io
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +18,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from .config import ArchitectureSpec, one_line
+from .files import atomic_write_bytes, atomic_write_text
 from .models import Decoder
 
 
@@ -94,19 +94,6 @@ def check_decoder_state(
     return decoder.eval()
 
 
-def _atomic_write(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 class GeneratorStore:
     """Each silo's latest good generator, on disk; survives rounds a silo misses and server restarts."""
 
@@ -135,14 +122,16 @@ class GeneratorStore:
     def put(self, desc: GeneratorDescriptor, state: dict[str, np.ndarray], server_round: int) -> None:
         """Store an already-checked generator, replacing the silo's previous one atomically."""
         path = self.root / f"{desc.silo}.npz"
-        _atomic_write(path, lambda f: np.savez(f, **state))
+        buffer = io.BytesIO()
+        np.savez(buffer, **state)
+        atomic_write_bytes(path, buffer.getvalue())
         self._index[desc.silo] = {
             "descriptor": desc.model_dump(mode="json"),
             "file": path.name,
             "stored_round": server_round,
             "bytes": int(sum(a.nbytes for a in state.values())),
         }
-        _atomic_write(self._index_path, lambda f: f.write(json.dumps(self._index, indent=1).encode()))
+        atomic_write_text(self._index_path, json.dumps(self._index, indent=1))
 
     def load_decoder(self, silo: str) -> tuple[GeneratorDescriptor, Decoder]:
         desc = self.descriptor(silo)

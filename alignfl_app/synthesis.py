@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from .models import Decoder, one_hot
@@ -27,13 +29,14 @@ def sample_generator(
 
 
 def synthesize(
-    store: GeneratorStore, n_per_silo: int, temperature: float = 1.0, seed: int = 0
+    store: GeneratorStore, n_per_silo: int, temperature: float, seed: Callable[[int], int]
 ) -> tuple[torch.Tensor, torch.Tensor, dict[str, int]]:
-    """The union of ``n_per_silo`` samples from every stored generator (one decoder in memory at a time)."""
+    """The union of ``n_per_silo`` samples from every stored generator (one decoder in memory at a time);
+    ``seed(i)`` seeds the i-th generator's draw."""
     xs, ys, counts = [], [], {}
     for i, silo in enumerate(store.silos()):
         desc, decoder = store.load_decoder(silo)
-        x, y = sample_generator(desc, decoder, n_per_silo, temperature, seed=seed * 1000 + i)
+        x, y = sample_generator(desc, decoder, n_per_silo, temperature, seed=seed(i))
         xs.append(x)
         ys.append(y)
         counts[silo] = n_per_silo

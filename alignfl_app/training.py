@@ -1,18 +1,28 @@
-"""Local VAE training (silo side) and global-model training / evaluation (server side)."""
+"""One training loop for every model alignfl trains, composed from small parts.
+
+``Trainer`` runs ``objective -> gradient rule -> step hooks -> optimizer step`` over the index batches a
+batcher yields. The parts:
+
+* batchers: ``ShuffledBatches`` (epochs of a seeded permutation) here, ``PoissonBatches`` in privacy.py;
+* gradient rules: ``PlainGradient`` (mean loss, backward) here, ``AdaptiveClipDP`` (DP-SGD) in privacy.py;
+* step hooks: ``ProximalTerm`` (FedProx) here, the gradient penalty and spectral projection in lipschitz.py.
+
+The silo's VAE, the baselines' classifier and the server's global model all train through ``Trainer``.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import time
-import warnings
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .lipschitz import SpectralProjector, gradient_penalty
-from .models import VAE, one_hot, vae_loss
-from .privacy import AdaptiveClipDP, DPPlan, poisson_batches, secure_seed
+from .models import one_hot, vae_loss
 
 
 def set_threads(n: int) -> None:
@@ -31,114 +41,98 @@ def to_local_labels(y: torch.Tensor, label_set: tuple[int, ...]) -> torch.Tensor
     return local
 
 
-def _batches(n: int, batch_size: int, g: torch.Generator):
-    perm = torch.randperm(n, generator=g)
-    for i in range(0, n, batch_size):
-        yield perm[i:i + batch_size]
+# --- objectives: per-record losses -------------------------------------------------------------
+class Objective(Protocol):
+    def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """One loss per record (DP clips them one by one; the plain rule averages them)."""
 
 
-@dataclass
-class VAETrainReport:
-    loss: float
-    examples_seen: int
-    seconds: float
-    steps: int = 0
-    clip_bound: float | None = None  # DP: the adaptive bound after the last step (carried to the next round)
-    unclipped_fraction: float | None = None  # DP: mean noisy share of unclipped records
-    penalty: float | None = None  # gradient penalty (unweighted) of the last step
+@dataclass(frozen=True)
+class NegativeELBO:
+    """A (conditional) VAE's negative ELBO; ``y`` holds indices into the decoder's own label set."""
+
+    kl_weight: float = 1.0
+
+    def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        logits, mu, logvar = model(x, one_hot(y, model.decoder.cond_dim))
+        return vae_loss(logits, x, mu, logvar, self.kl_weight, reduction="none")
 
 
-def train_vae(
-    vae: VAE, x: torch.Tensor, y: torch.Tensor, label_set: tuple[int, ...], *, epochs: int, batch_size: int,
-    lr: float, kl_weight: float = 1.0, seed: int = 0, optimizer: torch.optim.Optimizer | None = None,
-    dp_plan: DPPlan | None = None, clip_bound: float | None = None,
-    lipschitz: str = "none", lipschitz_weight: float = 0.0, lipschitz_target: float = 1.0,
-    proximal_mu: float = 0.0,
-) -> VAETrainReport:
-    """Local training of a silo's (conditional) VAE; private (DP-SGD, adaptive clipping) when ``dp_plan`` is set.
+@dataclass(frozen=True)
+class CrossEntropy:
+    """A classifier's cross-entropy."""
 
-    Private: Poisson-sampled batches, ``dp_plan.steps_per_round`` steps (``epochs`` is part of the plan).
-    Lipschitz methods act on the decoder only and never touch a record (see ``lipschitz.py``), so they
-    compose with DP as post-processing. Pass ``optimizer`` to keep its state across calls. ``proximal_mu > 0``
-    adds FedProx's term (see ``train_classifier``); the baselines that use it train without DP.
-    """
-    if dp_plan and proximal_mu > 0:
-        raise ValueError("the FedProx term is not supported under DP: set proximal-mu=0 or drop dp-epsilon")
-
-    t0 = time.perf_counter()
-    cond_dim = vae.decoder.cond_dim
-    y_local = to_local_labels(y, label_set) if cond_dim else torch.zeros(len(y), dtype=torch.long)
-    opt = optimizer or torch.optim.Adam(vae.parameters(), lr=lr)
-    # Private runs draw batches and noise from an unpredictable seed: the run config's seed is known to the
-    # server, and noise it could replay would protect nothing.
-    g = torch.Generator().manual_seed(secure_seed() if dp_plan else seed)
-    if dp_plan:  # per-sample gradients of sparse images underflow to denormals: 1.5x slower on MNIST otherwise
-        torch.set_flush_denormal(True)
-    vae.train()
-    dp = AdaptiveClipDP(vae, dp_plan, clip_bound or dp_plan.clip_init, torch.Generator().manual_seed(secure_seed())) \
-        if dp_plan else None
-    if dp_plan:
-        batches = poisson_batches(len(x), dp_plan.sample_rate, dp_plan.steps_per_round, g)
-    else:
-        batches = (idx for _ in range(epochs) for idx in _batches(len(x), batch_size, g))
-    projector = SpectralProjector(vae.decoder, lipschitz_target, g) if lipschitz == "spectral" else None
-    penalised = lipschitz in ("gp", "gp-one-sided") and lipschitz_weight > 0
-    anchor = [p.detach().clone() for p in vae.parameters()] if proximal_mu > 0 else []
-    total, seen, steps, penalty = 0.0, 0, 0, None
-    try:
-        for idx in batches:
-            steps += 1
-            opt.zero_grad(set_to_none=True)
-            if len(idx):
-                xb, yb = x[idx], one_hot(y_local[idx], cond_dim)
-                logits, mu, logvar = vae(xb, yb)
-                per_sample = vae_loss(logits, xb, mu, logvar, kl_weight, reduction="none")
-                total += float(per_sample.detach().sum())
-                seen += len(idx)
-            else:  # an empty Poisson batch is still a step: the noise alone is released
-                per_sample = None
-            if dp:
-                dp.private_backward(per_sample)
-            elif per_sample is not None:
-                loss = per_sample.mean()
-                (loss + 0.5 * proximal_mu * proximal_term(vae, anchor) if anchor else loss).backward()
-            if penalised:
-                if dp:
-                    dp.hooks(False)
-                pen = gradient_penalty(vae.decoder, batch_size, lipschitz_target, lipschitz == "gp-one-sided", g)
-                with warnings.catch_warnings():  # Opacus' (disabled) full backward hooks still warn
-                    warnings.simplefilter("ignore", UserWarning)
-                    (lipschitz_weight * pen).backward()
-                if dp:
-                    dp.hooks(True)
-                penalty = float(pen.detach())
-            opt.step()
-            if projector:
-                projector.step()
-    finally:
-        if dp:
-            dp.close()
-        if projector:
-            projector.finish()
-    return VAETrainReport(
-        total / max(seen, 1), seen, time.perf_counter() - t0, steps,
-        clip_bound=dp.clip if dp else None,
-        unclipped_fraction=sum(dp.unclipped_fraction) / max(len(dp.unclipped_fraction), 1) if dp else None,
-        penalty=penalty,
-    )
+    def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(model(x), y, reduction="none")
 
 
-@torch.no_grad()
-def vae_test_loss(vae: VAE, x: torch.Tensor, y: torch.Tensor, label_set: tuple[int, ...], batch_size: int = 1000) -> float:
-    """Mean negative ELBO of real held-out images (lower is better)."""
-    vae.eval()
-    y_local = to_local_labels(y, label_set) if vae.decoder.cond_dim else torch.zeros(len(y), dtype=torch.long)
-    total = 0.0
-    for i in range(0, len(x), batch_size):
-        xb = x[i:i + batch_size]
-        logits, mu, logvar = vae(xb, one_hot(y_local[i:i + batch_size], vae.decoder.cond_dim))
-        total += float(vae_loss(logits, xb, mu, logvar, reduction="none").sum())
-    return total / max(len(x), 1)
+# --- batchers -------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ShuffledBatches:
+    """``epochs`` passes over the records, each a fresh permutation cut into ``batch_size`` slices."""
+
+    batch_size: int
+    epochs: int
+
+    def __call__(self, n: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
+        for _ in range(self.epochs):
+            perm = torch.randperm(n, generator=generator)
+            for i in range(0, n, self.batch_size):
+                yield perm[i:i + self.batch_size]
+
+
+class Batcher(Protocol):
+    def __call__(self, n: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
+        """Index batches into ``n`` records, lazily (hooks may draw from the same generator in between)."""
+
+
+# --- gradient rules ---------------------------------------------------------------------------
+class GradientRule(Protocol):
+    def backward(self, per_record_loss: torch.Tensor | None) -> None:
+        """Leave the step's gradient in ``p.grad``; ``None``: an empty batch."""
+
+    def data_free(self) -> contextlib.AbstractContextManager:
+        """Context for a backward pass that touches no record (penalties, proximal terms)."""
+
+    def report(self) -> dict[str, float]:
+        """Numbers the rule releases about the call (after ``close``)."""
+
+    def close(self) -> None:
+        """Leave the model as it was (hooks removed)."""
+
+
+class PlainGradient:
+    """Non-private training: the mean loss of the batch, backpropagated."""
+
+    def backward(self, per_record_loss: torch.Tensor | None) -> None:
+        if per_record_loss is not None:
+            per_record_loss.mean().backward()
+
+    def data_free(self) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext()
+
+    def report(self) -> dict[str, float]:
+        return {}
+
+    def close(self) -> None:
+        pass
+
+
+# --- step hooks -----------------------------------------------------------------------------
+class StepHook:
+    """Something added to every step without touching a record. Override what you need."""
+
+    def after_backward(self, rule: GradientRule) -> None:
+        """Add data-free gradient terms (inside ``rule.data_free()``)."""
+
+    def after_step(self) -> None:
+        """Act on the weights after the optimizer step."""
+
+    def finish(self) -> None:
+        """Once after the last step."""
+
+    def report(self) -> dict[str, float]:
+        return {}
 
 
 def proximal_term(model: nn.Module, anchor: list[torch.Tensor]) -> torch.Tensor:
@@ -146,33 +140,79 @@ def proximal_term(model: nn.Module, anchor: list[torch.Tensor]) -> torch.Tensor:
     return sum(((p - a) ** 2).sum() for p, a in zip(model.parameters(), anchor, strict=True))
 
 
-def train_classifier(
-    model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs: int, batch_size: int, lr: float, seed: int = 0,
-    optimizer: torch.optim.Optimizer | None = None, proximal_mu: float = 0.0,
-) -> float:
-    """Supervised training; returns the mean task loss (cross-entropy) of the last epoch.
+class ProximalTerm(StepHook):
+    """FedProx: ``mu/2 * ||w - w_start||^2`` anchored at the weights the model had when the hook was made
+    (the global model a silo received), so the gradient is pulled back towards them."""
 
-    Pass ``optimizer`` to keep its state across calls. ``proximal_mu > 0`` adds FedProx's
-    ``mu/2 * ||w - w_start||^2`` to the loss, anchored at the weights the model had on entry (the global
-    model a silo received), so it pulls the gradient back towards them.
-    """
-    opt = optimizer or torch.optim.Adam(model.parameters(), lr=lr)
-    g = torch.Generator().manual_seed(seed)
-    anchor = [p.detach().clone() for p in model.parameters()] if proximal_mu > 0 else []
-    model.train()
-    last = float("nan")
-    for _ in range(epochs):
-        total, seen = 0.0, 0
-        for idx in _batches(len(x), batch_size, g):
-            task = F.cross_entropy(model(x[idx]), y[idx])
-            loss = task + 0.5 * proximal_mu * proximal_term(model, anchor) if anchor else task
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            total += float(task.detach()) * len(idx)
-            seen += len(idx)
-        last = total / max(seen, 1)
-    return last
+    def __init__(self, model: nn.Module, mu: float) -> None:
+        self.model, self.mu = model, mu
+        self.anchor = [p.detach().clone() for p in model.parameters()]
+
+    def after_backward(self, rule: GradientRule) -> None:
+        with rule.data_free():
+            (0.5 * self.mu * proximal_term(self.model, self.anchor)).backward()
+
+
+# --- the loop ---------------------------------------------------------------------------------
+@dataclass
+class TrainReport:
+    loss: float  # mean per-record loss over every record seen
+    examples_seen: int
+    seconds: float
+    steps: int
+    details: dict[str, float] = field(default_factory=dict)  # what the rule and the hooks report
+
+
+@dataclass
+class Trainer:
+    """Objective, gradient rule and step hooks; ``fit`` runs them over a batcher's batches."""
+
+    objective: Objective
+    rule: GradientRule = field(default_factory=PlainGradient)
+    hooks: Sequence[StepHook] = ()
+
+    def fit(self, model: nn.Module, data: tuple[torch.Tensor, torch.Tensor], batches: Iterable[torch.Tensor],
+            optimizer: torch.optim.Optimizer) -> TrainReport:
+        """Train ``model`` in place on ``data = (x, y)``; the rule and the hooks are closed at the end."""
+        x, y = data
+        t0 = time.perf_counter()
+        model.train()
+        total, seen, steps = 0.0, 0, 0
+        try:
+            for idx in batches:
+                steps += 1
+                optimizer.zero_grad(set_to_none=True)
+                per_record = self.objective(model, x[idx], y[idx]) if len(idx) else None
+                if per_record is not None:
+                    total += float(per_record.detach().sum())
+                    seen += len(idx)
+                self.rule.backward(per_record)
+                for hook in self.hooks:
+                    hook.after_backward(self.rule)
+                optimizer.step()
+                for hook in self.hooks:
+                    hook.after_step()
+        finally:
+            self.rule.close()
+            for hook in self.hooks:
+                hook.finish()
+        details = dict(self.rule.report())
+        for hook in self.hooks:
+            details.update(hook.report())
+        return TrainReport(total / max(seen, 1), seen, time.perf_counter() - t0, steps, details)
+
+
+# --- evaluation on real data -------------------------------------------------------------------
+@torch.no_grad()
+def vae_test_loss(vae: nn.Module, x: torch.Tensor, y_local: torch.Tensor, batch_size: int = 1000) -> float:
+    """Mean negative ELBO of real held-out images (lower is better); ``y_local`` as for ``NegativeELBO``."""
+    vae.eval()
+    total = 0.0
+    for i in range(0, len(x), batch_size):
+        xb = x[i:i + batch_size]
+        logits, mu, logvar = vae(xb, one_hot(y_local[i:i + batch_size], vae.decoder.cond_dim))
+        total += float(vae_loss(logits, xb, mu, logvar, reduction="none").sum())
+    return total / max(len(x), 1)
 
 
 @dataclass

@@ -5,12 +5,11 @@ from __future__ import annotations
 import json
 from functools import lru_cache
 
-from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from alignfl_app import protocol as P
 from alignfl_app.config import parse_node_config, parse_run_config
-from alignfl_app.protocol import from_array_record, to_array_record
 from alignfl_app.privacy import PrivacyBudgetExceeded
 from alignfl_app.silo import Silo
 
@@ -48,8 +47,8 @@ def train_averaged_model(msg: Message, context: Context) -> Message:
     config = msg.content[P.CONFIG]
     mu = float(config.get(P.PROXIMAL_MU, 0.0)) if config.get(P.STRATEGY) == "fedprox" else 0.0
     state, metrics = silo.train_global_model(int(config[P.SERVER_ROUND]),
-                                             from_array_record(msg.content[P.GLOBAL_MODEL]), mu)
-    content = RecordDict({P.GLOBAL_MODEL: to_array_record(state), P.METRICS: MetricRecord(metrics),
+                                             msg.content[P.GLOBAL_MODEL].to_torch_state_dict(), mu)
+    content = RecordDict({P.GLOBAL_MODEL: ArrayRecord(torch_state_dict=state), P.METRICS: MetricRecord(metrics),
                           P.SILO: ConfigRecord({"name": silo.name})})
     return Message(content=content, reply_to=msg)
 
@@ -58,14 +57,14 @@ def train_generator(msg: Message, context: Context) -> Message:
     """ALIGN-FL: train the local VAE for one round; reply with decoder weights + descriptor + metrics."""
     silo = silo_for(context)
     server_round = int(msg.content[P.CONFIG][P.SERVER_ROUND])
-    previous = from_array_record(context.state[P.VAE_STATE]) if P.VAE_STATE in context.state else None
+    previous = context.state[P.VAE_STATE].to_torch_state_dict() if P.VAE_STATE in context.state else None
     try:
         out = silo.train_round(server_round, previous)
     except PrivacyBudgetExceeded as exc:  # a clear error reply; the server keeps the last generator
         return Message(error=Error(code=PRIVACY_BUDGET_ERROR, reason=str(exc)), reply_to=msg)
-    context.state[P.VAE_STATE] = to_array_record(out.vae_state)
+    context.state[P.VAE_STATE] = ArrayRecord(torch_state_dict=out.vae_state)
     content = RecordDict({
-        P.DECODER: to_array_record(out.decoder_state),
+        P.DECODER: ArrayRecord(torch_state_dict=out.decoder_state),
         P.DESCRIPTOR: ConfigRecord({P.DESCRIPTOR_JSON: out.descriptor.model_dump_json()}),
         P.METRICS: MetricRecord(out.metrics),
     })
@@ -77,7 +76,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     """Evaluate the server's global model on this silo's real held-out test set."""
     silo = silo_for(context)
     kind = str(msg.content[P.CONFIG][P.GLOBAL_MODEL_KIND])
-    metrics = silo.evaluate_global(kind, from_array_record(msg.content[P.GLOBAL_MODEL]))
+    metrics = silo.evaluate_global(kind, msg.content[P.GLOBAL_MODEL].to_torch_state_dict())
     metrics = {k: v for k, v in metrics.items() if v is not None}
     metrics["silo-index"] = silo.index
     content = RecordDict({P.METRICS: MetricRecord(metrics), P.SILO: ConfigRecord({"name": silo.name})})

@@ -14,7 +14,7 @@ from alignfl_app.config import ConfigError, RunConfig, parse_run_config
 from alignfl_app.data import global_test_set
 from alignfl_app.global_model import GlobalModel
 from alignfl_app.metrics import RunRecorder
-from alignfl_app.protocol import from_array_record, to_array_record
+from alignfl_app.server import AlignFLServer
 from alignfl_app.store import GeneratorStore
 from alignfl_app.training import set_threads
 
@@ -25,8 +25,8 @@ app = ServerApp()
 
 
 def run_directory(cfg: RunConfig, run_id: int):
-    name = cfg.run_name or f"{cfg.dataset}-{time.strftime('%Y%m%d-%H%M%S')}-{run_id}"
-    return cfg.resolved_results_dir() / name
+    name = cfg.run.run_name or f"{cfg.data.dataset}-{time.strftime('%Y%m%d-%H%M%S')}-{run_id}"
+    return cfg.run.resolved_results_dir() / name
 
 
 def make_global_evaluator(cfg: RunConfig, model: GlobalModel, recorder: RunRecorder):
@@ -34,8 +34,8 @@ def make_global_evaluator(cfg: RunConfig, model: GlobalModel, recorder: RunRecor
     x_test, y_test = global_test_set(cfg)
 
     def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
-        set_threads(cfg.server_threads)
-        model.load_state(from_array_record(arrays))
+        set_threads(cfg.server.threads)
+        model.load_state(arrays.to_torch_state_dict())
         metrics = model.evaluate(x_test, y_test)
         if server_round > 0:
             recorder.round(server_round)["global"] = metrics
@@ -44,29 +44,11 @@ def make_global_evaluator(cfg: RunConfig, model: GlobalModel, recorder: RunRecor
         else:
             recorder.summary["initial-eval-elapsed-seconds"] = time.time() - recorder.started
         if "accuracy" in metrics:
-            log(INFO, "Round %d: global accuracy on the real %s test set: %.4f", server_round, cfg.dataset,
+            log(INFO, "Round %d: global accuracy on the real %s test set: %.4f", server_round, cfg.data.dataset,
                 metrics["accuracy"])
         return MetricRecord({k: v for k, v in metrics.items() if k != "per-class-accuracy"})
 
     return evaluate
-
-
-def resume_point(cfg: RunConfig, checkpoint: Checkpoint, model: GlobalModel, recorder: RunRecorder,
-                 strategy: AlignFLStrategy) -> int:
-    """The first round to run: 1, or (resume) one past the checkpoint, whose state is loaded here."""
-    if not cfg.resume:
-        if checkpoint.exists():
-            raise ConfigError(f"run-name '{cfg.run_name}' already has a checkpoint in {checkpoint.dir}: "
-                              "set resume=true to continue it, or choose another run-name")
-        return 1
-    state = checkpoint.load()
-    checkpoint.check_compatible(state, cfg)
-    model.load_state(checkpoint.load_model(state))
-    strategy.silo_of_node = {int(k): v for k, v in state.silo_of_node.items()}
-    recorder.resume(state.completed_round)
-    log(INFO, "Resuming after round %d: global model from the checkpoint, %d stored generators %s",
-        state.completed_round, len(strategy.store), strategy.store.silos())
-    return state.completed_round + 1
 
 
 @app.main()
@@ -78,35 +60,34 @@ def main(grid: Grid, context: Context) -> None:
         raise
     run_dir = run_directory(cfg, context.run_id)
     checkpoint = Checkpoint(run_dir)
-    recorder = RunRecorder(run_dir, cfg.model_dump(by_alias=True), method=cfg.strategy)
-    log(INFO, "%s run %d: results in %s", cfg.strategy, context.run_id, run_dir)
+    recorder = RunRecorder(run_dir, cfg.flat(), method=cfg.baselines.strategy)
+    log(INFO, "%s run %d: results in %s", cfg.baselines.strategy, context.run_id, run_dir)
     model = GlobalModel.from_config(cfg)
 
-    def save_checkpoint(completed_round: int) -> None:
-        checkpoint.save(completed_round, model.state(), strategy.silo_of_node, cfg)
-
-    if cfg.strategy == "alignfl":
-        strategy = AlignFLStrategy(cfg, GeneratorStore(run_dir / "generators"), model, recorder)
+    if cfg.baselines.strategy == "alignfl":
+        core = AlignFLServer(cfg, GeneratorStore(run_dir / "generators"), model, recorder)
+        strategy = AlignFLStrategy(core)
         try:
-            first_round = resume_point(cfg, checkpoint, model, recorder, strategy)
+            first_round = core.first_round(checkpoint)
         except ConfigError as exc:
             log(ERROR, "alignfl: %s", exc)
             raise
-        resumable = {"first_round": first_round, "after_round": save_checkpoint}
+        resumable = {"first_round": first_round, "after_round": lambda rnd: core.save_checkpoint(checkpoint, rnd)}
     else:
         strategy = averaging_strategy(cfg, recorder)
         resumable = {}
     evaluate = make_global_evaluator(cfg, model, recorder)
     try:
         result = strategy.start(
-            grid=grid, initial_arrays=to_array_record(model.state()), num_rounds=cfg.num_server_rounds,
-            timeout=cfg.round_timeout, train_config=ConfigRecord(), evaluate_config=ConfigRecord(),
+            grid=grid, initial_arrays=ArrayRecord(torch_state_dict=model.state()), num_rounds=cfg.run.num_server_rounds,
+            timeout=cfg.run.round_timeout, train_config=ConfigRecord(), evaluate_config=ConfigRecord(),
             evaluate_fn=evaluate, **resumable,
         )
     except BaseException:
         recorder.finish("failed")
         raise
-    recorder.save_model(from_array_record(result.arrays) if len(result.arrays) else model.state(), cfg.global_model)
+    final = result.arrays.to_torch_state_dict() if len(result.arrays) else model.state()
+    recorder.save_model(final, cfg.server.global_model)
     path = recorder.finish("completed")
-    log(INFO, "%s finished: final global %s %s; summary in %s", cfg.strategy, recorder.metric,
+    log(INFO, "%s finished: final global %s %s; summary in %s", cfg.baselines.strategy, recorder.metric,
         recorder.summary.get(f"final-global-{recorder.metric}"), path)

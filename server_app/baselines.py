@@ -19,14 +19,14 @@ from alignfl_app import protocol as P
 from alignfl_app.config import RunConfig
 from alignfl_app.metrics import RunRecorder, peak_rss_mb
 
-from .strategy import record_evaluate_replies
+from .messages import as_metric_record, evaluate_results
 
 
 class RecordedAveraging:
     """Mixin over a Flower averaging strategy: record every round the way AlignFLStrategy does."""
 
     def __init__(self, cfg: RunConfig, recorder: RunRecorder, **kwargs) -> None:
-        n = cfg.num_silos
+        n = cfg.data.num_silos
         super().__init__(min_train_nodes=n, min_evaluate_nodes=n, min_available_nodes=n,
                          weighted_by_key="num-examples", arrayrecord_key=P.GLOBAL_MODEL,
                          configrecord_key=P.CONFIG, **kwargs)
@@ -36,7 +36,7 @@ class RecordedAveraging:
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
-        config[P.STRATEGY] = self.cfg.strategy
+        config[P.STRATEGY] = self.cfg.baselines.strategy
         self.bytes_down = arrays.count_bytes()
         return super().configure_train(server_round, arrays, config, grid)
 
@@ -62,7 +62,7 @@ class RecordedAveraging:
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
-        config[P.GLOBAL_MODEL_KIND] = self.cfg.global_model
+        config[P.GLOBAL_MODEL_KIND] = self.cfg.server.global_model
         messages = list(super().configure_evaluate(server_round, arrays, config, grid))
         size = arrays.count_bytes()
         for msg in messages:
@@ -71,7 +71,8 @@ class RecordedAveraging:
         return messages
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        return record_evaluate_replies(self.recorder, server_round, replies, self.silo_of_node)
+        results = evaluate_results(replies, self.silo_of_node)
+        return as_metric_record(self.recorder.record_evaluations(server_round, results))
 
 
 class RecordedFedAvg(RecordedAveraging, FedAvg):
@@ -83,8 +84,8 @@ class RecordedFedProx(RecordedAveraging, FedProx):
 
 
 def averaging_strategy(cfg: RunConfig, recorder: RunRecorder) -> FedAvg:
-    if cfg.strategy == "fedprox":
-        return RecordedFedProx(cfg, recorder, proximal_mu=cfg.proximal_mu)
-    if cfg.strategy == "fedavg":
+    if cfg.baselines.strategy == "fedprox":
+        return RecordedFedProx(cfg, recorder, proximal_mu=cfg.baselines.proximal_mu)
+    if cfg.baselines.strategy == "fedavg":
         return RecordedFedAvg(cfg, recorder)
-    raise ValueError(f"strategy '{cfg.strategy}' is not an averaging strategy")
+    raise ValueError(f"strategy '{cfg.baselines.strategy}' is not an averaging strategy")

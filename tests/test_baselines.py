@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from flwr.app import ConfigRecord, MessageType, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, MessageType, RecordDict
 
 from alignfl_app import protocol as P
 from alignfl_app.config import ConfigError, parse_run_config
@@ -15,7 +15,7 @@ from alignfl_app.experiments import EXPERIMENTS_DIR, load_experiment
 from alignfl_app.global_model import GlobalModel
 from alignfl_app.models import Classifier
 from alignfl_app.reference import centralised, local_only
-from alignfl_app.training import proximal_term, train_classifier
+from alignfl_app.training import CrossEntropy, ProximalTerm, ShuffledBatches, Trainer, proximal_term
 from client_app.app import app as client_app
 from tests.conftest import PROJECT, make_context, make_message
 
@@ -33,7 +33,9 @@ def test_proximal_term_pulls_weights_back_to_the_global_model():
         model = Classifier(10)
         model.load_state_dict(start)
         anchor = [p.detach().clone() for p in model.parameters()]
-        train_classifier(model, x, y, epochs=3, batch_size=16, lr=1e-2, seed=1, proximal_mu=mu)
+        hooks = [ProximalTerm(model, mu)] if mu else []
+        batches = ShuffledBatches(16, 3)(len(x), torch.Generator().manual_seed(1))
+        Trainer(CrossEntropy(), hooks=hooks).fit(model, (x, y), batches, torch.optim.Adam(model.parameters(), lr=1e-2))
         drift[mu] = _distance(model, anchor)
     assert drift[10.0] < 0.5 * drift[0.0], drift
     # the term has a gradient: (w - w0) * mu after a perturbation
@@ -51,15 +53,15 @@ def test_averaging_reply_carries_the_trained_classifier(tiny_config, strategy):
     glob = GlobalModel("classifier", 10, seed=3)
     ctx = make_context(tiny_config, 1)
     config = ConfigRecord({P.SERVER_ROUND: 1, P.STRATEGY: strategy, P.PROXIMAL_MU: 0.5})
-    msg = make_message(RecordDict({P.GLOBAL_MODEL: P.to_array_record(glob.state()), P.CONFIG: config}),
+    msg = make_message(RecordDict({P.GLOBAL_MODEL: ArrayRecord(torch_state_dict=glob.state()), P.CONFIG: config}),
                        MessageType.TRAIN, src=1, dst=ctx.node_id)
     reply = client_app(msg, ctx).content
     assert set(reply.array_records) == {P.GLOBAL_MODEL} and len(reply.metric_records) == 1
-    state = P.from_array_record(reply[P.GLOBAL_MODEL])
+    state = reply[P.GLOBAL_MODEL].to_torch_state_dict()
     assert set(state) == set(glob.state())
-    assert any(not np.array_equal(state[k], v) for k, v in glob.state().items())  # it trained
+    assert any(not torch.equal(state[k], v) for k, v in glob.state().items())  # it trained
     m = reply[P.METRICS]
-    assert m["num-examples"] == 2 * cfg.max_per_class and m["samples-per-second"] > 0
+    assert m["num-examples"] == 2 * cfg.data.max_per_class and m["samples-per-second"] > 0
     assert reply[P.SILO]["name"] == "silo-1"
 
 
@@ -76,12 +78,12 @@ def test_fedprox_over_the_vae_trains_the_whole_global_vae(tiny_config):
     glob = GlobalModel("vae", 10, seed=3)
     ctx = make_context(cfg, 0)
     config = ConfigRecord({P.SERVER_ROUND: 1, P.STRATEGY: "fedprox", P.PROXIMAL_MU: 0.1})
-    msg = make_message(RecordDict({P.GLOBAL_MODEL: P.to_array_record(glob.state()), P.CONFIG: config}),
+    msg = make_message(RecordDict({P.GLOBAL_MODEL: ArrayRecord(torch_state_dict=glob.state()), P.CONFIG: config}),
                        MessageType.TRAIN, src=1, dst=ctx.node_id)
     reply = client_app(msg, ctx).content
-    state = P.from_array_record(reply[P.GLOBAL_MODEL])
+    state = reply[P.GLOBAL_MODEL].to_torch_state_dict()
     assert set(state) == set(glob.state()) and any(k.startswith("encoder.") for k in state)
-    assert any(not np.array_equal(state[k], v) for k, v in glob.state().items())
+    assert any(not torch.equal(state[k], v) for k, v in glob.state().items())
     assert np.isfinite(reply[P.METRICS]["train-loss"])
 
 
@@ -92,7 +94,9 @@ def test_vae_proximal_term_keeps_weights_near_the_global_model(tiny_config):
     def drift(mu: float) -> float:
         model = GlobalModel("vae", 10, seed=5)
         start = [p.detach().clone() for p in model.model.parameters()]
-        model.fit(data.x_train, data.y_train, epochs=2, batch_size=32, lr=1e-2, seed=0, proximal_mu=mu)
+        batches = ShuffledBatches(32, 2)(len(data.x_train), torch.Generator().manual_seed(0))
+        hooks = [ProximalTerm(model.model, mu)] if mu else []
+        model.fit((data.x_train, data.y_train), batches, 1e-2, hooks)
         return _distance(model.model, start)
 
     assert drift(100.0) < 0.5 * drift(0.0)
@@ -168,7 +172,7 @@ def test_averaging_names_evaluate_replies_like_alignfl(tmp_path, tiny_config):
     recorder = RunRecorder(tmp_path / "run", {}, method="fedavg")
     strategy = averaging_strategy(cfg, recorder)
     state = GlobalModel("classifier", 10, seed=0).state()
-    train = make_message(RecordDict({P.GLOBAL_MODEL: P.to_array_record(state),
+    train = make_message(RecordDict({P.GLOBAL_MODEL: ArrayRecord(torch_state_dict=state),
                                      P.METRICS: MetricRecord({"num-examples": 10}),
                                      P.SILO: ConfigRecord({"name": "silo-0"})}), MessageType.TRAIN, src=7, dst=0)
     strategy.aggregate_train(1, [train])

@@ -5,11 +5,11 @@ import json
 import numpy as np
 import pytest
 import torch
-from flwr.app import ConfigRecord, MessageType, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, MessageType, RecordDict
 
 from alignfl_app import protocol as P
 from alignfl_app.config import IMAGE_SHAPE, load_architecture
-from alignfl_app.models import VAE, decoder_only_state
+from alignfl_app.models import VAE
 from alignfl_app.store import GeneratorDescriptor, check_decoder_state, parse_descriptor
 from client_app.app import app as client_app
 from tests.conftest import make_context, make_message
@@ -35,7 +35,7 @@ def test_train_reply_carries_the_decoder_only(tiny_config, partition_id):
     # the encoder exists and stays in the silo's private state
     assert any(k.startswith("encoder.") for k in ctx.state[P.VAE_STATE].keys())
     # the decoder is rebuildable from the descriptor alone and passes the server's checks
-    state = P.from_array_record(content[P.DECODER])
+    state = {k: a.numpy() for k, a in content[P.DECODER].items()}  # as the server reads it
     check_decoder_state(desc, state, 64 << 20, num_classes=10)
     assert desc.label_set == tuple(int(c) for c in tiny_config["silo-classes"].split(";")[partition_id].split(","))
     assert desc.silo == f"silo-{partition_id}" and desc.conditional
@@ -46,8 +46,8 @@ def test_train_reply_carries_the_decoder_only(tiny_config, partition_id):
 def test_silo_keeps_training_its_own_vae_across_rounds(tiny_config):
     reply1, ctx = train_reply(tiny_config, 0)
     reply2, _ = train_reply(tiny_config, 0, context=ctx, server_round=2)
-    w1 = P.from_array_record(reply1.content[P.DECODER])
-    w2 = P.from_array_record(reply2.content[P.DECODER])
+    w1 = reply1.content[P.DECODER].to_torch_state_dict()
+    w2 = reply2.content[P.DECODER].to_torch_state_dict()
     assert any(not np.array_equal(w1[k], w2[k]) for k in w1)
     assert parse_descriptor(reply2.content[P.DESCRIPTOR][P.DESCRIPTOR_JSON]).round == 2
 
@@ -65,7 +65,7 @@ def test_decoder_rebuilt_from_descriptor_reproduces_outputs(name):
     vae = VAE(spec, 2, IMAGE_SHAPE)
     desc = GeneratorDescriptor(silo="s", architecture=spec, conditional=True, label_set=(3, 7),
                                image_shape=IMAGE_SHAPE, round=1, num_examples=10)
-    rebuilt = check_decoder_state(parse_descriptor(desc.model_dump_json()), decoder_only_state(vae), 64 << 20)
+    rebuilt = check_decoder_state(parse_descriptor(desc.model_dump_json()), {k: v.numpy() for k, v in vae.decoder.state_dict().items()}, 64 << 20)
     z, y = torch.randn(5, spec.latent_dim), torch.eye(2)[torch.tensor([0, 1, 0, 1, 1])]
     vae.eval()
     assert torch.allclose(vae.decoder(z, y), rebuilt(z, y))
@@ -76,7 +76,7 @@ def test_evaluate_reply_reports_accuracy_on_local_test_set(tiny_config):
 
     ctx = make_context(tiny_config, 2)
     model = GlobalModel("classifier", 10)
-    msg = make_message(RecordDict({P.GLOBAL_MODEL: P.to_array_record(model.state()),
+    msg = make_message(RecordDict({P.GLOBAL_MODEL: ArrayRecord(torch_state_dict=model.state()),
                                    P.CONFIG: ConfigRecord({P.GLOBAL_MODEL_KIND: "classifier", P.SERVER_ROUND: 1})}),
                        MessageType.EVALUATE, src=1, dst=ctx.node_id)
     metrics = client_app(msg, ctx).content[P.METRICS]

@@ -51,7 +51,7 @@ def test_node_config_check_is_one_line_and_strict():
     from client_app.node_config import check_node_config
 
     node = check_node_config('partition-id=3 silo-name="lab-c" architecture="conv" classes="6,7"')
-    assert node.class_list == [6, 7] and node.silo_name == "lab-c"
+    assert node.classes == (6, 7) and node.silo_name == "lab-c"
     for text, needle in [('partition-id=0 silo-nam="a"', "silo-nam"),
                          ('partition-id=0 classes="6,6"', "distinct"),
                          ('partition-id=0 architecture="resnet"', "unknown architecture"),
@@ -60,3 +60,23 @@ def test_node_config_check_is_one_line_and_strict():
         with pytest.raises(ConfigError, match=needle) as info:
             check_node_config(text)
         assert "\n" not in str(info.value)
+
+
+def test_pyproject_defaults_equal_the_config_model():
+    """[tool.flwr.app.config] (what Flower hands the apps) and RunConfig's defaults agree key for key."""
+    from alignfl_app.config import RunConfig
+    from tests.conftest import default_run_config
+
+    pyproject, model = default_run_config(), RunConfig().flat()
+    assert sorted(pyproject) == sorted(model)
+    assert {k: v for k, v in pyproject.items() if model[k] != v} == {}
+    assert all(type(pyproject[k]) is type(model[k]) for k in model), "a default's type differs from pyproject's"
+
+
+def test_list_valued_keys_are_parsed_once_and_written_back_flat():
+    cfg = parse_run_config({"silo-classes": "0,1;2,3", "outlier-silos": "1", "silo-architectures": "conv;mlp"})
+    assert cfg.data.silo_classes == ((0, 1), (2, 3)) and cfg.data.outlier_silos == (1,)
+    assert cfg.local.architecture_for(3) == "mlp" and cfg.data.num_silos == 2
+    flat = cfg.flat()
+    assert (flat["silo-classes"], flat["outlier-silos"], flat["silo-architectures"]) == ("0,1;2,3", "1", "conv;mlp")
+    assert parse_run_config(flat) == cfg

@@ -9,7 +9,7 @@ from alignfl_app.data import DataMissingError, build_silo_data, global_test_set,
 
 def test_silos_hold_disjoint_classes_and_only_their_own_labels(tiny_config):
     cfg = parse_run_config(tiny_config)
-    silos = [build_silo_data(cfg, s) for s in range(cfg.num_silos)]
+    silos = [build_silo_data(cfg, s) for s in range(cfg.data.num_silos)]
     label_sets = [set(d.classes) for d in silos]
     for i, a in enumerate(label_sets):
         for b in label_sets[i + 1:]:
@@ -19,14 +19,14 @@ def test_silos_hold_disjoint_classes_and_only_their_own_labels(tiny_config):
         assert set(d.y_test.unique().tolist()) == set(d.classes)
         real = ~d.is_outlier
         counts = torch.bincount(d.y_train[real], minlength=10)
-        assert all(int(counts[c]) == cfg.max_per_class for c in d.classes)
+        assert all(int(counts[c]) == cfg.data.max_per_class for c in d.classes)
 
 
 def test_outliers_come_from_the_other_dataset_and_only_in_chosen_silos(tiny_config):
     cfg = parse_run_config({**tiny_config, "outlier-silos": "0,2", "outliers-per-silo": 15})
     d0, d1, d2 = (build_silo_data(cfg, s) for s in range(3))
     assert (d0.num_outliers, d1.num_outliers, d2.num_outliers) == (15, 0, 15)
-    fashion, _ = load_split(str(cfg.resolved_data_root()), "fashion-mnist", True)
+    fashion, _ = load_split(str(cfg.data.resolved_data_root()), "fashion-mnist", True)
     flat = fashion.flatten(1)
     for d in (d0, d2):
         outliers = d.x_train[d.is_outlier].flatten(1)
@@ -54,7 +54,7 @@ def test_global_test_set_is_the_real_10_class_test_split(tiny_config):
 
 
 def test_fetched_files_pass_their_checksums(tiny_config):
-    root = parse_run_config(tiny_config).resolved_data_root()
+    root = parse_run_config(tiny_config).data.resolved_data_root()
     assert verify(root, "mnist") == [] and verify(root, "fashion-mnist") == []
 
 

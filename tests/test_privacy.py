@@ -10,13 +10,28 @@ from alignfl_app import protocol as P
 from alignfl_app.config import ConfigError, load_architecture, parse_run_config
 from alignfl_app.lipschitz import empirical_lipschitz, layer_bounds, upper_bound
 from alignfl_app.models import VAE, one_hot, vae_loss
-from alignfl_app.privacy import RDP_ORDERS, AdaptiveClipDP, plan_dp
-from alignfl_app.training import train_vae
+from alignfl_app.config import LipschitzSection
+from alignfl_app.lipschitz import lipschitz_hooks
+from alignfl_app.privacy import RDP_ORDERS, AdaptiveClipDP, PoissonBatches, plan_dp
+from alignfl_app.training import NegativeELBO, Trainer
 from client_app.app import PRIVACY_BUDGET_ERROR, _silo
 from server_app.strategy import AlignFLStrategy
 from tests.conftest import make_context, tiny_run_config
 from tests.test_client_reply import train_reply
 from tests.test_strategy import make_strategy
+
+
+def plan_for(cfg, num_records: int):
+    return plan_dp(cfg.privacy, cfg.local, cfg.run.num_server_rounds, num_records)
+
+
+def private_fit(vae, x, y, plan, lr: float, lipschitz: LipschitzSection = LipschitzSection(), batch_size: int = 30):
+    """One planned round of DP-SGD, composed the way a DP silo composes it."""
+    g = torch.Generator().manual_seed(0)
+    rule = AdaptiveClipDP(vae, plan, plan.clip_init, torch.Generator().manual_seed(1))
+    hooks = lipschitz_hooks(lipschitz, vae.decoder, batch_size, g)
+    batches = PoissonBatches(plan.sample_rate, plan.steps_per_round)(len(x), g)
+    return Trainer(NegativeELBO(), rule, hooks).fit(vae, (x, y), batches, torch.optim.Adam(vae.parameters(), lr=lr))
 
 
 def dp_config(tmp_path, **extra) -> dict:
@@ -30,7 +45,7 @@ def test_every_gradient_is_clipped_to_the_current_bound(arch):
     vae = VAE(load_architecture(arch), 2)
     ref = copy.deepcopy(vae)
     x, y = torch.rand(12, 1, 28, 28), one_hot(torch.randint(0, 2, (12,)), 2)
-    plan = plan_dp(parse_run_config({**tiny_run_config("r"), "dp-epsilon": 2.0}), 1000)
+    plan = plan_for(parse_run_config({**tiny_run_config("r"), "dp-epsilon": 2.0}), 1000)
     bound = 45.0  # inside the range of per-record norms of these untrained VAEs: some clipped, some not
     dp = AdaptiveClipDP(vae, plan, bound, torch.Generator().manual_seed(0))
     torch.manual_seed(1)
@@ -65,11 +80,11 @@ def test_adaptive_bound_grows_when_everything_is_clipped():
     x, y = torch.rand(200, 1, 28, 28), torch.tensor([0, 1] * 100)
     cfg = parse_run_config({**tiny_run_config("r"), "dp-noise-multiplier": 1.0, "dp-clip-init": 0.01,
                             "batch-size": 50, "num-server-rounds": 1})
-    plan = plan_dp(cfg, len(x))
-    rep = train_vae(vae, x, y, (0, 1), epochs=1, batch_size=50, lr=1e-3, dp_plan=plan)
+    plan = plan_for(cfg, len(x))
+    rep = private_fit(vae, x, y, plan, lr=1e-3, batch_size=50)
     assert rep.steps == plan.steps_per_round == 4
     # nothing passes unclipped (noisy share ~0 < quantile 0.5): each step multiplies C by about exp(0.2 * 0.5)
-    assert 0.01 * 1.3 < rep.clip_bound < 0.01 * 1.8
+    assert 0.01 * 1.3 < rep.details["dp-clip-bound"] < 0.01 * 1.8
 
 
 def test_epsilon_grows_with_rounds_matches_the_accountant_and_stops_at_the_budget(tmp_path):
@@ -100,41 +115,42 @@ def test_server_keeps_the_last_generator_of_a_silo_out_of_budget(tmp_path):
     ctx = make_context(cfg_raw, 0, node_id=1000)
     ok, _ = train_reply(cfg_raw, 0, context=ctx, server_round=1)
     assert strategy.aggregate_train(1, [ok])[0] is not None
-    assert strategy.recorder.silo(1, "silo-0")["dp-epsilon-spent"] <= 4.0
+    assert strategy.core.recorder.silo(1, "silo-0")["dp-epsilon-spent"] <= 4.0
     refused, _ = train_reply(cfg_raw, 0, context=ctx, server_round=2)
     arrays, _ = strategy.aggregate_train(2, [refused])
-    rnd = strategy.recorder.round(2)
+    rnd = strategy.core.recorder.round(2)
     assert arrays is not None and any("refuses round 2" in r for r in rnd["rejected-replies"])
-    assert rnd["stale-silos"] == ["silo-0"] and strategy.store.entry("silo-0")["stored_round"] == 1
+    assert rnd["stale-silos"] == ["silo-0"] and strategy.core.store.entry("silo-0")["stored_round"] == 1
 
 
 def test_unreachable_epsilon_fails_with_one_line(tmp_path):
     cfg = parse_run_config({**dp_config(tmp_path), "dp-epsilon": 1e-4, "num-server-rounds": 50})
     with pytest.raises(ConfigError) as err:
-        plan_dp(cfg, 132)
+        plan_for(cfg, 132)
     assert "unreachable" in str(err.value) and "\n" not in str(err.value)
 
 
 def test_penalty_is_active_and_finite_under_dp_and_spectral_cap_holds():
     torch.manual_seed(0)
     x, y = torch.rand(120, 1, 28, 28), torch.tensor([0, 1] * 60)
-    plan = plan_dp(parse_run_config({**tiny_run_config("r"), "dp-epsilon": 4.0, "batch-size": 30}), len(x))
+    plan = plan_for(parse_run_config({**tiny_run_config("r"), "dp-epsilon": 4.0, "batch-size": 30}), len(x))
     slopes = {}
-    for name, lip in {"none": {}, "gp": {"lipschitz": "gp", "lipschitz_weight": 10.0, "lipschitz_target": 0.5}}.items():
+    gp = LipschitzSection(lipschitz="gp", **{"lipschitz-weight": 10.0, "lipschitz-target": 0.5})
+    for name, lip in {"none": LipschitzSection(), "gp": gp}.items():
         torch.manual_seed(0)
         vae = VAE(load_architecture("mlp-small"), 2)
         before = empirical_lipschitz(vae.decoder)
-        rep = train_vae(vae, x, y, (0, 1), epochs=1, batch_size=30, lr=1e-2, dp_plan=plan, **lip)
+        rep = private_fit(vae, x, y, plan, lr=1e-2, lipschitz=lip)
         slopes[name] = empirical_lipschitz(vae.decoder)
         if name == "gp":
-            assert rep.penalty is not None and np.isfinite(rep.penalty) and rep.penalty > 0
+            penalty = rep.details["lipschitz-penalty"]
+            assert np.isfinite(penalty) and penalty > 0
     # measured here: 2.5 at init, about 2.8 after private training, about 1.6 with the penalty
     assert slopes["gp"] < before - 0.4 and slopes["gp"] < slopes["none"] - 0.4
     torch.manual_seed(0)
     vae = VAE(load_architecture("conv"), 2)
     keys = set(vae.decoder.state_dict())
-    train_vae(vae, x, y, (0, 1), epochs=1, batch_size=30, lr=1e-2, dp_plan=plan, lipschitz="spectral",
-              lipschitz_target=1.5)
+    private_fit(vae, x, y, plan, lr=1e-2, lipschitz=LipschitzSection(lipschitz="spectral", **{"lipschitz-target": 1.5}))
     assert set(vae.decoder.state_dict()) == keys  # plain weights: the server rebuilds it from the descriptor
     assert max(layer_bounds(vae.decoder)) <= 1.5 * (1 + 1e-4)
     assert empirical_lipschitz(vae.decoder) <= upper_bound(vae.decoder) <= 1.5 ** 3 * (1 + 1e-3)

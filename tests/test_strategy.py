@@ -4,12 +4,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from flwr.app import ArrayRecord, ConfigRecord, Error, MessageType, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Error, MessageType, MetricRecord, RecordDict
 
 from alignfl_app import protocol as P
 from alignfl_app.config import parse_node_config, parse_run_config
 from alignfl_app.global_model import GlobalModel
 from alignfl_app.metrics import RunRecorder
+from alignfl_app.server import AlignFLServer
 from alignfl_app.silo import Silo
 from alignfl_app.store import GeneratorStore
 from alignfl_app.synthesis import synthesize
@@ -26,13 +27,13 @@ def trained(tmp_path_factory):
     outs = {}
     for s in range(3):
         out = Silo(cfg, parse_node_config({"partition-id": s})).train_round(1, None)
-        outs[s] = (out.descriptor, out.decoder_state)
+        outs[s] = (out.descriptor, {k: v.numpy() for k, v in out.decoder_state.items()})
     return cfg, outs
 
 
 def reply(node: int, desc, state, *, desc_json: str | None = None, extra_records=None):
     content = RecordDict({
-        P.DECODER: P.to_array_record(state),
+        P.DECODER: ArrayRecord(array_dict={k: Array(np.asarray(v)) for k, v in state.items()}),
         P.DESCRIPTOR: ConfigRecord({P.DESCRIPTOR_JSON: desc_json if desc_json is not None else desc.model_dump_json()}),
         P.METRICS: MetricRecord({"num-examples": 10, "train-loss": 1.0}),
     })
@@ -42,21 +43,21 @@ def reply(node: int, desc, state, *, desc_json: str | None = None, extra_records
 
 
 def make_strategy(cfg, tmp_path: Path) -> AlignFLStrategy:
-    return AlignFLStrategy(cfg, GeneratorStore(tmp_path / "generators"), GlobalModel.from_config(cfg),
-                           RunRecorder(tmp_path / "run", cfg.model_dump(by_alias=True)))
+    return AlignFLStrategy(AlignFLServer(cfg, GeneratorStore(tmp_path / "generators"), GlobalModel.from_config(cfg),
+                                         RunRecorder(tmp_path / "run", cfg.flat())))
 
 
 def test_silo_missing_a_round_still_contributes(trained, tmp_path):
     cfg, outs = trained
     strategy = make_strategy(cfg, tmp_path)
     arrays, _ = strategy.aggregate_train(1, [reply(NODE[s], *outs[s]) for s in range(3)])
-    assert arrays is not None and strategy.store.silos() == ["silo-0", "silo-1", "silo-2"]
+    assert arrays is not None and strategy.core.store.silos() == ["silo-0", "silo-1", "silo-2"]
     # round 2: silo 1 does not answer at all
     arrays, metrics = strategy.aggregate_train(2, [reply(NODE[s], *outs[s]) for s in (0, 2)])
-    rnd = strategy.recorder.round(2)
+    rnd = strategy.core.recorder.round(2)
     assert rnd["generators-used"] == ["silo-0", "silo-1", "silo-2"] and rnd["stale-silos"] == ["silo-1"]
-    assert strategy.store.entry("silo-1")["stored_round"] == 1
-    _, labels, counts = synthesize(strategy.store, 30)
+    assert strategy.core.store.entry("silo-1")["stored_round"] == 1
+    _, labels, counts = synthesize(strategy.core.store, 30, 1.0, seed=lambda i: i)
     assert set(labels.tolist()) == {0, 1, 2, 3, 4, 5} and counts["silo-1"] == 30
     assert metrics["generators"] == 3 and arrays is not None
 
@@ -100,20 +101,20 @@ def test_bad_reply_is_rejected_and_keeps_last_good_generator(trained, tmp_path, 
     bad = _bad_variants(desc, state)[variant]
     arrays, metrics = strategy.aggregate_train(
         2, [reply(NODE[0], desc, **bad), reply(NODE[2], *outs[2])])
-    rnd = strategy.recorder.round(2)
+    rnd = strategy.core.recorder.round(2)
     assert rnd["accepted-replies"] == 1 and len(rnd["rejected-replies"]) == 1, rnd["rejected-replies"]
     assert rnd["rejected-replies"][0].startswith(f"node {NODE[0]}:")
-    assert npz.read_bytes() == before and strategy.store.entry("silo-0")["stored_round"] == 1
-    assert strategy.store.entry("silo-2")["stored_round"] == 2
+    assert npz.read_bytes() == before and strategy.core.store.entry("silo-0")["stored_round"] == 1
+    assert strategy.core.store.entry("silo-2")["stored_round"] == 2
     assert arrays is not None and metrics["rejected-replies"] == 1
 
 
 def test_oversized_decoder_rejected_before_it_is_decoded(trained, tmp_path):
     cfg, outs = trained
-    small = parse_run_config({**cfg.model_dump(by_alias=True), "max-decoder-mb": 0.01})
+    small = parse_run_config({**cfg.flat(), "max-decoder-mb": 0.01})
     strategy = make_strategy(small, tmp_path)
     strategy.aggregate_train(1, [reply(NODE[0], *outs[0])])
-    assert "limit" in strategy.recorder.round(1)["rejected-replies"][0] and len(strategy.store) == 0
+    assert "limit" in strategy.core.recorder.round(1)["rejected-replies"][0] and len(strategy.core.store) == 0
 
 
 def test_error_reply_and_impostor_do_not_kill_the_round(trained, tmp_path):
@@ -123,9 +124,9 @@ def test_error_reply_and_impostor_do_not_kill_the_round(trained, tmp_path):
     failed = make_message(None, MessageType.TRAIN, src=NODE[1], dst=1, error=Error(code=0, reason="silo crashed"))
     impostor = reply(4242, *outs[0])  # another node claims to be silo-0
     arrays, _ = strategy.aggregate_train(2, [failed, impostor, reply(NODE[2], *outs[2])])
-    reasons = " | ".join(strategy.recorder.round(2)["rejected-replies"])
+    reasons = " | ".join(strategy.core.recorder.round(2)["rejected-replies"])
     assert "silo crashed" in reasons and "already served by node" in reasons
-    assert arrays is not None and strategy.store.entry("silo-0")["stored_round"] == 1
+    assert arrays is not None and strategy.core.store.entry("silo-0")["stored_round"] == 1
 
 
 def test_store_survives_a_restart(trained, tmp_path):
@@ -144,13 +145,13 @@ def test_unconditional_generators_train_a_global_vae(tmp_path):
     outs = [Silo(cfg, parse_node_config({"partition-id": s})).train_round(1, None) for s in range(2)]
     assert all(o.descriptor.cond_dim == 0 for o in outs)
     strategy = make_strategy(cfg, tmp_path)
-    arrays, metrics = strategy.aggregate_train(1, [reply(NODE[s], o.descriptor, o.decoder_state)
+    arrays, metrics = strategy.aggregate_train(1, [reply(NODE[s], o.descriptor, {k: v.numpy() for k, v in o.decoder_state.items()})
                                                    for s, o in enumerate(outs)])
     assert arrays is not None and np.isfinite(metrics["server-train-loss"])
     from alignfl_app.data import global_test_set
 
     x, y = global_test_set(cfg)
-    result = strategy.model.evaluate(x[:200], y[:200])
+    result = strategy.core.model.evaluate(x[:200], y[:200])
     assert np.isfinite(result["neg-elbo"]) and result["neg-elbo"] > 0
 
 
@@ -167,8 +168,6 @@ class _Payload:
 def test_pickled_tensor_is_rejected_and_never_unpickled(trained, tmp_path):
     import io
 
-    from flwr.app import Array
-
     cfg, outs = trained
     strategy = make_strategy(cfg, tmp_path)
     strategy.aggregate_train(1, [reply(NODE[s], *outs[s]) for s in range(3)])
@@ -180,7 +179,7 @@ def test_pickled_tensor_is_rejected_and_never_unpickled(trained, tmp_path):
     msg = reply(NODE[0], desc, state)
     msg.content[P.DECODER][key] = Array(dtype="object", shape=(1,), stype="numpy.ndarray", data=buf.getvalue())
     strategy.aggregate_train(2, [msg, reply(NODE[2], *outs[2])])
-    rnd = strategy.recorder.round(2)
+    rnd = strategy.core.recorder.round(2)
     assert not marker.exists()
     assert len(rnd["rejected-replies"]) == 1 and "not a plain numpy array" in rnd["rejected-replies"][0]
-    assert strategy.store.entry("silo-0")["stored_round"] == 1
+    assert strategy.core.store.entry("silo-0")["stored_round"] == 1
