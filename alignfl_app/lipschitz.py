@@ -98,14 +98,30 @@ class GradientPenalty(StepHook):
         return {} if self.last is None else {"lipschitz-penalty": self.last}
 
 
-def lipschitz_hooks(section: LipschitzSection, decoder: Decoder, batch_size: int,
-                    generator: torch.Generator) -> list[StepHook]:
-    """The step hooks of the run's Lipschitz method (none, a penalty, or a projection)."""
+class LipschitzMeter(StepHook):
+    """After training: the certified upper bound and the measured slope of the decoder (data-free numbers)."""
+
+    def __init__(self, decoder: Decoder, seed: int) -> None:
+        self.decoder, self.seed = decoder, seed
+        self.values: dict[str, float] = {}
+
+    def finish(self) -> None:
+        self.values = {"lipschitz-upper-bound": upper_bound(self.decoder),
+                       "lipschitz-empirical": empirical_lipschitz(self.decoder, seed=self.seed)}
+
+    def report(self) -> dict[str, float]:
+        return self.values
+
+
+def lipschitz_hooks(section: LipschitzSection, decoder: Decoder, batch_size: int, generator: torch.Generator,
+                    measure_seed: int) -> list[StepHook]:
+    """The step hooks of the run's Lipschitz method (none, a penalty, or a projection), then the meter."""
+    hooks: list[StepHook] = []
     if section.method == "spectral":
-        return [SpectralProjection(decoder, section.target, generator)]
-    if section.method in ("gp", "gp-one-sided") and section.weight > 0:
-        return [GradientPenalty(decoder, batch_size, section, generator)]
-    return []
+        hooks.append(SpectralProjection(decoder, section.target, generator))
+    elif section.method in ("gp", "gp-one-sided") and section.weight > 0:
+        hooks.append(GradientPenalty(decoder, batch_size, section, generator))
+    return [*hooks, LipschitzMeter(decoder, measure_seed)]
 
 
 def _prior_points(decoder: Decoder, n: int, g: torch.Generator, temperature: float = 1.0):

@@ -34,7 +34,7 @@ from torch import nn
 
 from .config import ConfigError, LocalTrainingSection, PrivacySection, RunConfig
 from .files import atomic_write_text
-from .training import Batcher, PlainGradient, ShuffledBatches, TrainReport
+from .training import Batcher, PlainGradient, ShuffledBatches
 
 # opacus.utils.module_utils calls logging.basicConfig() on import: drop the root handler it adds, else every
 # Flower log line is printed twice in the ServerApp / ClientApp processes.
@@ -212,21 +212,27 @@ class AdaptiveClipDP:
     ``backward(per_record_loss)`` leaves the noisy mean of clipped gradients in ``p.grad``.
     """
 
-    def __init__(self, module: nn.Module, plan: DPPlan, clip_bound: float, generator: torch.Generator) -> None:
+    def __init__(self, module: nn.Module, plan: DPPlan, clip_bound: float, generator: torch.Generator,
+                 ledger: PrivacyLedger | None = None) -> None:
         torch.set_flush_denormal(True)  # per-sample gradients of sparse images underflow: 1.5x slower otherwise
-        self.module, self.plan, self.clip, self.g = module, plan, float(clip_bound), generator
+        self.module, self.plan, self.clip, self.g, self.ledger = module, plan, float(clip_bound), generator, ledger
+        self.steps = 0
         self.gsm = GradSampleModuleFastGradientClipping(module, loss_reduction="sum", max_grad_norm=self.clip,
                                                         use_ghost_clipping=True, strict=True)
         self.params = [p for p in module.parameters() if p.requires_grad]
         self.unclipped_fraction: list[float] = []
 
     def close(self) -> None:
-        """Remove Opacus' hooks: the module is plain again (same parameters, same state_dict keys)."""
+        """Remove Opacus' hooks (the module is plain again: same parameters, same state_dict keys); carry the
+        adaptive bound to the ledger's next round."""
         self.gsm.remove_hooks()
         for p in self.params:
             for attr in ("_norm_sample", "_forward_counter", "grad_sample"):
                 if hasattr(p, attr):
                     delattr(p, attr)
+        if self.ledger is not None:
+            self.ledger.state.clip_bound = self.clip
+            self.ledger.save()
 
     @contextlib.contextmanager
     def data_free(self):
@@ -240,8 +246,16 @@ class AdaptiveClipDP:
             self.gsm.enable_hooks()
 
     def report(self) -> dict[str, float]:
-        fractions = self.unclipped_fraction
-        return {"dp-clip-bound": self.clip, "dp-unclipped-fraction": sum(fractions) / max(len(fractions), 1)}
+        """What the round spent and how the bound moved (every figure here is private or data-free)."""
+        plan, fractions = self.plan, self.unclipped_fraction
+        out = {"dp-delta": plan.delta, "dp-noise-multiplier": plan.noise_multiplier, "dp-sample-rate": plan.sample_rate,
+               "dp-steps": self.steps, "dp-clip-bound": self.clip,
+               "dp-unclipped-fraction": sum(fractions) / max(len(fractions), 1)}
+        if self.ledger is not None:
+            out["dp-epsilon-spent"] = self.ledger.spent_epsilon
+            if self.ledger.state.budget_epsilon is not None:
+                out["dp-epsilon-budget"] = self.ledger.state.budget_epsilon
+        return out
 
     def clipped_sum(self, per_sample_loss: torch.Tensor) -> torch.Tensor:
         """Leave sum_i clip_C(grad L_i) in ``p.grad``; return the per-sample gradient norms."""
@@ -272,6 +286,7 @@ class AdaptiveClipDP:
         ``None``: an empty Poisson batch (no forward pass), released as noise only.
         """
         plan = self.plan
+        self.steps += 1
         norms = self.clipped_sum(per_record_loss if per_record_loss is not None else torch.zeros(0))
         std = plan.grad_noise_multiplier * self.clip
         for p in self.params:
@@ -336,9 +351,6 @@ class NoPrivacy:
     def open_round(self, server_round: int, model: nn.Module) -> PlainGradient:
         return PlainGradient()
 
-    def close_round(self, report: TrainReport) -> dict[str, float]:
-        return {}
-
 
 class DifferentialPrivacy:
     """A silo that trains under DP-SGD: each round is booked in its ledger before it trains.
@@ -351,8 +363,6 @@ class DifferentialPrivacy:
 
     def __init__(self, plan: DPPlan, ledger_file: Path, silo: str) -> None:
         self.plan, self.ledger_file, self.silo = plan, ledger_file, silo
-        self.ledger: PrivacyLedger | None = None
-        self.spent = 0.0
 
     def generator(self, seed: int) -> torch.Generator:
         return torch.Generator().manual_seed(secure_seed())
@@ -361,26 +371,14 @@ class DifferentialPrivacy:
         return PoissonBatches(self.plan.sample_rate, self.plan.steps_per_round)
 
     def open_round(self, server_round: int, model: nn.Module) -> AdaptiveClipDP:
-        """Book the round (``PrivacyBudgetExceeded`` if it would pass the budget); the rule that trains it.
-
-        The ledger is read from disk each round: another process may have spent budget."""
+        """Book the round (``PrivacyBudgetExceeded`` if it would pass the budget); the rule that trains it and
+        writes its adaptive bound back to the ledger. The ledger is read from disk each round: another process
+        may have spent budget."""
         plan = self.plan
-        self.ledger = PrivacyLedger(self.ledger_file, self.silo, plan.delta, plan.budget_epsilon)
-        self.spent = self.ledger.reserve(server_round, plan.noise_multiplier, plan.sample_rate, plan.steps_per_round)
-        clip = self.ledger.state.clip_bound or plan.clip_init
-        return AdaptiveClipDP(model, plan, clip, torch.Generator().manual_seed(secure_seed()))
-
-    def close_round(self, report: TrainReport) -> dict[str, float]:
-        """Carry the adaptive bound to the next round; the round's privacy figures."""
-        assert self.ledger is not None, "close_round without open_round"
-        plan = self.plan
-        self.ledger.state.clip_bound = report.details["dp-clip-bound"]
-        self.ledger.save()
-        metrics = {"dp-epsilon-spent": self.spent, "dp-delta": plan.delta, "dp-noise-multiplier": plan.noise_multiplier,
-                   "dp-sample-rate": plan.sample_rate, "dp-steps": report.steps}
-        if plan.budget_epsilon != math.inf:
-            metrics["dp-epsilon-budget"] = plan.budget_epsilon
-        return metrics
+        ledger = PrivacyLedger(self.ledger_file, self.silo, plan.delta, plan.budget_epsilon)
+        ledger.reserve(server_round, plan.noise_multiplier, plan.sample_rate, plan.steps_per_round)
+        clip = ledger.state.clip_bound or plan.clip_init
+        return AdaptiveClipDP(model, plan, clip, torch.Generator().manual_seed(secure_seed()), ledger)
 
 
 def privacy_mode(cfg: RunConfig, num_records: int, node_ledger: str | None,

@@ -15,13 +15,14 @@ from .audit import audit_outliers, save_audit_figure
 from .config import IMAGE_SHAPE, RunConfig, SiloNodeConfig, load_architecture, resolve_data_root
 from .data import SiloData, build_silo_data
 from .global_model import GlobalModel
-from .lipschitz import empirical_lipschitz, lipschitz_hooks, upper_bound
+from .lipschitz import lipschitz_hooks
 from .metrics import peak_rss_mb
 from .models import VAE
 from .privacy import privacy_mode
 from .seeds import audit_seed, local_batches_seed, vae_init_seed
 from .store import GeneratorDescriptor
-from .training import NegativeELBO, ProximalTerm, ShuffledBatches, Trainer, set_threads, to_local_labels, vae_test_loss
+from .training import (HeldOutLoss, NegativeELBO, ProximalTerm, ShuffledBatches, Trainer, set_threads,
+                       to_local_labels)
 
 StateDict = dict[str, torch.Tensor]
 
@@ -73,40 +74,37 @@ class Silo:
         """One round of local training under the silo's privacy mode (a DP silo books the round first and
         raises ``PrivacyBudgetExceeded`` if it would pass the budget); only data-free or private numbers
         leave a DP silo."""
-        cfg, privacy = self.cfg, self.privacy
+        cfg, privacy, data = self.cfg, self.privacy, self.data
         vae = self.restore_vae(previous_vae)
         optimizer = torch.optim.Adam(vae.parameters(), lr=cfg.local.learning_rate)
         generator = privacy.generator(local_batches_seed(cfg.run.seed, self.index, server_round))
         rule = privacy.open_round(server_round, vae)
-        batches = privacy.batcher()(len(self.data.x_train), generator)
-        hooks = lipschitz_hooks(cfg.lipschitz, vae.decoder, cfg.local.batch_size, generator)
+        batches = privacy.batcher()(len(data.x_train), generator)
+        hooks = lipschitz_hooks(cfg.lipschitz, vae.decoder, cfg.local.batch_size, generator, measure_seed=server_round)
+        if privacy.releases_record_losses:
+            hooks.append(HeldOutLoss(vae, (data.x_test, self.y_test)))
         report = Trainer(NegativeELBO(cfg.local.kl_weight), rule, hooks).fit(
-            vae, (self.data.x_train, self.y_train), batches, optimizer)
-        desc = GeneratorDescriptor(
-            silo=self.name, architecture=self.architecture, conditional=cfg.local.conditional,
-            label_set=self.data.classes, image_shape=IMAGE_SHAPE, round=server_round,
-            num_examples=len(self.data.x_train),
-        )
+            vae, (data.x_train, self.y_train), batches, optimizer)
         decoder_state = {k: v.detach().clone() for k, v in vae.decoder.state_dict().items()}
+        vae_state = {k: v.detach().clone() for k, v in vae.state_dict().items()}
         metrics: dict[str, float | int] = {
-            "num-examples": len(self.data.x_train),
-            "num-outliers": self.data.num_outliers,
+            "num-examples": len(data.x_train),
+            "num-outliers": data.num_outliers,
             "train-seconds": report.seconds,
             "samples-per-second": report.examples_seen / max(report.seconds, 1e-9),
             "decoder-bytes": state_bytes(decoder_state),
+            "vae-bytes": state_bytes(vae_state),  # what a full-model upload would cost
             "peak-rss-mb": peak_rss_mb(),
-            "lipschitz-upper-bound": upper_bound(vae.decoder),
-            "lipschitz-empirical": empirical_lipschitz(vae.decoder, seed=server_round),
             **report.details,
-            **privacy.close_round(report),
         }
         if privacy.releases_record_losses:
             metrics["train-loss"] = report.loss
-            metrics["test-neg-elbo"] = vae_test_loss(vae, self.data.x_test, self.y_test)
-        if cfg.privacy.audit and server_round == cfg.run.num_server_rounds and self.data.num_outliers:
+        if cfg.privacy.audit and server_round == cfg.run.num_server_rounds and data.num_outliers:
             metrics.update(self.audit(vae, server_round))
-        vae_state = {k: v.detach().clone() for k, v in vae.state_dict().items()}
-        metrics["vae-bytes"] = state_bytes(vae_state)  # what a full-model upload would cost
+        desc = GeneratorDescriptor(
+            silo=self.name, architecture=self.architecture, conditional=cfg.local.conditional,
+            label_set=data.classes, image_shape=IMAGE_SHAPE, round=server_round, num_examples=len(data.x_train),
+        )
         return TrainOutcome(decoder_state, desc, vae_state, metrics)
 
     def train_global_model(self, server_round: int, global_state: StateDict,

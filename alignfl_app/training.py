@@ -153,6 +153,20 @@ class ProximalTerm(StepHook):
             (0.5 * self.mu * proximal_term(self.model, self.anchor)).backward()
 
 
+class HeldOutLoss(StepHook):
+    """After training, the VAE's negative ELBO on held-out records (reported only where losses may leave)."""
+
+    def __init__(self, vae: nn.Module, held_out: tuple[torch.Tensor, torch.Tensor]) -> None:
+        self.vae, self.held_out = vae, held_out
+        self.value: float | None = None
+
+    def finish(self) -> None:
+        self.value = vae_test_loss(self.vae, *self.held_out)
+
+    def report(self) -> dict[str, float]:
+        return {} if self.value is None else {"test-neg-elbo": self.value}
+
+
 # --- the loop ---------------------------------------------------------------------------------
 @dataclass
 class TrainReport:

@@ -29,7 +29,7 @@ def private_fit(vae, x, y, plan, lr: float, lipschitz: LipschitzSection = Lipsch
     """One planned round of DP-SGD, composed the way a DP silo composes it."""
     g = torch.Generator().manual_seed(0)
     rule = AdaptiveClipDP(vae, plan, plan.clip_init, torch.Generator().manual_seed(1))
-    hooks = lipschitz_hooks(lipschitz, vae.decoder, batch_size, g)
+    hooks = lipschitz_hooks(lipschitz, vae.decoder, batch_size, g, measure_seed=0)
     batches = PoissonBatches(plan.sample_rate, plan.steps_per_round)(len(x), g)
     return Trainer(NegativeELBO(), rule, hooks).fit(vae, (x, y), batches, torch.optim.Adam(vae.parameters(), lr=lr))
 
