@@ -15,6 +15,7 @@ from pathlib import Path
 from flwr.common.config import parse_config_args
 
 from alignfl_app.config import ConfigError, SiloNodeConfig, load_architecture, parse_node_config
+from alignfl_app.resources import conf_dir
 
 
 def check_node_config(text: str) -> SiloNodeConfig:
@@ -27,7 +28,7 @@ def check_node_config(text: str) -> SiloNodeConfig:
                           "quote strings, e.g. silo-name=\"hospital-a\"") from exc
     node = parse_node_config(raw)
     if node.architecture:
-        load_architecture(node.architecture)
+        load_architecture(node.architecture, conf_dir() / "architectures")
     if node.data_root and not Path(node.data_root).expanduser().is_dir():
         raise ConfigError(f"node config: data-root '{node.data_root}' is not a folder on this machine; "
                           "fetch the data there (python -m alignfl_app.data fetch --root ...) or fix the path")
