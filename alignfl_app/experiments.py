@@ -1,7 +1,7 @@
 """Experiment files: ``conf/experiments/<name>.toml`` are flat run-config override files.
 
-The same file drives ``flwr run . --run-config conf/experiments/<name>.toml`` and the scripts that run
-without Flower (reference classifiers, comparison, benchmark), so every method sees the same settings.
+The same file drives ``flwr run . --run-config conf/experiments/<name>.toml`` and the ``alignfl`` commands
+that run without Flower (reference classifiers, comparison, benchmark), so every method sees the same settings.
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@
 Both write ``summary.json`` in the RunRecorder format (one "round" holding the final model), so the
 comparison reads them like the federated runs.
 
-    python -m alignfl_app.reference --experiment mnist-fast [--method local-only centralised] [--set k=v ...]
+    alignfl reference --experiment mnist-fast [--method local-only centralised] [--set k=v ...]
 """
 
 from __future__ import annotations
@@ -88,7 +88,7 @@ RUNNERS = {"local-only": local_only, "centralised": centralised}
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m alignfl_app.reference", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="alignfl reference", description=__doc__.splitlines()[0])
     parser.add_argument("--experiment", default="", help="name in conf/experiments/ or a TOML file (default: pyproject)")
     parser.add_argument("--method", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="run-config overrides")
@@ -108,7 +108,3 @@ def main(argv: list[str] | None = None) -> int:
         summary = RUNNERS[method](cfg, base / f"{stem}-{method}")
         print(f"[alignfl] {method}: global {key} {summary[f'final-global-{key}']:.4f} ({base / f'{stem}-{method}'})")
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,12 +1,13 @@
-"""Files that ship with alignfl: the architecture and experiment TOML files of ``conf/``."""
+"""Where the shipped configuration files (``conf/architectures``, ``conf/experiments``) are."""
 
 from __future__ import annotations
 
-from importlib.resources import files
 from pathlib import Path
+
+_PACKAGE = Path(__file__).resolve().parent
 
 
 def conf_dir() -> Path:
-    """The packaged ``alignfl_app/conf`` of an installed wheel, else the checkout's (or FAB's) top-level ``conf/``."""
-    packaged = Path(str(files("alignfl_app"))) / "conf"
-    return packaged if packaged.is_dir() else Path(__file__).resolve().parent.parent / "conf"
+    """The installed wheel's copy, else the checkout's top-level ``conf/`` (the one ``flwr run`` puts in the FAB)."""
+    packaged = _PACKAGE / "conf"
+    return packaged if packaged.is_dir() else _PACKAGE.parent / "conf"

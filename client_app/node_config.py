@@ -1,7 +1,7 @@
 """Check a silo's ``--node-config`` before its SuperNode starts: one line naming the fix, or OK.
 
-    python -m client_app.node_config 'partition-id=0 silo-name="hospital-a" architecture="conv"'
-    python -m client_app.node_config silo-a.toml
+    alignfl check-node-config 'partition-id=0 silo-name="hospital-a" architecture="conv"'
+    alignfl check-node-config silo-a.toml
 
 Parses exactly as ``flower-supernode --node-config`` does, then validates with ``SiloNodeConfig``
 and checks what the silo's machine itself must provide (architecture file, data folder).
@@ -9,12 +9,14 @@ and checks what the silo's machine itself must provide (architecture file, data 
 
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
 
 from flwr.common.config import parse_config_args
 
 from alignfl_app.config import ConfigError, SiloNodeConfig, load_architecture, parse_node_config
+from alignfl_app.resources import conf_dir
 
 
 def check_node_config(text: str) -> SiloNodeConfig:
@@ -27,26 +29,21 @@ def check_node_config(text: str) -> SiloNodeConfig:
                           "quote strings, e.g. silo-name=\"hospital-a\"") from exc
     node = parse_node_config(raw)
     if node.architecture:
-        load_architecture(node.architecture)
+        load_architecture(node.architecture, conf_dir() / "architectures")
     if node.data_root and not Path(node.data_root).expanduser().is_dir():
         raise ConfigError(f"node config: data-root '{node.data_root}' is not a folder on this machine; "
-                          "fetch the data there (python -m alignfl_app.data fetch --root ...) or fix the path")
+                          "fetch the data there (alignfl fetch --root ...) or fix the path")
     return node
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = sys.argv[1:] if argv is None else argv
-    if len(args) != 1:
-        print("usage: python -m client_app.node_config '<node config>' | <file.toml>", file=sys.stderr)
-        return 2
+    parser = argparse.ArgumentParser(prog="alignfl check-node-config", description=__doc__.splitlines()[0])
+    parser.add_argument("node_config", help="'key=value ...' as for flower-supernode --node-config, or a .toml file")
+    args = parser.parse_args(argv)
     try:
-        node = check_node_config(args[0])
+        node = check_node_config(args.node_config)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     print(f"OK {node.model_dump(by_alias=True, exclude_none=True)}")
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

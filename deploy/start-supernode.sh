@@ -12,7 +12,7 @@ link="${1:?$usage}"; ca="${2:?$usage}"; key="${3:?$usage}"; node_config="${4:?$u
 [ -f "$ca" ] || die "CA certificate '$ca' not found; copy ca.crt from the coordinator"
 [ -f "$key" ] || die "private key '$key' not found; make it with deploy/make-supernode-key.sh"
 cd "$ALIGNFL_ROOT"
-"$ALIGNFL_BIN/python" -m client_app.node_config "$node_config" >/dev/null
+"$ALIGNFL_BIN/alignfl" check-node-config "$node_config" >/dev/null
 exec flower-supernode --root-certificates "$ca" --superlink "$link" --auth-supernode-private-key "$key" \
   --node-config "$node_config" --port "$port" --max-retries "${SUPERNODE_MAX_RETRIES:-10}" \
   ${SUPERNODE_HEALTH:+--health-server-address "$SUPERNODE_HEALTH"}

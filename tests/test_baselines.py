@@ -118,10 +118,7 @@ def test_reference_points_use_the_silo_partitions(tmp_path, tiny_config):
 
 def test_references_and_comparison_judge_a_global_vae_by_its_elbo(tmp_path, tiny_config):
     """global-model='vae': the references train the VAE and every table reads the negative ELBO."""
-    import sys
-
-    sys.path.insert(0, str(PROJECT / "scripts"))
-    from compare import write_comparison
+    from alignfl_app.tools.compare import write_comparison
 
     cfg = parse_run_config({**tiny_config, "reference-epochs": 1, "global-model": "vae"})
     summaries = {"local-only": local_only(cfg, tmp_path / "runs" / "local-only"),

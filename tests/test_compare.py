@@ -2,15 +2,12 @@
 dispatching on the message config) next to the two reference classifiers, then the comparison files."""
 
 import csv
-import sys
-from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
-from compare import run_methods, write_comparison  # noqa: E402
-
-from alignfl_app.experiments import load_experiment  # noqa: E402
+from alignfl_app.experiments import load_experiment
+from alignfl_app.tools.compare import run_methods, write_comparison
+from tests.conftest import PROJECT
 
 pytestmark = pytest.mark.e2e
 
@@ -20,7 +17,7 @@ TINY = {"max-per-class": 50, "outliers-per-silo": 10, "local-epochs": 1, "num-se
 
 def test_compare_runs_every_kind_of_method_and_writes_the_tables(tmp_path):
     methods = ["fedprox", "local-only", "centralised"]
-    summaries = run_methods("mnist-fast", methods, TINY, tmp_path, timeout=600)
+    summaries = run_methods("mnist-fast", methods, TINY, tmp_path, PROJECT, timeout=600)
     assert list(summaries) == methods
     fedprox = summaries["fedprox"]
     assert fedprox["flwr-status"] == "finished:completed" and fedprox["method"] == "fedprox"

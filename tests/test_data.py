@@ -60,7 +60,7 @@ def test_fetched_files_pass_their_checksums(tiny_config):
 
 def test_missing_data_names_the_fetch_command(tmp_path, tiny_config):
     cfg = parse_run_config({**tiny_config, "data-root": str(tmp_path / "empty")})
-    with pytest.raises(DataMissingError, match="python -m alignfl_app.data fetch"):
+    with pytest.raises(DataMissingError, match="alignfl fetch --root"):
         build_silo_data(cfg, 0)
 
 

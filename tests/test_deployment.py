@@ -6,15 +6,12 @@ has its own FLWR_HOME, port, key pair and node config; nothing but the CA certif
 
 import json
 import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
 from alignfl_app.config import resolve_data_root
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
-from flower_local import BIN, DEPLOY, deployment_federation  # noqa: E402
+from alignfl_app.tools.local_superlink import BIN
+from tests.deployment_harness import DEPLOY, deployment_federation
 
 pytestmark = pytest.mark.e2e
 

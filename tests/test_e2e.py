@@ -1,13 +1,11 @@
 """End to end: `flwr run .` on a private SuperLink (Ray simulation), as a user runs it."""
 
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
-from flower_local import simulation_superlink  # noqa: E402
+from alignfl_app.tools.local_superlink import simulation_superlink
+from tests.conftest import PROJECT
 
 pytestmark = pytest.mark.e2e
 
@@ -19,7 +17,7 @@ def test_flwr_run_completes_and_writes_summary(tmp_path):
         "local-epochs=1 synthetic-per-silo=100 server-epochs=1 silo-classes='0,1;2,3;4,5' "
         "silo-architectures='mlp-small;conv' sample-grid-per-silo=4"
     )
-    with simulation_superlink(tmp_path) as link:
+    with simulation_superlink(tmp_path, PROJECT) as link:
         run, log = link.run_app(run_config, num_supernodes=3)
     assert run["status"] == "finished:completed", log[-4000:]
     run_dir = results / "e2e"
@@ -47,7 +45,7 @@ def test_flwr_run_completes_and_writes_summary(tmp_path):
 
 
 def test_bad_run_config_fails_the_run_with_a_clear_reason(tmp_path):
-    with simulation_superlink(tmp_path) as link:
+    with simulation_superlink(tmp_path, PROJECT) as link:
         run, log = link.run_app(f"results-dir='{tmp_path}' silo-classes='0,1;1,2'", num_supernodes=2, timeout=300)
     assert run["status"] != "finished:completed"
     assert "disjoint" in log, log[-3000:]

@@ -1,7 +1,7 @@
 """Privacy-utility sweep: epsilon x Lipschitz weight x dataset, each a real ``flwr run`` (simulation).
 
-    nice -n 10 .venv/bin/python scripts/privacy_sweep.py [--datasets mnist fashion-mnist] \
-        [--epsilons 1 2 4 8 none] [--weights 0 0.1 1] [--base 'num-server-rounds=3 ...'] [--out results/sweep]
+    nice -n 10 alignfl sweep [--datasets mnist fashion-mnist] [--epsilons 1 2 4 8 none] [--weights 0 0.1 1] \
+        [--base 'num-server-rounds=3 ...'] [--out results/sweep] [--app .]
 
 Lipschitz weight 0 means no penalty; > 0 the two-sided gradient penalty (``lipschitz='gp'``). Each run has
 its own privacy-ledger folder (budgets of different runs never mix). Writes ``<out>/sweep.csv``,
@@ -9,7 +9,7 @@ its own privacy-ledger folder (budgets of different runs never mix). Writes ``<o
 Columns: global accuracy (real test set, last round), outlier mapping rate, leakage rate, member-nearer
 rate, outlier share, MIA AUC (outlier silos, mean), largest epsilon any silo spent. ``--reaudit``
 recomputes the decoder-only audit (leakage rate, member-nearer rate, MIA AUC) of finished cells from their
-stored generators (``python -m alignfl_app.audit``), for runs made before the member-nearer rate existed.
+stored generators (``alignfl audit``), for runs made before the member-nearer rate existed.
 """
 
 from __future__ import annotations
@@ -17,12 +17,12 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import sys
+import tempfile
 import time
 from pathlib import Path
 
-PROJECT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(PROJECT / "scripts"))
+from alignfl_app.audit import audit_run
+from alignfl_app.tools.local_superlink import simulation_superlink
 
 COLUMNS = ["dataset", "epsilon", "lipschitz_weight", "status", "global_accuracy", "mapping_rate", "leakage_rate",
            "member_nearer_rate", "outlier_share", "mia_auc", "epsilon_spent_max", "run"]
@@ -115,12 +115,13 @@ def write_report(rows: list[dict], out: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="alignfl sweep", description=__doc__.splitlines()[0])
     ap.add_argument("--datasets", nargs="+", default=["mnist", "fashion-mnist"])
     ap.add_argument("--epsilons", nargs="+", default=["1", "2", "4", "8", "none"])
     ap.add_argument("--weights", nargs="+", default=["0", "0.1", "1"])
     ap.add_argument("--base", default="", help="run-config overrides shared by every run")
-    ap.add_argument("--out", default=str(PROJECT / "results" / "sweep"))
+    ap.add_argument("--out", default="results/sweep")
+    ap.add_argument("--app", default=".", help="the Flower app's folder (the checkout with pyproject.toml)")
     ap.add_argument("--num-supernodes", type=int, default=5)
     ap.add_argument("--timeout", type=float, default=7200, help="seconds one `flwr run` may take")
     ap.add_argument("--report-only", action="store_true")
@@ -130,11 +131,8 @@ def main(argv: list[str] | None = None) -> int:
     cells = [(ds, eps, wgt) for ds in args.datasets for eps in args.epsilons for wgt in args.weights]
     todo = [c for c in cells if not (out / run_name(*c) / "summary.json").is_file()]
     if todo and not args.report_only:
-        import tempfile
-
-        from flower_local import simulation_superlink
-
-        with tempfile.TemporaryDirectory(prefix="alignfl-sweep-") as tmp, simulation_superlink(Path(tmp)) as link:
+        with (tempfile.TemporaryDirectory(prefix="alignfl-sweep-") as tmp,
+              simulation_superlink(Path(tmp), Path(args.app)) as link):
             for cell in todo:  # one SuperLink, one `flwr run` per cell; finished cells are kept (re-run resumes)
                 print(f"[sweep] {run_name(*cell)}", flush=True)
                 t0 = time.perf_counter()
@@ -145,9 +143,6 @@ def main(argv: list[str] | None = None) -> int:
                     print(log[-3000:], flush=True)
                 write_report([row_of(out / run_name(*c) / "summary.json", *c) for c in cells], out)
     if args.reaudit:
-        sys.path.insert(0, str(PROJECT))
-        from alignfl_app.audit import audit_run
-
         for c in cells:
             run = out / run_name(*c)
             if (run / "summary.json").is_file() and not (run / "decoder-audit.json").is_file():
@@ -156,7 +151,3 @@ def main(argv: list[str] | None = None) -> int:
     write_report(rows, out)
     print((out / "sweep.md").read_text())
     return 0 if all(r.get("status") == "completed" for r in rows) else 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,6 +1,6 @@
 """DP vs non-DP local training time per epoch, per architecture, on a real silo's data.
 
-Usage: ``nice -n 10 .venv/bin/python scripts/bench_dp.py [--archs mlp conv] [--epochs 1] [--silo 0]``.
+Usage: ``nice -n 10 alignfl bench-dp [--archs mlp conv] [--epochs 1] [--silo 0]``.
 Prints one line per architecture and mode (samples/s, seconds per epoch) and the DP/non-DP ratio.
 Both modes run back to back in this process, with one torch thread and denormals flushed to zero
 (private training always flushes them; the non-DP baseline is timed the same way, which only makes it faster).
@@ -9,22 +9,19 @@ Both modes run back to back in this process, with one torch thread and denormals
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import torch
 
-import torch  # noqa: E402
-
-from alignfl_app.config import IMAGE_SHAPE, load_architecture, parse_run_config  # noqa: E402
-from alignfl_app.data import build_silo_data  # noqa: E402
-from alignfl_app.models import VAE  # noqa: E402
-from alignfl_app.privacy import plan_dp  # noqa: E402
-from alignfl_app.training import set_threads, train_vae  # noqa: E402
+from alignfl_app.config import IMAGE_SHAPE, load_architecture, parse_run_config
+from alignfl_app.data import build_silo_data
+from alignfl_app.experiments import app_defaults
+from alignfl_app.models import VAE
+from alignfl_app.privacy import plan_dp
+from alignfl_app.training import set_threads, train_vae
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="alignfl bench-dp", description=__doc__.splitlines()[0])
     ap.add_argument("--archs", nargs="+", default=["mlp", "conv"])
     ap.add_argument("--epochs", type=int, default=1)
     ap.add_argument("--silo", type=int, default=0)
@@ -32,13 +29,10 @@ def main() -> None:
     ap.add_argument("--lipschitz", default="none", choices=["none", "gp", "gp-one-sided", "spectral"])
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--keep-denormals", action="store_true", help="do not flush denormals (DP training still does)")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     set_threads(args.threads)
     torch.set_flush_denormal(not args.keep_denormals)  # private training flushes them; compare like with like
-    import tomllib
-
-    base = tomllib.loads((Path(__file__).resolve().parent.parent / "pyproject.toml").read_text())
-    raw = dict(base["tool"]["flwr"]["app"]["config"])
+    raw = app_defaults()
     cfg = parse_run_config({**raw, "local-epochs": args.epochs, "num-server-rounds": 1})
     data = build_silo_data(cfg, args.silo, cfg.resolved_data_root())
     n = len(data.x_train)
@@ -60,7 +54,4 @@ def main() -> None:
             print(f"{name:6s} {mode:7s} {rep.examples_seen / rep.seconds:9.0f} samples/s  "
                   f"{times[mode]:7.2f} s/epoch  loss {rep.loss:.2f}", flush=True)
         print(f"{name:6s} DP/non-DP epoch-time ratio: {times['DP'] / times['non-DP']:.2f}x", flush=True)
-
-
-if __name__ == "__main__":
-    main()
+    return 0

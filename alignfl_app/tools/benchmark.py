@@ -3,11 +3,12 @@
 Every figure is read from the run folders the methods write themselves (summary.json, measured inside
 the ServerApp / ClientApp processes), so a comparison run can be benchmarked without rerunning it.
 
-    python scripts/benchmark.py --from results/compare-mnist-fast            # tabulate an existing comparison
-    python scripts/benchmark.py --experiment mnist-fast [--methods ...]      # run the methods, then tabulate
-    python scripts/benchmark.py --scaling 5 10 20 50 [--scaling-methods alignfl fedavg]  # server cost vs silos
+    alignfl benchmark --from results/compare-mnist-fast            # tabulate an existing comparison
+    alignfl benchmark --experiment mnist-fast [--methods ...]      # run the methods, then tabulate
+    alignfl benchmark --scaling 5 10 20 50 [--scaling-methods alignfl fedavg]  # server cost vs silos
 
-Writes <out>/benchmark.json and <out>/benchmark.md (default out: results/benchmark).
+Writes <out>/benchmark.json and <out>/benchmark.md (default out: results/benchmark). Runs use the Flower
+app in ``--app`` (default: the current folder).
 Peak memory is the process's own ru_maxrss (a Ray worker process may host several silos in turn).
 """
 
@@ -20,14 +21,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from compare import FEDERATED, METHODS, run_methods  # noqa: E402
-from flower_local import PROJECT  # noqa: E402
-
-from alignfl_app.config import ConfigError  # noqa: E402
-from alignfl_app.experiments import parse_assignments  # noqa: E402
+from alignfl_app.config import ConfigError
+from alignfl_app.experiments import parse_assignments
+from alignfl_app.tools.compare import FEDERATED, METHODS, run_methods
 
 SCALING_EXPERIMENT = "mnist-fast"
 
@@ -131,22 +127,23 @@ def markdown(rows: list[dict], scaling: list[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="alignfl benchmark", description=__doc__.splitlines()[0])
     parser.add_argument("--from", dest="source", default="", help="an existing comparison folder to tabulate")
     parser.add_argument("--experiment", default="", help="run this experiment's methods first (conf/experiments/)")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE")
     parser.add_argument("--scaling", nargs="*", type=int, default=[], metavar="SILOS")
     parser.add_argument("--scaling-methods", nargs="+", default=["alignfl"], choices=FEDERATED)
-    parser.add_argument("--out", default=str(PROJECT / "results" / "benchmark"))
+    parser.add_argument("--out", default="results/benchmark")
+    parser.add_argument("--app", default=".", help="the Flower app's folder (the checkout with pyproject.toml)")
     args = parser.parse_args(argv)
-    out = Path(args.out).resolve()
+    out, app = Path(args.out).resolve(), Path(args.app)
     out.mkdir(parents=True, exist_ok=True)
     try:
         overrides = parse_assignments(args.set)
         rows: list[dict] = []
         if args.experiment:
-            run_methods(args.experiment, args.methods, overrides, out / "methods")
+            run_methods(args.experiment, args.methods, overrides, out / "methods", app)
             rows = from_folder(out / "methods")
         elif args.source:
             rows = from_folder(Path(args.source))
@@ -154,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
         for n in args.scaling:
             folder = out / f"scaling-{n}"
             summaries = run_methods(SCALING_EXPERIMENT, args.scaling_methods, {**scaling_overrides(n), **overrides},
-                                    folder)
+                                    folder, app)
             scaling += [costs(s) for s in summaries.values()]
             (out / "benchmark.json").write_text(json.dumps({"methods": rows, "scaling": scaling}, indent=2))
     except ConfigError as exc:
@@ -165,7 +162,3 @@ def main(argv: list[str] | None = None) -> int:
     print((out / "benchmark.md").read_text())
     print(f"[benchmark] wrote {out}/benchmark.json and benchmark.md")
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,9 +1,10 @@
 """Run one experiment for every method on the same partitions and write one comparison folder.
 
-ALIGN-FL, FedAvg and FedProx run as real ``flwr run`` simulations on a private SuperLink
-(scripts/flower_local.py); local-only and centralised train directly (alignfl_app/reference.py).
+ALIGN-FL, FedAvg and FedProx run as real ``flwr run`` simulations of the app in ``--app`` on a private
+SuperLink (alignfl_app/tools/local_superlink.py); local-only and centralised train directly
+(alignfl_app/reference.py).
 
-    python scripts/compare.py mnist-fast [--methods alignfl fedavg ...] [--set key=value ...] [--out DIR]
+    alignfl compare mnist-fast [--methods alignfl fedavg ...] [--set key=value ...] [--out DIR] [--app .]
 
 Writes <out>/comparison.csv, comparison.md, accuracy.png, samples-<method>.png and one run folder per
 method (summary.json, accuracy.png, final model) under <out>/runs/.
@@ -22,16 +23,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from flower_local import PROJECT, SimulationLink, simulation_superlink  # noqa: E402
-
-from alignfl_app.config import HEADLINE_METRIC, ConfigError, RunConfig, headline_metric  # noqa: E402
-from alignfl_app.experiments import (experiment_overrides, load_experiment, parse_assignments,  # noqa: E402
-                                     run_config_string)
-from alignfl_app.reference import RUNNERS  # noqa: E402
-from alignfl_app.training import set_threads  # noqa: E402
+from alignfl_app.config import HEADLINE_METRIC, ConfigError, RunConfig, headline_metric
+from alignfl_app.experiments import experiment_overrides, load_experiment, parse_assignments, run_config_string
+from alignfl_app.reference import RUNNERS
+from alignfl_app.tools.local_superlink import SimulationLink, simulation_superlink
+from alignfl_app.training import set_threads
 
 FEDERATED = ("alignfl", "fedavg", "fedprox")
 METHODS = FEDERATED + tuple(RUNNERS)
@@ -61,9 +57,9 @@ def run_reference(method: str, cfg: RunConfig, runs_dir: Path) -> dict:
     return summary
 
 
-def run_methods(experiment: str, methods: list[str], overrides: dict[str, Any], out: Path,
+def run_methods(experiment: str, methods: list[str], overrides: dict[str, Any], out: Path, app: Path,
                 cpus_per_client: int = 1, timeout: float = 7200) -> dict[str, dict]:
-    """Every method of ``methods`` on the experiment's settings; summaries by method."""
+    """Every method of ``methods`` on the experiment's settings (federated ones: ``flwr run`` of ``app``)."""
     cfg = load_experiment(experiment, overrides)
     key = HEADLINE_METRIC[cfg.global_model]
     values = {**experiment_overrides(experiment), **overrides}
@@ -72,7 +68,8 @@ def run_methods(experiment: str, methods: list[str], overrides: dict[str, Any], 
     summaries = {}
     federated = [m for m in methods if m in FEDERATED]
     if federated:
-        with tempfile.TemporaryDirectory(prefix="alignfl-compare-") as tmp, simulation_superlink(Path(tmp)) as link:
+        with (tempfile.TemporaryDirectory(prefix="alignfl-compare-") as tmp,
+              simulation_superlink(Path(tmp), app) as link):
             for method in federated:  # one SuperLink, one `flwr run` per method
                 print(f"[compare] {method} (flwr run) ...", flush=True)
                 summaries[method] = run_federated(link, method, values, cfg, runs_dir, cpus_per_client, timeout)
@@ -216,12 +213,13 @@ def write_comparison(experiment: str, summaries: dict[str, dict], cfg: RunConfig
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="alignfl compare", description=__doc__.splitlines()[0])
     parser.add_argument("experiment", help="name in conf/experiments/ (e.g. mnist-fast) or a TOML file")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="run-config overrides for all methods")
     parser.add_argument("--out", default="", help="comparison folder (default: results/compare-<experiment>)")
     parser.add_argument("--cpus-per-client", type=int, default=1)
+    parser.add_argument("--app", default=".", help="the Flower app's folder (the checkout with pyproject.toml)")
     args = parser.parse_args(argv)
     try:
         overrides = parse_assignments(args.set)
@@ -229,14 +227,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    out = Path(args.out) if args.out else PROJECT / "results" / f"compare-{Path(args.experiment).stem}"
-    out = out.resolve()
-    summaries = run_methods(args.experiment, args.methods, overrides, out, args.cpus_per_client)
+    out = Path(args.out or f"results/compare-{Path(args.experiment).stem}").resolve()
+    summaries = run_methods(args.experiment, args.methods, overrides, out, Path(args.app), args.cpus_per_client)
     write_comparison(args.experiment, summaries, cfg, out)
     print((out / "comparison.md").read_text())
     print(f"[compare] wrote {out}/comparison.csv, comparison.md, accuracy.png")
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

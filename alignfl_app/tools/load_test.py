@@ -1,6 +1,6 @@
 """Load check: an ALIGN-FL simulation with many silos (default 50) on this machine; prints time and peak memory.
 
-    python scripts/load_silos.py [--silos 50] [--rounds 1] [--cpus 2] [--max-per-class 500]
+    alignfl load-test [--silos 50] [--rounds 1] [--cpus 2] [--max-per-class 500] [--app .]
 
 Silo s holds classes s mod 10 and (s+1) mod 10; with ``silo-layout='slices'`` each class's records
 are split into disjoint slices among the silos holding it (10 silos per class for 50 silos), so every
@@ -12,41 +12,42 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from flower_local import _descendants, simulation_superlink  # noqa: E402
+import psutil
 
-PAGE = os.sysconf("SC_PAGE_SIZE")
+from alignfl_app.tools.local_superlink import simulation_superlink
 
 
 def tree_rss(pid: int) -> tuple[int, int]:
     """(sum, max) of resident memory in bytes over ``pid`` and its descendants."""
-    total, biggest = 0, 0
-    for p in [pid, *_descendants(pid)]:
+    try:
+        root = psutil.Process(pid)
+        family = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return 0, 0
+    sizes = []
+    for proc in family:
         try:
-            rss = int(Path(f"/proc/{p}/statm").read_text().split()[1]) * PAGE
-        except (OSError, IndexError, ValueError):
+            sizes.append(proc.memory_info().rss)
+        except psutil.NoSuchProcess:
             continue
-        total += rss
-        biggest = max(biggest, rss)
-    return total, biggest
+    return sum(sizes), max(sizes, default=0)
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="alignfl load-test", description=__doc__.splitlines()[0])
     ap.add_argument("--silos", type=int, default=50)
     ap.add_argument("--rounds", type=int, default=1)
     ap.add_argument("--cpus", type=int, default=2, help="Ray CPUs = ClientApps training at once (1 CPU each)")
     ap.add_argument("--max-per-class", type=int, default=500)
     ap.add_argument("--keep", default="", help="folder for results and logs (default: a temporary one)")
+    ap.add_argument("--app", default=".", help="the Flower app's folder (the checkout with pyproject.toml)")
     args = ap.parse_args(argv)
-    work = Path(args.keep or tempfile.mkdtemp(prefix="alignfl-load-"))
+    work = Path(args.keep or tempfile.mkdtemp(prefix="alignfl-load-")).resolve()
     results = work / "results"
     classes = ";".join(f"{s % 10},{(s + 1) % 10}" for s in range(args.silos))
     run_config = (
@@ -57,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     peak = {"sum": 0, "max": 0}
     stop = threading.Event()
-    with simulation_superlink(work) as link:
+    with simulation_superlink(work, Path(args.app)) as link:
         def sample() -> None:
             while not stop.is_set():
                 total, biggest = tree_rss(link.proc.pid)
@@ -84,7 +85,3 @@ def main(argv: list[str] | None = None) -> int:
     print(f"records per silo (silo-0, incl. outliers): {last.get('silos', {}).get('silo-0', {}).get('num-examples')}")
     print(f"results: {summary_path.parent}  logs: {work}")
     return 0 if run["status"] == "finished:completed" else 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())

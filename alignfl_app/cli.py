@@ -1,0 +1,40 @@
+"""The ``alignfl`` command: one subcommand per tool, which hands the rest of the command line to its module's ``main``.
+
+A module is imported only when its subcommand runs, so ``alignfl --help`` loads neither torch nor Flower.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+from collections.abc import Callable
+
+# subcommand -> (module whose ``main(argv) -> int`` runs it, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "run": ("alignfl_app.tools.local_superlink", "flwr run the app on a private local SuperLink"),
+    "fetch": ("alignfl_app.data", "fetch and verify MNIST / Fashion-MNIST"),
+    "compare": ("alignfl_app.tools.compare", "run every method on one experiment, write the tables"),
+    "benchmark": ("alignfl_app.tools.benchmark", "time, bytes and memory per method; silo scaling"),
+    "sweep": ("alignfl_app.tools.privacy_sweep", "privacy-utility sweep: epsilon x Lipschitz x dataset"),
+    "audit": ("alignfl_app.audit", "recompute a run's decoder-only outlier audit"),
+    "reference": ("alignfl_app.reference", "train the local-only and centralised references"),
+    "check-node-config": ("client_app.node_config", "check a silo's --node-config before it starts"),
+    "bench-dp": ("alignfl_app.tools.bench_dp", "time DP vs non-DP local training"),
+    "load-test": ("alignfl_app.tools.load_test", "many-silo simulation: wall time and peak memory"),
+}
+
+
+def command_main(name: str) -> Callable[[list[str]], int]:
+    """The ``main`` of subcommand ``name``'s module."""
+    return importlib.import_module(COMMANDS[name][0]).main
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="alignfl", description="ALIGN-FL: run, compare and check the Flower app.",
+                                     epilog="'alignfl COMMAND --help' shows a command's options.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (_, help_line) in COMMANDS.items():
+        # no options of its own: every argument after the command goes to the command's parser
+        commands.add_parser(name, help=help_line, add_help=False)
+    args, rest = parser.parse_known_args(argv)
+    return command_main(args.command)(rest)

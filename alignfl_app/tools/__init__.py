@@ -1,0 +1,1 @@
+"""Operator tools behind the ``alignfl`` command (local runs, comparisons, benchmarks, sweeps)."""

@@ -1,0 +1,179 @@
+"""Run the app on a private Flower SuperLink (own FLWR_HOME, ports and PID), then stop it.
+
+Used by ``alignfl run`` (the README's run command), the other tools that start runs, and the end-to-end
+tests. Plain ``flwr run`` would start a detached SuperLink on fixed ports, reuse whatever SuperLink
+already listens there (possibly one without ``FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION``) and
+leave it running.
+
+    alignfl run [--app .] [--num-supernodes 5] [--cpus-per-client 1] [--run-config '...'] [--keep .flwr-local]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import psutil
+
+DEFAULT_SUPERNODES = 5
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def flower_env(flwr_home: Path, project_dir: Path) -> dict[str, str]:
+    """The environment of a Flower process: own FLWR_HOME, no runtime installs, results under ``project_dir``."""
+    env = os.environ.copy()
+    env.update({
+        "FLWR_HOME": str(flwr_home),
+        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+        "FLWR_DISABLE_UPDATE_CHECK": "1",
+        "ALIGNFL_PROJECT_DIR": str(project_dir),
+        "PATH": f"{BIN}{os.pathsep}{env.get('PATH', '')}",
+        "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
+    })
+    return env
+
+
+def wait_for_port(proc: subprocess.Popen, port: int, log: Path, what: str, timeout: float = 60) -> None:
+    """Block until ``proc`` listens on ``port``; raise with the log's tail if it exits or never does."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited early (code {proc.returncode}):\n{log.read_text()[-3000:]}")
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.3)
+    raise RuntimeError(f"{what} did not open port {port} within {timeout:.0f} s; see {log}")
+
+
+def stop_process(proc: subprocess.Popen, grace: float = 20) -> None:
+    """SIGTERM ``proc``'s process group and every descendant, SIGKILL whatever outlives ``grace`` s.
+
+    Descendants are found by parentage, not by group: Flower's SuperExec and app processes start their own sessions.
+    """
+    try:
+        family = psutil.Process(proc.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        family = []
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+    for child in family:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            child.terminate()
+    try:
+        proc.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+    _, alive = psutil.wait_procs(family, timeout=5)
+    for child in alive:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            child.kill()
+    proc.wait(timeout=10)
+
+
+def start_logged(cmd: list[str], log: Path, env: dict[str, str], cwd: Path) -> subprocess.Popen:
+    """Start ``cmd`` in its own session (so it can be stopped as a group), output into ``log``."""
+    with open(log, "w") as logf:
+        return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=logf, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+
+
+class SimulationLink:
+    """A running SuperLink and a ``flwr`` connection named ``test`` to it; ``app`` is the Flower app's folder."""
+
+    def __init__(self, home: Path, port: int, proc: subprocess.Popen, log: Path, app: Path) -> None:
+        self.home, self.port, self.proc, self.log, self.app = home, port, proc, log, app
+        self.env = flower_env(home, app)
+
+    def flwr(self, *args: str, timeout: float = 900) -> subprocess.CompletedProcess:
+        return subprocess.run([str(BIN / "flwr"), *args], cwd=self.app, env=self.env, capture_output=True,
+                              text=True, timeout=timeout)
+
+    def run_app(self, run_config: str, num_supernodes: int | None, cpus_per_client: int = 1,
+                timeout: float = 900) -> tuple[dict, str]:
+        """``flwr run <app> test --stream``; returns (this run's `flwr ls` entry, streamed log).
+
+        ``num_supernodes=None``: a deployment SuperLink, whose SuperNodes are real processes.
+        """
+        before = {r["run-id"] for r in self.runs()}
+        federation = [] if num_supernodes is None else [
+            "--federation-config", f"num-supernodes={num_supernodes} client-resources-num-cpus={cpus_per_client}"]
+        res = self.flwr("run", str(self.app), "test", "--stream", "--run-config", run_config, *federation,
+                        timeout=timeout)
+        out = res.stdout + res.stderr
+        new = [r for r in self.runs() if r["run-id"] not in before]
+        assert len(new) == 1, f"expected one new run, got {new}\n{out[-4000:]}"
+        return new[0], out
+
+    def runs(self) -> list[dict]:
+        res = self.flwr("ls", "test", "--format", "json", timeout=60)
+        try:
+            return json.loads(res.stdout)["runs"]
+        except (json.JSONDecodeError, KeyError):
+            return []
+
+
+@contextmanager
+def simulation_superlink(tmp: Path, app: Path) -> Iterator[SimulationLink]:
+    """A simulation SuperLink (state and log under ``tmp``) for runs of the app in ``app``; stopped on exit."""
+    app = app.resolve()
+    home = tmp / "flwr-home"
+    home.mkdir(parents=True, exist_ok=True)
+    port, health = free_port(), free_port()  # Flower 1.42 serves Control, Fleet and Runtime APIs on one HTTP port
+    (home / "config.toml").write_text(
+        '[superlink]\ndefault = "test"\n\n'
+        f'[superlink.test]\naddress = "127.0.0.1:{port}"\ninsecure = true\n'
+    )
+    log = tmp / "superlink.log"
+    cmd = [str(BIN / "flower-superlink"), "--insecure", "--simulation", "--isolation", "subprocess",
+           "--host", "127.0.0.1", "--port", str(port), "--health-server-address", f"127.0.0.1:{health}",
+           "--database", str(tmp / "state.db"), "--disable-runtime-dependency-installation"]
+    proc = start_logged(cmd, log, flower_env(home, app), cwd=app)
+    try:
+        wait_for_port(proc, port, log, "flower-superlink")
+        yield SimulationLink(home, port, proc, log, app)
+    finally:
+        stop_process(proc)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="alignfl run", description=__doc__.splitlines()[0])
+    parser.add_argument("--app", default=".", help="the Flower app's folder (the checkout with pyproject.toml)")
+    parser.add_argument("--num-supernodes", type=int, default=DEFAULT_SUPERNODES)
+    parser.add_argument("--cpus-per-client", type=int, default=1)
+    parser.add_argument("--run-config", default="", help="flwr --run-config overrides or a TOML file")
+    parser.add_argument("--keep", default=".flwr-local", help="folder for the SuperLink's state and log")
+    args = parser.parse_args(argv)
+    # turn `kill` into an exception so the SuperLink (its own process group) is always stopped
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    work = Path(args.keep).resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    run_config = args.run_config or "results-dir='results'"
+    with simulation_superlink(work, Path(args.app)) as link:
+        proc = subprocess.Popen([str(BIN / "flwr"), "run", str(link.app), "test", "--stream",
+                                 "--run-config", run_config,
+                                 "--federation-config", f"num-supernodes={args.num_supernodes} "
+                                 f"client-resources-num-cpus={args.cpus_per_client}"],
+                                cwd=link.app, env=link.env)
+        proc.wait()
+        runs = sorted(link.runs(), key=lambda r: r.get("pending-at", ""))
+        status = runs[-1]["status"] if runs else "unknown"
+    print(f"[alignfl] run status: {status} (SuperLink log: {link.log})")
+    return 0 if status == "finished:completed" else 1

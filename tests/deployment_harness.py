@@ -1,0 +1,97 @@
+"""A real deployment on one machine, built with the deploy/ scripts exactly as docs/deployment.md tells users to."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from alignfl_app.tools.local_superlink import (BIN, SimulationLink, flower_env, free_port, start_logged,
+                                               stop_process, wait_for_port)
+from tests.conftest import PROJECT
+
+DEPLOY = PROJECT / "deploy"
+
+
+def deploy_script(name: str, *args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
+    """Run one of ``deploy/*.sh`` (the scripts the deployment guide tells users to run); raise on failure."""
+    res = subprocess.run([str(DEPLOY / name), *args], cwd=PROJECT, env={**env, "ALIGNFL_BIN": str(BIN)},
+                         capture_output=True, text=True, timeout=120)
+    if res.returncode != 0:
+        raise RuntimeError(f"deploy/{name} {' '.join(args)} failed ({res.returncode}): {res.stderr.strip()}")
+    return res
+
+
+class DeploymentFederation(SimulationLink):
+    """A TLS SuperLink with SuperNode authentication, and real ``flower-supernode`` processes on loopback.
+
+    Everything the deployment guide does, on one machine: ``deploy/make-certs.sh``, per-silo key pairs
+    (``deploy/make-supernode-key.sh``), ``deploy/connect.sh``, ``deploy/register-supernode.sh`` and the
+    start scripts. Each SuperNode has its own FLWR_HOME, ClientAppIo port and process group.
+    """
+
+    def __init__(self, tmp: Path, proc: subprocess.Popen, port: int, log: Path) -> None:
+        super().__init__(tmp / "coordinator-home", port, proc, log, PROJECT)
+        self.tmp = tmp
+        self.certs = tmp / "certs"
+        self.supernodes: dict[str, subprocess.Popen] = {}
+
+    def make_key(self, silo: str) -> Path:
+        keys = self.tmp / "silo-keys"
+        deploy_script("make-supernode-key.sh", str(keys), silo, env=self.env)
+        return keys / silo
+
+    def register(self, private_key: Path) -> None:
+        deploy_script("register-supernode.sh", f"{private_key}.pub", "test", env=self.env)
+
+    def start_supernode(self, silo: str, node_config: str, private_key: Path) -> subprocess.Popen:
+        home = self.tmp / f"supernode-{silo}"
+        home.mkdir(parents=True, exist_ok=True)
+        env = {**flower_env(home, PROJECT), "ALIGNFL_BIN": str(BIN), "SUPERNODE_MAX_RETRIES": "3"}
+        cmd = [str(DEPLOY / "start-supernode.sh"), f"127.0.0.1:{self.port}", str(self.certs / "ca.crt"),
+               str(private_key), node_config, str(free_port())]
+        proc = start_logged(cmd, home / "supernode.log", env, cwd=PROJECT)
+        self.supernodes[silo] = proc
+        return proc
+
+    def supernode_log(self, silo: str) -> str:
+        return (self.tmp / f"supernode-{silo}" / "supernode.log").read_text()
+
+    def online_nodes(self) -> int:
+        res = self.flwr("supernode", "ls", "test", "--format", "json", timeout=60)
+        try:
+            nodes = json.loads(res.stdout)["nodes"]
+        except (json.JSONDecodeError, KeyError):
+            return 0
+        return sum(1 for n in nodes if n.get("status") == "online")
+
+    def wait_online(self, count: int, timeout: float = 90) -> None:
+        deadline = time.monotonic() + timeout
+        while self.online_nodes() < count:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"only {self.online_nodes()} of {count} SuperNodes online after {timeout:.0f} s")
+            time.sleep(1.0)
+
+
+@contextmanager
+def deployment_federation(tmp: Path) -> Iterator[DeploymentFederation]:
+    """Yield a DeploymentFederation; every process it started is stopped on exit, also on failure."""
+    tmp.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    env = {**flower_env(tmp / "coordinator-home", PROJECT), "ALIGNFL_BIN": str(BIN)}
+    deploy_script("make-certs.sh", str(tmp / "certs"), env=env)
+    log = tmp / "superlink.log"
+    proc = start_logged([str(DEPLOY / "start-superlink.sh"), str(tmp / "certs"), str(tmp / "superlink-state"),
+                         "127.0.0.1", str(port)], log, env, cwd=PROJECT)
+    fed = DeploymentFederation(tmp, proc, port, log)
+    try:
+        wait_for_port(proc, port, log, "flower-superlink (TLS, SuperNode auth)")
+        deploy_script("connect.sh", "test", f"127.0.0.1:{port}", str(tmp / "certs" / "ca.crt"), env=env)
+        yield fed
+    finally:
+        for node in fed.supernodes.values():
+            stop_process(node)
+        stop_process(proc)
