@@ -191,7 +191,7 @@ class Trainer:
         x, y = data
         t0 = time.perf_counter()
         model.train()
-        total, seen, steps = 0.0, 0, 0
+        total, seen, steps, seconds = 0.0, 0, 0, 0.0
         try:
             for idx in batches:
                 steps += 1
@@ -206,6 +206,7 @@ class Trainer:
                 optimizer.step()
                 for hook in self.hooks:
                     hook.after_step()
+            seconds = time.perf_counter() - t0  # the training itself, not the hooks' final measurements
         finally:
             self.rule.close()
             for hook in self.hooks:
@@ -213,7 +214,7 @@ class Trainer:
         details = dict(self.rule.report())
         for hook in self.hooks:
             details.update(hook.report())
-        return TrainReport(total / max(seen, 1), seen, time.perf_counter() - t0, steps, details)
+        return TrainReport(total / max(seen, 1), seen, seconds, steps, details)
 
 
 # --- evaluation on real data -------------------------------------------------------------------

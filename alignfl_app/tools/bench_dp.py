@@ -12,12 +12,12 @@ import argparse
 
 import torch
 
-from alignfl_app.config import IMAGE_SHAPE, load_architecture, parse_run_config
-from alignfl_app.data import build_silo_data
-from alignfl_app.experiments import app_defaults
-from alignfl_app.models import VAE
-from alignfl_app.privacy import plan_dp
-from alignfl_app.training import set_threads, train_vae
+import tempfile
+from pathlib import Path
+
+from alignfl_app.config import parse_node_config, parse_run_config
+from alignfl_app.silo import Silo
+from alignfl_app.training import set_threads
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -32,26 +32,24 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     set_threads(args.threads)
     torch.set_flush_denormal(not args.keep_denormals)  # private training flushes them; compare like with like
-    raw = app_defaults()
-    cfg = parse_run_config({**raw, "local-epochs": args.epochs, "num-server-rounds": 1})
-    data = build_silo_data(cfg, args.silo, cfg.resolved_data_root())
-    n = len(data.x_train)
-    dp_cfg = parse_run_config({**raw, "local-epochs": args.epochs, "num-server-rounds": 1, "dp-epsilon": args.epsilon})
-    plan = plan_dp(dp_cfg, n)
-    lip = dict(lipschitz=args.lipschitz, lipschitz_weight=0.1 if args.lipschitz.startswith("gp") else 0.0)
-    print(f"silo {args.silo}: {n} records, batch {cfg.batch_size}, {args.epochs} epoch(s), {args.threads} thread(s), "
-          f"DP sigma {plan.noise_multiplier:.3f} for epsilon {args.epsilon}, lipschitz {args.lipschitz}")
-    for name in args.archs:
-        spec = load_architecture(name)
-        times = {}
-        for mode in ("non-DP", "DP"):
-            torch.manual_seed(0)
-            vae = VAE(spec, len(data.classes), IMAGE_SHAPE)
-            rep = train_vae(vae, data.x_train, data.y_train, data.classes, epochs=args.epochs,
-                            batch_size=cfg.batch_size, lr=cfg.learning_rate, seed=1,
-                            dp_plan=plan if mode == "DP" else None, **lip)
-            times[mode] = rep.seconds / args.epochs
-            print(f"{name:6s} {mode:7s} {rep.examples_seen / rep.seconds:9.0f} samples/s  "
-                  f"{times[mode]:7.2f} s/epoch  loss {rep.loss:.2f}", flush=True)
-        print(f"{name:6s} DP/non-DP epoch-time ratio: {times['DP'] / times['non-DP']:.2f}x", flush=True)
+    common = {"local-epochs": args.epochs, "num-server-rounds": 1, "client-threads": args.threads, "audit": False,
+              "lipschitz": args.lipschitz, "lipschitz-weight": 0.1 if args.lipschitz.startswith("gp") else 0.0}
+    configs = {"non-DP": parse_run_config(common), "DP": parse_run_config({**common, "dp-epsilon": args.epsilon})}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in args.archs:
+            node = {"partition-id": args.silo, "architecture": name, "silo-dir": tmp,
+                    "privacy-ledger": str(Path(tmp) / f"{name}.json")}
+            times = {}
+            for mode, cfg in configs.items():
+                silo = Silo(cfg, parse_node_config(node))  # the silo's own round: same composition as in a run
+                if mode == "DP" and name == args.archs[0]:
+                    plan = silo.privacy.plan
+                    print(f"silo {args.silo}: {len(silo.data.x_train)} records, batch {cfg.local.batch_size}, "
+                          f"{args.epochs} epoch(s), {args.threads} thread(s), DP sigma {plan.noise_multiplier:.3f} for "
+                          f"epsilon {args.epsilon}, lipschitz {args.lipschitz}")
+                m = silo.train_round(1, None).metrics
+                times[mode] = m["train-seconds"] / args.epochs
+                print(f"{name:6s} {mode:7s} {m['samples-per-second']:9.0f} samples/s  {times[mode]:7.2f} s/epoch",
+                      flush=True)
+            print(f"{name:6s} DP/non-DP epoch-time ratio: {times['DP'] / times['non-DP']:.2f}x", flush=True)
     return 0

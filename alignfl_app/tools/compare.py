@@ -38,7 +38,7 @@ def run_federated(link: SimulationLink, method: str, values: dict[str, Any], cfg
     """One ``flwr run`` of ``method``; returns its summary.json plus the run's status and wall time."""
     values = {**values, "strategy": method, "results-dir": str(runs_dir), "run-name": method}
     t0 = time.perf_counter()
-    run, log = link.run_app(run_config_string(values), num_supernodes=cfg.num_silos,
+    run, log = link.run_app(run_config_string(values), num_supernodes=cfg.data.num_silos,
                             cpus_per_client=cpus_per_client, timeout=timeout)
     wall = time.perf_counter() - t0
     path = runs_dir / method / "summary.json"
@@ -61,7 +61,7 @@ def run_methods(experiment: str, methods: list[str], overrides: dict[str, Any], 
                 cpus_per_client: int = 1, timeout: float = 7200) -> dict[str, dict]:
     """Every method of ``methods`` on the experiment's settings (federated ones: ``flwr run`` of ``app``)."""
     cfg = load_experiment(experiment, overrides)
-    key = HEADLINE_METRIC[cfg.global_model]
+    key = HEADLINE_METRIC[cfg.server.global_model]
     values = {**experiment_overrides(experiment), **overrides}
     runs_dir = out / "runs"
     runs_dir.mkdir(parents=True, exist_ok=True)
@@ -135,13 +135,13 @@ def _table(header: list[str], rows: list[list[Any]]) -> str:
 
 
 def markdown(experiment: str, summaries: dict[str, dict], cfg: RunConfig) -> str:
-    key = HEADLINE_METRIC[cfg.global_model]
+    key = HEADLINE_METRIC[cfg.server.global_model]
     name = "accuracy" if key == "accuracy" else "negative ELBO (nats per image, lower is better)"
     finals = {m: _rounds(s)[-1] for m, s in summaries.items() if _rounds(s)}
     out = [f"# Comparison: {experiment}", "",
-           f"{cfg.dataset}, {cfg.num_silos} silos (classes {cfg.silo_classes}), {cfg.outliers_per_silo} outliers "
-           f"in silos {cfg.outlier_silos}, {cfg.num_server_rounds} rounds x {cfg.local_epochs} local epochs; "
-           f"{name} of the final global {cfg.global_model} on the real global test set.", ""]
+           f"{cfg.data.dataset}, {cfg.data.num_silos} silos (classes {cfg.data.silo_classes}), {cfg.data.outliers_per_silo} outliers "
+           f"in silos {cfg.data.outlier_silos}, {cfg.run.num_server_rounds} rounds x {cfg.local.local_epochs} local epochs; "
+           f"{name} of the final global {cfg.server.global_model} on the real global test set.", ""]
     rows = []
     for m, r in finals.items():
         local = [v[f"eval-{key}"] for v in r["silos"].values() if f"eval-{key}" in v]
@@ -157,7 +157,7 @@ def markdown(experiment: str, summaries: dict[str, dict], cfg: RunConfig) -> str
     if key == "accuracy":
         rows = [[m] + list(r["global"].get("per-class-accuracy") or []) for m, r in finals.items()]
         out += ["## Per-class accuracy (final, global test set)", "",
-                _table(["method"] + [str(c) for c in range(cfg.num_classes)], rows), ""]
+                _table(["method"] + [str(c) for c in range(cfg.data.num_classes)], rows), ""]
     silos = sorted({s for r in finals.values() for s in r["silos"]}, key=lambda s: int(s.rsplit("-", 1)[-1]))
     rows = [[m] + [r["silos"].get(s, {}).get(f"eval-{key}") for s in silos] for m, r in finals.items()]
     out += [f"## Per-silo {key} (final global model on each silo's local test set; local-only: its own model)", "",
@@ -204,7 +204,7 @@ def plot(summaries: dict[str, dict], path: Path, title: str, key: str) -> None:
 def write_comparison(experiment: str, summaries: dict[str, dict], cfg: RunConfig, out: Path) -> None:
     write_csv(comparison_rows(summaries), out / "comparison.csv")
     (out / "comparison.md").write_text(markdown(experiment, summaries, cfg))
-    key = HEADLINE_METRIC[cfg.global_model]
+    key = HEADLINE_METRIC[cfg.server.global_model]
     plot(summaries, out / "accuracy.png", f"{experiment}: global {key} per round", key)
     for m in summaries:
         grids = sorted((out / "runs" / m / "samples").glob("round-*.png"))
