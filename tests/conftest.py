@@ -29,6 +29,12 @@ def tiny_run_config(results_dir: Path) -> dict:
     return {**default_run_config(), **TINY, "results-dir": str(results_dir)}
 
 
+@pytest.fixture(autouse=True)
+def own_silos_root(tmp_path, monkeypatch):
+    """Every test's silos keep their folders under its own tmp_path (the runs it starts inherit it)."""
+    monkeypatch.setenv("ALIGNFL_SILOS_ROOT", str(tmp_path / "silos"))
+
+
 @pytest.fixture
 def tiny_config(tmp_path) -> dict:
     return tiny_run_config(tmp_path / "results")

@@ -82,3 +82,16 @@ def test_evaluate_reply_reports_accuracy_on_local_test_set(tiny_config):
     metrics = client_app(msg, ctx).content[P.METRICS]
     assert 0.0 <= metrics["accuracy"] <= 1.0 and metrics["num-examples"] > 0
     assert len(metrics["per-class-accuracy"]) == 10
+
+
+def test_audit_figure_stays_in_the_silos_own_folder(tiny_config, tmp_path):
+    """The outlier audit's figure shows raw records: it is written into silo-dir, never next to the run's results."""
+    from alignfl_app.config import parse_node_config, parse_run_config
+    from alignfl_app.silo import Silo
+
+    cfg = parse_run_config({**tiny_config, "num-server-rounds": 1})
+    silo = Silo(cfg, parse_node_config({"partition-id": 0, "silo-dir": str(tmp_path / "hospital-a")}))
+    metrics = silo.train_round(1, None).metrics
+    assert "audit-mia-auc" in metrics
+    assert (tmp_path / "hospital-a" / "audits" / "round-001.png").stat().st_size > 0
+    assert not list(cfg.run.resolved_results_dir().rglob("*.png"))

@@ -36,13 +36,15 @@ def free_port() -> int:
 
 
 def flower_env(flwr_home: Path, project_dir: Path) -> dict[str, str]:
-    """The environment of a Flower process: own FLWR_HOME, no runtime installs, results under ``project_dir``."""
+    """The environment of a Flower process: own FLWR_HOME, no runtime installs, results under ``project_dir``,
+    simulated silos' own folders under ``project_dir/silos`` unless ALIGNFL_SILOS_ROOT says otherwise."""
     env = os.environ.copy()
     env.update({
         "FLWR_HOME": str(flwr_home),
         "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
         "FLWR_DISABLE_UPDATE_CHECK": "1",
         "ALIGNFL_PROJECT_DIR": str(project_dir),
+        "ALIGNFL_SILOS_ROOT": env.get("ALIGNFL_SILOS_ROOT", str(Path(project_dir).resolve() / "silos")),
         "PATH": f"{BIN}{os.pathsep}{env.get('PATH', '')}",
         "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
     })
