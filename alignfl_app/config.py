@@ -124,7 +124,7 @@ class RunSection(Section):
 
     run_name: str = Field(default="", pattern=r"^[A-Za-z0-9_.-]{0,100}$")
     results_dir: str = "results"
-    seed: int = 42
+    seed: int = Field(default=42, ge=0, lt=2**63)
     num_server_rounds: int = Field(default=4, ge=1, le=1000)
     round_timeout: float = Field(default=3600.0, gt=0)
     resume: bool = False

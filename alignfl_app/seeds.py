@@ -1,28 +1,47 @@
-"""Every seed a run derives from its ``seed``: one function per purpose, so no two purposes share a stream."""
+"""Every seed a run derives from its ``seed``: one purpose each, mixed by NumPy's SeedSequence so that no two
+purposes (or silos, rounds, epochs) share a random stream."""
 
 from __future__ import annotations
+
+from enum import IntEnum
+
+import numpy as np
+
+
+class Purpose(IntEnum):
+    VAE_INIT = 1
+    LOCAL_BATCHES = 2
+    SYNTHESIS = 3
+    SERVER_BATCHES = 4
+    AUDIT = 5
+
+
+def derive_seed(run_seed: int, purpose: Purpose, *tags: int) -> int:
+    """A 63-bit seed (what torch.Generator.manual_seed takes) for ``purpose`` and its non-negative ``tags``."""
+    state = np.random.SeedSequence([run_seed, int(purpose), *tags]).generate_state(1, np.uint64)[0]
+    return int(state) >> 1
 
 
 def vae_init_seed(run_seed: int, silo_index: int) -> int:
     """A silo's VAE initial weights (and the global torch RNG of its training)."""
-    return run_seed * 7919 + silo_index
+    return derive_seed(run_seed, Purpose.VAE_INIT, silo_index)
 
 
 def local_batches_seed(run_seed: int, silo_index: int, server_round: int) -> int:
     """A silo's shuffling in one round (non-private runs; DP draws from the OS)."""
-    return run_seed * 100003 + silo_index * 1009 + server_round
+    return derive_seed(run_seed, Purpose.LOCAL_BATCHES, silo_index, server_round)
 
 
 def synthesis_seed(run_seed: int, server_round: int, epoch: int, generator_index: int) -> int:
     """The latents and labels drawn from one stored generator for one server epoch."""
-    return (run_seed * 10007 + server_round * 101 + epoch) * 1000 + generator_index
+    return derive_seed(run_seed, Purpose.SYNTHESIS, server_round, epoch, generator_index)
 
 
 def server_batches_seed(run_seed: int, server_round: int, epoch: int) -> int:
     """The server's shuffling of one epoch of synthetic data."""
-    return run_seed + server_round * 1000 + epoch
+    return derive_seed(run_seed, Purpose.SERVER_BATCHES, server_round, epoch)
 
 
 def audit_seed(run_seed: int, server_round: int) -> int:
     """The audit's decoder samples; shared by the in-run audit and its recomputation so they match."""
-    return run_seed + server_round
+    return derive_seed(run_seed, Purpose.AUDIT, server_round)

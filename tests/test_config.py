@@ -15,6 +15,8 @@ from alignfl_app.config import ConfigError, load_architecture, parse_node_config
     ({"outlier-dataset": "mnist"}, "must differ"),
     ({"local-epochs": 0}, "local-epochs"),
     ({"no-such-key": 1}, "no-such-key"),
+    ({"seed": -1}, "seed"),
+    ({"seed": 2**63}, "seed"),
 ])
 def test_bad_run_config_is_one_line(override, fragment, tiny_config):
     with pytest.raises(ConfigError) as err:
