@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,7 +57,7 @@ class OutlierAudit:
              "audit-num-outliers": self.num_outliers, "audit-num-samples": self.num_samples}
         if self.mapping_rate is not None:
             m["audit-mapping-rate"] = self.mapping_rate
-        return m
+        return {k: v for k, v in m.items() if not (isinstance(v, float) and math.isnan(v))}  # NaN: not measurable
 
 
 def _nearest(queries: torch.Tensor, refs: torch.Tensor, chunk: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:

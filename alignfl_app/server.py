@@ -21,7 +21,8 @@ from .config import ConfigError, RunConfig
 from .global_model import GlobalModel
 from .metrics import RunRecorder, peak_rss_mb
 from .seeds import server_batches_seed, synthesis_seed
-from .store import GeneratorStore, ReplyRejected, check_decoder_state, parse_descriptor
+from .replies import GeneratorTrainMetrics, ReplyRejected
+from .store import GeneratorStore, check_decoder_state, parse_descriptor
 from .synthesis import sample_generator, synthesize
 from .training import ShuffledBatches, set_threads
 
@@ -149,11 +150,10 @@ class AlignFLServer:
         """Check a reply and store its generator; ReplyRejected (one line) leaves every state as it was."""
         desc = parse_descriptor(reply.descriptor_json)
         check_decoder_state(desc, reply.decoder, int(self.cfg.server.max_decoder_mb * 2**20), self.cfg.data.num_classes)
+        metrics = GeneratorTrainMetrics.received(reply.metrics).record()
         previous_owner = self.registry.check(server_round, node, desc.silo)
         self.store.put(desc, reply.decoder, server_round)
         self.registry.bind(node, desc.silo, previous_owner)
-        # keep what a summary can hold: scalars and short lists (a client cannot bloat summary.json)
-        metrics = {k: v for k, v in reply.metrics.items() if not isinstance(v, list) or len(v) <= 100}
         self.recorder.silo(server_round, desc.silo).update(
             {**metrics, "bytes-up": reply.nbytes, "bytes-down-train": 0,
              "architecture": desc.architecture.name, "label-set": list(desc.label_set)})

@@ -19,6 +19,7 @@ from .lipschitz import lipschitz_hooks
 from .metrics import peak_rss_mb
 from .models import VAE
 from .privacy import privacy_mode
+from .replies import AveragedTrainMetrics, EvaluateMetrics, GeneratorTrainMetrics
 from .seeds import audit_seed, local_batches_seed, vae_init_seed
 from .store import GeneratorDescriptor
 from .training import (HeldOutLoss, NegativeELBO, ProximalTerm, ShuffledBatches, Trainer, set_threads,
@@ -32,7 +33,7 @@ class TrainOutcome:
     decoder_state: StateDict
     descriptor: GeneratorDescriptor
     vae_state: StateDict  # stays on the silo (encoder included)
-    metrics: dict[str, float | int]
+    metrics: GeneratorTrainMetrics
 
 
 class Silo:
@@ -105,10 +106,10 @@ class Silo:
             silo=self.name, architecture=self.architecture, conditional=cfg.local.conditional,
             label_set=data.classes, image_shape=IMAGE_SHAPE, round=server_round, num_examples=len(data.x_train),
         )
-        return TrainOutcome(decoder_state, desc, vae_state, metrics)
+        return TrainOutcome(decoder_state, desc, vae_state, GeneratorTrainMetrics.model_validate(metrics))
 
     def train_global_model(self, server_round: int, global_state: StateDict,
-                           proximal_mu: float = 0.0) -> tuple[StateDict, dict[str, float | int]]:
+                           proximal_mu: float = 0.0) -> tuple[StateDict, AveragedTrainMetrics]:
         """FedAvg / FedProx round: the received global model (``global-model``: the classifier, or the VAE over
         all classes), trained on this silo's real data with the settings the ALIGN-FL silos use for their VAEs
         (outliers included, local-epochs / batch-size / learning-rate)."""
@@ -121,16 +122,10 @@ class Silo:
         report = model.fit((self.data.x_train, self.data.y_train), batches(len(self.data.x_train), generator),
                            cfg.local.learning_rate, hooks)
         state = model.state()
-        metrics: dict[str, float | int] = {
-            "num-examples": len(self.data.x_train),
-            "num-outliers": self.data.num_outliers,
-            "train-loss": report.loss,
-            "train-seconds": report.seconds,
-            "samples-per-second": report.examples_seen / max(report.seconds, 1e-9),
-            "model-bytes": state_bytes(state),
-            "peak-rss-mb": peak_rss_mb(),
-        }
-        return state, metrics
+        return state, AveragedTrainMetrics(
+            num_examples=len(self.data.x_train), num_outliers=self.data.num_outliers, train_loss=report.loss,
+            train_seconds=report.seconds, samples_per_second=report.examples_seen / max(report.seconds, 1e-9),
+            model_bytes=state_bytes(state), peak_rss_mb=peak_rss_mb())
 
     def audit(self, vae: VAE, server_round: int) -> dict[str, float | int]:
         """The outlier audit (numbers for the reply); its figure shows raw outliers, so it stays in the silo's
@@ -143,11 +138,12 @@ class Silo:
                           self.dir / "audits" / f"round-{server_round:03d}.png")
         return result.metrics()
 
-    def evaluate_global(self, kind: str, state: StateDict) -> dict[str, float | list[float]]:
+    def evaluate_global(self, kind: str, state: StateDict) -> EvaluateMetrics:
         """Judge the global model on this silo's real held-out test set."""
         model = GlobalModel(kind, self.cfg.data.num_classes, conditional=self.cfg.local.conditional)
         model.load_state(state)
-        return model.evaluate(self.data.x_test, self.data.y_test)
+        return EvaluateMetrics.model_validate({**model.evaluate(self.data.x_test, self.data.y_test),
+                                               "silo-index": self.index})
 
 
 def state_bytes(state: StateDict) -> int:

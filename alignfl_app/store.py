@@ -20,10 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from .config import ArchitectureSpec, one_line
 from .files import atomic_write_bytes, atomic_write_text
 from .models import Decoder
-
-
-class ReplyRejected(ValueError):
-    """A client reply that must not enter the store; the message says why in one line."""
+from .replies import ReplyRejected
 
 
 class GeneratorDescriptor(BaseModel):

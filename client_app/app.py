@@ -48,7 +48,7 @@ def train_averaged_model(msg: Message, context: Context) -> Message:
     mu = float(config.get(P.PROXIMAL_MU, 0.0)) if config.get(P.STRATEGY) == "fedprox" else 0.0
     state, metrics = silo.train_global_model(int(config[P.SERVER_ROUND]),
                                              msg.content[P.GLOBAL_MODEL].to_torch_state_dict(), mu)
-    content = RecordDict({P.GLOBAL_MODEL: ArrayRecord(torch_state_dict=state), P.METRICS: MetricRecord(metrics),
+    content = RecordDict({P.GLOBAL_MODEL: ArrayRecord(torch_state_dict=state), P.METRICS: MetricRecord(metrics.record()),
                           P.SILO: ConfigRecord({"name": silo.name})})
     return Message(content=content, reply_to=msg)
 
@@ -66,7 +66,7 @@ def train_generator(msg: Message, context: Context) -> Message:
     content = RecordDict({
         P.DECODER: ArrayRecord(torch_state_dict=out.decoder_state),
         P.DESCRIPTOR: ConfigRecord({P.DESCRIPTOR_JSON: out.descriptor.model_dump_json()}),
-        P.METRICS: MetricRecord(out.metrics),
+        P.METRICS: MetricRecord(out.metrics.record()),
     })
     return Message(content=content, reply_to=msg)
 
@@ -76,8 +76,6 @@ def evaluate(msg: Message, context: Context) -> Message:
     """Evaluate the server's global model on this silo's real held-out test set."""
     silo = silo_for(context)
     kind = str(msg.content[P.CONFIG][P.GLOBAL_MODEL_KIND])
-    metrics = silo.evaluate_global(kind, msg.content[P.GLOBAL_MODEL].to_torch_state_dict())
-    metrics = {k: v for k, v in metrics.items() if v is not None}
-    metrics["silo-index"] = silo.index
+    metrics = silo.evaluate_global(kind, msg.content[P.GLOBAL_MODEL].to_torch_state_dict()).record()
     content = RecordDict({P.METRICS: MetricRecord(metrics), P.SILO: ConfigRecord({"name": silo.name})})
     return Message(content=content, reply_to=msg)

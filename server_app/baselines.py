@@ -11,13 +11,17 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable
 
+from logging import WARNING
+
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.common import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, FedProx
 
 from alignfl_app import protocol as P
 from alignfl_app.config import RunConfig
 from alignfl_app.metrics import RunRecorder, peak_rss_mb
+from alignfl_app.replies import AveragedTrainMetrics, ReplyRejected
 
 from .messages import as_metric_record, evaluate_results
 
@@ -42,20 +46,29 @@ class RecordedAveraging:
 
     def aggregate_train(self, server_round: int,
                         replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Record and aggregate the replies whose metrics pass the schema; the others are logged and left out."""
         replies = list(replies)
+        usable = []
         for msg in replies:
-            if msg.has_error() or P.SILO not in msg.content:
+            if msg.has_error():
                 continue
-            name = str(msg.content[P.SILO]["name"])
+            try:
+                name = msg.content[P.SILO]["name"]
+                if not isinstance(name, str):
+                    raise ReplyRejected("silo name is not a string")
+                metrics = AveragedTrainMetrics.received(dict(msg.content[P.METRICS])).record()
+                size = msg.content[P.GLOBAL_MODEL].count_bytes()
+            except (ReplyRejected, KeyError, TypeError) as exc:
+                log(WARNING, "Train reply from node %d left out: %s", msg.metadata.src_node_id, exc)
+                continue
+            usable.append(msg)
             self.silo_of_node[msg.metadata.src_node_id] = name
-            metrics = dict(msg.content[P.METRICS]) if P.METRICS in msg.content else {}
-            self.recorder.silo(server_round, name).update({
-                **metrics, "bytes-up": msg.content[P.GLOBAL_MODEL].count_bytes(), "bytes-down-train": self.bytes_down,
-            })
+            self.recorder.silo(server_round, name).update(
+                {**metrics, "bytes-up": size, "bytes-down-train": self.bytes_down})
         t0 = time.perf_counter()
-        arrays, metrics = super().aggregate_train(server_round, replies)
+        arrays, metrics = super().aggregate_train(server_round, [m for m in replies if m.has_error()] + usable)
         rnd = self.recorder.round(server_round)
-        rnd["accepted-replies"] = sum(not m.has_error() for m in replies)
+        rnd["accepted-replies"] = len(usable)
         rnd["server"] = {"server-seconds": time.perf_counter() - t0, "server-peak-rss-mb": peak_rss_mb()}
         self.recorder.write()
         return arrays, metrics

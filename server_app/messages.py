@@ -9,8 +9,8 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.common import log
 
 from alignfl_app import protocol as P
+from alignfl_app.replies import EvaluateMetrics, ReplyRejected
 from alignfl_app.server import TrainReply
-from alignfl_app.store import ReplyRejected
 
 
 def train_reply(msg: Message, max_bytes: int) -> TrainReply:
@@ -48,16 +48,22 @@ def declared_silo(msg: Message) -> str:
 
 
 def evaluate_results(replies: Iterable[Message], silo_of_node: dict[int, str]) -> list[tuple[str, dict]]:
-    """(silo name, metrics) of every usable evaluate reply; a node is named by the silo its train replies
-    bound it to, else by ``declared_silo``."""
+    """(silo name, checked metrics) of every usable evaluate reply; a node is named by the silo its train
+    replies bound it to, else by ``declared_silo``. A reply that fails the schema is logged and left out."""
     results = []
     for msg in replies:
         node = msg.metadata.src_node_id
-        if msg.has_error() or P.METRICS not in msg.content:
-            log(WARNING, "Evaluate reply from node %d failed: %s", node,
-                msg.error.reason if msg.has_error() else "no metrics")
+        try:
+            if msg.has_error():
+                raise ReplyRejected(f"error reply: {msg.error.reason}")
+            record = msg.content.get(P.METRICS)
+            if not isinstance(record, MetricRecord):
+                raise ReplyRejected(f"reply has no MetricRecord '{P.METRICS}'")
+            metrics = EvaluateMetrics.received(dict(record)).record()
+        except ReplyRejected as exc:
+            log(WARNING, "Evaluate reply from node %d left out: %s", node, exc)
             continue
-        results.append((silo_of_node.get(node) or declared_silo(msg), dict(msg.content[P.METRICS])))
+        results.append((silo_of_node.get(node) or declared_silo(msg), metrics))
     return results
 
 

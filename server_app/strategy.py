@@ -21,7 +21,7 @@ from flwr.serverapp.strategy import Result, Strategy
 
 from alignfl_app import protocol as P
 from alignfl_app.server import AlignFLServer
-from alignfl_app.store import ReplyRejected
+from alignfl_app.replies import ReplyRejected
 
 from .messages import as_metric_record, evaluate_results, train_reply
 

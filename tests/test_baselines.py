@@ -170,7 +170,9 @@ def test_averaging_names_evaluate_replies_like_alignfl(tmp_path, tiny_config):
     strategy = averaging_strategy(cfg, recorder)
     state = GlobalModel("classifier", 10, seed=0).state()
     train = make_message(RecordDict({P.GLOBAL_MODEL: ArrayRecord(torch_state_dict=state),
-                                     P.METRICS: MetricRecord({"num-examples": 10}),
+                                     P.METRICS: MetricRecord({"num-examples": 10, "num-outliers": 0, "train-loss": 1.0,
+                                                              "train-seconds": 1.0, "samples-per-second": 10.0,
+                                                              "model-bytes": 100, "peak-rss-mb": 100.0}),
                                      P.SILO: ConfigRecord({"name": "silo-0"})}), MessageType.TRAIN, src=7, dst=0)
     strategy.aggregate_train(1, [train])
 

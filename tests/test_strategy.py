@@ -31,11 +31,16 @@ def trained(tmp_path_factory):
     return cfg, outs
 
 
-def reply(node: int, desc, state, *, desc_json: str | None = None, extra_records=None):
+METRICS = {"num-examples": 10, "num-outliers": 0, "train-seconds": 1.0, "samples-per-second": 10.0,
+           "decoder-bytes": 100, "vae-bytes": 200, "peak-rss-mb": 100.0, "lipschitz-upper-bound": 5.0,
+           "lipschitz-empirical": 1.0, "train-loss": 1.0}
+
+
+def reply(node: int, desc, state, *, desc_json: str | None = None, extra_records=None, metrics=None):
     content = RecordDict({
         P.DECODER: ArrayRecord(array_dict={k: Array(np.asarray(v)) for k, v in state.items()}),
         P.DESCRIPTOR: ConfigRecord({P.DESCRIPTOR_JSON: desc_json if desc_json is not None else desc.model_dump_json()}),
-        P.METRICS: MetricRecord({"num-examples": 10, "train-loss": 1.0}),
+        P.METRICS: MetricRecord(METRICS if metrics is None else metrics),
     })
     for k, v in (extra_records or {}).items():
         content[k] = v
@@ -85,12 +90,18 @@ def _bad_variants(desc, state):
         "unknown descriptor field": dict(state=state, desc_json=text[:-1] + ', "backdoor": 1}'),
         "missing descriptor field": dict(state=state, desc_json=text.replace('"conditional":true,', "")),
         "labels outside dataset": dict(state=state, desc_json=text.replace('"label_set":[0,1]', '"label_set":[0,11]')),
+        "unknown metric": dict(state=state, metrics={**METRICS, "backdoor": 1.0}),
+        "NaN count": dict(state=state, metrics={**METRICS, "num-examples": float("nan")}),
+        "huge count": dict(state=state, metrics={**METRICS, "num-examples": 10**18}),
+        "list for a number": dict(state=state, metrics={**METRICS, "train-loss": [1.0, 2.0]}),
+        "metric missing": dict(state=state, metrics={k: v for k, v in METRICS.items() if k != "num-examples"}),
     }
 
 
 @pytest.mark.parametrize("variant", [
     "NaN", "Inf", "wrong shape", "dtype", "missing tensors", "more tensors than the decoder", "encoder record",
-    "malformed descriptor", "unknown descriptor field", "missing descriptor field", "labels outside dataset"])
+    "malformed descriptor", "unknown descriptor field", "missing descriptor field", "labels outside dataset",
+    "unknown metric", "NaN count", "huge count", "list for a number", "metric missing"])
 def test_bad_reply_is_rejected_and_keeps_last_good_generator(trained, tmp_path, variant):
     cfg, outs = trained
     strategy = make_strategy(cfg, tmp_path)
@@ -183,3 +194,25 @@ def test_pickled_tensor_is_rejected_and_never_unpickled(trained, tmp_path):
     assert not marker.exists()
     assert len(rnd["rejected-replies"]) == 1 and "not a plain numpy array" in rnd["rejected-replies"][0]
     assert strategy.core.store.entry("silo-0")["stored_round"] == 1
+
+
+def test_bad_evaluate_replies_are_left_out_without_harm(trained, tmp_path):
+    """Evaluate metrics pass the same schema: a NaN, huge or list-valued count cannot fail the run or skew the mean."""
+    cfg, outs = trained
+    strategy = make_strategy(cfg, tmp_path)
+    strategy.aggregate_train(1, [reply(NODE[s], *outs[s]) for s in range(3)])
+
+    def evaluate(node: int, metrics: dict):
+        return make_message(RecordDict({P.METRICS: MetricRecord(metrics)}), MessageType.EVALUATE, src=node, dst=1)
+
+    good = {"accuracy": 0.5, "loss": 1.0, "num-examples": 4}
+    result = strategy.aggregate_evaluate(1, [
+        evaluate(NODE[0], good),
+        evaluate(NODE[1], {**good, "num-examples": 10**18, "accuracy": 1.0}),
+        evaluate(NODE[2], {**good, "num-examples": float("inf")}),
+        evaluate(4242, {**good, "accuracy": [1.0]}),
+        make_message(RecordDict({P.METRICS: ConfigRecord({"accuracy": "1.0"})}), MessageType.EVALUATE, src=4243, dst=1),
+    ])
+    assert dict(result) == {"silo-mean-eval": 0.5, "num-examples": 4}
+    assert set(strategy.core.recorder.round(1)["silos"]["silo-0"]) >= {"eval-accuracy"}
+    assert "eval-accuracy" not in strategy.core.recorder.round(1)["silos"]["silo-1"]

@@ -48,8 +48,8 @@ def main(argv: list[str] | None = None) -> int:
                           f"{args.epochs} epoch(s), {args.threads} thread(s), DP sigma {plan.noise_multiplier:.3f} for "
                           f"epsilon {args.epsilon}, lipschitz {args.lipschitz}")
                 m = silo.train_round(1, None).metrics
-                times[mode] = m["train-seconds"] / args.epochs
-                print(f"{name:6s} {mode:7s} {m['samples-per-second']:9.0f} samples/s  {times[mode]:7.2f} s/epoch",
+                times[mode] = m.train_seconds / args.epochs
+                print(f"{name:6s} {mode:7s} {m.samples_per_second:9.0f} samples/s  {times[mode]:7.2f} s/epoch",
                       flush=True)
             print(f"{name:6s} DP/non-DP epoch-time ratio: {times['DP'] / times['non-DP']:.2f}x", flush=True)
     return 0
