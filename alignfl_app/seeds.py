@@ -14,6 +14,7 @@ class Purpose(IntEnum):
     SYNTHESIS = 3
     SERVER_BATCHES = 4
     AUDIT = 5
+    SERVER_TRAINING = 6
 
 
 def derive_seed(run_seed: int, purpose: Purpose, *tags: int) -> int:
@@ -40,6 +41,11 @@ def synthesis_seed(run_seed: int, server_round: int, epoch: int, generator_index
 def server_batches_seed(run_seed: int, server_round: int, epoch: int) -> int:
     """The server's shuffling of one epoch of synthetic data."""
     return derive_seed(run_seed, Purpose.SERVER_BATCHES, server_round, epoch)
+
+
+def server_training_seed(run_seed: int, server_round: int, epoch: int) -> int:
+    """The server's torch RNG (dropout) for one epoch, independent of how many decoders were built before it."""
+    return derive_seed(run_seed, Purpose.SERVER_TRAINING, server_round, epoch)
 
 
 def audit_seed(run_seed: int, server_round: int) -> int:

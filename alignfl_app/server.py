@@ -20,9 +20,9 @@ from .checkpoint import Checkpoint
 from .config import ConfigError, RunConfig
 from .global_model import GlobalModel
 from .metrics import RunRecorder, peak_rss_mb
-from .seeds import server_batches_seed, synthesis_seed
+from .seeds import server_batches_seed, server_training_seed, synthesis_seed
 from .replies import GeneratorTrainMetrics, ReplyRejected
-from .store import GeneratorStore, check_decoder_state, parse_descriptor
+from .store import GeneratorStore, GeneratorTerms, check_decoder_state, parse_descriptor
 from .synthesis import sample_generator, synthesize
 from .training import ShuffledBatches, set_threads
 
@@ -107,6 +107,7 @@ class GlobalLearner:
                                  seed=lambda i, e=epoch: synthesis_seed(c.run.seed, server_round, e, i))
             n += len(x)
             generator = torch.Generator().manual_seed(server_batches_seed(c.run.seed, server_round, epoch))
+            torch.manual_seed(server_training_seed(c.run.seed, server_round, epoch))
             report = self.model.fit((x, y), ShuffledBatches(c.server.batch_size, 1)(len(x), generator),
                                     c.server.learning_rate)
             loss = report.loss
@@ -125,6 +126,7 @@ class AlignFLServer:
         self.cfg, self.store, self.model, self.recorder = cfg, store, model, recorder
         self.registry = SiloRegistry()
         self.learner = GlobalLearner(cfg, model)
+        self.terms = GeneratorTerms.from_config(cfg)
 
     def first_round(self, checkpoint: Checkpoint) -> int:
         """The first round to run: 1, or (resume) one past the checkpoint, whose state is loaded here."""
@@ -149,7 +151,7 @@ class AlignFLServer:
     def accept(self, server_round: int, node: int, reply: TrainReply) -> str:
         """Check a reply and store its generator; ReplyRejected (one line) leaves every state as it was."""
         desc = parse_descriptor(reply.descriptor_json)
-        check_decoder_state(desc, reply.decoder, int(self.cfg.server.max_decoder_mb * 2**20), self.cfg.data.num_classes)
+        check_decoder_state(desc, reply.decoder, self.terms)
         metrics = GeneratorTrainMetrics.received(reply.metrics).record()
         previous_owner = self.registry.check(server_round, node, desc.silo)
         self.store.put(desc, reply.decoder, server_round)

@@ -11,15 +11,16 @@ from __future__ import annotations
 
 import io
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from .config import ArchitectureSpec, one_line
+from .config import IMAGE_SHAPE, ArchitectureSpec, RunConfig, one_line
 from .files import atomic_write_bytes, atomic_write_text
-from .models import Decoder
+from .models import Decoder, one_hot
 from .replies import ReplyRejected
 
 
@@ -59,20 +60,46 @@ def parse_descriptor(text: str) -> GeneratorDescriptor:
         raise ReplyRejected(one_line(exc, "descriptor")) from exc
 
 
-def check_decoder_state(
-    desc: GeneratorDescriptor, state: dict[str, np.ndarray], max_bytes: int, num_classes: int | None = None
-) -> Decoder:
-    """Return the decoder loaded with ``state`` or raise ReplyRejected naming the first problem."""
-    if num_classes is not None and max(desc.label_set) >= num_classes:
-        raise ReplyRejected(f"label_set {list(desc.label_set)} has labels outside 0..{num_classes - 1}")
+@dataclass(frozen=True)
+class GeneratorTerms:
+    """What this run accepts from any silo's generator, fixed at start from the run config."""
+
+    image_shape: tuple[int, int, int]
+    conditional: bool
+    num_classes: int
+    max_bytes: int
+    trial_samples: int = 16
+
+    @classmethod
+    def from_config(cls, cfg: RunConfig) -> GeneratorTerms:
+        return cls(IMAGE_SHAPE, cfg.local.conditional, cfg.data.num_classes, int(cfg.server.max_decoder_mb * 2**20))
+
+
+def check_decoder_state(desc: GeneratorDescriptor, state: dict[str, np.ndarray], terms: GeneratorTerms) -> Decoder:
+    """Return the decoder loaded with ``state`` or raise ReplyRejected naming the first problem.
+
+    Cheap checks come first and nothing is allocated for a decoder before its declared size is known to fit:
+    the descriptor must match the run's terms, the decoder is first built on the meta device (shapes only),
+    and a loaded decoder must draw finite samples before it is accepted."""
+    if desc.image_shape != terms.image_shape:
+        raise ReplyRejected(f"image_shape {list(desc.image_shape)} is not this run's {list(terms.image_shape)}")
+    if desc.conditional != terms.conditional:
+        raise ReplyRejected(f"conditional={desc.conditional} but this run needs conditional={terms.conditional}")
+    if max(desc.label_set) >= terms.num_classes:
+        raise ReplyRejected(f"label_set {list(desc.label_set)} has labels outside 0..{terms.num_classes - 1}")
     total = sum(int(a.nbytes) for a in state.values())
-    if total > max_bytes:
-        raise ReplyRejected(f"decoder is {total / 2**20:.1f} MiB, over the {max_bytes / 2**20:.1f} MiB limit")
+    if total > terms.max_bytes:
+        raise ReplyRejected(f"decoder is {total / 2**20:.1f} MiB, over the {terms.max_bytes / 2**20:.1f} MiB limit")
     try:
-        decoder = desc.build_decoder()
+        with torch.device("meta"):
+            shapes = desc.build_decoder()
     except (ValueError, RuntimeError) as exc:
         raise ReplyRejected(f"descriptor does not describe a buildable decoder: {exc}") from exc
-    expected = decoder.state_dict()
+    declared = 4 * sum(p.numel() for p in shapes.parameters())
+    if declared > terms.max_bytes:
+        raise ReplyRejected(f"descriptor declares a {declared / 2**20:.1f} MiB decoder, over the "
+                            f"{terms.max_bytes / 2**20:.1f} MiB limit")
+    expected = shapes.state_dict()
     extra = sorted(set(state) - set(expected))
     missing = sorted(set(expected) - set(state))
     if extra:
@@ -87,8 +114,16 @@ def check_decoder_state(
             raise ReplyRejected(f"'{name}' has dtype {arr.dtype}, expected float32")
         if not np.isfinite(arr).all():
             raise ReplyRejected(f"'{name}' contains NaN or Inf")
+    decoder = shapes.to_empty(device="cpu")
     decoder.load_state_dict({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in state.items()}, strict=True)
-    return decoder.eval()
+    decoder.eval()
+    with torch.no_grad():
+        z = torch.randn(terms.trial_samples, desc.architecture.latent_dim, generator=torch.Generator().manual_seed(0))
+        labels = torch.arange(terms.trial_samples) % len(desc.label_set)
+        trial = decoder(z, one_hot(labels, desc.cond_dim))
+    if not torch.isfinite(trial).all():
+        raise ReplyRejected("the decoder's samples are not finite (NaN or Inf from finite weights)")
+    return decoder
 
 
 class GeneratorStore:
@@ -134,6 +169,8 @@ class GeneratorStore:
         desc = self.descriptor(silo)
         with np.load(self.root / self._index[silo]["file"], allow_pickle=False) as npz:
             state = {k: npz[k] for k in npz.files}
-        decoder = desc.build_decoder()
+        with torch.device("meta"):  # no initialisation: every weight is loaded next
+            decoder = desc.build_decoder()
+        decoder = decoder.to_empty(device="cpu")
         decoder.load_state_dict({k: torch.from_numpy(v) for k, v in state.items()}, strict=True)
         return desc, decoder.eval()

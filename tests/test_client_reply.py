@@ -10,7 +10,7 @@ from flwr.app import ArrayRecord, ConfigRecord, MessageType, RecordDict
 from alignfl_app import protocol as P
 from alignfl_app.config import IMAGE_SHAPE, load_architecture
 from alignfl_app.models import VAE
-from alignfl_app.store import GeneratorDescriptor, check_decoder_state, parse_descriptor
+from alignfl_app.store import GeneratorDescriptor, GeneratorTerms, check_decoder_state, parse_descriptor
 from client_app.app import app as client_app
 from tests.conftest import make_context, make_message
 
@@ -36,7 +36,7 @@ def test_train_reply_carries_the_decoder_only(tiny_config, partition_id):
     assert any(k.startswith("encoder.") for k in ctx.state[P.VAE_STATE].keys())
     # the decoder is rebuildable from the descriptor alone and passes the server's checks
     state = {k: a.numpy() for k, a in content[P.DECODER].items()}  # as the server reads it
-    check_decoder_state(desc, state, 64 << 20, num_classes=10)
+    check_decoder_state(desc, state, GeneratorTerms(IMAGE_SHAPE, True, 10, 64 << 20))
     assert desc.label_set == tuple(int(c) for c in tiny_config["silo-classes"].split(";")[partition_id].split(","))
     assert desc.silo == f"silo-{partition_id}" and desc.conditional
     metrics = content[P.METRICS]
@@ -65,7 +65,9 @@ def test_decoder_rebuilt_from_descriptor_reproduces_outputs(name):
     vae = VAE(spec, 2, IMAGE_SHAPE)
     desc = GeneratorDescriptor(silo="s", architecture=spec, conditional=True, label_set=(3, 7),
                                image_shape=IMAGE_SHAPE, round=1, num_examples=10)
-    rebuilt = check_decoder_state(parse_descriptor(desc.model_dump_json()), {k: v.numpy() for k, v in vae.decoder.state_dict().items()}, 64 << 20)
+    state = {k: v.numpy() for k, v in vae.decoder.state_dict().items()}
+    rebuilt = check_decoder_state(parse_descriptor(desc.model_dump_json()), state,
+                                  GeneratorTerms(IMAGE_SHAPE, desc.conditional, 10, 64 << 20))
     z, y = torch.randn(5, spec.latent_dim), torch.eye(2)[torch.tensor([0, 1, 0, 1, 1])]
     vae.eval()
     assert torch.allclose(vae.decoder(z, y), rebuilt(z, y))

@@ -7,7 +7,7 @@ import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Error, MessageType, MetricRecord, RecordDict
 
 from alignfl_app import protocol as P
-from alignfl_app.config import parse_node_config, parse_run_config
+from alignfl_app.config import ArchitectureSpec, parse_node_config, parse_run_config
 from alignfl_app.global_model import GlobalModel
 from alignfl_app.metrics import RunRecorder
 from alignfl_app.server import AlignFLServer
@@ -78,6 +78,9 @@ def _bad_variants(desc, state):
     missing = dict(list(state.items())[1:])
     extra = {**state, "encoder.mu.weight": np.zeros((2, 2), np.float32)}
     text = desc.model_dump_json()
+    huge = desc.model_copy(update={"architecture": ArchitectureSpec(name="huge", kind="mlp", latent_dim=256,
+                                                                    hidden=(4096, 4096, 4096, 4096))})
+    overflow = {k: np.full_like(v, 3e38) for k, v in state.items()}  # finite weights, infinite samples
     return {
         "NaN": dict(state=nan),
         "Inf": dict(state=inf),
@@ -90,6 +93,10 @@ def _bad_variants(desc, state):
         "unknown descriptor field": dict(state=state, desc_json=text[:-1] + ', "backdoor": 1}'),
         "missing descriptor field": dict(state=state, desc_json=text.replace('"conditional":true,', "")),
         "labels outside dataset": dict(state=state, desc_json=text.replace('"label_set":[0,1]', '"label_set":[0,11]')),
+        "other image shape": dict(state=state, desc_json=text.replace('"image_shape":[1,28,28]', '"image_shape":[3,28,28]')),
+        "unconditional in a classifier run": dict(state=state, desc_json=text.replace('"conditional":true', '"conditional":false')),
+        "huge declared decoder": dict(state=state, desc_json=huge.model_dump_json()),
+        "non-finite samples": dict(state=overflow),
         "unknown metric": dict(state=state, metrics={**METRICS, "backdoor": 1.0}),
         "NaN count": dict(state=state, metrics={**METRICS, "num-examples": float("nan")}),
         "huge count": dict(state=state, metrics={**METRICS, "num-examples": 10**18}),
@@ -98,9 +105,15 @@ def _bad_variants(desc, state):
     }
 
 
+REASON = {"other image shape": "image_shape", "unconditional in a classifier run": "conditional=",
+          "huge declared decoder": "declares a", "non-finite samples": "samples are not finite",
+          "unknown metric": "backdoor", "huge count": "num-examples", "NaN count": "num-examples"}
+
+
 @pytest.mark.parametrize("variant", [
     "NaN", "Inf", "wrong shape", "dtype", "missing tensors", "more tensors than the decoder", "encoder record",
     "malformed descriptor", "unknown descriptor field", "missing descriptor field", "labels outside dataset",
+    "other image shape", "unconditional in a classifier run", "huge declared decoder", "non-finite samples",
     "unknown metric", "NaN count", "huge count", "list for a number", "metric missing"])
 def test_bad_reply_is_rejected_and_keeps_last_good_generator(trained, tmp_path, variant):
     cfg, outs = trained
@@ -115,6 +128,7 @@ def test_bad_reply_is_rejected_and_keeps_last_good_generator(trained, tmp_path, 
     rnd = strategy.core.recorder.round(2)
     assert rnd["accepted-replies"] == 1 and len(rnd["rejected-replies"]) == 1, rnd["rejected-replies"]
     assert rnd["rejected-replies"][0].startswith(f"node {NODE[0]}:")
+    assert REASON.get(variant, "") in rnd["rejected-replies"][0]
     assert npz.read_bytes() == before and strategy.core.store.entry("silo-0")["stored_round"] == 1
     assert strategy.core.store.entry("silo-2")["stored_round"] == 2
     assert arrays is not None and metrics["rejected-replies"] == 1
