@@ -25,6 +25,11 @@ RESUMABLE_CHANGES = frozenset({"num-server-rounds", "round-timeout", "resume", "
                                "server-threads", "client-threads", "sample-grid-per-silo"})
 
 
+def model_file_name(completed_round: int) -> str:
+    """The global model's file, derived from the round (a name read back from state.json is never trusted)."""
+    return f"global-model-round-{completed_round:04d}.npz"
+
+
 class CheckpointState(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -47,7 +52,7 @@ class Checkpoint:
     def save(self, completed_round: int, model_state: dict[str, torch.Tensor], silo_of_node: dict[int, str],
              cfg: RunConfig) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
-        model_file = f"global-model-round-{completed_round:04d}.npz"
+        model_file = model_file_name(completed_round)
         buf = io.BytesIO()
         np.savez(buf, **{k: v.detach().cpu().numpy() for k, v in model_state.items()})
         atomic_write_bytes(self.dir / model_file, buf.getvalue())
@@ -69,7 +74,7 @@ class Checkpoint:
             raise ConfigError(one_line(exc, str(self.state_path)) + "; restore the file or start a new run") from exc
 
     def load_model(self, state: CheckpointState) -> dict[str, torch.Tensor]:
-        with np.load(self.dir / state.model_file, allow_pickle=False) as npz:
+        with np.load(self.dir / model_file_name(state.completed_round), allow_pickle=False) as npz:
             return {k: torch.from_numpy(npz[k]) for k in npz.files}
 
     def check_compatible(self, state: CheckpointState, cfg: RunConfig) -> None:

@@ -11,6 +11,7 @@ and the fix.
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -24,7 +25,7 @@ NUM_CLASSES = {"mnist": 10, "fashion-mnist": 10}
 IMAGE_SHAPE = (1, 28, 28)
 # how each kind of global model is judged on real test data (summary keys: global.<m>, eval-<m>, final-global-<m>)
 HEADLINE_METRIC = {"classifier": "accuracy", "vae": "neg-elbo"}
-NAME_PATTERN = r"^[A-Za-z0-9_.-]{1,64}$"
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"  # a name, never a path: no "/", no leading "."
 
 
 def headline_metric(run_config: dict[str, Any]) -> str:
@@ -68,8 +69,19 @@ class ArchitectureSpec(BaseModel):
         return v
 
 
+def check_name(name: str) -> str:
+    """A name that becomes part of a file name must not be a path."""
+    if not re.fullmatch(NAME_PATTERN, name):
+        raise ValueError(f"'{name}' is not a name (1-64 letters, digits, '_', '-', '.'; no '/', no leading '.')")
+    return name
+
+
 def load_architecture(name: str, directory: Path | None = None) -> ArchitectureSpec:
     """Read ``conf/architectures/<name>.toml``; unknown names list what exists."""
+    try:
+        check_name(name)
+    except ValueError as exc:
+        raise ConfigError(f"architecture {exc}") from exc
     directory = directory or conf_dir() / "architectures"
     path = directory / f"{name}.toml"
     if not path.is_file():
@@ -116,19 +128,26 @@ def resolve_data_root(data_root: str = "") -> Path:
 class Section(BaseModel):
     """A group of flat run-config keys: each field's alias is its key in ``[tool.flwr.app.config]``."""
 
-    model_config = ConfigDict(extra="forbid", alias_generator=_dashed, populate_by_name=True, frozen=True)
+    model_config = ConfigDict(extra="forbid", alias_generator=_dashed, populate_by_name=True, frozen=True,
+                              allow_inf_nan=False)
 
 
 class RunSection(Section):
     """Where results go and how long the federation runs."""
 
-    run_name: str = Field(default="", pattern=r"^[A-Za-z0-9_.-]{0,100}$")
+    run_name: str = ""
+    """results/<run-name>/: a name, never a path; empty: <dataset>-<timestamp>-<run id>."""
     results_dir: str = "results"
     seed: int = Field(default=42, ge=0, lt=2**63)
     num_server_rounds: int = Field(default=4, ge=1, le=1000)
     round_timeout: float = Field(default=3600.0, gt=0)
     resume: bool = False
     """Continue results/<run-name>/ from its last completed round (checkpoint/), with every stored generator."""
+
+    @field_validator("run_name")
+    @classmethod
+    def _run_name_is_a_name(cls, v: str) -> str:
+        return check_name(v) if v else v
 
     def resolved_results_dir(self) -> Path:
         return _resolve_against_project(self.results_dir)
@@ -243,6 +262,13 @@ class LocalTrainingSection(Section):
             v = tuple(a.strip() for a in v.split(";") if a.strip())
         if not v:
             raise ValueError("silo-architectures needs at least one architecture name, e.g. 'mlp;conv'")
+        return v
+
+    @field_validator("silo_architectures")
+    @classmethod
+    def _names_not_paths(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        for name in v:
+            check_name(name)
         return v
 
     @field_serializer("silo_architectures")
@@ -401,11 +427,12 @@ class SiloNodeConfig(BaseModel):
     back to the run's data root.
     """
 
-    model_config = ConfigDict(extra="forbid", alias_generator=_dashed, populate_by_name=True, frozen=True)
+    model_config = ConfigDict(extra="forbid", alias_generator=_dashed, populate_by_name=True, frozen=True,
+                              allow_inf_nan=False)
 
     partition_id: int = Field(ge=0)
     num_partitions: int | None = Field(default=None, ge=1)
-    architecture: str | None = None
+    architecture: str | None = Field(default=None, pattern=NAME_PATTERN)
     data_root: str | None = None
     silo_name: str | None = Field(default=None, pattern=NAME_PATTERN)
     classes: tuple[int, ...] | None = None

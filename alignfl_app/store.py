@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from .config import IMAGE_SHAPE, ArchitectureSpec, RunConfig, one_line
+from .config import IMAGE_SHAPE, NAME_PATTERN, ArchitectureSpec, RunConfig, one_line
 from .files import atomic_write_bytes, atomic_write_text
 from .models import Decoder, one_hot
 from .replies import ReplyRejected
@@ -29,7 +29,7 @@ class GeneratorDescriptor(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    silo: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    silo: str = Field(pattern=NAME_PATTERN)
     architecture: ArchitectureSpec
     conditional: bool
     label_set: tuple[int, ...] = Field(min_length=1, max_length=1000)
@@ -167,7 +167,7 @@ class GeneratorStore:
 
     def load_decoder(self, silo: str) -> tuple[GeneratorDescriptor, Decoder]:
         desc = self.descriptor(silo)
-        with np.load(self.root / self._index[silo]["file"], allow_pickle=False) as npz:
+        with np.load(self.root / f"{desc.silo}.npz", allow_pickle=False) as npz:  # never a path read from disk
             state = {k: npz[k] for k in npz.files}
         with torch.device("meta"):  # no initialisation: every weight is loaded next
             decoder = desc.build_decoder()

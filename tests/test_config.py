@@ -16,6 +16,11 @@ from alignfl_app.config import ConfigError, load_architecture, parse_node_config
     ({"local-epochs": 0}, "local-epochs"),
     ({"no-such-key": 1}, "no-such-key"),
     ({"seed": -1}, "seed"),
+    ({"run-name": ".."}, "not a name"),
+    ({"run-name": "a/b"}, "not a name"),
+    ({"silo-architectures": "mlp;../../etc/x"}, "not a name"),
+    ({"learning-rate": float("inf")}, "finite"),
+    ({"sample-temperature": float("nan")}, "finite"),
     ({"seed": 2**63}, "seed"),
 ])
 def test_bad_run_config_is_one_line(override, fragment, tiny_config):
@@ -82,3 +87,12 @@ def test_list_valued_keys_are_parsed_once_and_written_back_flat():
     flat = cfg.flat()
     assert (flat["silo-classes"], flat["outlier-silos"], flat["silo-architectures"]) == ("0,1;2,3", "1", "conv;mlp")
     assert parse_run_config(flat) == cfg
+
+
+def test_architecture_names_are_never_paths(tmp_path):
+    (tmp_path / "evil.toml").write_text('kind = "mlp"\nlatent_dim = 4\nhidden = [8]\n')
+    for name in (str(tmp_path / "evil"), "../" * 6 + str(tmp_path / "evil")[1:], ".hidden"):
+        with pytest.raises(ConfigError, match="not a name"):
+            load_architecture(name)
+    with pytest.raises(ConfigError, match="architecture"):
+        parse_node_config({"partition-id": 0, "architecture": "../conv"})

@@ -1,5 +1,6 @@
 """The server's side: stateful generator store, bad replies rejected without harm, global model learned."""
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -230,3 +231,15 @@ def test_bad_evaluate_replies_are_left_out_without_harm(trained, tmp_path):
     assert dict(result) == {"silo-mean-eval": 0.5, "num-examples": 4}
     assert set(strategy.core.recorder.round(1)["silos"]["silo-0"]) >= {"eval-accuracy"}
     assert "eval-accuracy" not in strategy.core.recorder.round(1)["silos"]["silo-1"]
+
+
+def test_store_never_follows_a_file_name_read_back_from_disk(trained, tmp_path):
+    cfg, outs = trained
+    strategy = make_strategy(cfg, tmp_path)
+    strategy.aggregate_train(1, [reply(NODE[s], *outs[s]) for s in range(3)])
+    index = tmp_path / "generators" / "index.json"
+    tampered = json.loads(index.read_text())
+    tampered["silo-1"]["file"] = "../../elsewhere.npz"
+    index.write_text(json.dumps(tampered))
+    desc, decoder = GeneratorStore(tmp_path / "generators").load_decoder("silo-1")
+    assert desc.silo == "silo-1" and sum(p.numel() for p in decoder.parameters()) > 0
