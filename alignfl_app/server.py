@@ -132,8 +132,8 @@ class AlignFLServer:
         """The first round to run: 1, or (resume) one past the checkpoint, whose state is loaded here."""
         cfg = self.cfg
         if not cfg.run.resume:
-            if checkpoint.exists():
-                raise ConfigError(f"run-name '{cfg.run.run_name}' already has a checkpoint in {checkpoint.dir}: "
+            if checkpoint.exists() or len(self.store):
+                raise ConfigError(f"run-name '{cfg.run.run_name}' already holds a run ({checkpoint.dir.parent}): "
                                   "set resume=true to continue it, or choose another run-name")
             return 1
         state = checkpoint.load()

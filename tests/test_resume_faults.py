@@ -66,7 +66,7 @@ def test_killed_server_resumes_after_last_completed_round(tmp_path, flwr_log):
         round2_model = {k: npz[k] for k in npz.files}
     assert stored_rounds(tmp_path) == {"silo-0": 2, "silo-1": 2, "silo-2": 2}
 
-    with pytest.raises(ConfigError, match="already has a checkpoint.*resume=true"):
+    with pytest.raises(ConfigError, match="already holds a run.*resume=true"):
         run_server(cfg)  # same run-name without resume must not clobber the stored state
     with pytest.raises(ConfigError, match="synthetic-per-silo"):
         run_server({**cfg, "resume": True, "synthetic-per-silo": 7})

@@ -15,6 +15,7 @@ from alignfl_app.server import AlignFLServer
 from alignfl_app.silo import Silo
 from alignfl_app.store import GeneratorStore
 from alignfl_app.synthesis import synthesize
+from server_app.messages import train_reply
 from server_app.strategy import AlignFLStrategy
 from tests.conftest import make_message, tiny_run_config
 
@@ -243,3 +244,16 @@ def test_store_never_follows_a_file_name_read_back_from_disk(trained, tmp_path):
     index.write_text(json.dumps(tampered))
     desc, decoder = GeneratorStore(tmp_path / "generators").load_decoder("silo-1")
     assert desc.silo == "silo-1" and sum(p.numel() for p in decoder.parameters()) > 0
+
+
+def test_a_new_run_never_reuses_a_folder_with_stored_generators(trained, tmp_path):
+    """A run killed in its first round leaves generators but no checkpoint: a new run of that name is refused."""
+    from alignfl_app.checkpoint import Checkpoint
+    from alignfl_app.config import ConfigError
+
+    cfg, outs = trained
+    strategy = make_strategy(cfg, tmp_path)
+    strategy.core.accept(1, NODE[0], train_reply(reply(NODE[0], *outs[0]), 1 << 26))
+    again = make_strategy(cfg, tmp_path)
+    with pytest.raises(ConfigError, match="already holds a run.*resume=true"):
+        again.core.first_round(Checkpoint(tmp_path / "run"))
