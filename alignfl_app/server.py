@@ -7,10 +7,10 @@ that decides (reply checks, silo binding, storing, synthesis, the global model's
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from dataclasses import dataclass, field
-import logging
 from typing import Any
 
 import numpy as np
@@ -20,8 +20,8 @@ from .checkpoint import Checkpoint
 from .config import ConfigError, RunConfig
 from .global_model import GlobalModel
 from .metrics import RunRecorder, peak_rss_mb
-from .seeds import server_batches_seed, server_training_seed, synthesis_seed
 from .replies import GeneratorTrainMetrics, ReplyRejected
+from .seeds import server_batches_seed, server_training_seed, synthesis_seed
 from .store import GeneratorStore, GeneratorTerms, check_decoder_state, parse_descriptor
 from .synthesis import sample_generator, synthesize
 from .training import ShuffledBatches, set_threads

@@ -49,18 +49,17 @@ class Silo:
         self.data: SiloData = build_silo_data(cfg, self.index, root, node.classes)
         set_threads(cfg.local.client_threads)
         self.privacy = privacy_mode(cfg, len(self.data.x_train), node.privacy_ledger, self.name)
-        cond_dim = len(self.data.classes) if cfg.local.conditional else 0
-        self.y_train = self._decoder_labels(self.data.y_train, cond_dim)
-        self.y_test = self._decoder_labels(self.data.y_test, cond_dim)
+        self.cond_dim = len(self.data.classes) if cfg.local.conditional else 0
+        self.y_train = self._decoder_labels(self.data.y_train)
+        self.y_test = self._decoder_labels(self.data.y_test)
 
-    def _decoder_labels(self, y: torch.Tensor, cond_dim: int) -> torch.Tensor:
+    def _decoder_labels(self, y: torch.Tensor) -> torch.Tensor:
         """The decoder's condition: index in the silo's label set (all zero for an unconditional decoder)."""
-        return to_local_labels(y, self.data.classes) if cond_dim else torch.zeros(len(y), dtype=torch.long)
+        return to_local_labels(y, self.data.classes) if self.cond_dim else torch.zeros(len(y), dtype=torch.long)
 
     def new_vae(self) -> VAE:
         torch.manual_seed(vae_init_seed(self.cfg.run.seed, self.index))
-        cond_dim = len(self.data.classes) if self.cfg.local.conditional else 0
-        return VAE(self.architecture, cond_dim, IMAGE_SHAPE)
+        return VAE(self.architecture, self.cond_dim, IMAGE_SHAPE)
 
     def restore_vae(self, state: StateDict | None) -> VAE:
         """The silo's VAE from its previous round (or fresh when absent or from another architecture)."""
