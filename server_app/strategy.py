@@ -20,10 +20,38 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result, Strategy
 
 from alignfl_app import protocol as P
+from alignfl_app.liveness import ReplyDeadline
 from alignfl_app.server import AlignFLServer
 from alignfl_app.replies import ReplyRejected
 
 from .messages import as_metric_record, evaluate_results, train_reply
+
+
+def collect_replies(grid: Grid, messages: Iterable[Message], deadline: ReplyDeadline,
+                    poll: float = 0.5) -> list[Message]:
+    """Push ``messages`` and pull their replies until all are in or ``deadline`` gives up on the rest."""
+    messages = list(messages)
+    ids = list(grid.push_messages(messages))
+    node_of = {mid: msg.metadata.dst_node_id for mid, msg in zip(ids, messages, strict=True)}
+    pending, replies, arrived, t0 = set(ids), [], {}, time.monotonic()
+    while pending:
+        for msg in grid.pull_messages(list(pending)):
+            mid = msg.metadata.reply_to_message_id
+            if mid in pending:
+                pending.discard(mid)
+                replies.append(msg)
+                arrived[node_of[mid]] = time.monotonic() - t0
+        if not pending:
+            break
+        elapsed = time.monotonic() - t0
+        limit = deadline.limit(node_of[m] for m in pending)
+        if elapsed >= limit:
+            log(WARNING, "Stopped waiting for nodes %s after %.0f s (their usual reply time x %.0f, at most "
+                "round-timeout)", sorted(node_of[m] for m in pending), elapsed, deadline.factor)
+            break
+        time.sleep(min(poll, max(limit - elapsed, 0.0)))
+    deadline.learn(arrived)
+    return replies
 
 
 def wait_for_nodes(grid: Grid, wanted: int, timeout: float) -> list[int]:
@@ -49,7 +77,8 @@ class AlignFLStrategy(Strategy):
               train_config: ConfigRecord | None = None, evaluate_config: ConfigRecord | None = None,
               evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None = None, *,
               first_round: int = 1, after_round: Callable[[int], None] | None = None) -> Result:
-        """Flower's round loop, able to start at ``first_round`` (resume) and to checkpoint via ``after_round``.
+        """Flower's round loop, able to start at ``first_round`` (resume) and to checkpoint via ``after_round``,
+        and waiting for each phase's replies only as long as ``ReplyDeadline`` allows (``timeout`` at most).
 
         Same order as ``Strategy.start``: train, client evaluation, server evaluation; then the hook.
         """
@@ -59,6 +88,7 @@ class AlignFLStrategy(Strategy):
         train_config = ConfigRecord() if train_config is None else train_config
         evaluate_config = ConfigRecord() if evaluate_config is None else evaluate_config
         result, arrays, t_start = Result(), initial_arrays, time.time()
+        train_deadline, evaluate_deadline = ReplyDeadline(timeout), ReplyDeadline(timeout)
         result.arrays = initial_arrays
         if evaluate_fn and first_round == 1:
             res = evaluate_fn(0, initial_arrays)
@@ -67,16 +97,15 @@ class AlignFLStrategy(Strategy):
         for rnd in range(first_round, num_rounds + 1):
             log(INFO, "")
             log(INFO, "[ROUND %s/%s]", rnd, num_rounds)
-            replies = grid.send_and_receive(messages=self.configure_train(rnd, arrays, train_config, grid),
-                                            timeout=timeout)
+            replies = collect_replies(grid, self.configure_train(rnd, arrays, train_config, grid), train_deadline)
             agg_arrays, train_metrics = self.aggregate_train(rnd, replies)
             if agg_arrays is not None:
                 result.arrays = arrays = agg_arrays
             if train_metrics is not None:
                 log(INFO, "\t└──> Aggregated MetricRecord: %s", train_metrics)
                 result.train_metrics_clientapp[rnd] = train_metrics
-            replies = grid.send_and_receive(messages=self.configure_evaluate(rnd, arrays, evaluate_config, grid),
-                                            timeout=timeout)
+            replies = collect_replies(grid, self.configure_evaluate(rnd, arrays, evaluate_config, grid),
+                                      evaluate_deadline)
             eval_metrics = self.aggregate_evaluate(rnd, replies)
             if eval_metrics is not None:
                 log(INFO, "\t└──> Aggregated MetricRecord: %s", eval_metrics)

@@ -31,15 +31,19 @@ class LocalGrid(Grid):
         self.faults = faults or {}  # (round, partition) -> "timeout" | "error", train messages only
         self.kill_at_round = kill_at_round
         self.train_rounds: list[int] = []
+        self.outbox: dict[str, Message] = {}  # reply_to message id -> reply
 
     def get_node_ids(self) -> Iterable[int]:
         return list(self.contexts)
 
-    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
-        replies = []
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        """Deliver each message to its silo's ClientApp at once; its reply waits to be pulled."""
+        ids = []
         for msg in messages:
             node, kind = msg.metadata.dst_node_id, msg.metadata.message_type
             rnd = int(msg.content[P.CONFIG][P.SERVER_ROUND])
+            inbound = make_message(msg.content, kind, src=1, dst=node)
+            ids.append(inbound.metadata.message_id)
             fault = None
             if kind == MessageType.TRAIN:
                 self.train_rounds.append(rnd)
@@ -49,11 +53,18 @@ class LocalGrid(Grid):
             if fault == "timeout":
                 continue
             if fault == "error":
-                replies.append(make_message(None, kind, src=node, dst=1,
-                                            error=Error(code=0, reason="ClientApp raised RuntimeError: disk full")))
-                continue
-            replies.append(client_app(make_message(msg.content, kind, src=1, dst=node), self.contexts[node]))
-        return replies
+                reply = Message(error=Error(code=0, reason="ClientApp raised RuntimeError: disk full"), reply_to=inbound)
+            else:
+                reply = client_app(inbound, self.contexts[node])
+            self.outbox[reply.metadata.reply_to_message_id] = reply
+        return ids
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        return [self.outbox.pop(mid) for mid in message_ids if mid in self.outbox]
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        """What Flower's own round loop (the baselines) calls: every reply that is there."""
+        return self.pull_messages(self.push_messages(messages))
 
     @property
     def run(self):
@@ -63,12 +74,6 @@ class LocalGrid(Grid):
         pass
 
     def create_message(self, *args, **kwargs) -> Message:
-        raise NotImplementedError
-
-    def push_messages(self, messages):
-        raise NotImplementedError
-
-    def pull_messages(self, message_ids):
         raise NotImplementedError
 
 

@@ -40,7 +40,8 @@ def stored_rounds(tmp_path) -> dict[str, int]:
 
 def test_silo_that_dies_or_fails_mid_round_does_not_stop_it(tmp_path, flwr_log):
     # round 2: silo-1 never answers (dead / past round-timeout), silo-2's ClientApp raises
-    run_server(config(tmp_path, **{"num-server-rounds": 2}), faults={(2, 1): "timeout", (2, 2): "error"})
+    run_server(config(tmp_path, **{"num-server-rounds": 2, "round-timeout": 5.0}),
+               faults={(2, 1): "timeout", (2, 2): "error"})
     s = summary(tmp_path)
     assert s["status"] == "completed"
     r2 = s["rounds"][1]
