@@ -74,7 +74,7 @@ def test_killed_server_resumes_after_last_completed_round(tmp_path, flwr_log):
 
     # resume with new node ids (as in a new simulation run); silo-2 is down in round 3, so its
     # round-2 generator must stand in for it
-    grid = run_server({**cfg, "resume": True}, faults={(3, 2): "timeout"}, node_base=2000)
+    grid = run_server({**cfg, "resume": True, "round-timeout": 5.0}, faults={(3, 2): "timeout"}, node_base=2000)
     assert grid.train_rounds == [3, 3, 3]
     assert any("Resuming after round 2" in line for line in flwr_log)
     s = summary(tmp_path)
