@@ -3,7 +3,8 @@
 Each phase of a round (train, evaluate) keeps its own ``ReplyDeadline``. It learns every node's usual reply
 time across rounds; once a node has a history, the round waits for it at most ``factor`` times its usual time
 (never less than ``floor`` seconds), so a slow but live silo keeps its pace and a dead one is given up on
-quickly. A node without a history (the first round, a new node) is waited for up to ``round-timeout``.
+quickly; the margins (3x, 60 s) absorb a machine that gets busier between rounds. A node without a history
+(the first round, a new node) is waited for up to ``round-timeout``.
 """
 
 from __future__ import annotations
@@ -16,8 +17,8 @@ from dataclasses import dataclass, field
 @dataclass
 class ReplyDeadline:
     timeout: float  # round-timeout: never wait longer
-    factor: float = 2.0
-    floor: float = 30.0
+    factor: float = 3.0
+    floor: float = 60.0
     history: int = 5  # reply times remembered per node
     seen: dict[int, list[float]] = field(default_factory=dict)
 
