@@ -48,8 +48,8 @@ def train_averaged_model(msg: Message, context: Context) -> Message:
     mu = float(config.get(P.PROXIMAL_MU, 0.0)) if config.get(P.STRATEGY) == "fedprox" else 0.0
     state, metrics = silo.train_global_model(int(config[P.SERVER_ROUND]),
                                              msg.content[P.GLOBAL_MODEL].to_torch_state_dict(), mu)
-    content = RecordDict({P.GLOBAL_MODEL: ArrayRecord(torch_state_dict=state), P.METRICS: MetricRecord(metrics.record()),
-                          P.SILO: ConfigRecord({"name": silo.name})})
+    content = RecordDict({P.GLOBAL_MODEL: ArrayRecord(torch_state_dict=state),
+                          P.METRICS: MetricRecord(metrics.record()), P.SILO: ConfigRecord({"name": silo.name})})
     return Message(content=content, reply_to=msg)
 
 
