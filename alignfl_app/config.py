@@ -143,6 +143,8 @@ class RunSection(Section):
     round_timeout: float = Field(default=3600.0, gt=0)
     resume: bool = False
     """Continue results/<run-name>/ from its last completed round (checkpoint/), with every stored generator."""
+    min_silos: int = Field(default=0, ge=0)
+    """Silos that must be connected when the run starts (else it stops, naming the fix); 0: every configured silo."""
 
     @field_validator("run_name")
     @classmethod
@@ -392,9 +394,16 @@ class RunConfig(BaseModel):
                              "conditional=true")
         if self.run.resume and not self.run.run_name:
             raise ValueError("resume=true needs the run-name of the run to continue, e.g. run-name='study-1'")
+        if self.run.min_silos > self.data.num_silos:
+            raise ValueError(f"min-silos={self.run.min_silos} exceeds the {self.data.num_silos} silos of silo-classes")
         if self.run.resume and strategy != "alignfl":
             raise ValueError(f"resume=true is supported for strategy='alignfl' only, not '{strategy}'")
         return self
+
+    @property
+    def required_silos(self) -> int:
+        """How many silos must be connected at the start: min-silos, or every configured silo."""
+        return self.run.min_silos or self.data.num_silos
 
     def flat(self) -> dict[str, Any]:
         """The flat, hyphenated run config (what Flower passes, what summaries and checkpoints record)."""

@@ -83,6 +83,10 @@ def main(grid: Grid, context: Context) -> None:
             timeout=cfg.run.round_timeout, train_config=ConfigRecord(), evaluate_config=ConfigRecord(),
             evaluate_fn=evaluate, **resumable,
         )
+    except ConfigError as exc:
+        log(ERROR, "alignfl: %s", exc)
+        recorder.finish("failed")
+        raise
     except BaseException:
         recorder.finish("failed")
         raise

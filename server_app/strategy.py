@@ -20,6 +20,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result, Strategy
 
 from alignfl_app import protocol as P
+from alignfl_app.config import ConfigError
 from alignfl_app.liveness import ReplyDeadline
 from alignfl_app.server import AlignFLServer
 from alignfl_app.replies import ReplyRejected
@@ -132,9 +133,18 @@ class AlignFLStrategy(Strategy):
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
-        """Train instructions carry no weights: a silo's VAE never depends on others'."""
-        wait = 120.0 if server_round == self.first_round else 5.0
-        nodes = wait_for_nodes(grid, self.cfg.data.num_silos, wait)
+        """Train instructions carry no weights: a silo's VAE never depends on others'. The run's first round
+        waits (bounded) for the silos and stops, naming the fix, if fewer than ``min-silos`` came."""
+        starting = server_round == self.first_round
+        wait = min(120.0, self.cfg.run.round_timeout) if starting else 5.0
+        configured = self.cfg.data.num_silos
+        nodes = wait_for_nodes(grid, configured, wait)
+        if starting and len(nodes) < self.cfg.required_silos:
+            raise ConfigError(
+                f"only {len(nodes)} of the {configured} configured silos connected within {wait:.0f} s (min-silos="
+                f"{self.cfg.required_silos}): start the missing SuperNodes; in a simulation give Flower "
+                f"num-supernodes={configured} (flwr run . --federation-config 'num-supernodes={configured}'); "
+                "or lower min-silos")
         self.core.registry.asked[server_round] = list(nodes)
         log(INFO, "configure_train: asking %d silos to train their VAEs", len(nodes))
         cfg = ConfigRecord({**dict(config), P.SERVER_ROUND: server_round})

@@ -16,6 +16,7 @@ from alignfl_app.config import ConfigError, load_architecture, parse_node_config
     ({"local-epochs": 0}, "local-epochs"),
     ({"no-such-key": 1}, "no-such-key"),
     ({"seed": -1}, "seed"),
+    ({"min-silos": 4}, "min-silos"),
     ({"run-name": ".."}, "not a name"),
     ({"run-name": "a/b"}, "not a name"),
     ({"silo-architectures": "mlp;../../etc/x"}, "not a name"),

@@ -92,3 +92,17 @@ def test_killed_server_resumes_after_last_completed_round(tmp_path, flwr_log):
         round3_model = {k: npz[k] for k in npz.files}
     assert set(round3_model) == set(round2_model)
     assert any(not np.array_equal(round3_model[k], round2_model[k]) for k in round2_model)
+
+
+def test_too_few_silos_at_the_start_stop_the_run_with_the_fix(tmp_path, flwr_log):
+    """No silent partial federation: 2 SuperNodes for 3 configured silos stop the run, naming num-supernodes."""
+    with pytest.raises(ConfigError) as err:
+        run_server(config(tmp_path, **{"round-timeout": 2.0}), num_silos=2)
+    message = str(err.value)
+    assert "only 2 of the 3 configured silos" in message and "num-supernodes=3" in message and "\n" not in message
+    assert summary(tmp_path)["status"] == "failed"
+    # min-silos lets a run start with fewer silos on purpose; the missing one is named in every round
+    run_server(config(tmp_path, **{"round-timeout": 2.0, "min-silos": 2, "run-name": "partial",
+                                   "num-server-rounds": 1}), num_silos=2)
+    partial = json.loads((tmp_path / "results" / "partial" / "summary.json").read_text())
+    assert partial["status"] == "completed" and partial["rounds"][0]["generators-used"] == ["silo-0", "silo-1"]

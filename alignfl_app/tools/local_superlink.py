@@ -5,7 +5,7 @@ tests. Plain ``flwr run`` would start a detached SuperLink on fixed ports, reuse
 already listens there (possibly one without ``FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION``) and
 leave it running.
 
-    alignfl run [--app .] [--num-supernodes 5] [--cpus-per-client 1] [--run-config '...'] [--keep .flwr-local]
+    alignfl run [--app .] [--num-supernodes N] [--cpus-per-client 1] [--run-config '...'] [--keep .flwr-local]
 """
 
 from __future__ import annotations
@@ -24,8 +24,9 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import psutil
+from flwr.common.config import parse_config_args
 
-DEFAULT_SUPERNODES = 5
+from alignfl_app.config import RunConfig, parse_run_config
 BIN = Path(sys.executable).parent
 
 
@@ -155,10 +156,20 @@ def simulation_superlink(tmp: Path, app: Path) -> Iterator[SimulationLink]:
         stop_process(proc)
 
 
+def configured_silos(run_config: str) -> int:
+    """How many silos a run config (``k=v ...`` or a TOML file, as ``flwr run --run-config`` reads it) defines;
+    an invalid one is sized by the defaults and then refused by the ServerApp with its one-line reason."""
+    try:
+        return parse_run_config({**RunConfig().flat(), **parse_config_args([run_config])}).data.num_silos
+    except Exception:  # flwr and pydantic raise several kinds; the run itself reports the problem
+        return RunConfig().data.num_silos
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="alignfl run", description=__doc__.splitlines()[0])
     parser.add_argument("--app", default=".", help="the Flower app's folder (the checkout with pyproject.toml)")
-    parser.add_argument("--num-supernodes", type=int, default=DEFAULT_SUPERNODES)
+    parser.add_argument("--num-supernodes", type=int, default=None,
+                        help="simulated SuperNodes (default: one per silo of the run config's silo-classes)")
     parser.add_argument("--cpus-per-client", type=int, default=1)
     parser.add_argument("--run-config", default="", help="flwr --run-config overrides or a TOML file")
     parser.add_argument("--keep", default=".flwr-local", help="folder for the SuperLink's state and log")
@@ -168,10 +179,11 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(args.keep).resolve()
     work.mkdir(parents=True, exist_ok=True)
     run_config = args.run_config or "results-dir='results'"
+    num_supernodes = args.num_supernodes or configured_silos(run_config)
     with simulation_superlink(work, Path(args.app)) as link:
         proc = subprocess.Popen([str(BIN / "flwr"), "run", str(link.app), "test", "--stream",
                                  "--run-config", run_config,
-                                 "--federation-config", f"num-supernodes={args.num_supernodes} "
+                                 "--federation-config", f"num-supernodes={num_supernodes} "
                                  f"client-resources-num-cpus={args.cpus_per_client}"],
                                 cwd=link.app, env=link.env)
         proc.wait()
