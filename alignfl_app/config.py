@@ -115,14 +115,15 @@ def _resolve_against_project(path: str) -> Path:
     return p
 
 
+def machine_dir(env_var: str, name: str) -> Path:
+    """A folder set by this machine's environment (never by the run config), else ~/.cache/alignfl/<name>."""
+    env = os.environ.get(env_var)
+    return Path(env).expanduser().resolve() if env else Path.home() / ".cache" / "alignfl" / name
+
+
 def resolve_data_root(data_root: str = "") -> Path:
     """Where datasets live: explicit value, else $ALIGNFL_DATA_ROOT, else ~/.cache/alignfl/data."""
-    if data_root:
-        return Path(data_root).expanduser().resolve()
-    env = os.environ.get("ALIGNFL_DATA_ROOT")
-    if env:
-        return Path(env).expanduser().resolve()
-    return Path.home() / ".cache" / "alignfl" / "data"
+    return Path(data_root).expanduser().resolve() if data_root else machine_dir("ALIGNFL_DATA_ROOT", "data")
 
 
 class Section(BaseModel):
@@ -173,12 +174,7 @@ class DataSection(Section):
     @field_validator("silo_classes", mode="before")
     @classmethod
     def _parse_classes(cls, v: Any) -> Any:
-        if not isinstance(v, str):
-            return v
-        groups = [_int_list(g) for g in v.split(";")]
-        if any(not g for g in groups):
-            raise ValueError("every silo needs at least one class, e.g. '0,1;2,3'")
-        return tuple(groups)
+        return tuple(_int_list(g) for g in v.split(";")) if isinstance(v, str) else v
 
     @field_validator("silo_classes")
     @classmethod
@@ -425,8 +421,7 @@ def parse_run_config(raw: dict[str, Any]) -> RunConfig:
 
 def silos_root() -> Path:
     """Where simulated silos keep what they own: $ALIGNFL_SILOS_ROOT, else ~/.cache/alignfl/silos."""
-    env = os.environ.get("ALIGNFL_SILOS_ROOT")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "alignfl" / "silos"
+    return machine_dir("ALIGNFL_SILOS_ROOT", "silos")
 
 
 class SiloNodeConfig(BaseModel):

@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from .config import IMAGE_SHAPE, NAME_PATTERN, ArchitectureSpec, RunConfig, one_line
 from .files import atomic_write_bytes, atomic_write_text
-from .models import Decoder, one_hot
+from .models import Decoder, num_parameters, one_hot
 from .replies import ReplyRejected
 
 
@@ -51,6 +51,11 @@ class GeneratorDescriptor(BaseModel):
 
     def build_decoder(self) -> Decoder:
         return Decoder(self.architecture, self.cond_dim, self.image_shape)
+
+    def empty_decoder(self) -> Decoder:
+        """The decoder's shapes on the meta device: nothing allocated, nothing initialised."""
+        with torch.device("meta"):
+            return self.build_decoder()
 
 
 def parse_descriptor(text: str) -> GeneratorDescriptor:
@@ -91,11 +96,10 @@ def check_decoder_state(desc: GeneratorDescriptor, state: dict[str, np.ndarray],
     if total > terms.max_bytes:
         raise ReplyRejected(f"decoder is {total / 2**20:.1f} MiB, over the {terms.max_bytes / 2**20:.1f} MiB limit")
     try:
-        with torch.device("meta"):
-            shapes = desc.build_decoder()
+        shapes = desc.empty_decoder()
     except (ValueError, RuntimeError) as exc:
         raise ReplyRejected(f"descriptor does not describe a buildable decoder: {exc}") from exc
-    declared = 4 * sum(p.numel() for p in shapes.parameters())
+    declared = 4 * num_parameters(shapes)
     if declared > terms.max_bytes:
         raise ReplyRejected(f"descriptor declares a {declared / 2**20:.1f} MiB decoder, over the "
                             f"{terms.max_bytes / 2**20:.1f} MiB limit")
@@ -169,8 +173,6 @@ class GeneratorStore:
         desc = self.descriptor(silo)
         with np.load(self.root / f"{desc.silo}.npz", allow_pickle=False) as npz:  # never a path read from disk
             state = {k: npz[k] for k in npz.files}
-        with torch.device("meta"):  # no initialisation: every weight is loaded next
-            decoder = desc.build_decoder()
-        decoder = decoder.to_empty(device="cpu")
+        decoder = desc.empty_decoder().to_empty(device="cpu")  # every weight is loaded next
         decoder.load_state_dict({k: torch.from_numpy(v) for k, v in state.items()}, strict=True)
         return desc, decoder.eval()

@@ -154,7 +154,7 @@ class AlignFLStrategy(Strategy):
                         replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Hand every reply to the server core; the global model it then trains is the round's result."""
         accepted, rejected, replied = 0, [], set()
-        max_bytes = int(self.cfg.server.max_decoder_mb * 2**20)
+        max_bytes = self.core.terms.max_bytes
         for msg in replies:
             node = msg.metadata.src_node_id
             replied.add(node)
