@@ -40,7 +40,7 @@ class Silo:
     """A silo: its data partition, its architecture, its privacy mode, its VAE."""
 
     def __init__(self, cfg: RunConfig, node: SiloNodeConfig) -> None:
-        self.cfg, self.node = cfg, node
+        self.cfg = cfg
         self.index = node.partition_id
         self.name = node.name
         self.dir = node.resolved_silo_dir()

@@ -187,7 +187,7 @@ class Trainer:
 
     def fit(self, model: nn.Module, data: tuple[torch.Tensor, torch.Tensor], batches: Iterable[torch.Tensor],
             optimizer: torch.optim.Optimizer) -> TrainReport:
-        """Train ``model`` in place on ``data = (x, y)``; the rule and the hooks are closed at the end."""
+        """Train ``model`` in place on ``data = (x, y)``; the rule is closed at the end, then the hooks finish."""
         x, y = data
         t0 = time.perf_counter()
         model.train()
@@ -208,9 +208,9 @@ class Trainer:
                     hook.after_step()
             seconds = time.perf_counter() - t0  # the training itself, not the hooks' final measurements
         finally:
-            self.rule.close()
-            for hook in self.hooks:
-                hook.finish()
+            self.rule.close()  # also after a failure: the model must be plain again
+        for hook in self.hooks:
+            hook.finish()
         details = dict(self.rule.report())
         for hook in self.hooks:
             details.update(hook.report())
