@@ -35,8 +35,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch import nn
 
-from .models import VAE, Decoder, one_hot
+from .models import GeneratorSet, one_hot
 from .seeds import audit_seed
 from .training import to_local_labels
 
@@ -81,16 +82,13 @@ def auc(pos: torch.Tensor, neg: torch.Tensor) -> float:
 
 
 @torch.no_grad()
-def reconstruct(vae: VAE, x: torch.Tensor, y: torch.Tensor, label_set: tuple[int, ...]) -> torch.Tensor:
-    vae.eval()
-    cond = vae.decoder.cond_dim
-    yl = one_hot(to_local_labels(y, label_set), cond) if cond else None
-    mu, _ = vae.encoder(x, yl)
-    return torch.sigmoid(vae.decoder(mu, yl))
+def reconstruct(generators: GeneratorSet, x: torch.Tensor, y: torch.Tensor, label_set: tuple[int, ...]) -> torch.Tensor:
+    generators.eval()
+    return torch.sigmoid(generators.reconstruct(x, to_local_labels(y, label_set)))
 
 
 @torch.no_grad()
-def decoder_samples(decoder: Decoder, label_set: tuple[int, ...], n: int, seed: int) -> torch.Tensor:
+def decoder_samples(decoder: nn.Module, label_set: tuple[int, ...], n: int, seed: int) -> torch.Tensor:
     """What the server can make of the shared decoder: prior latents, the silo's labels balanced."""
     g = torch.Generator().manual_seed(seed)
     cond = decoder.cond_dim
@@ -100,7 +98,7 @@ def decoder_samples(decoder: Decoder, label_set: tuple[int, ...], n: int, seed: 
     return torch.sigmoid(decoder(z, one_hot(local, cond) if cond else None))
 
 
-def audit_decoder(decoder: Decoder, x: torch.Tensor, is_outlier: torch.Tensor, heldout: torch.Tensor,
+def audit_decoder(decoder: nn.Module, x: torch.Tensor, is_outlier: torch.Tensor, heldout: torch.Tensor,
                   label_set: tuple[int, ...], num_samples: int = 2000, seed: int = 0) -> OutlierAudit:
     """The numbers that need only the shared decoder and the silo's records (no mapping rate)."""
     out_x, typical = x[is_outlier], x[~is_outlier]
@@ -122,7 +120,7 @@ def audit_decoder(decoder: Decoder, x: torch.Tensor, is_outlier: torch.Tensor, h
     )
 
 
-def audit_outliers(vae: VAE, x: torch.Tensor, y: torch.Tensor, is_outlier: torch.Tensor, heldout: torch.Tensor,
+def audit_outliers(vae: GeneratorSet, x: torch.Tensor, y: torch.Tensor, is_outlier: torch.Tensor, heldout: torch.Tensor,
                    label_set: tuple[int, ...], num_samples: int = 2000, seed: int = 0) -> OutlierAudit:
     """Every number above for one silo (needs at least one outlier and one typical record)."""
     result = audit_decoder(vae.decoder, x, is_outlier, heldout, label_set, num_samples, seed)
@@ -134,7 +132,7 @@ def audit_outliers(vae: VAE, x: torch.Tensor, y: torch.Tensor, is_outlier: torch
     return result
 
 
-def save_audit_figure(vae: VAE, x: torch.Tensor, y: torch.Tensor, is_outlier: torch.Tensor,
+def save_audit_figure(vae: GeneratorSet, x: torch.Tensor, y: torch.Tensor, is_outlier: torch.Tensor,
                       label_set: tuple[int, ...], path: Path, k: int = 8, seed: int = 0) -> Path:
     """Rows: outliers; their encode-decode; the decoder sample nearest to each outlier (silo-side file)."""
     import matplotlib
@@ -183,7 +181,7 @@ def audit_run(run_dir: Path, data_root: str = "") -> dict[str, dict[str, float |
             continue
         desc, decoder = store.load_decoder(name)
         data = build_silo_data(cfg, k)
-        result = audit_decoder(decoder, data.x_train, data.is_outlier, data.heldout_outliers, tuple(desc.label_set),
+        result = audit_decoder(decoder, data.x_train, data.is_outlier, data.heldout_outliers, tuple(data.classes),
                                num_samples=cfg.privacy.audit_samples,
                                seed=audit_seed(cfg.run.seed, cfg.run.num_server_rounds))
         out[name] = result.metrics()

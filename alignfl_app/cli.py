@@ -19,6 +19,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "audit": ("alignfl_app.audit", "recompute a run's decoder-only outlier audit"),
     "reference": ("alignfl_app.reference", "train the local-only and centralised references"),
     "check-node-config": ("client_app.node_config", "check a silo's --node-config before it starts"),
+    "canary-audit": ("alignfl_app.tools.canary_audit", "epsilon lower bound of a silo's decoder from canaries"),
     "bench-dp": ("alignfl_app.tools.bench_dp", "time DP vs non-DP local training"),
     "load-test": ("alignfl_app.tools.load_test", "many-silo simulation: wall time and peak memory"),
 }

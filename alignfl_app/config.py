@@ -10,6 +10,7 @@ and the fix.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import tomllib
@@ -21,7 +22,11 @@ from pydantic import (BaseModel, ConfigDict, Field, ValidationError, field_seria
 
 from .resources import conf_dir
 
-NUM_CLASSES = {"mnist": 10, "fashion-mnist": 10}
+CLASS_NAMES = {
+    "mnist": tuple(str(d) for d in range(10)),
+    "fashion-mnist": ("tshirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "boot"),
+}
+NUM_CLASSES = {name: len(classes) for name, classes in CLASS_NAMES.items()}
 IMAGE_SHAPE = (1, 28, 28)
 # how each kind of global model is judged on real test data (summary keys: global.<m>, eval-<m>, final-global-<m>)
 HEADLINE_METRIC = {"classifier": "accuracy", "vae": "neg-elbo"}
@@ -225,6 +230,11 @@ class DataSection(Section):
         return NUM_CLASSES[self.dataset]
 
     @property
+    def class_names(self) -> tuple[str, ...]:
+        """The run's label space: class id i is ``class_names[i]`` (descriptors carry names, never ids)."""
+        return CLASS_NAMES[self.dataset]
+
+    @property
     def outlier_source(self) -> str | None:
         """The dataset outliers are drawn from, or None when outliers are off."""
         if self.outlier_dataset == "none" or self.outliers_per_silo == 0 or not self.outlier_silos:
@@ -247,6 +257,9 @@ class LocalTrainingSection(Section):
     silo_architectures: tuple[str, ...] = ("mlp", "conv")
     """Flat form ``"mlp;conv"``: cycled over silos; names of conf/architectures/<name>.toml."""
     conditional: bool = True
+    generator_layout: Literal["conditional", "per-class"] = "conditional"
+    """conditional: one decoder for the silo's classes, the class as input. per-class: one unconditional VAE per
+    class, trained on that class's records only (every sample carries the class it was trained on)."""
     local_epochs: int = Field(default=5, ge=1)
     batch_size: int = Field(default=128, ge=1)
     learning_rate: float = Field(default=1e-3, gt=0)
@@ -278,20 +291,32 @@ class LocalTrainingSection(Section):
 
 
 class PrivacySection(Section):
-    """DP-SGD with adaptive clipping on the silos, their privacy ledgers, and the outlier audit."""
+    """What the run asks of the silos' privacy (each silo's own policy may refuse), the DP-SGD recipe, and the
+    silo-side audit.
+
+    DP-SGD draws Poisson batches at the public rate ``dp-sample-rate`` for ``dp-steps`` steps a round, so the
+    epsilon a silo spends depends on public constants only (never on how many records it holds).
+    """
 
     epsilon: float = Field(default=0.0, ge=0, alias="dp-epsilon")
-    """Target epsilon for the whole planned run; 0: no DP unless dp-noise-multiplier."""
+    """Target epsilon of the whole planned run, per silo; 0: no DP unless dp-noise-multiplier."""
     noise_multiplier: float = Field(default=0.0, ge=0, alias="dp-noise-multiplier")
     delta: float = Field(default=1e-5, gt=0, lt=1, alias="dp-delta")
-    budget_epsilon: float = Field(default=0.0, ge=0, alias="dp-budget-epsilon")
-    """The ledger's cap; 0: dp-epsilon (no cap if that is 0 too)."""
+    sample_rate: float = Field(default=0.05, gt=0, le=1, alias="dp-sample-rate")
+    steps: int = Field(default=300, ge=1, alias="dp-steps")
+    """DP-SGD steps per round (per generator group: per class with generator-layout='per-class')."""
+    learning_rate: float = Field(default=2e-3, gt=0, alias="dp-learning-rate")
     clip_init: float = Field(default=1.0, gt=0, alias="dp-clip-init")
     clip_quantile: float = Field(default=0.5, gt=0, lt=1, alias="dp-clip-quantile")
     clip_lr: float = Field(default=0.2, ge=0, alias="dp-clip-lr")
     unclipped_std: float = Field(default=0.0, ge=0, alias="dp-unclipped-std")
     """Noise std of the unclipped count; 0: expected batch / 20."""
-    ledger_dir: str = Field(default="", alias="privacy-ledger-dir")
+    count_noise_std: float = Field(default=10.0, gt=0, alias="dp-count-noise-std")
+    """Noise std of each group's record count (released once per run to the silo's own DP-SGD, booked)."""
+    accountant: Literal["prv", "rdp"] = Field(default="prv", alias="dp-accountant")
+    secure_noise: bool = Field(default=False, alias="dp-secure-noise")
+    """true: every DP draw comes from the OS's cryptographic generator (slower); false: a fast generator
+    seeded from it."""
     audit: bool = True
     audit_samples: int = Field(default=2000, ge=1)
 
@@ -304,6 +329,39 @@ class PrivacySection(Section):
     @property
     def enabled(self) -> bool:
         return self.epsilon > 0 or self.noise_multiplier > 0
+
+
+class SiloPrivacyPolicy(BaseModel):
+    """A silo's own privacy terms, in ``<silo-dir>/privacy-policy.toml``: only the silo's operator sets them.
+
+    The run config may ask for more privacy than the policy (a smaller epsilon or delta), never less.
+    """
+
+    require_dp: bool = False
+    """true: refuse every round the run asks to train without DP."""
+    max_epsilon: float = Field(default=math.inf, gt=0)
+    """The largest per-run epsilon this silo accepts."""
+    max_delta: float = Field(default=1e-5, gt=0, lt=1)
+    budget_epsilon: float | None = Field(default=None, gt=0)
+    """Lifetime cap over every run, by the ledger's accountant; absent: the epsilon of the silo's first DP run."""
+
+    model_config = ConfigDict(extra="forbid", alias_generator=_dashed, populate_by_name=True, frozen=True)
+
+
+POLICY_FILE = "privacy-policy.toml"
+
+
+def load_silo_policy(silo_dir: Path) -> SiloPrivacyPolicy:
+    """The silo's policy file, or the default policy when the silo has none."""
+    path = Path(silo_dir) / POLICY_FILE
+    if not path.is_file():
+        return SiloPrivacyPolicy()
+    try:
+        return SiloPrivacyPolicy.model_validate(tomllib.loads(path.read_text()))
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML ({exc}); fix the silo's policy file") from exc
+    except ValidationError as exc:
+        raise ConfigError(one_line(exc, str(path)) + " (fix the silo's policy file)") from exc
 
 
 class LipschitzSection(Section):
@@ -332,6 +390,18 @@ class ServerSection(Section):
     threads: int = Field(default=2, ge=1, alias="server-threads")
     max_decoder_mb: float = Field(default=64.0, gt=0)
     sample_grid_per_silo: int = Field(default=10, ge=0, le=64)
+    augment: tuple[Literal["affine", "crop"], ...] = Field(default=(), alias="server-augment")
+    """Random transforms of every synthetic batch, flat form ``"affine,crop"`` (empty: none); free of privacy
+    cost: they act on samples, not on records."""
+
+    @field_validator("augment", mode="before")
+    @classmethod
+    def _parse_augment(cls, v: Any) -> Any:
+        return tuple(a.strip() for a in v.split(",") if a.strip()) if isinstance(v, str) else v
+
+    @field_serializer("augment")
+    def _augment_flat(self, v: tuple[str, ...]) -> str:
+        return ",".join(v)
 
 
 class BaselinesSection(Section):
@@ -385,6 +455,8 @@ class RunConfig(BaseModel):
         if strategy != "alignfl" and self.lipschitz.method != "none":
             raise ValueError(f"lipschitz applies to ALIGN-FL's silo decoders only: set lipschitz='none' for "
                              f"strategy='{strategy}'")
+        if not self.local.conditional and self.local.generator_layout == "per-class":
+            raise ValueError("generator-layout='per-class' labels every sample by its class: set conditional=true")
         if not self.local.conditional and self.server.global_model == "classifier":
             raise ValueError("an unconditional decoder yields unlabelled samples: set global-model='vae' or "
                              "conditional=true")
@@ -441,10 +513,9 @@ class SiloNodeConfig(BaseModel):
     silo_name: str | None = Field(default=None, pattern=NAME_PATTERN)
     classes: tuple[int, ...] | None = None
     """The classes this silo holds (flat form '3,4'); default: group ``partition-id`` of the run's silo-classes."""
-    privacy_ledger: str | None = None
-    """This silo's ledger file (wins over the run config's privacy-ledger-dir)."""
     silo_dir: str | None = None
-    """The one folder where this silo keeps what it owns (audit reports); default <silos root>/<silo name>."""
+    """The one folder where this silo keeps what it owns (privacy policy and ledger, audit reports); default
+    <silos root>/<silo name>."""
 
     @field_validator("classes", mode="before")
     @classmethod

@@ -104,6 +104,77 @@ class VAE(nn.Module):
         z = mu + torch.randn_like(mu) * torch.exp(0.5 * logvar)
         return self.decoder(z, y_onehot), mu, logvar
 
+    def reconstruct(self, x: torch.Tensor, y_onehot: torch.Tensor | None = None) -> torch.Tensor:
+        """Decode the posterior mean: the model's own reconstruction of ``x`` (logits)."""
+        mu, _ = self.encoder(x, y_onehot)
+        return self.decoder(mu, y_onehot)
+
+
+
+
+class PerClassDecoders(nn.Module):
+    """One unconditional decoder per class; the one-hot label only picks which decoder draws the sample."""
+
+    def __init__(self, spec: ArchitectureSpec, num_classes: int, image_shape: tuple[int, ...] = IMAGE_SHAPE,
+                 decoders: list[Decoder] | None = None) -> None:
+        super().__init__()
+        self.spec, self.cond_dim, self.image_shape = spec, num_classes, tuple(image_shape)
+        self.decoders = nn.ModuleList(decoders if decoders is not None else
+                                      [Decoder(spec, 0, image_shape) for _ in range(num_classes)])
+
+    def forward(self, z: torch.Tensor, y_onehot: torch.Tensor | None = None) -> torch.Tensor:
+        if y_onehot is None:
+            raise ValueError("per-class decoders need the class of every sample")
+        labels = y_onehot.argmax(1)
+        out = z.new_empty(len(z), *self.image_shape)
+        for k, decoder in enumerate(self.decoders):
+            chosen = labels == k
+            if chosen.any():
+                out[chosen] = decoder(z[chosen])
+        return out
+
+
+def build_decoder(spec: ArchitectureSpec, layout: str, num_classes: int,
+                  image_shape: tuple[int, ...] = IMAGE_SHAPE) -> nn.Module:
+    """The decoder a descriptor describes (what the server rebuilds from a reply)."""
+    if layout == "per-class":
+        return PerClassDecoders(spec, num_classes, image_shape)
+    return Decoder(spec, num_classes if layout == "conditional" else 0, image_shape)
+
+
+class GeneratorSet(nn.Module):
+    """A silo's VAEs: one (conditional or unconditional) VAE over all its classes, or one unconditional VAE per
+    class. ``decoder`` is the part that leaves the silo: the same parameters, keyed as ``build_decoder`` keys them."""
+
+    def __init__(self, spec: ArchitectureSpec, layout: str, num_classes: int,
+                 image_shape: tuple[int, ...] = IMAGE_SHAPE) -> None:
+        super().__init__()
+        self.layout, self.num_classes = layout, num_classes
+        if layout == "per-class":
+            self.vaes = nn.ModuleList(VAE(spec, 0, image_shape) for _ in range(num_classes))
+        else:
+            self.vaes = nn.ModuleList([VAE(spec, num_classes if layout == "conditional" else 0, image_shape)])
+
+    @property
+    def decoder(self) -> nn.Module:
+        if self.layout == "per-class":
+            vae = self.vaes[0]
+            return PerClassDecoders(vae.decoder.spec, self.num_classes, vae.decoder.image_shape,
+                                    [v.decoder for v in self.vaes])
+        return self.vaes[0].decoder
+
+    def reconstruct(self, x: torch.Tensor, local_labels: torch.Tensor) -> torch.Tensor:
+        """Each record through its own class's VAE (posterior mean), as logits."""
+        if self.layout != "per-class":
+            cond = self.vaes[0].decoder.cond_dim
+            return self.vaes[0].reconstruct(x, one_hot(local_labels, cond))
+        out = torch.empty_like(x)
+        for k, vae in enumerate(self.vaes):
+            chosen = local_labels == k
+            if chosen.any():
+                out[chosen] = vae.reconstruct(x[chosen])
+        return out
+
 
 def vae_loss(logits: torch.Tensor, x: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor,
              kl_weight: float = 1.0, reduction: str = "mean") -> torch.Tensor:

@@ -1,46 +1,54 @@
-"""Differential privacy for a silo's local VAE training: DP-SGD with adaptive clipping and a ledger.
+"""Differential privacy for a silo's generators: DP-SGD with adaptive clipping, the silo's policy and ledger.
 
-Mechanism (per step, Poisson sampling with rate ``q = batch-size / n``):
+Mechanism (per generator group: the silo's one VAE, or one VAE per class; groups hold disjoint records):
 
-* every record's gradient is clipped to the current bound ``C`` (per-sample norms come from Opacus'
-  ghost-clipping hooks: Linear layers never materialise per-sample gradients);
-* the sum of clipped gradients gets Gaussian noise ``N(0, (sigma_g C)^2)``; the count of unclipped
-  records gets ``N(0, sigma_b^2)`` and drives the bound toward the ``dp-clip-quantile`` quantile of the
-  gradient norms (Andrew et al. 2021, geometric update). Both releases together are one Gaussian
-  mechanism with noise multiplier ``sigma`` where ``sigma^-2 = sigma_g^-2 + (2 sigma_b)^-2``: each record
-  moves the gradient sum by at most ``C`` and the released centred count ``sum_i (b_i - 1/2)`` by 1/2,
-  so the accountant uses ``sigma``;
-* the RDP accountant of Opacus composes ``(sigma, q, steps)`` over every round.
+* once per run, each group's record count is released to the silo's own training with Gaussian noise of
+  std ``dp-count-noise-std`` (sensitivity 1: a record is in one group) and booked; the noisy count sets the
+  expected batch ``q * n`` that normalises the gradient, so nothing downstream uses an exact count;
+* every step draws a Poisson batch at the public rate ``q = dp-sample-rate`` (never batch / n, so epsilon
+  reveals nothing about n), clips each record's gradient to the current bound ``C`` (ghost norms from
+  Opacus: Linear layers never materialise per-sample gradients), adds ``N(0, (sigma_g C)^2)`` to the sum;
+  the count of unclipped records gets ``N(0, sigma_b^2)`` and moves the bound toward the
+  ``dp-clip-quantile`` quantile (Andrew et al. 2021). Both releases together are one Gaussian mechanism with
+  noise multiplier ``sigma``, ``sigma^-2 = sigma_g^-2 + (2 sigma_b)^-2``, which the accountant sees;
+* groups of one silo compose in parallel (disjoint records), so a round books one group's mechanisms;
+  neighbouring datasets differ by adding or removing one record (under replace-one, epsilon doubles).
 
-``plan_dp`` calibrates ``sigma`` once for the whole planned run (rounds x local epochs) from a target
-epsilon, and refuses with one line when the target is unreachable instead of silently missing it.
-``PrivacyLedger`` keeps each silo's spending on disk (JSON, atomic writes) and refuses a round that would
-take the silo past its budget.
+``calibrate`` fixes ``sigma`` from the run's target epsilon by the named accountant (PRV by default, the
+tightest Opacus offers). ``admit`` holds the run's request against the silo's own policy
+(``<silo-dir>/privacy-policy.toml``): the run may ask for more privacy, never less. ``PrivacyLedger`` books
+every round under a file lock in ``<silo-dir>/privacy-ledger.json`` and refuses a round past the lifetime
+budget.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import functools
 import logging
 import math
 import os
+import time
 import warnings
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
+import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict
 from torch import nn
 
-from .config import ConfigError, LocalTrainingSection, PrivacySection, RunConfig
+from .config import POLICY_FILE, ConfigError, LocalTrainingSection, PrivacySection, SiloPrivacyPolicy
 from .files import atomic_write_text
-from .training import Batcher, PlainGradient, ShuffledBatches
+from .training import PlainGradient, ShuffledBatches
 
 # opacus.utils.module_utils calls logging.basicConfig() on import: drop the root handler it adds, else every
 # Flower log line is printed twice in the ServerApp / ClientApp processes.
 _root_handlers = list(logging.getLogger().handlers)
-from opacus.accountants import RDPAccountant  # noqa: E402
-from opacus.accountants.utils import get_noise_multiplier  # noqa: E402
+from opacus.accountants import PRVAccountant, RDPAccountant  # noqa: E402
 from opacus.grad_sample import GradSampleModuleFastGradientClipping, register_grad_sampler  # noqa: E402
 
 for _handler in logging.getLogger().handlers[len(_root_handlers):]:
@@ -49,6 +57,8 @@ for _handler in logging.getLogger().handlers[len(_root_handlers):]:
 
 # Opacus' default RDP orders plus larger ones (small sampling rates x few steps want high orders).
 RDP_ORDERS = [*RDPAccountant.DEFAULT_ALPHAS, *range(64, 513, 8)]
+Mechanism = tuple[float, float, int]  # (noise multiplier, sample rate, steps) of a subsampled Gaussian
+LEDGER_FILE = "privacy-ledger.json"
 
 
 @register_grad_sampler(nn.ConvTranspose2d)
@@ -73,135 +83,245 @@ def conv_transpose2d_grad_sample(layer: nn.ConvTranspose2d, activations: list[to
     return ret
 
 
-class PrivacyBudgetExceeded(RuntimeError):
-    """A round would take the silo past its privacy budget; the message is one line naming the fix."""
+class PrivacyRefusal(RuntimeError):
+    """The silo will not train this round; the message is one line naming why and who can change it."""
+
+
+class PrivacyBudgetExceeded(PrivacyRefusal):
+    """The round would take the silo past its lifetime budget (its ledger)."""
+
+
+class PolicyRefusal(PrivacyRefusal):
+    """The run asks for less privacy than the silo's policy allows."""
+
+
+def epsilon_of(history: list[Mechanism], delta: float, accountant: str = "prv") -> float:
+    """Epsilon of a composition of subsampled Gaussian mechanisms, by Opacus' PRV (an upper bound) or RDP
+    accountant."""
+    if not history:
+        return 0.0
+    with warnings.catch_warnings(), np.errstate(divide="ignore", invalid="ignore"):
+        warnings.simplefilter("ignore")
+        if accountant == "prv":
+            acc = PRVAccountant()
+            acc.history = [(float(s), float(q), int(n)) for s, q, n in history]
+            return float(acc.get_epsilon(delta=delta, eps_error=0.01))
+        acc = RDPAccountant()
+        acc.history = [(float(s), float(q), int(n)) for s, q, n in history]
+        return float(acc.get_epsilon(delta=delta, alphas=RDP_ORDERS))
 
 
 class DPPlan(BaseModel):
-    """Everything a silo needs to train privately; fixed for the whole run."""
+    """The public recipe every DP silo of a run trains with (the same for neighbouring datasets)."""
 
     model_config = ConfigDict(frozen=True)
 
-    noise_multiplier: float  # sigma of the combined mechanism (what the accountant sees)
-    grad_noise_multiplier: float  # sigma_g on the clipped-gradient sum
-    count_noise_std: float  # sigma_b on the unclipped count
+    accountant: Literal["prv", "rdp"]
+    noise_multiplier: float  # sigma of the combined gradient + clip-count mechanism (what the accountant sees)
     sample_rate: float
-    expected_batch: float
     steps_per_round: int
     planned_rounds: int
     delta: float
-    budget_epsilon: float  # inf: no cap (configured by noise multiplier without dp-budget-epsilon)
+    count_noise_std: float  # of each group's record count, released once per run
+    unclipped_std: float  # 0: chosen per group from its expected batch
     clip_init: float
     clip_quantile: float
     clip_lr: float
+    learning_rate: float
+    secure_noise: bool
+
+    def round_mechanisms(self, releases_counts: bool) -> list[Mechanism]:
+        """What one round releases per group: the noisy count (first round of a run) and the DP-SGD steps."""
+        steps = [(self.noise_multiplier, self.sample_rate, self.steps_per_round)]
+        return [(self.count_noise_std, 1.0, 1), *steps] if releases_counts else steps
 
     @property
     def planned_epsilon(self) -> float:
-        return epsilon_of([(self.noise_multiplier, self.sample_rate, self.steps_per_round * self.planned_rounds)],
-                          self.delta)
+        return epsilon_of([(self.count_noise_std, 1.0, 1),
+                           (self.noise_multiplier, self.sample_rate, self.steps_per_round * self.planned_rounds)],
+                          self.delta, self.accountant)
 
 
-def epsilon_of(history: list[tuple[float, float, int]], delta: float) -> float:
-    """Epsilon of a composition of subsampled Gaussian steps (Opacus RDP accountant)."""
-    if not history:
-        return 0.0
-    acc = RDPAccountant()
-    acc.history = [(float(s), float(q), int(n)) for s, q, n in history]
-    return float(acc.get_epsilon(delta=delta, alphas=RDP_ORDERS))
-
-
-def plan_dp(privacy: PrivacySection, local: LocalTrainingSection, rounds: int, num_records: int) -> DPPlan:
-    """Calibrate the noise for ``rounds x local-epochs`` epochs over ``num_records`` records."""
-    if num_records < 1:
-        raise ConfigError("DP training needs at least one training record on the silo")
-    q = min(1.0, local.batch_size / num_records)
-    steps_per_round = local.local_epochs * max(1, round(1.0 / q))
-    total = steps_per_round * rounds
+@functools.lru_cache(maxsize=16)
+def calibrate(privacy: PrivacySection, rounds: int) -> DPPlan:
+    """The run's plan: ``sigma`` from dp-noise-multiplier, or the smallest (within 0.5%) that keeps the planned
+    run (counts + ``rounds x dp-steps`` steps) at dp-epsilon; one line when the target is unreachable."""
+    def plan(sigma: float) -> DPPlan:
+        return DPPlan(accountant=privacy.accountant, noise_multiplier=sigma, sample_rate=privacy.sample_rate,
+                      steps_per_round=privacy.steps, planned_rounds=rounds, delta=privacy.delta,
+                      count_noise_std=privacy.count_noise_std, unclipped_std=privacy.unclipped_std,
+                      clip_init=privacy.clip_init, clip_quantile=privacy.clip_quantile, clip_lr=privacy.clip_lr,
+                      learning_rate=privacy.learning_rate, secure_noise=privacy.secure_noise)
     if privacy.noise_multiplier > 0:
-        sigma = privacy.noise_multiplier
-        budget = privacy.budget_epsilon if privacy.budget_epsilon > 0 else (privacy.epsilon or math.inf)
-    else:
-        try:
-            sigma = get_noise_multiplier(target_epsilon=privacy.epsilon, target_delta=privacy.delta, sample_rate=q,
-                                         steps=total, accountant="rdp", epsilon_tolerance=0.005, alphas=RDP_ORDERS)
-        except ValueError as exc:
-            raise ConfigError(
-                f"dp-epsilon={privacy.epsilon} is unreachable for {total} steps at sampling rate {q:.4f} ({exc}): "
-                "raise dp-epsilon, or lower num-server-rounds / local-epochs / batch-size"
-            ) from exc
-        budget = privacy.budget_epsilon if privacy.budget_epsilon > 0 else privacy.epsilon
-        reached = epsilon_of([(sigma, q, total)], privacy.delta)
-        if reached > privacy.epsilon:  # never silently miss the target
-            raise ConfigError(f"noise calibration reached epsilon {reached:.4f} > dp-epsilon={privacy.epsilon}; "
-                              "raise dp-epsilon or set dp-noise-multiplier explicitly")
-    expected_batch = q * num_records
-    count_std = privacy.unclipped_std if privacy.unclipped_std > 0 else expected_batch / 20.0
-    if 2 * count_std <= sigma:
-        raise ConfigError(
-            f"dp-unclipped-std={count_std:.3f} must exceed half the noise multiplier {sigma:.3f} (the clip-bound "
-            f"query takes its share of the noise): set dp-unclipped-std above {sigma / 2:.3f} or raise batch-size"
-        )
-    grad_sigma = (sigma ** -2 - (2 * count_std) ** -2) ** -0.5
-    return DPPlan(
-        noise_multiplier=sigma, grad_noise_multiplier=grad_sigma, count_noise_std=count_std, sample_rate=q,
-        expected_batch=expected_batch, steps_per_round=steps_per_round, planned_rounds=rounds,
-        delta=privacy.delta, budget_epsilon=budget, clip_init=privacy.clip_init,
-        clip_quantile=privacy.clip_quantile, clip_lr=privacy.clip_lr,
-    )
+        return plan(privacy.noise_multiplier)
+    target = privacy.epsilon
+    floor = epsilon_of([(privacy.count_noise_std, 1.0, 1)], privacy.delta, privacy.accountant)
+    if floor >= target:
+        raise ConfigError(f"dp-epsilon={target} is unreachable: the record counts alone spend {floor:.3f}; "
+                          "raise dp-epsilon or dp-count-noise-std")
+    lo, hi = 0.1, 1.0
+    while plan(hi).planned_epsilon > target:
+        lo, hi = hi, hi * 2
+        if hi > 1e4:
+            raise ConfigError(f"dp-epsilon={target} is unreachable for {rounds} x {privacy.steps} steps at "
+                              f"dp-sample-rate={privacy.sample_rate}: raise dp-epsilon or lower the steps or rate")
+    while hi - lo > 0.005 * hi:
+        mid = (lo + hi) / 2
+        lo, hi = (lo, mid) if plan(mid).planned_epsilon <= target else (mid, hi)
+    return plan(hi)
+
+
+def admit(request: PrivacySection, policy: SiloPrivacyPolicy, rounds: int, silo: str, silo_dir: Path,
+          local: LocalTrainingSection) -> NoPrivacy | DifferentialPrivacy:
+    """The silo's privacy for this run: what the run asks, if the silo's policy allows it (PolicyRefusal)."""
+    where = Path(silo_dir) / POLICY_FILE
+    if not request.enabled:
+        if policy.require_dp:
+            raise PolicyRefusal(f"silo '{silo}' requires DP ({where}) but the run asks to train without it: "
+                                "set dp-epsilon in the run config")
+        return NoPrivacy(local)
+    plan = calibrate(request, rounds)
+    if plan.delta > policy.max_delta:
+        raise PolicyRefusal(f"silo '{silo}' accepts dp-delta <= {policy.max_delta:g} ({where}); the run asks "
+                            f"{plan.delta:g}: lower dp-delta")
+    if plan.planned_epsilon > policy.max_epsilon * (1 + 1e-9):
+        raise PolicyRefusal(f"silo '{silo}' accepts at most epsilon {policy.max_epsilon:g} per run ({where}); "
+                            f"the run plans {plan.planned_epsilon:.3f}: lower dp-epsilon")
+    return DifferentialPrivacy(plan, policy, silo, silo_dir)
+
+
+class LedgerEntry(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    run: str
+    round: int
+    mechanisms: list[tuple[float, float, int]]
+    epsilon_after: float
+    booked_at: float  # unix time
 
 
 class LedgerState(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
+    format: Literal[1] = 1
     silo: str
+    accountant: Literal["prv", "rdp"]
     delta: float
-    budget_epsilon: float | None  # None: no cap
-    history: list[tuple[float, float, int]] = []  # (noise multiplier, sample rate, steps) of every round trained
-    rounds: list[int] = []
-    clip_bound: float | None = None  # the adaptive bound carried over to the next round
+    first_run_epsilon: float  # the lifetime cap when the silo's policy sets none
+    entries: list[LedgerEntry] = []
+
+    @property
+    def history(self) -> list[Mechanism]:
+        return [tuple(m) for e in self.entries for m in e.mechanisms]
+
+
+@contextlib.contextmanager
+def locked(path: Path) -> Iterator[None]:
+    """An exclusive lock on ``path`` (another process booking the same ledger waits)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 class PrivacyLedger:
-    """A silo's privacy spending, on disk so that it survives restarts of the SuperNode or the run."""
+    """A silo's lifetime privacy spending, beside its policy: every round booked before it trains, under a lock,
+    re-read from disk each time (another run may share the silo), never reset by anything the run sends."""
 
-    def __init__(self, path: Path, silo: str, delta: float, budget_epsilon: float) -> None:
-        self.path = Path(path)
-        budget = None if math.isinf(budget_epsilon) else budget_epsilon
-        if self.path.is_file():
-            try:
-                self.state = LedgerState.model_validate_json(self.path.read_text())
-            except ValueError as exc:
-                raise PrivacyBudgetExceeded(
-                    f"privacy ledger {self.path} is unreadable ({type(exc).__name__}); restore it from a backup "
-                    "(training stays blocked: a lost ledger must not reset the budget)") from exc
-            if self.state.silo != silo or self.state.delta != delta:
-                raise PrivacyBudgetExceeded(
-                    f"privacy ledger {self.path} belongs to silo '{self.state.silo}' at delta {self.state.delta}, "
-                    f"not '{silo}' at delta {delta}: point privacy-ledger-dir elsewhere or keep dp-delta")
-            self.state.budget_epsilon = budget
-        else:
-            self.state = LedgerState(silo=silo, delta=delta, budget_epsilon=budget)
+    def __init__(self, silo_dir: Path, silo: str) -> None:
+        self.dir, self.silo = Path(silo_dir), silo
+        self.path = self.dir / LEDGER_FILE
+        self.lock = self.dir / (LEDGER_FILE + ".lock")
 
-    @property
-    def spent_epsilon(self) -> float:
-        return epsilon_of(self.state.history, self.state.delta)
-
-    def reserve(self, server_round: int, noise_multiplier: float, sample_rate: float, steps: int) -> float:
-        """Book a round's steps before training (conservative if training then fails); returns epsilon after it."""
-        after = epsilon_of([*self.state.history, (noise_multiplier, sample_rate, steps)], self.state.delta)
-        budget = self.state.budget_epsilon
-        if budget is not None and after > budget * (1 + 1e-9):
+    def read(self) -> LedgerState | None:
+        if not self.path.is_file():
+            return None
+        try:
+            state = LedgerState.model_validate_json(self.path.read_text())
+        except ValueError as exc:
             raise PrivacyBudgetExceeded(
-                f"silo '{self.state.silo}' refuses round {server_round}: it would spend epsilon {after:.3f} > budget "
-                f"{budget:g} (spent {self.spent_epsilon:.3f}, ledger {self.path}); raise dp-budget-epsilon or stop")
-        self.state.history.append((noise_multiplier, sample_rate, steps))
-        self.state.rounds.append(server_round)
-        self.save()
-        return after
+                f"privacy ledger {self.path} is unreadable ({type(exc).__name__}); restore it from a backup "
+                "(training stays blocked: a lost ledger must not reset the budget)") from exc
+        if state.silo != self.silo:
+            raise PrivacyBudgetExceeded(f"privacy ledger {self.path} belongs to silo '{state.silo}', not "
+                                        f"'{self.silo}': give each silo its own silo-dir")
+        return state
 
-    def save(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(self.path, self.state.model_dump_json(indent=1))
+    def spent(self) -> float:
+        state = self.read()
+        return epsilon_of(state.history, state.delta, state.accountant) if state else 0.0
+
+    def book(self, run: str, server_round: int, mechanisms: list[Mechanism], plan: DPPlan,
+             policy: SiloPrivacyPolicy) -> tuple[float, float]:
+        """Book a round before it trains (conservative if training then fails); (epsilon after, the cap)."""
+        with locked(self.lock):
+            state = self.read() or LedgerState(silo=self.silo, accountant=plan.accountant, delta=policy.max_delta,
+                                               first_run_epsilon=epsilon_of(
+                                                   [(plan.count_noise_std, 1.0, 1), (plan.noise_multiplier,
+                                                    plan.sample_rate, plan.steps_per_round * plan.planned_rounds)],
+                                                   policy.max_delta, plan.accountant))
+            cap = policy.budget_epsilon if policy.budget_epsilon is not None else state.first_run_epsilon
+            before = epsilon_of(state.history, state.delta, state.accountant)
+            after = epsilon_of([*state.history, *mechanisms], state.delta, state.accountant)
+            if after > cap * (1 + 1e-9):
+                raise PrivacyBudgetExceeded(
+                    f"silo '{self.silo}' refuses round {server_round}: it would spend epsilon {after:.3f} > its "
+                    f"lifetime budget {cap:.3f} (spent {before:.3f}; ledger {self.path}); only the silo's operator "
+                    f"can allow more, with budget-epsilon in {self.dir / POLICY_FILE}")
+            state.entries.append(LedgerEntry(run=run, round=server_round, mechanisms=list(mechanisms),
+                                             epsilon_after=after, booked_at=time.time()))
+            atomic_write_text(self.path, state.model_dump_json(indent=1))
+            return after, cap
+
+
+class RandomSource:
+    """Where DP draws come from: a fast generator seeded from the OS (default), or the OS's cryptographic
+    generator for every draw (``secure``: about 4x the cost of the draws, see docs/privacy.md)."""
+
+    def __init__(self, secure: bool) -> None:
+        self.secure = secure
+        self.g = torch.Generator().manual_seed(secure_seed())
+
+    def _uniform64(self, n: int) -> torch.Tensor:
+        """n uniforms in (0, 1) with 53 random bits each, straight from os.urandom."""
+        bits = np.frombuffer(os.urandom(8 * n), dtype=np.uint64) >> np.uint64(11)
+        return (torch.from_numpy(bits.astype(np.float64)) + 0.5) * 2.0 ** -53
+
+    def uniform(self, n: int) -> torch.Tensor:
+        return self._uniform64(n).to(torch.float32) if self.secure else torch.rand(n, generator=self.g)
+
+    def normal(self, shape: torch.Size | tuple[int, ...]) -> torch.Tensor:
+        if not self.secure:
+            return torch.randn(shape, generator=self.g)
+        n = math.prod(shape)
+        draws = []
+        for _ in range(4):  # as Opacus' secure mode: the sum of 4 draws / 2 blurs float-level artefacts
+            u1, u2 = self._uniform64(n), self._uniform64(n)
+            draws.append(torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(2.0 * math.pi * u2))
+        return (sum(draws) / 2.0).to(torch.float32).reshape(shape)
+
+
+@dataclass(frozen=True)
+class GroupNoise:
+    """How one generator group's DP-SGD splits the plan's noise, from its noisy record count."""
+
+    expected_batch: float  # q * noisy count: the gradient's normaliser
+    grad_noise_multiplier: float  # sigma_g on the clipped-gradient sum
+    count_noise_std: float  # sigma_b on the unclipped count
+
+    @classmethod
+    def of(cls, plan: DPPlan, noisy_count: float) -> GroupNoise:
+        expected = max(plan.sample_rate * noisy_count, 1.0)
+        sigma = plan.noise_multiplier
+        count_std = plan.unclipped_std if plan.unclipped_std > 0 else max(expected / 20.0, sigma)
+        if 2 * count_std <= sigma:
+            raise ConfigError(f"dp-unclipped-std={count_std:.3f} must exceed half the noise multiplier {sigma:.3f} "
+                              f"(the clip-bound query takes its share of the noise): set it above {sigma / 2:.3f} "
+                              "or 0 (automatic)")
+        return cls(expected, (sigma ** -2 - (2 * count_std) ** -2) ** -0.5, count_std)
 
 
 class AdaptiveClipDP:
@@ -212,10 +332,10 @@ class AdaptiveClipDP:
     ``backward(per_record_loss)`` leaves the noisy mean of clipped gradients in ``p.grad``.
     """
 
-    def __init__(self, module: nn.Module, plan: DPPlan, clip_bound: float, generator: torch.Generator,
-                 ledger: PrivacyLedger | None = None) -> None:
+    def __init__(self, module: nn.Module, plan: DPPlan, noise: GroupNoise, clip_bound: float,
+                 source: RandomSource) -> None:
         torch.set_flush_denormal(True)  # per-sample gradients of sparse images underflow: 1.5x slower otherwise
-        self.module, self.plan, self.clip, self.g, self.ledger = module, plan, float(clip_bound), generator, ledger
+        self.module, self.plan, self.noise, self.clip, self.source = module, plan, noise, float(clip_bound), source
         self.steps = 0
         self.gsm = GradSampleModuleFastGradientClipping(module, loss_reduction="sum", max_grad_norm=self.clip,
                                                         use_ghost_clipping=True, strict=True)
@@ -223,16 +343,12 @@ class AdaptiveClipDP:
         self.unclipped_fraction: list[float] = []
 
     def close(self) -> None:
-        """Remove Opacus' hooks (the module is plain again: same parameters, same state_dict keys); carry the
-        adaptive bound to the ledger's next round."""
+        """Remove Opacus' hooks (the module is plain again: same parameters, same state_dict keys)."""
         self.gsm.remove_hooks()
         for p in self.params:
             for attr in ("_norm_sample", "_forward_counter", "grad_sample"):
                 if hasattr(p, attr):
                     delattr(p, attr)
-        if self.ledger is not None:
-            self.ledger.state.clip_bound = self.clip
-            self.ledger.save()
 
     @contextlib.contextmanager
     def data_free(self):
@@ -246,16 +362,10 @@ class AdaptiveClipDP:
             self.gsm.enable_hooks()
 
     def report(self) -> dict[str, float]:
-        """What the round spent and how the bound moved (every figure here is private or data-free)."""
-        plan, fractions = self.plan, self.unclipped_fraction
-        out = {"dp-delta": plan.delta, "dp-noise-multiplier": plan.noise_multiplier, "dp-sample-rate": plan.sample_rate,
-               "dp-steps": self.steps, "dp-clip-bound": self.clip,
-               "dp-unclipped-fraction": sum(fractions) / max(len(fractions), 1)}
-        if self.ledger is not None:
-            out["dp-epsilon-spent"] = self.ledger.spent_epsilon
-            if self.ledger.state.budget_epsilon is not None:
-                out["dp-epsilon-budget"] = self.ledger.state.budget_epsilon
-        return out
+        """How the bound moved: private outputs of the mechanism, kept in the silo's own report."""
+        fractions = self.unclipped_fraction
+        return {"dp-steps": self.steps, "dp-clip-bound": self.clip,
+                "dp-unclipped-fraction": sum(fractions) / max(len(fractions), 1)}
 
     def clipped_sum(self, per_sample_loss: torch.Tensor) -> torch.Tensor:
         """Leave sum_i clip_C(grad L_i) in ``p.grad``; return the per-sample gradient norms."""
@@ -285,23 +395,23 @@ class AdaptiveClipDP:
 
         ``None``: an empty Poisson batch (no forward pass), released as noise only.
         """
-        plan = self.plan
+        plan, noise = self.plan, self.noise
         self.steps += 1
         norms = self.clipped_sum(per_record_loss if per_record_loss is not None else torch.zeros(0))
-        std = plan.grad_noise_multiplier * self.clip
+        std = noise.grad_noise_multiplier * self.clip
         for p in self.params:
-            noise = torch.randn(p.shape, generator=self.g) * std
-            p.grad.add_(noise).div_(plan.expected_batch)
+            p.grad.add_(self.source.normal(p.shape) * std).div_(noise.expected_batch)
         # Released: sum_i (b_i - 1/2) + N(0, sigma_b^2) (sensitivity 1/2); + m/2 (public) estimates the count.
         centred = float((norms <= self.clip).sum()) - len(norms) / 2
-        noisy = centred + float(torch.randn((), generator=self.g)) * plan.count_noise_std + plan.expected_batch / 2
-        frac = noisy / plan.expected_batch
+        noisy = centred + float(self.source.normal((1,))[0]) * noise.count_noise_std + noise.expected_batch / 2
+        frac = noisy / noise.expected_batch
         self.unclipped_fraction.append(frac)
         self.clip *= math.exp(-plan.clip_lr * (frac - plan.clip_quantile))
 
 
 def secure_seed() -> int:
-    """A seed from the OS entropy pool (Opacus' secure_mode would need torchcsprng, not installed here)."""
+    """A seed from the OS entropy pool: the run config's seed is known to the server, and noise it could replay
+    would protect nothing."""
     return int.from_bytes(os.urandom(8), "little") & ((1 << 63) - 1)
 
 
@@ -312,79 +422,113 @@ class PoissonBatches:
     indices avoids a DataLoader and a copy per batch.
     """
 
-    def __init__(self, sample_rate: float, steps: int) -> None:
-        self.sample_rate, self.steps = sample_rate, steps
+    def __init__(self, sample_rate: float, steps: int, source: RandomSource) -> None:
+        self.sample_rate, self.steps, self.source = sample_rate, steps, source
 
-    def __call__(self, n: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
+    def __call__(self, n: int) -> Iterator[torch.Tensor]:
         for _ in range(self.steps):
-            yield torch.nonzero(torch.rand(n, generator=generator) < self.sample_rate).flatten()
+            yield torch.nonzero(self.source.uniform(n) < self.sample_rate).flatten()
 
 
-def ledger_path(cfg: RunConfig, node_ledger: str | None, silo: str) -> Path:
-    """Node config ``privacy-ledger`` (a file) wins; else ``<privacy-ledger-dir>/<silo>.json``."""
-    if node_ledger:
-        return Path(node_ledger).expanduser()
-    if cfg.privacy.ledger_dir:
-        base = Path(cfg.privacy.ledger_dir).expanduser()
-        if not base.is_absolute():
-            root = os.environ.get("ALIGNFL_PROJECT_DIR")
-            base = (Path(root) if root else Path.cwd()) / base
-    else:
-        base = cfg.run.resolved_results_dir() / "privacy-ledgers"
-    return base / f"{silo}.json"
+class DPCarry(BaseModel):
+    """What a DP silo carries from round to round of one run (kept on the silo): the noisy record counts (released
+    once per run, booked) and each group's adaptive clip bound."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    run: str
+    noisy_counts: list[float]
+    clip_bounds: list[float]
 
 
 class NoPrivacy:
     """A silo that trains without DP: shuffled epochs at the run's seed, the plain gradient rule."""
 
-    releases_record_losses = True  # its training and test losses may be reported
+    releases_record_figures = True  # losses, counts, audit numbers may be reported
 
     def __init__(self, local: LocalTrainingSection) -> None:
         self.local = local
 
-    def generator(self, seed: int) -> torch.Generator:
-        return torch.Generator().manual_seed(seed)
+    def open_round(self, run: str, server_round: int, group_sizes: list[int],
+                   carry: DPCarry | None) -> PlainRound:
+        return PlainRound(self.local)
 
-    def batcher(self) -> Batcher:
-        return ShuffledBatches(self.local.batch_size, self.local.local_epochs)
 
-    def open_round(self, server_round: int, model: nn.Module) -> PlainGradient:
+@dataclass
+class PlainRound:
+    local: LocalTrainingSection
+
+    @property
+    def learning_rate(self) -> float:
+        return self.local.learning_rate
+
+    def rule(self, group: int, model: nn.Module) -> PlainGradient:
         return PlainGradient()
+
+    def batches(self, group: int, n: int, seed: int) -> Iterator[torch.Tensor]:
+        return ShuffledBatches(self.local.batch_size, self.local.local_epochs)(n, torch.Generator().manual_seed(seed))
+
+    def carry(self) -> DPCarry | None:
+        return None
+
+    def public_report(self) -> dict[str, float]:
+        return {}
 
 
 class DifferentialPrivacy:
-    """A silo that trains under DP-SGD: each round is booked in its ledger before it trains.
+    """A silo that trains under DP-SGD: each round is booked in its ledger before it trains; every draw comes
+    from the OS (fast generator seeded from it, or every draw in secure mode)."""
 
-    Batches and noise come from unpredictable seeds: the run config's seed is known to the server, and
-    noise it could replay would protect nothing.
-    """
+    releases_record_figures = False  # only the decoder and public constants leave the silo
 
-    releases_record_losses = False  # losses on the silo's records are not privatised
+    def __init__(self, plan: DPPlan, policy: SiloPrivacyPolicy, silo: str, silo_dir: Path) -> None:
+        self.plan, self.policy, self.silo = plan, policy, silo
+        self.ledger = PrivacyLedger(silo_dir, silo)
 
-    def __init__(self, plan: DPPlan, ledger_file: Path, silo: str) -> None:
-        self.plan, self.ledger_file, self.silo = plan, ledger_file, silo
+    def open_round(self, run: str, server_round: int, group_sizes: list[int], carry: DPCarry | None) -> DPRound:
+        """Book the round (``PrivacyRefusal`` if it would pass the budget) and return what trains it. The first
+        round of a run also releases (and books) each group's noisy record count."""
+        plan, source = self.plan, RandomSource(self.plan.secure_noise)
+        fresh = carry is None or carry.run != run or len(carry.noisy_counts) != len(group_sizes)
+        if fresh:
+            carry = DPCarry(run=run, noisy_counts=[n + float(source.normal((1,))[0]) * plan.count_noise_std
+                                                   for n in group_sizes],
+                            clip_bounds=[plan.clip_init] * len(group_sizes))
+        spent, cap = self.ledger.book(run, server_round, plan.round_mechanisms(fresh), plan, self.policy)
+        if plan.delta * max(sum(carry.noisy_counts), 1.0) >= 1.0:  # on the booked noisy counts: leaks nothing more
+            raise PolicyRefusal(f"silo '{self.silo}' holds too many records for dp-delta={plan.delta:g} (delta must "
+                                "stay below 1 / records): lower dp-delta")
+        return DPRound(plan, carry, source, spent, cap)
 
-    def generator(self, seed: int) -> torch.Generator:
-        return torch.Generator().manual_seed(secure_seed())
 
-    def batcher(self) -> Batcher:
-        return PoissonBatches(self.plan.sample_rate, self.plan.steps_per_round)
+@dataclass
+class DPRound:
+    plan: DPPlan
+    dp_carry: DPCarry
+    source: RandomSource
+    spent: float
+    cap: float
+    rules: dict[int, AdaptiveClipDP] = field(default_factory=dict)
 
-    def open_round(self, server_round: int, model: nn.Module) -> AdaptiveClipDP:
-        """Book the round (``PrivacyBudgetExceeded`` if it would pass the budget); the rule that trains it and
-        writes its adaptive bound back to the ledger. The ledger is read from disk each round: another process
-        may have spent budget."""
+    @property
+    def learning_rate(self) -> float:
+        return self.plan.learning_rate
+
+    def rule(self, group: int, model: nn.Module) -> AdaptiveClipDP:
+        noise = GroupNoise.of(self.plan, self.dp_carry.noisy_counts[group])
+        self.rules[group] = AdaptiveClipDP(model, self.plan, noise, self.dp_carry.clip_bounds[group], self.source)
+        return self.rules[group]
+
+    def batches(self, group: int, n: int, seed: int) -> Iterator[torch.Tensor]:
+        return PoissonBatches(self.plan.sample_rate, self.plan.steps_per_round, self.source)(n)
+
+    def carry(self) -> DPCarry:
+        bounds = [self.rules[g].clip if g in self.rules else b for g, b in enumerate(self.dp_carry.clip_bounds)]
+        return self.dp_carry.model_copy(update={"clip_bounds": bounds})
+
+    def public_report(self) -> dict[str, float]:
+        """Constants of the run's public recipe and the ledger: identical for neighbouring datasets."""
         plan = self.plan
-        ledger = PrivacyLedger(self.ledger_file, self.silo, plan.delta, plan.budget_epsilon)
-        ledger.reserve(server_round, plan.noise_multiplier, plan.sample_rate, plan.steps_per_round)
-        clip = ledger.state.clip_bound or plan.clip_init
-        return AdaptiveClipDP(model, plan, clip, torch.Generator().manual_seed(secure_seed()), ledger)
-
-
-def privacy_mode(cfg: RunConfig, num_records: int, node_ledger: str | None,
-                 silo: str) -> NoPrivacy | DifferentialPrivacy:
-    """The silo's privacy, from the privacy section of the run config (and the node's ledger file)."""
-    if not cfg.privacy.enabled:
-        return NoPrivacy(cfg.local)
-    plan = plan_dp(cfg.privacy, cfg.local, cfg.run.num_server_rounds, num_records)
-    return DifferentialPrivacy(plan, ledger_path(cfg, node_ledger, silo), silo)
+        return {"dp-epsilon": plan.planned_epsilon, "dp-delta": plan.delta, "dp-noise-multiplier": plan.noise_multiplier,
+                "dp-sample-rate": plan.sample_rate, "dp-steps": plan.steps_per_round, "dp-epsilon-spent": self.spent,
+                "dp-epsilon-budget": self.cap}

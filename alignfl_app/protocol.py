@@ -1,11 +1,12 @@
 """Names of the records exchanged between ServerApp and ClientApp (one place, both sides import it).
 
 Train reply:    ``decoder`` (ArrayRecord, decoder tensors only), ``descriptor`` (ConfigRecord, key
-                ``json``: a GeneratorDescriptor), ``metrics`` (MetricRecord).
+                ``json``: a GeneratorDescriptor), ``metrics`` (MetricRecord: replies.train_metrics_schema);
+                or an error reply (code 4031) when the silo's privacy policy or ledger refuses.
 FedAvg/FedProx train ask: ``global-model`` (ArrayRecord), ``config`` (``strategy``, ``proximal-mu``);
                 reply: ``global-model`` (the locally trained model), ``metrics``, ``silo``.
 Evaluate ask:   ``global-model`` (ArrayRecord), ``config`` (ConfigRecord with ``global-model-kind``).
-Evaluate reply: ``metrics`` (MetricRecord), ``silo``.
+Evaluate reply: ``metrics`` (MetricRecord), ``silo``; none is asked for in a DP run, and a DP silo refuses.
 """
 
 DECODER = "decoder"
@@ -20,3 +21,5 @@ SILO = "silo"  # ConfigRecord {"name": silo name}
 STRATEGY = "strategy"  # train ask config: alignfl | fedavg | fedprox (absent: alignfl)
 PROXIMAL_MU = "proximal-mu"  # train ask config of FedProx (Flower's FedProx sets it)
 VAE_STATE = "alignfl-vae"  # key in the silo's private Context.state; never sent
+DP_CARRY = "alignfl-dp"  # key in the silo's private Context.state (noisy counts, clip bounds); never sent
+PRIVACY_REFUSAL_ERROR = 4031  # error reply code: the silo's privacy policy or ledger refused the request

@@ -48,7 +48,7 @@ class ReplyMetrics(BaseModel):
 
 
 class GeneratorTrainMetrics(ReplyMetrics):
-    """An ALIGN-FL silo's train reply: sizes, costs, the decoder's Lipschitz figures, privacy and audit figures."""
+    """A silo's train reply without DP: sizes, costs, losses, the decoder's Lipschitz figures, audit figures."""
 
     num_examples: Count
     num_outliers: Count
@@ -60,16 +60,8 @@ class GeneratorTrainMetrics(ReplyMetrics):
     lipschitz_upper_bound: Annotated[float, Field(ge=0)]  # a product of layer norms may overflow to inf
     lipschitz_empirical: NonNegative
     lipschitz_penalty: NonNegative | None = None
-    train_loss: Finite | None = None  # only without DP
-    test_neg_elbo: Finite | None = None  # only without DP
-    dp_epsilon_spent: NonNegative | None = None
-    dp_epsilon_budget: NonNegative | None = None
-    dp_delta: Rate | None = None
-    dp_noise_multiplier: NonNegative | None = None
-    dp_sample_rate: Rate | None = None
-    dp_steps: Count | None = None
-    dp_clip_bound: NonNegative | None = None
-    dp_unclipped_fraction: Finite | None = None  # a noisy share: may leave [0, 1]
+    train_loss: Finite | None = None
+    test_neg_elbo: Finite | None = None
     audit_mapping_rate: Rate | None = None
     audit_leakage_rate: Rate | None = None
     audit_member_nearer_rate: Rate | None = None
@@ -77,6 +69,25 @@ class GeneratorTrainMetrics(ReplyMetrics):
     audit_mia_auc: Rate | None = None
     audit_num_outliers: Count | None = None
     audit_num_samples: Count | None = None
+
+
+class PrivateTrainMetrics(ReplyMetrics):
+    """A DP silo's train reply: the run's public recipe and the silo's ledger, nothing computed from its records
+    (the same for neighbouring datasets). Every field is required: the server sees exactly this set of keys."""
+
+    dp_epsilon: NonNegative  # this run's planned epsilon at dp-delta, by the run's accountant
+    dp_delta: Rate
+    dp_noise_multiplier: NonNegative
+    dp_sample_rate: Rate
+    dp_steps: Count
+    dp_epsilon_spent: NonNegative  # the silo's lifetime spend after this round (its ledger)
+    dp_epsilon_budget: NonNegative  # the silo's lifetime cap (its policy)
+    decoder_bytes: Count  # a function of the architecture
+
+
+def train_metrics_schema(private: bool) -> type[GeneratorTrainMetrics] | type[PrivateTrainMetrics]:
+    """The one schema a run's train replies must match: private exactly when the run asks for DP."""
+    return PrivateTrainMetrics if private else GeneratorTrainMetrics
 
 
 class AveragedTrainMetrics(ReplyMetrics):

@@ -15,6 +15,7 @@ class Purpose(IntEnum):
     SERVER_BATCHES = 4
     AUDIT = 5
     SERVER_TRAINING = 6
+    AUGMENT = 7
 
 
 def derive_seed(run_seed: int, purpose: Purpose, *tags: int) -> int:
@@ -28,9 +29,10 @@ def vae_init_seed(run_seed: int, silo_index: int) -> int:
     return derive_seed(run_seed, Purpose.VAE_INIT, silo_index)
 
 
-def local_batches_seed(run_seed: int, silo_index: int, server_round: int) -> int:
-    """A silo's shuffling in one round (non-private runs; DP draws from the OS)."""
-    return derive_seed(run_seed, Purpose.LOCAL_BATCHES, silo_index, server_round)
+def local_batches_seed(run_seed: int, silo_index: int, server_round: int, *group: int) -> int:
+    """A silo's shuffling in one round, per generator group when it has several (non-private runs; DP draws
+    from the OS)."""
+    return derive_seed(run_seed, Purpose.LOCAL_BATCHES, silo_index, server_round, *group)
 
 
 def synthesis_seed(run_seed: int, server_round: int, epoch: int, generator_index: int) -> int:
@@ -51,3 +53,8 @@ def server_training_seed(run_seed: int, server_round: int, epoch: int) -> int:
 def audit_seed(run_seed: int, server_round: int) -> int:
     """The audit's decoder samples; shared by the in-run audit and its recomputation so they match."""
     return derive_seed(run_seed, Purpose.AUDIT, server_round)
+
+
+def augment_seed(run_seed: int, server_round: int, epoch: int) -> int:
+    """The random transforms of one server epoch's synthetic images."""
+    return derive_seed(run_seed, Purpose.AUGMENT, server_round, epoch)

@@ -20,13 +20,18 @@ from .checkpoint import Checkpoint
 from .config import ConfigError, RunConfig
 from .global_model import GlobalModel
 from .metrics import RunRecorder, peak_rss_mb
-from .replies import GeneratorTrainMetrics, ReplyRejected
-from .seeds import server_batches_seed, server_training_seed, synthesis_seed
+from .replies import ReplyRejected, train_metrics_schema
+from .augment import SyntheticAugmentation
+from .seeds import augment_seed, server_batches_seed, server_training_seed, synthesis_seed
 from .store import GeneratorStore, GeneratorTerms, check_decoder_state, parse_descriptor
 from .synthesis import sample_generator, synthesize
 from .training import ShuffledBatches, set_threads
 
 log = logging.getLogger("flwr.alignfl")  # printed by Flower's log handler, beside its own lines
+
+
+class SilosRefused(ConfigError):
+    """No silo will train under the run's request; the message names each silo's reason (and ledger)."""
 
 
 @dataclass
@@ -78,8 +83,9 @@ class GlobalLearner:
 
     FLOOR = 0.01  # the schedule ends at 1% of server-learning-rate
 
-    def __init__(self, cfg: RunConfig, model: GlobalModel) -> None:
-        self.cfg, self.model = cfg, model
+    def __init__(self, cfg: RunConfig, model: GlobalModel, terms: GeneratorTerms) -> None:
+        self.cfg, self.model, self.terms = cfg, model, terms
+        self.augment = SyntheticAugmentation(cfg.server.augment)
         self.scheduler: torch.optim.lr_scheduler.LambdaLR | None = None
 
     def cosine_factor(self, step: int) -> float:
@@ -103,8 +109,9 @@ class GlobalLearner:
         loss, n = float("nan"), 0
         for epoch in range(c.server.epochs):
             schedule = self._schedule((server_round - 1) * c.server.epochs + epoch)
-            x, y, _ = synthesize(store, c.server.synthetic_per_silo, c.server.sample_temperature,
+            x, y, _ = synthesize(store, self.terms, c.server.synthetic_per_silo, c.server.sample_temperature,
                                  seed=lambda i, e=epoch: synthesis_seed(c.run.seed, server_round, e, i))
+            x = self.augment(x, augment_seed(c.run.seed, server_round, epoch))
             n += len(x)
             generator = torch.Generator().manual_seed(server_batches_seed(c.run.seed, server_round, epoch))
             torch.manual_seed(server_training_seed(c.run.seed, server_round, epoch))
@@ -125,8 +132,9 @@ class AlignFLServer:
     def __init__(self, cfg: RunConfig, store: GeneratorStore, model: GlobalModel, recorder: RunRecorder) -> None:
         self.cfg, self.store, self.model, self.recorder = cfg, store, model, recorder
         self.registry = SiloRegistry()
-        self.learner = GlobalLearner(cfg, model)
         self.terms = GeneratorTerms.from_config(cfg)
+        self.learner = GlobalLearner(cfg, model, self.terms)
+        self.train_schema = train_metrics_schema(cfg.privacy.enabled)
 
     def first_round(self, checkpoint: Checkpoint) -> int:
         """The first round to run: 1, or (resume) one past the checkpoint, whose state is loaded here."""
@@ -152,20 +160,31 @@ class AlignFLServer:
         """Check a reply and store its generator; ReplyRejected (one line) leaves every state as it was."""
         desc = parse_descriptor(reply.descriptor_json)
         check_decoder_state(desc, reply.decoder, self.terms)
-        metrics = GeneratorTrainMetrics.received(reply.metrics).record()
+        metrics = self.train_schema.received(reply.metrics).record()
         previous_owner = self.registry.check(server_round, node, desc.silo)
         self.store.put(desc, reply.decoder, server_round)
         self.registry.bind(node, desc.silo, previous_owner)
         self.recorder.silo(server_round, desc.silo).update(
             {**metrics, "bytes-up": reply.nbytes, "bytes-down-train": 0,
-             "architecture": desc.architecture.name, "label-set": list(desc.label_set)})
+             "architecture": desc.architecture.name, "layout": desc.layout, "classes": list(desc.classes)})
         return desc.silo
 
-    def finish_train_round(self, server_round: int, accepted: int, rejected: list[str],
-                           replied: set[int]) -> dict[str, float] | None:
-        """Record the round; train the global model on samples from every stored generator (None: none yet)."""
+    def finish_train_round(self, server_round: int, accepted: int, rejected: list[str], replied: set[int],
+                           refused: list[str] | None = None) -> dict[str, float] | None:
+        """Record the round; train the global model on samples from every stored generator (None: none yet).
+
+        ``refused``: the silos' own refusals (privacy policy or ledger). When every silo asked refused, no silo
+        can train any more: the run stops, naming them."""
+        refused = refused or []
         for reason in rejected:
             log.warning("Rejected train reply from %s", reason)
+        for reason in refused:
+            log.warning("Refused by the silo: %s", reason)
+        asked = self.registry.asked.get(server_round, [])
+        if refused and accepted == 0 and not rejected and len(refused) >= len(asked):
+            self.recorder.round(server_round).update({"refused": refused})
+            self.recorder.write()
+            raise SilosRefused("every silo refused to train, so the run stops: " + " | ".join(refused))
         missing = [self.registry.name_of(n) or f"node-{n}" for n in self.registry.asked.get(server_round, [])
                    if n not in replied]
         if missing:
@@ -175,7 +194,8 @@ class AlignFLServer:
         if stale:
             log.info("Silos without a new generator this round (their stored one is used): %s", stale)
         rnd = self.recorder.round(server_round)
-        rnd.update({"accepted-replies": accepted, "rejected-replies": rejected, "missing-replies": missing,
+        rnd.update({"accepted-replies": accepted, "rejected-replies": rejected, "refused": refused,
+                    "missing-replies": missing,
                     "stale-silos": stale, "generators-used": self.store.silos()})
         if len(self.store) == 0:
             log.warning("No generator stored yet; the global model is unchanged")
@@ -194,5 +214,6 @@ class AlignFLServer:
         grid = {}
         for silo in self.store.silos():
             desc, decoder = self.store.load_decoder(silo)
-            grid[silo] = sample_generator(desc, decoder, c.sample_grid_per_silo, c.sample_temperature, seed=server_round)
+            grid[silo] = sample_generator(desc, decoder, c.sample_grid_per_silo, self.terms.class_ids(desc),
+                                          c.sample_temperature, seed=server_round)
         self.recorder.save_sample_grid(server_round, grid)

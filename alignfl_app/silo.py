@@ -1,43 +1,69 @@
-"""One silo's side of ALIGN-FL, free of Flower: train the local VAE, hand out only the decoder.
+"""One silo's side of ALIGN-FL, free of Flower: train the local generators, hand out only the decoder.
 
 ``client_app`` turns a Flower message into a call here and the result back into a reply. A round is
-composed from the silo's privacy mode (privacy.py: batches, gradient rule, ledger), its Lipschitz hooks
-(lipschitz.py) and the shared training loop (training.py).
+composed from the silo's privacy (privacy.py: what the run asks, held against the silo's own policy; batches,
+gradient rule, ledger), its Lipschitz hooks (lipschitz.py) and the shared training loop (training.py), once per
+generator group: the silo's one VAE, or one VAE per class (``generator-layout='per-class'``).
+
+Under DP only the decoder and public constants leave the silo; every figure computed from its records (counts,
+losses, timings, the outlier audit) goes to the silo's own report, ``<silo-dir>/reports/round-NNN.json``.
 """
 
 from __future__ import annotations
 
+import json
+import logging
 from dataclasses import dataclass
 
 import torch
 
 from .audit import audit_outliers, save_audit_figure
-from .config import IMAGE_SHAPE, RunConfig, SiloNodeConfig, load_architecture, resolve_data_root
+from .config import (IMAGE_SHAPE, RunConfig, SiloNodeConfig, load_architecture, load_silo_policy,
+                     resolve_data_root)
 from .data import SiloData, build_silo_data
+from .files import atomic_write_text
 from .global_model import GlobalModel
 from .lipschitz import lipschitz_hooks
 from .metrics import peak_rss_mb
-from .models import VAE
-from .privacy import privacy_mode
-from .replies import AveragedTrainMetrics, EvaluateMetrics, GeneratorTrainMetrics
+from .models import GeneratorSet
+from .privacy import DPCarry, DifferentialPrivacy, NoPrivacy, PrivacyRefusal, admit
+from .replies import AveragedTrainMetrics, EvaluateMetrics, GeneratorTrainMetrics, PrivateTrainMetrics
 from .seeds import audit_seed, local_batches_seed, vae_init_seed
 from .store import GeneratorDescriptor
-from .training import (HeldOutLoss, NegativeELBO, ProximalTerm, ShuffledBatches, Trainer, set_threads,
-                       to_local_labels)
+from .training import (HeldOutLoss, NegativeELBO, ProximalTerm, ShuffledBatches, Trainer, TrainReport,
+                       set_threads, to_local_labels)
 
 StateDict = dict[str, torch.Tensor]
+Tensors = tuple[torch.Tensor, torch.Tensor]
+log = logging.getLogger("flwr.alignfl")
+
+
+@dataclass(frozen=True)
+class GeneratorGroup:
+    """Records one VAE trains on: (images, decoder condition) for training and held-out evaluation."""
+
+    train: Tensors
+    test: Tensors
+
+
+@dataclass
+class SiloState:
+    """What a silo carries from one round to the next (never sent): its VAEs (encoders included), DP carry."""
+
+    generators: StateDict | None = None
+    dp: DPCarry | None = None
 
 
 @dataclass
 class TrainOutcome:
     decoder_state: StateDict
     descriptor: GeneratorDescriptor
-    vae_state: StateDict  # stays on the silo (encoder included)
-    metrics: GeneratorTrainMetrics
+    state: SiloState  # stays on the silo
+    metrics: GeneratorTrainMetrics | PrivateTrainMetrics
 
 
 class Silo:
-    """A silo: its data partition, its architecture, its privacy mode, its VAE."""
+    """A silo: its data partition, its architecture, its generator groups, its privacy policy."""
 
     def __init__(self, cfg: RunConfig, node: SiloNodeConfig) -> None:
         self.cfg = cfg
@@ -48,64 +74,104 @@ class Silo:
         root = resolve_data_root(node.data_root or cfg.data.data_root)
         self.data: SiloData = build_silo_data(cfg, self.index, root, node.classes)
         set_threads(cfg.local.client_threads)
-        self.privacy = privacy_mode(cfg, len(self.data.x_train), node.privacy_ledger, self.name)
-        self.cond_dim = len(self.data.classes) if cfg.local.conditional else 0
-        self.y_train = self._decoder_labels(self.data.y_train)
-        self.y_test = self._decoder_labels(self.data.y_test)
+        self.layout = cfg.local.generator_layout if cfg.local.conditional else "unconditional"
+        self.groups = self._groups()
 
-    def _decoder_labels(self, y: torch.Tensor) -> torch.Tensor:
-        """The decoder's condition: index in the silo's label set (all zero for an unconditional decoder)."""
-        return to_local_labels(y, self.data.classes) if self.cond_dim else torch.zeros(len(y), dtype=torch.long)
+    def _groups(self) -> list[GeneratorGroup]:
+        """One group per class (per-class layout), else one group holding every record."""
+        d = self.data
+        if self.layout == "per-class":
+            return [GeneratorGroup((d.x_train[d.y_train == c], torch.zeros(int((d.y_train == c).sum()), dtype=torch.long)),
+                                   (d.x_test[d.y_test == c], torch.zeros(int((d.y_test == c).sum()), dtype=torch.long)))
+                    for c in d.classes]
+        if self.layout == "conditional":
+            return [GeneratorGroup((d.x_train, to_local_labels(d.y_train, d.classes)),
+                                   (d.x_test, to_local_labels(d.y_test, d.classes)))]
+        return [GeneratorGroup((d.x_train, torch.zeros(len(d.y_train), dtype=torch.long)),
+                               (d.x_test, torch.zeros(len(d.y_test), dtype=torch.long)))]
 
-    def new_vae(self) -> VAE:
+    def privacy(self) -> NoPrivacy | DifferentialPrivacy:
+        """What the run asks, if this silo's policy (read each time: its operator may change it) allows it."""
+        return admit(self.cfg.privacy, load_silo_policy(self.dir), self.cfg.run.num_server_rounds, self.name,
+                     self.dir, self.cfg.local)
+
+    def new_generators(self) -> GeneratorSet:
         torch.manual_seed(vae_init_seed(self.cfg.run.seed, self.index))
-        return VAE(self.architecture, self.cond_dim, IMAGE_SHAPE)
+        return GeneratorSet(self.architecture, self.layout, len(self.data.classes), IMAGE_SHAPE)
 
-    def restore_vae(self, state: StateDict | None) -> VAE:
-        """The silo's VAE from its previous round (or fresh when absent or from another architecture)."""
-        vae = self.new_vae()
+    def restore_generators(self, state: StateDict | None) -> GeneratorSet:
+        """The silo's VAEs from its previous round (or fresh when absent or from another architecture)."""
+        generators = self.new_generators()
         if state:
-            expected = vae.state_dict()
+            expected = generators.state_dict()
             if set(state) == set(expected) and all(state[k].shape == v.shape for k, v in expected.items()):
-                vae.load_state_dict(state)
-        return vae
+                generators.load_state_dict(state)
+        return generators
 
-    def train_round(self, server_round: int, previous_vae: StateDict | None) -> TrainOutcome:
-        """One round of local training under the silo's privacy mode (a DP silo books the round first and
-        raises ``PrivacyBudgetExceeded`` if it would pass the budget); only data-free or private numbers
-        leave a DP silo."""
-        cfg, privacy, data = self.cfg, self.privacy, self.data
-        vae = self.restore_vae(previous_vae)
-        optimizer = torch.optim.Adam(vae.parameters(), lr=cfg.local.learning_rate)
-        generator = privacy.generator(local_batches_seed(cfg.run.seed, self.index, server_round))
-        rule = privacy.open_round(server_round, vae)
-        batches = privacy.batcher()(len(data.x_train), generator)
-        hooks = lipschitz_hooks(cfg.lipschitz, vae.decoder, cfg.local.batch_size, generator, measure_seed=server_round)
-        if privacy.releases_record_losses:
-            hooks.append(HeldOutLoss(vae, (data.x_test, self.y_test)))
-        report = Trainer(NegativeELBO(cfg.local.kl_weight), rule, hooks).fit(
-            vae, (data.x_train, self.y_train), batches, optimizer)
-        decoder_state = {k: v.detach().clone() for k, v in vae.decoder.state_dict().items()}
-        vae_state = {k: v.detach().clone() for k, v in vae.state_dict().items()}
-        metrics: dict[str, float | int] = {
-            "num-examples": len(data.x_train),
-            "num-outliers": data.num_outliers,
-            "train-seconds": report.seconds,
-            "samples-per-second": report.examples_seen / max(report.seconds, 1e-9),
-            "decoder-bytes": state_bytes(decoder_state),
-            "vae-bytes": state_bytes(vae_state),  # what a full-model upload would cost
-            "peak-rss-mb": peak_rss_mb(),
-            **report.details,
-        }
-        if privacy.releases_record_losses:
-            metrics["train-loss"] = report.loss
-        if cfg.privacy.audit and server_round == cfg.run.num_server_rounds and data.num_outliers:
-            metrics.update(self.audit(vae, server_round))
+    def train_round(self, run: str, server_round: int, previous: SiloState | None = None) -> TrainOutcome:
+        """One round of local training under the silo's privacy (``PrivacyRefusal`` if its policy or ledger
+        refuses: a DP silo books the round before it trains)."""
+        cfg, previous = self.cfg, previous or SiloState()
+        privacy = self.privacy()
+        generators = self.restore_generators(previous.generators)
+        session = privacy.open_round(run, server_round, [len(g.train[0]) for g in self.groups], previous.dp)
+        reports = []
+        for i, (group, vae) in enumerate(zip(self.groups, generators.vaes, strict=True)):
+            tags = (i,) if self.layout == "per-class" else ()
+            seed = local_batches_seed(cfg.run.seed, self.index, server_round, *tags)
+            generator = torch.Generator().manual_seed(seed)
+            hooks = lipschitz_hooks(cfg.lipschitz, vae.decoder, cfg.local.batch_size, generator,
+                                    measure_seed=server_round)
+            if privacy.releases_record_figures:
+                hooks.append(HeldOutLoss(vae, group.test))
+            optimizer = torch.optim.Adam(vae.parameters(), lr=session.learning_rate)
+            reports.append(Trainer(NegativeELBO(cfg.local.kl_weight), session.rule(i, vae), hooks).fit(
+                vae, group.train, session.batches(i, len(group.train[0]), seed), optimizer))
+        decoder_state = {k: v.detach().clone() for k, v in generators.decoder.state_dict().items()}
+        state = SiloState({k: v.detach().clone() for k, v in generators.state_dict().items()}, session.carry())
+        figures = self.record_figures(reports, decoder_state, state.generators)
+        if cfg.privacy.audit and server_round == cfg.run.num_server_rounds and self.data.num_outliers:
+            figures.update(self.audit(generators, server_round))
         desc = GeneratorDescriptor(
-            silo=self.name, architecture=self.architecture, conditional=cfg.local.conditional,
-            label_set=data.classes, image_shape=IMAGE_SHAPE, round=server_round, num_examples=len(data.x_train),
-        )
-        return TrainOutcome(decoder_state, desc, vae_state, GeneratorTrainMetrics.model_validate(metrics))
+            silo=self.name, architecture=self.architecture, layout=self.layout, image_shape=IMAGE_SHAPE,
+            classes=tuple(cfg.data.class_names[c] for c in self.data.classes), round=server_round)
+        if privacy.releases_record_figures:
+            metrics = GeneratorTrainMetrics.model_validate(figures)
+        else:
+            self.write_report(server_round, {**figures, **session.public_report()})
+            metrics = PrivateTrainMetrics.model_validate({**session.public_report(),
+                                                          "decoder-bytes": state_bytes(decoder_state)})
+        return TrainOutcome(decoder_state, desc, state, metrics)
+
+    def record_figures(self, reports: list[TrainReport], decoder_state: StateDict,
+                       vae_state: StateDict) -> dict[str, float | int]:
+        """The round's figures over every group: counts, costs, losses, the decoders' Lipschitz numbers."""
+        seen = sum(r.examples_seen for r in reports)
+        seconds = sum(r.seconds for r in reports)
+        figures: dict[str, float | int] = {
+            "num-examples": len(self.data.x_train), "num-outliers": self.data.num_outliers,
+            "train-seconds": seconds, "samples-per-second": seen / max(seconds, 1e-9),
+            "decoder-bytes": state_bytes(decoder_state), "vae-bytes": state_bytes(vae_state),
+            "peak-rss-mb": peak_rss_mb(), "train-loss": sum(r.loss * r.examples_seen for r in reports) / max(seen, 1),
+        }
+        for key in ("lipschitz-upper-bound", "lipschitz-empirical", "dp-clip-bound"):  # the worst group
+            values = [r.details[key] for r in reports if key in r.details]
+            if values:
+                figures[key] = max(values)
+        sizes = [len(g.test[0]) for g in self.groups]
+        for key in ("lipschitz-penalty", "test-neg-elbo", "dp-unclipped-fraction"):  # weighted by held-out size
+            pairs = [(r.details[key], n) for r, n in zip(reports, sizes, strict=True) if key in r.details]
+            if pairs:
+                figures[key] = sum(v * n for v, n in pairs) / max(sum(n for _, n in pairs), 1)
+        return figures
+
+    def write_report(self, server_round: int, figures: dict) -> None:
+        """The silo's own record of a private round (never sent): figures computed from its records."""
+        path = self.dir / "reports" / f"round-{server_round:03d}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path, json.dumps(figures, indent=1, sort_keys=True))
+        log.info("Silo '%s' round %d (kept on the silo, %s): %s", self.name, server_round, path,
+                 {k: f"{v:.4g}" if isinstance(v, float) else v for k, v in sorted(figures.items())})
 
     def train_global_model(self, server_round: int, global_state: StateDict,
                            proximal_mu: float = 0.0) -> tuple[StateDict, AveragedTrainMetrics]:
@@ -113,6 +179,7 @@ class Silo:
         all classes), trained on this silo's real data with the settings the ALIGN-FL silos use for their VAEs
         (outliers included, local-epochs / batch-size / learning-rate)."""
         cfg = self.cfg
+        self.privacy()  # a silo whose policy requires DP refuses weight averaging (it has no DP)
         model = GlobalModel.from_config(cfg)
         model.load_state(global_state)
         hooks = [ProximalTerm(model.model, proximal_mu)] if proximal_mu > 0 else []
@@ -126,19 +193,21 @@ class Silo:
             train_seconds=report.seconds, samples_per_second=report.examples_seen / max(report.seconds, 1e-9),
             model_bytes=state_bytes(state), peak_rss_mb=peak_rss_mb())
 
-    def audit(self, vae: VAE, server_round: int) -> dict[str, float | int]:
-        """The outlier audit (numbers for the reply); its figure shows raw outliers, so it stays in the silo's
-        own folder."""
+    def audit(self, generators: GeneratorSet, server_round: int) -> dict[str, float | int]:
+        """The outlier audit; its figure shows raw outliers, so it stays in the silo's own folder."""
         d = self.data
-        result = audit_outliers(vae, d.x_train, d.y_train, d.is_outlier, d.heldout_outliers, d.classes,
+        result = audit_outliers(generators, d.x_train, d.y_train, d.is_outlier, d.heldout_outliers, d.classes,
                                 num_samples=self.cfg.privacy.audit_samples,
                                 seed=audit_seed(self.cfg.run.seed, server_round))
-        save_audit_figure(vae, d.x_train, d.y_train, d.is_outlier, d.classes,
+        save_audit_figure(generators, d.x_train, d.y_train, d.is_outlier, d.classes,
                           self.dir / "audits" / f"round-{server_round:03d}.png")
         return result.metrics()
 
     def evaluate_global(self, kind: str, state: StateDict) -> EvaluateMetrics:
-        """Judge the global model on this silo's real held-out test set."""
+        """Judge the global model on this silo's real held-out test set; a silo under DP does not release it."""
+        if self.cfg.privacy.enabled or load_silo_policy(self.dir).require_dp:
+            raise PrivacyRefusal(f"silo '{self.name}' trains under DP: it does not release evaluations on its "
+                                 "records (evaluate on the server's test set)")
         model = GlobalModel(kind, self.cfg.data.num_classes, conditional=self.cfg.local.conditional)
         model.load_state(state)
         return EvaluateMetrics.model_validate({**model.evaluate(self.data.x_test, self.data.y_test),

@@ -13,46 +13,59 @@ import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Annotated, Literal
 
 import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from torch import nn
 
 from .config import IMAGE_SHAPE, NAME_PATTERN, ArchitectureSpec, RunConfig, one_line
 from .files import atomic_write_bytes, atomic_write_text
-from .models import Decoder, num_parameters, one_hot
+from .models import build_decoder, num_parameters, one_hot
 from .replies import ReplyRejected
 
 
+DESCRIPTOR_FORMAT = 2
+CLASS_NAME_PATTERN = r"^[^\x00-\x1f/\\]{1,64}$"  # a class name: printable, no path separators
+
+
 class GeneratorDescriptor(BaseModel):
-    """Everything the server needs to rebuild and use a silo's decoder."""
+    """Everything the server needs to rebuild and use a silo's decoder, and nothing about the silo's records:
+    every field is public configuration (under DP it travels beside the DP-trained decoder)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
+    format: Literal[2] = DESCRIPTOR_FORMAT
     silo: str = Field(pattern=NAME_PATTERN)
     architecture: ArchitectureSpec
-    conditional: bool
-    label_set: tuple[int, ...] = Field(min_length=1, max_length=1000)
+    layout: Literal["conditional", "per-class", "unconditional"]
+    classes: tuple[Annotated[str, Field(pattern=CLASS_NAME_PATTERN)], ...] = Field(min_length=1, max_length=1000)
+    """The class names the decoder generates, in the order of its label input."""
     image_shape: tuple[int, int, int]
     round: int = Field(ge=0)
-    num_examples: int = Field(ge=0)
 
     @model_validator(mode="after")
     def _sane(self) -> GeneratorDescriptor:
-        if len(set(self.label_set)) != len(self.label_set) or min(self.label_set) < 0:
-            raise ValueError("label_set must hold distinct non-negative labels")
+        if len(set(self.classes)) != len(self.classes):
+            raise ValueError("classes must be distinct names")
         if any(not 1 <= s <= 512 for s in self.image_shape):
             raise ValueError("image_shape sides must be in 1..512")
         return self
 
     @property
+    def conditional(self) -> bool:
+        """Every sample carries a class (a classifier can learn from it)."""
+        return self.layout != "unconditional"
+
+    @property
     def cond_dim(self) -> int:
-        return len(self.label_set) if self.conditional else 0
+        return len(self.classes) if self.conditional else 0
 
-    def build_decoder(self) -> Decoder:
-        return Decoder(self.architecture, self.cond_dim, self.image_shape)
+    def build_decoder(self) -> nn.Module:
+        return build_decoder(self.architecture, self.layout, len(self.classes), self.image_shape)
 
-    def empty_decoder(self) -> Decoder:
+    def empty_decoder(self) -> nn.Module:
         """The decoder's shapes on the meta device: nothing allocated, nothing initialised."""
         with torch.device("meta"):
             return self.build_decoder()
@@ -71,16 +84,21 @@ class GeneratorTerms:
 
     image_shape: tuple[int, int, int]
     conditional: bool
-    num_classes: int
+    class_names: tuple[str, ...]
     max_bytes: int
     trial_samples: int = 16
 
     @classmethod
     def from_config(cls, cfg: RunConfig) -> GeneratorTerms:
-        return cls(IMAGE_SHAPE, cfg.local.conditional, cfg.data.num_classes, int(cfg.server.max_decoder_mb * 2**20))
+        return cls(IMAGE_SHAPE, cfg.local.conditional, cfg.data.class_names, int(cfg.server.max_decoder_mb * 2**20))
+
+    def class_ids(self, desc: GeneratorDescriptor) -> torch.Tensor:
+        """The run's class id of each of the descriptor's classes (checked names only)."""
+        index = {name: i for i, name in enumerate(self.class_names)}
+        return torch.tensor([index[name] for name in desc.classes])
 
 
-def check_decoder_state(desc: GeneratorDescriptor, state: dict[str, np.ndarray], terms: GeneratorTerms) -> Decoder:
+def check_decoder_state(desc: GeneratorDescriptor, state: dict[str, np.ndarray], terms: GeneratorTerms) -> nn.Module:
     """Return the decoder loaded with ``state`` or raise ReplyRejected naming the first problem.
 
     Cheap checks come first and nothing is allocated for a decoder before its declared size is known to fit:
@@ -89,9 +107,10 @@ def check_decoder_state(desc: GeneratorDescriptor, state: dict[str, np.ndarray],
     if desc.image_shape != terms.image_shape:
         raise ReplyRejected(f"image_shape {list(desc.image_shape)} is not this run's {list(terms.image_shape)}")
     if desc.conditional != terms.conditional:
-        raise ReplyRejected(f"conditional={desc.conditional} but this run needs conditional={terms.conditional}")
-    if max(desc.label_set) >= terms.num_classes:
-        raise ReplyRejected(f"label_set {list(desc.label_set)} has labels outside 0..{terms.num_classes - 1}")
+        raise ReplyRejected(f"layout '{desc.layout}' but this run needs conditional={terms.conditional}")
+    unknown = [c for c in desc.classes if c not in terms.class_names]
+    if unknown:
+        raise ReplyRejected(f"classes {unknown[:3]} are not in this run's label space {list(terms.class_names)}")
     total = sum(int(a.nbytes) for a in state.values())
     if total > terms.max_bytes:
         raise ReplyRejected(f"decoder is {total / 2**20:.1f} MiB, over the {terms.max_bytes / 2**20:.1f} MiB limit")
@@ -123,7 +142,7 @@ def check_decoder_state(desc: GeneratorDescriptor, state: dict[str, np.ndarray],
     decoder.eval()
     with torch.no_grad():
         z = torch.randn(terms.trial_samples, desc.architecture.latent_dim, generator=torch.Generator().manual_seed(0))
-        labels = torch.arange(terms.trial_samples) % len(desc.label_set)
+        labels = torch.arange(terms.trial_samples) % len(desc.classes)
         trial = decoder(z, one_hot(labels, desc.cond_dim))
     if not torch.isfinite(trial).all():
         raise ReplyRejected("the decoder's samples are not finite (NaN or Inf from finite weights)")
@@ -169,7 +188,7 @@ class GeneratorStore:
         }
         atomic_write_text(self._index_path, json.dumps(self._index, indent=1))
 
-    def load_decoder(self, silo: str) -> tuple[GeneratorDescriptor, Decoder]:
+    def load_decoder(self, silo: str) -> tuple[GeneratorDescriptor, nn.Module]:
         desc = self.descriptor(silo)
         with np.load(self.root / f"{desc.silo}.npz", allow_pickle=False) as npz:  # never a path read from disk
             state = {k: npz[k] for k in npz.files}

@@ -6,37 +6,40 @@ from collections.abc import Callable
 
 import torch
 
-from .models import Decoder, one_hot
-from .store import GeneratorDescriptor, GeneratorStore
+from torch import nn
+
+from .models import one_hot
+from .store import GeneratorDescriptor, GeneratorStore, GeneratorTerms
 
 
 @torch.no_grad()
 def sample_generator(
-    desc: GeneratorDescriptor, decoder: Decoder, n: int, temperature: float = 1.0, seed: int = 0
+    desc: GeneratorDescriptor, decoder: nn.Module, n: int, class_ids: torch.Tensor, temperature: float = 1.0,
+    seed: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``n`` images in [0, 1] and their global labels, classes balanced over the silo's label set.
-
-    Unconditional generators return label -1 (usable only by a global VAE).
+    """``n`` images in [0, 1] and their run-wide labels (``class_ids[k]`` for the descriptor's k-th class),
+    classes balanced over the silo's classes. Unconditional generators return label -1 (usable only by a
+    global VAE).
     """
     g = torch.Generator().manual_seed(seed)
-    k = len(desc.label_set)
+    k = len(desc.classes)
     local = torch.arange(n) % k
     local = local[torch.randperm(n, generator=g)]
     z = torch.randn(n, desc.architecture.latent_dim, generator=g) * temperature
     x = torch.sigmoid(decoder(z, one_hot(local, desc.cond_dim)))
-    labels = torch.tensor(desc.label_set)[local] if desc.conditional else torch.full((n,), -1)
+    labels = class_ids[local] if desc.conditional else torch.full((n,), -1)
     return x, labels
 
 
 def synthesize(
-    store: GeneratorStore, n_per_silo: int, temperature: float, seed: Callable[[int], int]
+    store: GeneratorStore, terms: GeneratorTerms, n_per_silo: int, temperature: float, seed: Callable[[int], int]
 ) -> tuple[torch.Tensor, torch.Tensor, dict[str, int]]:
     """The union of ``n_per_silo`` samples from every stored generator (one decoder in memory at a time);
     ``seed(i)`` seeds the i-th generator's draw."""
     xs, ys, counts = [], [], {}
     for i, silo in enumerate(store.silos()):
         desc, decoder = store.load_decoder(silo)
-        x, y = sample_generator(desc, decoder, n_per_silo, temperature, seed=seed(i))
+        x, y = sample_generator(desc, decoder, n_per_silo, terms.class_ids(desc), temperature, seed=seed(i))
         xs.append(x)
         ys.append(y)
         counts[silo] = n_per_silo

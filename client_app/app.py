@@ -9,11 +9,11 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricR
 from flwr.clientapp import ClientApp
 
 from alignfl_app import protocol as P
+from alignfl_app.protocol import PRIVACY_REFUSAL_ERROR
 from alignfl_app.config import parse_node_config, parse_run_config
-from alignfl_app.privacy import PrivacyBudgetExceeded
-from alignfl_app.silo import Silo
+from alignfl_app.privacy import DPCarry, PrivacyRefusal
+from alignfl_app.silo import Silo, SiloState
 
-PRIVACY_BUDGET_ERROR = 4031  # error reply code: the silo's privacy ledger refused the round
 
 app = ClientApp()
 
@@ -46,23 +46,27 @@ def train_averaged_model(msg: Message, context: Context) -> Message:
     silo = silo_for(context)
     config = msg.content[P.CONFIG]
     mu = float(config.get(P.PROXIMAL_MU, 0.0)) if config.get(P.STRATEGY) == "fedprox" else 0.0
-    state, metrics = silo.train_global_model(int(config[P.SERVER_ROUND]),
-                                             msg.content[P.GLOBAL_MODEL].to_torch_state_dict(), mu)
+    try:
+        state, metrics = silo.train_global_model(int(config[P.SERVER_ROUND]),
+                                                 msg.content[P.GLOBAL_MODEL].to_torch_state_dict(), mu)
+    except PrivacyRefusal as exc:
+        return Message(error=Error(code=PRIVACY_REFUSAL_ERROR, reason=str(exc)), reply_to=msg)
     content = RecordDict({P.GLOBAL_MODEL: ArrayRecord(torch_state_dict=state),
                           P.METRICS: MetricRecord(metrics.record()), P.SILO: ConfigRecord({"name": silo.name})})
     return Message(content=content, reply_to=msg)
 
 
 def train_generator(msg: Message, context: Context) -> Message:
-    """ALIGN-FL: train the local VAE for one round; reply with decoder weights + descriptor + metrics."""
+    """ALIGN-FL: train the local generators for one round; reply with decoder weights + descriptor + metrics."""
     silo = silo_for(context)
     server_round = int(msg.content[P.CONFIG][P.SERVER_ROUND])
-    previous = context.state[P.VAE_STATE].to_torch_state_dict() if P.VAE_STATE in context.state else None
     try:
-        out = silo.train_round(server_round, previous)
-    except PrivacyBudgetExceeded as exc:  # a clear error reply; the server keeps the last generator
-        return Message(error=Error(code=PRIVACY_BUDGET_ERROR, reason=str(exc)), reply_to=msg)
-    context.state[P.VAE_STATE] = ArrayRecord(torch_state_dict=out.vae_state)
+        out = silo.train_round(str(context.run_id), server_round, silo_state(context))
+    except PrivacyRefusal as exc:  # a clear error reply; the server keeps the last generator
+        return Message(error=Error(code=PRIVACY_REFUSAL_ERROR, reason=str(exc)), reply_to=msg)
+    context.state[P.VAE_STATE] = ArrayRecord(torch_state_dict=out.state.generators)
+    if out.state.dp is not None:
+        context.state[P.DP_CARRY] = ConfigRecord({"json": out.state.dp.model_dump_json()})
     content = RecordDict({
         P.DECODER: ArrayRecord(torch_state_dict=out.decoder_state),
         P.DESCRIPTOR: ConfigRecord({P.DESCRIPTOR_JSON: out.descriptor.model_dump_json()}),
@@ -71,11 +75,22 @@ def train_generator(msg: Message, context: Context) -> Message:
     return Message(content=content, reply_to=msg)
 
 
+def silo_state(context: Context) -> SiloState:
+    """What this node kept from the silo's previous round (its VAEs and DP carry live in the node's context)."""
+    generators = context.state[P.VAE_STATE].to_torch_state_dict() if P.VAE_STATE in context.state else None
+    carry = (DPCarry.model_validate_json(str(context.state[P.DP_CARRY]["json"]))
+             if P.DP_CARRY in context.state else None)
+    return SiloState(generators, carry)
+
+
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    """Evaluate the server's global model on this silo's real held-out test set."""
+    """Evaluate the server's global model on this silo's real held-out test set (refused under DP)."""
     silo = silo_for(context)
     kind = str(msg.content[P.CONFIG][P.GLOBAL_MODEL_KIND])
-    metrics = silo.evaluate_global(kind, msg.content[P.GLOBAL_MODEL].to_torch_state_dict()).record()
+    try:
+        metrics = silo.evaluate_global(kind, msg.content[P.GLOBAL_MODEL].to_torch_state_dict()).record()
+    except PrivacyRefusal as exc:
+        return Message(error=Error(code=PRIVACY_REFUSAL_ERROR, reason=str(exc)), reply_to=msg)
     content = RecordDict({P.METRICS: MetricRecord(metrics), P.SILO: ConfigRecord({"name": silo.name})})
     return Message(content=content, reply_to=msg)

@@ -20,6 +20,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result, Strategy
 
 from alignfl_app import protocol as P
+from alignfl_app.protocol import PRIVACY_REFUSAL_ERROR
 from alignfl_app.config import ConfigError
 from alignfl_app.liveness import ReplyDeadline
 from alignfl_app.server import AlignFLServer
@@ -32,6 +33,8 @@ def collect_replies(grid: Grid, messages: Iterable[Message], deadline: ReplyDead
                     poll: float = 0.5) -> list[Message]:
     """Push ``messages`` and pull their replies until all are in or ``deadline`` gives up on the rest."""
     messages = list(messages)
+    if not messages:
+        return []
     ids = list(grid.push_messages(messages))
     node_of = {mid: msg.metadata.dst_node_id for mid, msg in zip(ids, messages, strict=True)}
     pending, replies, arrived, t0 = set(ids), [], {}, time.monotonic()
@@ -153,13 +156,16 @@ class AlignFLStrategy(Strategy):
     def aggregate_train(self, server_round: int,
                         replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Hand every reply to the server core; the global model it then trains is the round's result."""
-        accepted, rejected, replied = 0, [], set()
+        accepted, rejected, refused, replied = 0, [], [], set()
         max_bytes = self.core.terms.max_bytes
         for msg in replies:
             node = msg.metadata.src_node_id
             replied.add(node)
             if msg.has_error():
-                rejected.append(f"node {node}: error reply: {msg.error.reason}")
+                if msg.error.code == PRIVACY_REFUSAL_ERROR:
+                    refused.append(f"node {node}: {msg.error.reason}")
+                else:
+                    rejected.append(f"node {node}: error reply: {msg.error.reason}")
                 continue
             try:
                 self.core.accept(server_round, node, train_reply(msg, max_bytes))
@@ -170,7 +176,7 @@ class AlignFLStrategy(Strategy):
                 rejected.append(f"node {node}: unreadable reply ({type(exc).__name__}: {exc})")
                 continue
             accepted += 1
-        metrics = self.core.finish_train_round(server_round, accepted, rejected, replied)
+        metrics = self.core.finish_train_round(server_round, accepted, rejected, replied, refused)
         counts = {"accepted-replies": accepted, "rejected-replies": len(rejected)}
         if metrics is None:
             return None, MetricRecord(counts)
@@ -179,6 +185,10 @@ class AlignFLStrategy(Strategy):
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
+        """Ask every silo to judge the global model on its own test set; none in a DP run (a silo's evaluation
+        is a figure of its records: it would not be private)."""
+        if self.cfg.privacy.enabled:
+            return []
         nodes = list(grid.get_node_ids())
         cfg = ConfigRecord({**dict(config), P.SERVER_ROUND: server_round,
                             P.GLOBAL_MODEL_KIND: self.cfg.server.global_model})

@@ -57,7 +57,7 @@ def test_tls_authenticated_federation_runs_and_refuses_unregistered_silo(tmp_pat
     assert last["generators-used"] == ["hospital-a", "hospital-b", "lab-c"] and last["rejected-replies"] == []
     assert {s: m["architecture"] for s, m in last["silos"].items()} == {
         "hospital-a": "mlp-small", "hospital-b": "conv", "lab-c": "mlp-small"}
-    assert last["silos"]["lab-c"]["label-set"] == [6, 7]
+    assert last["silos"]["lab-c"]["classes"] == ["6", "7"]
     assert last["silos"]["hospital-a"]["num-outliers"] == 12
     assert 0.0 <= summary["final-global-accuracy"] <= 1.0
     assert set(summary["final-per-silo-accuracy"]) == set(SILOS)

@@ -49,3 +49,32 @@ def test_bad_run_config_fails_the_run_with_a_clear_reason(tmp_path):
         run, log = link.run_app(f"results-dir='{tmp_path}' silo-classes='0,1;1,2'", num_supernodes=2, timeout=300)
     assert run["status"] != "finished:completed"
     assert "disjoint" in log, log[-3000:]
+
+
+def test_private_run_releases_only_public_constants_and_stops_when_every_ledger_is_spent(tmp_path):
+    """A DP federation (per-class generators) completes with only the private schema in its summary; run again on
+    the same silos, every ledger refuses and the run fails naming each silo and its ledger."""
+    from alignfl_app.replies import PrivateTrainMetrics
+
+    silos = tmp_path / "silos"  # the conftest fixture points ALIGNFL_SILOS_ROOT here; the runs inherit it
+    results = tmp_path / "results"
+    base = (f"results-dir='{results}' num-server-rounds=2 max-per-class=100 outliers-per-silo=20 "
+            "silo-classes='0,1;2,3;4,5' silo-architectures='mlp-small' generator-layout='per-class' "
+            "dp-epsilon=2.0 dp-steps=5 synthetic-per-silo=100 server-epochs=1 sample-grid-per-silo=2")
+    with simulation_superlink(tmp_path / "link", PROJECT) as link:
+        run, log = link.run_app(base + " run-name='private'", num_supernodes=3)
+        assert run["status"] == "finished:completed", log[-4000:]
+        summary = json.loads((results / "private" / "summary.json").read_text())
+        allowed = {f.alias for f in PrivateTrainMetrics.model_fields.values()}
+        server_side = {"bytes-up", "bytes-down-train", "architecture", "layout", "classes"}
+        for rnd in summary["rounds"]:
+            assert rnd["accepted-replies"] == 3 and rnd["rejected-replies"] == []
+            for silo, figures in rnd["silos"].items():
+                assert set(figures) <= allowed | server_side, (silo, set(figures) - allowed - server_side)
+                assert figures["dp-epsilon-spent"] <= 2.0
+        assert not summary.get("final-per-silo-accuracy")  # no silo evaluated the model on its records
+        assert (silos / "silo-0" / "reports" / "round-002.json").is_file()  # the figures stayed on the silo
+        again, log = link.run_app(base + " run-name='again'", num_supernodes=3)
+    assert again["status"] != "finished:completed"
+    assert "every silo refused to train" in log and log.count("privacy-ledger.json") >= 3, log[-4000:]
+    assert "run config" not in log.split("every silo refused to train")[1].split("\n")[0]

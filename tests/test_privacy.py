@@ -1,41 +1,44 @@
-"""DP-SGD with adaptive clipping, the privacy ledger, and Lipschitz control working together."""
+"""DP-SGD with adaptive clipping, the silo's policy and ledger, what a DP silo releases, and Lipschitz control."""
 
 import copy
+
 import numpy as np
 import pytest
 import torch
-from opacus.accountants import RDPAccountant
 
 from alignfl_app import protocol as P
-from alignfl_app.config import ConfigError, load_architecture, parse_run_config
-from alignfl_app.lipschitz import empirical_lipschitz, layer_bounds, upper_bound
-from alignfl_app.models import VAE, one_hot, vae_loss
-from alignfl_app.config import LipschitzSection
-from alignfl_app.lipschitz import lipschitz_hooks
-from alignfl_app.privacy import RDP_ORDERS, AdaptiveClipDP, PoissonBatches, plan_dp
+from alignfl_app.config import ConfigError, LipschitzSection, load_architecture, parse_run_config
+from alignfl_app.lipschitz import empirical_lipschitz, layer_bounds, lipschitz_hooks, upper_bound
+from alignfl_app.models import VAE, GeneratorSet, one_hot, vae_loss
+from alignfl_app.privacy import AdaptiveClipDP, GroupNoise, PoissonBatches, RandomSource, calibrate
+from alignfl_app.server import SilosRefused
 from alignfl_app.training import NegativeELBO, Trainer
-from client_app.app import PRIVACY_BUDGET_ERROR, _silo
+from client_app.app import _silo
 from server_app.strategy import AlignFLStrategy
 from tests.conftest import make_context, tiny_run_config
 from tests.test_client_reply import train_reply
 from tests.test_strategy import make_strategy
 
 
-def plan_for(cfg, num_records: int):
-    return plan_dp(cfg.privacy, cfg.local, cfg.run.num_server_rounds, num_records)
+def plan_for(cfg):
+    return calibrate(cfg.privacy, cfg.run.num_server_rounds)
+
+
+def rule_for(vae, plan, noisy_count: float, clip: float | None = None) -> AdaptiveClipDP:
+    return AdaptiveClipDP(vae, plan, GroupNoise.of(plan, noisy_count), clip or plan.clip_init, RandomSource(False))
 
 
 def private_fit(vae, x, y, plan, lr: float, lipschitz: LipschitzSection = LipschitzSection(), batch_size: int = 30):
     """One planned round of DP-SGD, composed the way a DP silo composes it."""
     g = torch.Generator().manual_seed(0)
-    rule = AdaptiveClipDP(vae, plan, plan.clip_init, torch.Generator().manual_seed(1))
+    rule = rule_for(vae, plan, len(x))
     hooks = lipschitz_hooks(lipschitz, vae.decoder, batch_size, g, measure_seed=0)
-    batches = PoissonBatches(plan.sample_rate, plan.steps_per_round)(len(x), g)
+    batches = PoissonBatches(plan.sample_rate, plan.steps_per_round, RandomSource(False))(len(x))
     return Trainer(NegativeELBO(), rule, hooks).fit(vae, (x, y), batches, torch.optim.Adam(vae.parameters(), lr=lr))
 
 
 def dp_config(tmp_path, **extra) -> dict:
-    return {**tiny_run_config(tmp_path / "results"), "dp-epsilon": 4.0, "num-server-rounds": 2, **extra}
+    return {**tiny_run_config(tmp_path / "results"), "dp-epsilon": 4.0, "num-server-rounds": 2, "dp-steps": 4, **extra}
 
 
 @pytest.mark.parametrize("arch", ["mlp-small", "conv"])
@@ -45,9 +48,9 @@ def test_every_gradient_is_clipped_to_the_current_bound(arch):
     vae = VAE(load_architecture(arch), 2)
     ref = copy.deepcopy(vae)
     x, y = torch.rand(12, 1, 28, 28), one_hot(torch.randint(0, 2, (12,)), 2)
-    plan = plan_for(parse_run_config({**tiny_run_config("r"), "dp-epsilon": 2.0}), 1000)
+    plan = plan_for(parse_run_config({**tiny_run_config("r"), "dp-epsilon": 2.0}))
     bound = 45.0  # inside the range of per-record norms of these untrained VAEs: some clipped, some not
-    dp = AdaptiveClipDP(vae, plan, bound, torch.Generator().manual_seed(0))
+    dp = rule_for(vae, plan, 1000, bound)
     torch.manual_seed(1)
     logits, mu, logvar = vae(x, y)
     norms = dp.clipped_sum(vae_loss(logits, x, mu, logvar, reduction="none"))
@@ -79,33 +82,37 @@ def test_adaptive_bound_grows_when_everything_is_clipped():
     vae = VAE(load_architecture("mlp-small"), 2)
     x, y = torch.rand(200, 1, 28, 28), torch.tensor([0, 1] * 100)
     cfg = parse_run_config({**tiny_run_config("r"), "dp-noise-multiplier": 1.0, "dp-clip-init": 0.01,
-                            "batch-size": 50, "num-server-rounds": 1})
-    plan = plan_for(cfg, len(x))
+                            "dp-sample-rate": 0.25, "dp-steps": 4, "num-server-rounds": 1})
+    plan = plan_for(cfg)
     rep = private_fit(vae, x, y, plan, lr=1e-3, batch_size=50)
     assert rep.steps == plan.steps_per_round == 4
     # nothing passes unclipped (noisy share ~0 < quantile 0.5): each step multiplies C by about exp(0.2 * 0.5)
     assert 0.01 * 1.3 < rep.details["dp-clip-bound"] < 0.01 * 1.8
 
 
-def test_epsilon_grows_with_rounds_matches_the_accountant_and_stops_at_the_budget(tmp_path):
+def test_epsilon_matches_the_accountant_and_the_silo_stops_at_its_budget(tmp_path):
     cfg = dp_config(tmp_path)
     spent, ctx = [], make_context(cfg, 0)
     for rnd in (1, 2):
         reply, ctx = train_reply(cfg, 0, context=ctx, server_round=rnd)
         assert not reply.has_error()
         m = reply.content[P.METRICS]
-        assert "train-loss" not in m and "test-neg-elbo" not in m  # non-private numbers stay home
         spent.append(m["dp-epsilon-spent"])
-        acc = RDPAccountant()  # independently: one accountant step per DP-SGD step
+        # independently: the counts once, then one DP-SGD step per step, by Opacus' PRV accountant
+        from opacus.accountants import PRVAccountant
+        acc = PRVAccountant()
+        acc.step(noise_multiplier=10.0, sample_rate=1.0)  # dp-count-noise-std, released once per run
         for _ in range(rnd * m["dp-steps"]):
             acc.step(noise_multiplier=m["dp-noise-multiplier"], sample_rate=m["dp-sample-rate"])
-        assert m["dp-epsilon-spent"] == pytest.approx(acc.get_epsilon(1e-5, alphas=RDP_ORDERS), rel=1e-9)
+        assert m["dp-epsilon-spent"] == pytest.approx(acc.get_epsilon(1e-5), rel=0.02)
     assert 0 < spent[0] < spent[1] <= 4.0 and spent[1] > 0.95 * 4.0  # the planned run uses the target, no more
     # round 3 was not planned: the ledger refuses it with a clear error reply, also after a restart
     _silo.cache_clear()
     reply, _ = train_reply(cfg, 0, context=make_context(cfg, 0), server_round=3)
-    assert reply.has_error() and reply.error.code == PRIVACY_BUDGET_ERROR
-    assert "refuses round 3" in reply.error.reason and "\n" not in reply.error.reason
+    assert reply.has_error() and reply.error.code == P.PRIVACY_REFUSAL_ERROR
+    reason = reply.error.reason
+    assert "refuses round 3" in reason and "\n" not in reason and "privacy-ledger.json" in reason
+    assert "run config" not in reason and "budget-epsilon in" in reason  # only the silo's operator can allow more
 
 
 def test_server_keeps_the_last_generator_of_a_silo_out_of_budget(tmp_path):
@@ -113,27 +120,46 @@ def test_server_keeps_the_last_generator_of_a_silo_out_of_budget(tmp_path):
     cfg = parse_run_config(cfg_raw)
     strategy: AlignFLStrategy = make_strategy(cfg, tmp_path)
     ctx = make_context(cfg_raw, 0, node_id=1000)
-    ok, _ = train_reply(cfg_raw, 0, context=ctx, server_round=1)
-    assert strategy.aggregate_train(1, [ok])[0] is not None
+    other = make_context(cfg_raw, 1, node_id=1001)
+    strategy.core.registry.asked[1] = [1000, 1001]
+    ok = [train_reply(cfg_raw, p, context=c, server_round=1)[0] for p, c in ((0, ctx), (1, other))]
+    assert strategy.aggregate_train(1, ok)[0] is not None
     assert strategy.core.recorder.silo(1, "silo-0")["dp-epsilon-spent"] <= 4.0
+    strategy.core.registry.asked[2] = [1000, 1001]
     refused, _ = train_reply(cfg_raw, 0, context=ctx, server_round=2)
-    arrays, _ = strategy.aggregate_train(2, [refused])
+    arrays, _ = strategy.aggregate_train(2, [refused, ok[1]])  # silo 1's old reply: rejected (wrong round is fine)
     rnd = strategy.core.recorder.round(2)
-    assert arrays is not None and any("refuses round 2" in r for r in rnd["rejected-replies"])
-    assert rnd["stale-silos"] == ["silo-0"] and strategy.core.store.entry("silo-0")["stored_round"] == 1
+    assert arrays is not None and any("refuses round 2" in r for r in rnd["refused"])
+    assert strategy.core.store.entry("silo-0")["stored_round"] == 1
+
+
+def test_a_run_no_silo_may_train_stops_naming_the_silos_and_their_ledgers(tmp_path):
+    """Every ledger spent: the run stops with one error naming each silo's reason and ledger."""
+    cfg_raw = dp_config(tmp_path, **{"num-server-rounds": 1})
+    strategy = make_strategy(parse_run_config(cfg_raw), tmp_path)
+    contexts = {p: make_context(cfg_raw, p, node_id=1000 + p) for p in (0, 1)}
+    for p, ctx in contexts.items():
+        assert not train_reply(cfg_raw, p, context=ctx, server_round=1)[0].has_error()  # spends the budget
+    strategy.core.registry.asked[2] = [1000, 1001]
+    refusals = [train_reply(cfg_raw, p, context=ctx, server_round=2)[0] for p, ctx in contexts.items()]
+    with pytest.raises(SilosRefused) as err:
+        strategy.aggregate_train(2, refusals)
+    text = str(err.value)
+    assert "\n" not in text and "silo-0" in text and "silo-1" in text and text.count("privacy-ledger.json") == 2
 
 
 def test_unreachable_epsilon_fails_with_one_line(tmp_path):
     cfg = parse_run_config({**dp_config(tmp_path), "dp-epsilon": 1e-4, "num-server-rounds": 50})
     with pytest.raises(ConfigError) as err:
-        plan_for(cfg, 132)
+        plan_for(cfg)
     assert "unreachable" in str(err.value) and "\n" not in str(err.value)
 
 
 def test_penalty_is_active_and_finite_under_dp_and_spectral_cap_holds():
     torch.manual_seed(0)
     x, y = torch.rand(120, 1, 28, 28), torch.tensor([0, 1] * 60)
-    plan = plan_for(parse_run_config({**tiny_run_config("r"), "dp-epsilon": 4.0, "batch-size": 30}), len(x))
+    plan = plan_for(parse_run_config({**tiny_run_config("r"), "dp-epsilon": 4.0, "dp-sample-rate": 0.25,
+                                      "dp-steps": 8, "num-server-rounds": 1}))
     slopes = {}
     gp = LipschitzSection(lipschitz="gp", **{"lipschitz-weight": 10.0, "lipschitz-target": 0.5})
     for name, lip in {"none": LipschitzSection(), "gp": gp}.items():
@@ -164,9 +190,9 @@ def test_upper_bound_is_an_upper_bound_of_the_measured_slope():
 
 
 
-def _constant_decoder_vae(image: torch.Tensor) -> VAE:
+def _constant_decoder_vae(image: torch.Tensor) -> GeneratorSet:
     """A VAE whose decoder ignores its input and always draws ``image`` (memorisation, to the extreme)."""
-    vae = VAE(load_architecture("mlp-small"), 0)
+    vae = GeneratorSet(load_architecture("mlp-small"), "unconditional", 1)
     last = vae.decoder.net[-1]
     with torch.no_grad():
         last.weight.zero_()

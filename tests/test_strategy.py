@@ -28,7 +28,7 @@ def trained(tmp_path_factory):
     cfg = parse_run_config(tiny_run_config(tmp_path_factory.mktemp("results")))
     outs = {}
     for s in range(3):
-        out = Silo(cfg, parse_node_config({"partition-id": s})).train_round(1, None)
+        out = Silo(cfg, parse_node_config({"partition-id": s})).train_round("run", 1)
         outs[s] = (out.descriptor, {k: v.numpy() for k, v in out.decoder_state.items()})
     return cfg, outs
 
@@ -64,7 +64,7 @@ def test_silo_missing_a_round_still_contributes(trained, tmp_path):
     rnd = strategy.core.recorder.round(2)
     assert rnd["generators-used"] == ["silo-0", "silo-1", "silo-2"] and rnd["stale-silos"] == ["silo-1"]
     assert strategy.core.store.entry("silo-1")["stored_round"] == 1
-    _, labels, counts = synthesize(strategy.core.store, 30, 1.0, seed=lambda i: i)
+    _, labels, counts = synthesize(strategy.core.store, strategy.core.terms, 30, 1.0, seed=lambda i: i)
     assert set(labels.tolist()) == {0, 1, 2, 3, 4, 5} and counts["silo-1"] == 30
     assert metrics["generators"] == 3 and arrays is not None
 
@@ -93,10 +93,12 @@ def _bad_variants(desc, state):
         "encoder record": dict(state=state, extra_records={"encoder": ArrayRecord()}),
         "malformed descriptor": dict(state=state, desc_json="{not json"),
         "unknown descriptor field": dict(state=state, desc_json=text[:-1] + ', "backdoor": 1}'),
-        "missing descriptor field": dict(state=state, desc_json=text.replace('"conditional":true,', "")),
-        "labels outside dataset": dict(state=state, desc_json=text.replace('"label_set":[0,1]', '"label_set":[0,11]')),
+        "missing descriptor field": dict(state=state, desc_json=text.replace('"layout":"conditional",', "")),
+        "labels outside dataset": dict(state=state, desc_json=text.replace('"classes":["0","1"]', '"classes":["0","11"]')),
+        "path in a class name": dict(state=state, desc_json=text.replace('"classes":["0","1"]', '"classes":["0","../1"]')),
+        "old descriptor format": dict(state=state, desc_json=text.replace('"format":2', '"format":1')),
         "other image shape": dict(state=state, desc_json=text.replace('"image_shape":[1,28,28]', '"image_shape":[3,28,28]')),
-        "unconditional in a classifier run": dict(state=state, desc_json=text.replace('"conditional":true', '"conditional":false')),
+        "unconditional in a classifier run": dict(state=state, desc_json=text.replace('"layout":"conditional"', '"layout":"unconditional"')),
         "huge declared decoder": dict(state=state, desc_json=huge.model_dump_json()),
         "non-finite samples": dict(state=overflow),
         "unknown metric": dict(state=state, metrics={**METRICS, "backdoor": 1.0}),
@@ -108,6 +110,7 @@ def _bad_variants(desc, state):
 
 
 REASON = {"other image shape": "image_shape", "unconditional in a classifier run": "conditional=",
+          "labels outside dataset": "label space",
           "huge declared decoder": "declares a", "non-finite samples": "samples are not finite",
           "unknown metric": "backdoor", "huge count": "num-examples", "NaN count": "num-examples"}
 
@@ -115,7 +118,7 @@ REASON = {"other image shape": "image_shape", "unconditional in a classifier run
 @pytest.mark.parametrize("variant", [
     "NaN", "Inf", "wrong shape", "dtype", "missing tensors", "more tensors than the decoder", "encoder record",
     "malformed descriptor", "unknown descriptor field", "missing descriptor field", "labels outside dataset",
-    "other image shape", "unconditional in a classifier run", "huge declared decoder", "non-finite samples",
+    "path in a class name", "old descriptor format", "other image shape", "unconditional in a classifier run", "huge declared decoder", "non-finite samples",
     "unknown metric", "NaN count", "huge count", "list for a number", "metric missing"])
 def test_bad_reply_is_rejected_and_keeps_last_good_generator(trained, tmp_path, variant):
     cfg, outs = trained
@@ -163,13 +166,13 @@ def test_store_survives_a_restart(trained, tmp_path):
     reopened = GeneratorStore(tmp_path / "generators")
     assert reopened.silos() == ["silo-0", "silo-1", "silo-2"]
     desc, decoder = reopened.load_decoder("silo-1")
-    assert desc.label_set == (2, 3) and desc.architecture.kind == "conv"
+    assert desc.classes == ("2", "3") and desc.architecture.kind == "conv"
 
 
 def test_unconditional_generators_train_a_global_vae(tmp_path):
     """The paper's code path: unconditional decoders, a global VAE learned from their samples."""
     cfg = parse_run_config({**tiny_run_config(tmp_path / "results"), "conditional": False, "global-model": "vae"})
-    outs = [Silo(cfg, parse_node_config({"partition-id": s})).train_round(1, None) for s in range(2)]
+    outs = [Silo(cfg, parse_node_config({"partition-id": s})).train_round("run", 1) for s in range(2)]
     assert all(o.descriptor.cond_dim == 0 for o in outs)
     strategy = make_strategy(cfg, tmp_path)
     arrays, metrics = strategy.aggregate_train(1, [reply(NODE[s], o.descriptor, {k: v.numpy() for k, v in o.decoder_state.items()})

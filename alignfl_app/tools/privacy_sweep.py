@@ -4,7 +4,7 @@
         [--base 'num-server-rounds=3 ...'] [--out results/sweep] [--app .]
 
 Lipschitz weight 0 means no penalty; > 0 the two-sided gradient penalty (``lipschitz='gp'``). Each run has
-its own privacy-ledger folder (budgets of different runs never mix). Writes ``<out>/sweep.csv``,
+its own simulated silos (``ALIGNFL_SILOS_ROOT=<out>/silos/<run>``: their ledgers never mix). Writes ``<out>/sweep.csv``,
 ``<out>/sweep.md`` and ``<out>/sweep.png``; ``--report-only`` rebuilds them from finished runs.
 Columns: global accuracy (real test set, last round), outlier mapping rate, leakage rate, member-nearer
 rate, outlier share, MIA AUC (outlier silos, mean), largest epsilon any silo spent. ``--reaudit``
@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -37,8 +38,7 @@ def run_name(dataset: str, eps: str, weight: str) -> str:
 
 def run_config(dataset: str, eps: str, weight: str, base: str, out: Path) -> str:
     name = run_name(dataset, eps, weight)
-    parts = [base, f"dataset='{dataset}'", f"run-name='{name}'", f"results-dir='{out}'",
-             f"privacy-ledger-dir='{out / 'ledgers' / name}'"]
+    parts = [base, f"dataset='{dataset}'", f"run-name='{name}'", f"results-dir='{out}'"]
     if eps != "none":
         parts.append(f"dp-epsilon={float(eps)}")
     if float(weight) > 0:
@@ -61,6 +61,11 @@ def row_of(summary_path: Path, dataset: str, eps: str, weight: str) -> dict:
             if "audit-mapping-rate" in m:
                 audits[silo] = m
     row["epsilon_spent_max"] = max(spent) if spent else None
+    silos = summary_path.parent.parent / "silos" / summary_path.parent.name  # the simulated silos' own reports
+    for report in sorted(silos.glob("*/reports/round-*.json")):
+        figures = json.loads(report.read_text())
+        if "audit-mia-auc" in figures:
+            audits[report.parent.parent.name] = figures
     recomputed = summary_path.parent / "decoder-audit.json"  # --reaudit: same decoder, seed and samples
     if recomputed.is_file():
         for silo, m in json.loads(recomputed.read_text()).items():
@@ -131,17 +136,18 @@ def main(argv: list[str] | None = None) -> int:
     cells = [(ds, eps, wgt) for ds in args.datasets for eps in args.epsilons for wgt in args.weights]
     todo = [c for c in cells if not (out / run_name(*c) / "summary.json").is_file()]
     if todo and not args.report_only:
-        with (tempfile.TemporaryDirectory(prefix="alignfl-sweep-") as tmp,
-              simulation_superlink(Path(tmp), Path(args.app)) as link):
-            for cell in todo:  # one SuperLink, one `flwr run` per cell; finished cells are kept (re-run resumes)
-                print(f"[sweep] {run_name(*cell)}", flush=True)
+        for cell in todo:  # a SuperLink and a `flwr run` per cell; finished cells are kept (re-run resumes)
+            print(f"[sweep] {run_name(*cell)}", flush=True)
+            os.environ["ALIGNFL_SILOS_ROOT"] = str(out / "silos" / run_name(*cell))  # the cell's own silos
+            with (tempfile.TemporaryDirectory(prefix="alignfl-sweep-") as tmp,
+                  simulation_superlink(Path(tmp), Path(args.app)) as link):
                 t0 = time.perf_counter()
                 run, log = link.run_app(run_config(*cell, args.base, out), num_supernodes=args.num_supernodes,
                                         timeout=args.timeout)
-                print(f"[sweep] {run_name(*cell)}: {run['status']} in {time.perf_counter() - t0:.0f} s", flush=True)
-                if run["status"] != "finished:completed":
-                    print(log[-3000:], flush=True)
-                write_report([row_of(out / run_name(*c) / "summary.json", *c) for c in cells], out)
+            print(f"[sweep] {run_name(*cell)}: {run['status']} in {time.perf_counter() - t0:.0f} s", flush=True)
+            if run["status"] != "finished:completed":
+                print(log[-3000:], flush=True)
+            write_report([row_of(out / run_name(*c) / "summary.json", *c) for c in cells], out)
     if args.reaudit:
         for c in cells:
             run = out / run_name(*c)
