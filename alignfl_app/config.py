@@ -10,7 +10,6 @@ and the fix.
 
 from __future__ import annotations
 
-import math
 import os
 import re
 import tomllib
@@ -338,9 +337,9 @@ class SiloPrivacyPolicy(BaseModel):
     """
 
     require_dp: bool = False
-    """true: refuse every round the run asks to train without DP."""
-    max_epsilon: float = Field(default=math.inf, gt=0)
-    """The largest per-run epsilon this silo accepts."""
+    """true: refuse every round the run asks to train without DP (a silo with a ledger always does)."""
+    max_epsilon: float = Field(default=8.0, gt=0)
+    """The largest per-run epsilon this silo accepts (counted over the rounds a run actually trains)."""
     max_delta: float = Field(default=1e-5, gt=0, lt=1)
     budget_epsilon: float | None = Field(default=None, gt=0)
     """Lifetime cap over every run, by the ledger's accountant; absent: the epsilon of the silo's first DP run."""
@@ -349,6 +348,7 @@ class SiloPrivacyPolicy(BaseModel):
 
 
 POLICY_FILE = "privacy-policy.toml"
+MAX_DP_STEPS = 10_000  # per run: the PRV accountant of a longer plan takes minutes and gigabytes
 
 
 def load_silo_policy(silo_dir: Path) -> SiloPrivacyPolicy:
@@ -466,6 +466,10 @@ class RunConfig(BaseModel):
             raise ValueError(f"min-silos={self.run.min_silos} exceeds the {self.data.num_silos} silos of silo-classes")
         if self.run.resume and strategy != "alignfl":
             raise ValueError(f"resume=true is supported for strategy='alignfl' only, not '{strategy}'")
+        planned = self.run.num_server_rounds * self.privacy.steps
+        if self.privacy.enabled and planned > MAX_DP_STEPS:
+            raise ValueError(f"num-server-rounds x dp-steps = {planned} DP-SGD steps; at most {MAX_DP_STEPS} per run "
+                             "(the silos' accountant must stay fast): lower them or raise dp-sample-rate")
         return self
 
     @property

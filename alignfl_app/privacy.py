@@ -136,10 +136,14 @@ class DPPlan(BaseModel):
         return [(self.count_noise_std, 1.0, 1), *steps] if releases_counts else steps
 
     @property
+    def planned_mechanisms(self) -> list[Mechanism]:
+        """Everything the planned run releases per group: the counts once, every round's steps."""
+        return [(self.count_noise_std, 1.0, 1),
+                (self.noise_multiplier, self.sample_rate, self.steps_per_round * self.planned_rounds)]
+
+    @functools.cached_property
     def planned_epsilon(self) -> float:
-        return epsilon_of([(self.count_noise_std, 1.0, 1),
-                           (self.noise_multiplier, self.sample_rate, self.steps_per_round * self.planned_rounds)],
-                          self.delta, self.accountant)
+        return epsilon_of(self.planned_mechanisms, self.delta, self.accountant)
 
 
 @functools.lru_cache(maxsize=16)
@@ -171,14 +175,20 @@ def calibrate(privacy: PrivacySection, rounds: int) -> DPPlan:
     return plan(hi)
 
 
+def requires_dp(policy: SiloPrivacyPolicy, silo_dir: Path) -> bool:
+    """A silo whose policy says so, or one that has a ledger (once private, always private: a later non-private
+    round would release what the earlier ones protected)."""
+    return policy.require_dp or (Path(silo_dir) / LEDGER_FILE).is_file()
+
+
 def admit(request: PrivacySection, policy: SiloPrivacyPolicy, rounds: int, silo: str, silo_dir: Path,
           local: LocalTrainingSection) -> NoPrivacy | DifferentialPrivacy:
     """The silo's privacy for this run: what the run asks, if the silo's policy allows it (PolicyRefusal)."""
-    where = Path(silo_dir) / POLICY_FILE
+    where = f"<silo-dir>/{POLICY_FILE}"
     if not request.enabled:
-        if policy.require_dp:
-            raise PolicyRefusal(f"silo '{silo}' requires DP ({where}) but the run asks to train without it: "
-                                "set dp-epsilon in the run config")
+        if requires_dp(policy, silo_dir):
+            raise PolicyRefusal(f"silo '{silo}' requires DP ({where}, or it has trained privately before) but the "
+                                "run asks to train without it: set dp-epsilon in the run config")
         return NoPrivacy(local)
     plan = calibrate(request, rounds)
     if plan.delta > policy.max_delta:
@@ -243,11 +253,12 @@ class PrivacyLedger:
             state = LedgerState.model_validate_json(self.path.read_text())
         except ValueError as exc:
             raise PrivacyBudgetExceeded(
-                f"privacy ledger {self.path} is unreadable ({type(exc).__name__}); restore it from a backup "
-                "(training stays blocked: a lost ledger must not reset the budget)") from exc
+                f"silo '{self.silo}': its privacy ledger <silo-dir>/{LEDGER_FILE} is unreadable "
+                f"({type(exc).__name__}); its operator must restore it from a backup (training stays blocked: a "
+                "lost ledger must not reset the budget)") from exc
         if state.silo != self.silo:
-            raise PrivacyBudgetExceeded(f"privacy ledger {self.path} belongs to silo '{state.silo}', not "
-                                        f"'{self.silo}': give each silo its own silo-dir")
+            raise PrivacyBudgetExceeded(f"silo '{self.silo}': its ledger <silo-dir>/{LEDGER_FILE} belongs to silo "
+                                        f"'{state.silo}': give each silo its own silo-dir")
         return state
 
     def spent(self) -> float:
@@ -256,25 +267,38 @@ class PrivacyLedger:
 
     def book(self, run: str, server_round: int, mechanisms: list[Mechanism], plan: DPPlan,
              policy: SiloPrivacyPolicy) -> tuple[float, float]:
-        """Book a round before it trains (conservative if training then fails); (epsilon after, the cap)."""
+        """Book a round before it trains (conservative if training then fails): (this run's epsilon after it, the
+        lifetime epsilon after it). Refused: a round outside the run's plan or booked before, a run passing its
+        planned epsilon or the policy's max-epsilon, a lifetime past the budget."""
+        where = f"<silo-dir>/{LEDGER_FILE}"
         with locked(self.lock):
             state = self.read() or LedgerState(silo=self.silo, accountant=plan.accountant, delta=policy.max_delta,
-                                               first_run_epsilon=epsilon_of(
-                                                   [(plan.count_noise_std, 1.0, 1), (plan.noise_multiplier,
-                                                    plan.sample_rate, plan.steps_per_round * plan.planned_rounds)],
-                                                   policy.max_delta, plan.accountant))
+                                               first_run_epsilon=epsilon_of(plan.planned_mechanisms, policy.max_delta,
+                                                                            plan.accountant))
+            booked = [e for e in state.entries if e.run == run]
+            if not 1 <= server_round <= plan.planned_rounds or any(e.round == server_round for e in booked):
+                raise PrivacyBudgetExceeded(
+                    f"silo '{self.silo}' refuses round {server_round} of run {run}: it plans rounds 1.."
+                    f"{plan.planned_rounds} and trains each once (booked: {sorted(e.round for e in booked)})")
+            run_history = [tuple(m) for e in booked for m in e.mechanisms] + list(mechanisms)
+            run_after = epsilon_of(run_history, plan.delta, plan.accountant)
+            run_cap = min(plan.planned_epsilon, policy.max_epsilon)
+            if run_after > run_cap * (1 + 1e-6):
+                raise PrivacyBudgetExceeded(
+                    f"silo '{self.silo}' refuses round {server_round}: run {run} would spend epsilon {run_after:.3f} > "
+                    f"{run_cap:.3f} (its plan, or max-epsilon in <silo-dir>/{POLICY_FILE}; ledger {where})")
             cap = policy.budget_epsilon if policy.budget_epsilon is not None else state.first_run_epsilon
             before = epsilon_of(state.history, state.delta, state.accountant)
             after = epsilon_of([*state.history, *mechanisms], state.delta, state.accountant)
             if after > cap * (1 + 1e-9):
                 raise PrivacyBudgetExceeded(
                     f"silo '{self.silo}' refuses round {server_round}: it would spend epsilon {after:.3f} > its "
-                    f"lifetime budget {cap:.3f} (spent {before:.3f}; ledger {self.path}); only the silo's operator "
-                    f"can allow more, with budget-epsilon in {self.dir / POLICY_FILE}")
+                    f"lifetime budget {cap:.3f} (spent {before:.3f}; ledger {where}); only the silo's operator "
+                    f"can allow more, with budget-epsilon in <silo-dir>/{POLICY_FILE}")
             state.entries.append(LedgerEntry(run=run, round=server_round, mechanisms=list(mechanisms),
                                              epsilon_after=after, booked_at=time.time()))
             atomic_write_text(self.path, state.model_dump_json(indent=1))
-            return after, cap
+            return run_after, after
 
 
 class RandomSource:
@@ -494,11 +518,14 @@ class DifferentialPrivacy:
             carry = DPCarry(run=run, noisy_counts=[n + float(source.normal((1,))[0]) * plan.count_noise_std
                                                    for n in group_sizes],
                             clip_bounds=[plan.clip_init] * len(group_sizes))
-        spent, cap = self.ledger.book(run, server_round, plan.round_mechanisms(fresh), plan, self.policy)
+        run_spent, _ = self.ledger.book(run, server_round, plan.round_mechanisms(fresh), plan, self.policy)
+        # the model's own draws (the VAE's reparameterisation) from a secret stream too: one the server could
+        # replay would tie every record's gradient to the batch before it
+        torch.manual_seed(secure_seed())
         if plan.delta * max(sum(carry.noisy_counts), 1.0) >= 1.0:  # on the booked noisy counts: leaks nothing more
             raise PolicyRefusal(f"silo '{self.silo}' holds too many records for dp-delta={plan.delta:g} (delta must "
                                 "stay below 1 / records): lower dp-delta")
-        return DPRound(plan, carry, source, spent, cap)
+        return DPRound(plan, carry, source, run_spent)
 
 
 @dataclass
@@ -506,8 +533,7 @@ class DPRound:
     plan: DPPlan
     dp_carry: DPCarry
     source: RandomSource
-    spent: float
-    cap: float
+    run_spent: float
     rules: dict[int, AdaptiveClipDP] = field(default_factory=dict)
 
     @property
@@ -527,8 +553,8 @@ class DPRound:
         return self.dp_carry.model_copy(update={"clip_bounds": bounds})
 
     def public_report(self) -> dict[str, float]:
-        """Constants of the run's public recipe and the ledger: identical for neighbouring datasets."""
+        """The run's public recipe and what this run has spent (a function of it and of the rounds trained):
+        identical for neighbouring datasets, and silent about the silo's other runs."""
         plan = self.plan
         return {"dp-epsilon": plan.planned_epsilon, "dp-delta": plan.delta, "dp-noise-multiplier": plan.noise_multiplier,
-                "dp-sample-rate": plan.sample_rate, "dp-steps": plan.steps_per_round, "dp-epsilon-spent": self.spent,
-                "dp-epsilon-budget": self.cap}
+                "dp-sample-rate": plan.sample_rate, "dp-steps": plan.steps_per_round, "dp-epsilon-spent": self.run_spent}

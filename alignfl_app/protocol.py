@@ -23,3 +23,5 @@ PROXIMAL_MU = "proximal-mu"  # train ask config of FedProx (Flower's FedProx set
 VAE_STATE = "alignfl-vae"  # key in the silo's private Context.state; never sent
 DP_CARRY = "alignfl-dp"  # key in the silo's private Context.state (noisy counts, clip bounds); never sent
 PRIVACY_REFUSAL_ERROR = 4031  # error reply code: the silo's privacy policy or ledger refused the request
+PRIVATE_FAILURE_ERROR = 4032  # error reply code: a private round failed; the reason stays on the silo
+STRATEGY_MISMATCH_ERROR = 4033  # error reply code: the message asks for another strategy than the run config

@@ -72,7 +72,7 @@ class GeneratorTrainMetrics(ReplyMetrics):
 
 
 class PrivateTrainMetrics(ReplyMetrics):
-    """A DP silo's train reply: the run's public recipe and the silo's ledger, nothing computed from its records
+    """A DP silo's train reply: the run's public recipe and this run's spend, nothing computed from its records
     (the same for neighbouring datasets). Every field is required: the server sees exactly this set of keys."""
 
     dp_epsilon: NonNegative  # this run's planned epsilon at dp-delta, by the run's accountant
@@ -80,8 +80,7 @@ class PrivateTrainMetrics(ReplyMetrics):
     dp_noise_multiplier: NonNegative
     dp_sample_rate: Rate
     dp_steps: Count
-    dp_epsilon_spent: NonNegative  # the silo's lifetime spend after this round (its ledger)
-    dp_epsilon_budget: NonNegative  # the silo's lifetime cap (its policy)
+    dp_epsilon_spent: NonNegative  # what this run has spent after this round (by the run's accountant)
     decoder_bytes: Count  # a function of the architecture
 
 

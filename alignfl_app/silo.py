@@ -26,7 +26,7 @@ from .global_model import GlobalModel
 from .lipschitz import lipschitz_hooks
 from .metrics import peak_rss_mb
 from .models import GeneratorSet
-from .privacy import DPCarry, DifferentialPrivacy, NoPrivacy, PrivacyRefusal, admit
+from .privacy import DPCarry, DifferentialPrivacy, NoPrivacy, PrivacyRefusal, admit, requires_dp
 from .replies import AveragedTrainMetrics, EvaluateMetrics, GeneratorTrainMetrics, PrivateTrainMetrics
 from .seeds import audit_seed, local_batches_seed, vae_init_seed
 from .store import GeneratorDescriptor
@@ -170,8 +170,15 @@ class Silo:
         path = self.dir / "reports" / f"round-{server_round:03d}.json"
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(path, json.dumps(figures, indent=1, sort_keys=True))
-        log.info("Silo '%s' round %d (kept on the silo, %s): %s", self.name, server_round, path,
-                 {k: f"{v:.4g}" if isinstance(v, float) else v for k, v in sorted(figures.items())})
+        # only the path: a simulation's ClientApp log is uploaded to the SuperLink
+        log.info("Silo '%s': round %d's figures are in its own report %s", self.name, server_round, path)
+
+    def record_failure(self, server_round: int, text: str) -> None:
+        """A failed private round's traceback, kept on the silo (its text may describe the records)."""
+        path = self.dir / "reports" / "failures.log"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a") as f:
+            f.write(f"round {server_round}\n{text}\n")
 
     def train_global_model(self, server_round: int, global_state: StateDict,
                            proximal_mu: float = 0.0) -> tuple[StateDict, AveragedTrainMetrics]:
@@ -179,7 +186,7 @@ class Silo:
         all classes), trained on this silo's real data with the settings the ALIGN-FL silos use for their VAEs
         (outliers included, local-epochs / batch-size / learning-rate)."""
         cfg = self.cfg
-        self.privacy()  # a silo whose policy requires DP refuses weight averaging (it has no DP)
+        self.refuse_non_private_release("trains weight averaging without DP")
         model = GlobalModel.from_config(cfg)
         model.load_state(global_state)
         hooks = [ProximalTerm(model.model, proximal_mu)] if proximal_mu > 0 else []
@@ -203,11 +210,16 @@ class Silo:
                           self.dir / "audits" / f"round-{server_round:03d}.png")
         return result.metrics()
 
+    def refuse_non_private_release(self, what: str) -> None:
+        """PrivacyRefusal when the run asks for DP or the silo requires it: ``what`` would release figures of its
+        records without DP."""
+        if self.cfg.privacy.enabled or requires_dp(load_silo_policy(self.dir), self.dir):
+            raise PrivacyRefusal(f"silo '{self.name}' trains under DP: it {what}")
+
     def evaluate_global(self, kind: str, state: StateDict) -> EvaluateMetrics:
         """Judge the global model on this silo's real held-out test set; a silo under DP does not release it."""
-        if self.cfg.privacy.enabled or load_silo_policy(self.dir).require_dp:
-            raise PrivacyRefusal(f"silo '{self.name}' trains under DP: it does not release evaluations on its "
-                                 "records (evaluate on the server's test set)")
+        self.refuse_non_private_release("does not release evaluations on its records (evaluate on the server's "
+                                        "test set)")
         model = GlobalModel(kind, self.cfg.data.num_classes, conditional=self.cfg.local.conditional)
         model.load_state(state)
         return EvaluateMetrics.model_validate({**model.evaluate(self.data.x_test, self.data.y_test),

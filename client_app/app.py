@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+import traceback
 from functools import lru_cache
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from alignfl_app import protocol as P
-from alignfl_app.protocol import PRIVACY_REFUSAL_ERROR
+from alignfl_app.protocol import PRIVACY_REFUSAL_ERROR, PRIVATE_FAILURE_ERROR, STRATEGY_MISMATCH_ERROR
 from alignfl_app.config import parse_node_config, parse_run_config
 from alignfl_app.privacy import DPCarry, PrivacyRefusal
 from alignfl_app.silo import Silo, SiloState
@@ -33,10 +34,12 @@ def silo_for(context: Context) -> Silo:
 def train(msg: Message, context: Context) -> Message:
     """Dispatch on the strategy named in the message config (ALIGN-FL when absent)."""
     strategy = str(msg.content[P.CONFIG].get(P.STRATEGY, "alignfl"))
+    configured = silo_for(context).cfg.baselines.strategy
+    if strategy != configured:  # the run config decides what a silo trains, not a message
+        return Message(error=Error(code=STRATEGY_MISMATCH_ERROR, reason=(
+            f"the train message asks for strategy '{strategy}' but the run config says '{configured}'")), reply_to=msg)
     if strategy in ("fedavg", "fedprox"):
         return train_averaged_model(msg, context)
-    if strategy != "alignfl":
-        raise ValueError(f"unknown strategy '{strategy}' in the train config: use alignfl, fedavg or fedprox")
     return train_generator(msg, context)
 
 
@@ -64,6 +67,14 @@ def train_generator(msg: Message, context: Context) -> Message:
         out = silo.train_round(str(context.run_id), server_round, silo_state(context))
     except PrivacyRefusal as exc:  # a clear error reply; the server keeps the last generator
         return Message(error=Error(code=PRIVACY_REFUSAL_ERROR, reason=str(exc)), reply_to=msg)
+    except Exception:
+        if not silo.cfg.privacy.enabled:
+            raise  # Flower's error reply carries the reason
+        # under DP an exception's text could describe the records: the details stay on the silo
+        silo.record_failure(server_round, traceback.format_exc())
+        return Message(error=Error(code=PRIVATE_FAILURE_ERROR, reason=(
+            f"silo '{silo.name}' failed in private round {server_round}; the details stay in its silo-dir")),
+            reply_to=msg)
     context.state[P.VAE_STATE] = ArrayRecord(torch_state_dict=out.state.generators)
     if out.state.dp is not None:
         context.state[P.DP_CARRY] = ConfigRecord({"json": out.state.dp.model_dump_json()})

@@ -106,13 +106,21 @@ def test_epsilon_matches_the_accountant_and_the_silo_stops_at_its_budget(tmp_pat
             acc.step(noise_multiplier=m["dp-noise-multiplier"], sample_rate=m["dp-sample-rate"])
         assert m["dp-epsilon-spent"] == pytest.approx(acc.get_epsilon(1e-5), rel=0.02)
     assert 0 < spent[0] < spent[1] <= 4.0 and spent[1] > 0.95 * 4.0  # the planned run uses the target, no more
-    # round 3 was not planned: the ledger refuses it with a clear error reply, also after a restart
+    # round 3 was not planned, and round 2 was trained already: both refused with a clear error reply
+    for again in (3, 2):
+        reply, _ = train_reply(cfg, 0, context=ctx, server_round=again)
+        assert reply.has_error() and reply.error.code == P.PRIVACY_REFUSAL_ERROR
+        assert f"refuses round {again} of run 1" in reply.error.reason and "trains each once" in reply.error.reason
+    # another run on the same silo (also after a restart): its ledger's lifetime cap (the first run's epsilon) holds
     _silo.cache_clear()
-    reply, _ = train_reply(cfg, 0, context=make_context(cfg, 0), server_round=3)
+    other_run = make_context(cfg, 0)
+    other_run.run_id = 2
+    reply, _ = train_reply(cfg, 0, context=other_run, server_round=1)
     assert reply.has_error() and reply.error.code == P.PRIVACY_REFUSAL_ERROR
     reason = reply.error.reason
-    assert "refuses round 3" in reason and "\n" not in reason and "privacy-ledger.json" in reason
+    assert "lifetime budget" in reason and "\n" not in reason and "<silo-dir>/privacy-ledger.json" in reason
     assert "run config" not in reason and "budget-epsilon in" in reason  # only the silo's operator can allow more
+    assert str(tmp_path) not in reason  # no path of the silo's machine
 
 
 def test_server_keeps_the_last_generator_of_a_silo_out_of_budget(tmp_path):
@@ -140,10 +148,11 @@ def test_a_run_no_silo_may_train_stops_naming_the_silos_and_their_ledgers(tmp_pa
     contexts = {p: make_context(cfg_raw, p, node_id=1000 + p) for p in (0, 1)}
     for p, ctx in contexts.items():
         assert not train_reply(cfg_raw, p, context=ctx, server_round=1)[0].has_error()  # spends the budget
-    strategy.core.registry.asked[2] = [1000, 1001]
-    refusals = [train_reply(cfg_raw, p, context=ctx, server_round=2)[0] for p, ctx in contexts.items()]
+        ctx.run_id = 2  # the next run on the same silos
+    strategy.core.registry.asked[1] = [1000, 1001]
+    refusals = [train_reply(cfg_raw, p, context=ctx, server_round=1)[0] for p, ctx in contexts.items()]
     with pytest.raises(SilosRefused) as err:
-        strategy.aggregate_train(2, refusals)
+        strategy.aggregate_train(1, refusals)
     text = str(err.value)
     assert "\n" not in text and "silo-0" in text and "silo-1" in text and text.count("privacy-ledger.json") == 2
 

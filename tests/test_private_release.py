@@ -141,8 +141,78 @@ def test_the_run_config_cannot_raise_reset_or_disable_a_silos_budget(tmp_path):
         parse_node_config({"partition-id": 0, "privacy-ledger": str(tmp_path / "fresh.json")})
     ledger = PrivacyLedger(tmp_path / "silos" / "silo-0", "silo-0")
     assert len(ledger.read().entries) == 1  # refused rounds booked nothing
-    # a smaller epsilon (more privacy) is accepted
     assert issubclass(PolicyRefusal, PrivacyRefusal)
+
+
+def test_a_run_cannot_spend_past_its_plan_by_asking_rounds_again_or_beyond(tmp_path):
+    """The server asks round 1 twice, then a round the plan does not have: refused, nothing booked."""
+    from alignfl_app.privacy import PrivacyBudgetExceeded
+
+    policy(tmp_path, "budget-epsilon = 100.0\nmax-epsilon = 4.0\n")
+    run_config = dp_run(tmp_path, **{"num-server-rounds": 2, "dp-epsilon": 4.0})
+    silo = Silo(parse_run_config(run_config), parse_node_config({"partition-id": 0}))
+    first = silo.train_round("run-a", 1)
+    for again in (1, 3, 999, 0):
+        with pytest.raises(PrivacyBudgetExceeded, match="trains each once"):
+            silo.train_round("run-a", again, first.state)
+    assert [e.round for e in PrivacyLedger(silo.dir, "silo-0").read().entries] == [1]
+
+
+def test_a_silo_that_trained_privately_never_trains_or_evaluates_without_dp_again(tmp_path):
+    """No policy file: the first DP run leaves a ledger, and a later run asking for no DP is refused."""
+    from alignfl_app.privacy import PolicyRefusal
+
+    train(dp_run(tmp_path, **{"num-server-rounds": 1}))
+    plain = {**tiny_run_config(tmp_path / "results"), "num-server-rounds": 1}
+    with pytest.raises(PolicyRefusal, match="trained privately before"):
+        train(plain, run="run-b")
+    silo = Silo(parse_run_config(plain), parse_node_config({"partition-id": 0}))
+    with pytest.raises(Exception, match="does not release evaluations"):
+        silo.evaluate_global("classifier", GlobalModel("classifier", 10).state())
+
+
+def test_without_a_policy_a_server_cannot_set_a_huge_first_cap(tmp_path):
+    """The default policy accepts at most epsilon 8 per run: a first run planned with little noise is refused."""
+    from alignfl_app.privacy import PolicyRefusal
+
+    with pytest.raises(PolicyRefusal, match="at most epsilon 8"):
+        train(dp_run(tmp_path, **{"dp-epsilon": 0.0, "dp-noise-multiplier": 0.3, "num-server-rounds": 3}))
+    assert not (tmp_path / "silos" / "silo-0" / "privacy-ledger.json").exists()
+
+
+def test_a_train_message_cannot_switch_a_private_silo_to_weight_averaging(tmp_path, monkeypatch):
+    """strategy='fedavg' in the message of a DP run: refused, nothing trained on the records without DP."""
+    run_config = dp_run(tmp_path)
+    ctx = make_context(run_config, 0)
+    model = GlobalModel("classifier", 10)
+    msg = make_message(RecordDict({P.GLOBAL_MODEL: ArrayRecord(torch_state_dict=model.state()),
+                                   P.CONFIG: ConfigRecord({P.SERVER_ROUND: 1, P.STRATEGY: "fedavg"})}),
+                       MessageType.TRAIN, 1, ctx.node_id)
+    reply = client_module.app(msg, ctx)
+    assert reply.has_error() and reply.error.code == P.STRATEGY_MISMATCH_ERROR
+    silo = Silo(parse_run_config(run_config), parse_node_config({"partition-id": 0}))
+    with pytest.raises(Exception, match="weight averaging without DP"):
+        silo.train_global_model(1, model.state())
+
+
+def test_a_failing_private_round_sends_no_exception_text(tmp_path, monkeypatch):
+    run_config = dp_run(tmp_path)
+    ctx = make_context(run_config, 0)
+    silo = client_module.silo_for(ctx)
+    monkeypatch.setattr(Silo, "record_figures", lambda *a: (_ for _ in ()).throw(ValueError("132 records, 12 outliers")))
+    msg = make_message(RecordDict({P.CONFIG: ConfigRecord({P.SERVER_ROUND: 1})}), MessageType.TRAIN, 1, ctx.node_id)
+    reply = client_module.app(msg, ctx)
+    assert reply.has_error() and reply.error.code == P.PRIVATE_FAILURE_ERROR and "132" not in reply.error.reason
+    assert "132 records" in (silo.dir / "reports" / "failures.log").read_text()
+
+
+def test_the_models_own_draws_under_dp_come_from_a_secret_seed(tmp_path):
+    """The VAE's reparameterisation noise must not replay from the run's public seed."""
+    from alignfl_app.seeds import vae_init_seed
+
+    cfg = parse_run_config(dp_run(tmp_path, **{"num-server-rounds": 1}))
+    Silo(cfg, parse_node_config({"partition-id": 0})).train_round("run", 1)
+    assert torch.initial_seed() != vae_init_seed(cfg.run.seed, 0)
 
 
 def test_without_a_policy_the_first_dp_run_sets_the_lifetime_cap(tmp_path):
@@ -155,8 +225,8 @@ def test_without_a_policy_the_first_dp_run_sets_the_lifetime_cap(tmp_path):
 
 def _book_many(args) -> None:
     silo_dir, run, rounds = args
-    cfg = parse_run_config({**tiny_run_config("r"), "dp-epsilon": 2.0, "dp-steps": 2, "num-server-rounds": 1})
-    plan = calibrate(cfg.privacy, 1)
+    cfg = parse_run_config({**tiny_run_config("r"), "dp-epsilon": 2.0, "dp-steps": 2, "num-server-rounds": rounds})
+    plan = calibrate(cfg.privacy, rounds)
     ledger = PrivacyLedger(silo_dir, "silo-0")
     for r in range(1, rounds + 1):
         ledger.book(run, r, plan.round_mechanisms(False), plan, SiloPrivacyPolicy(budget_epsilon=1e6))

@@ -109,10 +109,15 @@ def write_report(rows: list[dict], out: Path) -> None:
             for ax, key in zip(axes, panels):
                 ys = [r.get(key) if r.get(key) is not None else float("nan") for r in pts]
                 ax.plot(xs, ys, "o-", label=f"{ds}, lambda={wgt}")
-    for ax, title in zip(axes, panels.values()):
+    for ax, (key, title) in zip(axes, panels.items()):
         ax.set_xlabel("epsilon ('none' = no DP)")
         ax.set_title(title)
         ax.grid(alpha=0.3)
+        ax.set_ylim(0, 1)  # every panel is a rate: the whole range, no axis cut to exaggerate a difference
+        if key == "mia_auc":
+            ax.axhline(0.5, color="k", linestyle="--", linewidth=1, label="chance")
+        elif key == "global_accuracy":
+            ax.axhline(0.1, color="k", linestyle="--", linewidth=1, label="chance (10 classes)")
     axes[0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out / "sweep.png", dpi=110)
