@@ -312,3 +312,20 @@ def test_roc_plot_has_honest_axes_and_the_chance_line():
     assert roc.get_xlim() == pytest.approx((1 / 400, 1.0)) and roc.get_ylim() == pytest.approx((1 / 400, 1.0))
     chance = [line for line in roc.get_lines() if line.get_label().startswith("chance")]
     assert len(chance) == 1 and np.allclose(chance[0].get_xdata(), chance[0].get_ydata())
+
+
+def test_canary_audit_command_trains_like_the_silo_and_never_bounds_above_the_accountant(tmp_path):
+    """The command end to end on a tiny recipe: both attacks per level, the table, exit 0 (no bound above epsilon)."""
+    import json
+
+    from alignfl_app.tools.canary_audit import main
+
+    recipe = ("num-server-rounds=1 generator-layout='per-class' silo-architectures='mlp-small' dp-steps=20 "
+              "local-epochs=1")
+    assert main(["--run-config", recipe, "--epsilons", "2", "none", "--canaries", "200", "--records", "50",
+                 "--attack-steps", "5", "--restarts", "1", "--out", str(tmp_path)]) == 0
+    table = json.loads((tmp_path / "table.json").read_text())
+    assert [(r["level"], r["attack"]) for r in table] == [("2", "decoder"), ("2", "whole VAE"), ("none", "decoder"),
+                                                          ("none", "whole VAE")]
+    assert all(r["lower-bound"] <= r["accountant-epsilon"] for r in table)
+    assert table[0]["accountant-epsilon"] <= 2.0 and (tmp_path / "2.png").stat().st_size > 0
