@@ -51,7 +51,7 @@ def test_proximal_term_pulls_weights_back_to_the_global_model():
 def test_averaging_reply_carries_the_trained_classifier(tiny_config, strategy):
     cfg = parse_run_config({**tiny_config, "strategy": strategy})
     glob = GlobalModel("classifier", 10, seed=3)
-    ctx = make_context(tiny_config, 1)
+    ctx = make_context({**tiny_config, "strategy": strategy}, 1)
     config = ConfigRecord({P.SERVER_ROUND: 1, P.STRATEGY: strategy, P.PROXIMAL_MU: 0.5})
     msg = make_message(RecordDict({P.GLOBAL_MODEL: ArrayRecord(torch_state_dict=glob.state()), P.CONFIG: config}),
                        MessageType.TRAIN, src=1, dst=ctx.node_id)
