@@ -75,20 +75,19 @@ class Silo:
         self.data: SiloData = build_silo_data(cfg, self.index, root, node.classes)
         set_threads(cfg.local.client_threads)
         self.layout = cfg.local.generator_layout if cfg.local.conditional else "unconditional"
-        self.groups = self._groups()
+        self.groups = self.generator_groups()
 
-    def _groups(self) -> list[GeneratorGroup]:
-        """One group per class (per-class layout), else one group holding every record."""
+    def generator_groups(self) -> list[GeneratorGroup]:
+        """One group per class (per-class layout), else one group holding every record; each record's decoder
+        condition is its index in the silo's classes (conditional) or 0 (one decoder per group)."""
         d = self.data
         if self.layout == "per-class":
-            return [GeneratorGroup((d.x_train[d.y_train == c], torch.zeros(int((d.y_train == c).sum()), dtype=torch.long)),
-                                   (d.x_test[d.y_test == c], torch.zeros(int((d.y_test == c).sum()), dtype=torch.long)))
+            return [GeneratorGroup(_unconditional(d.x_train[d.y_train == c]), _unconditional(d.x_test[d.y_test == c]))
                     for c in d.classes]
         if self.layout == "conditional":
             return [GeneratorGroup((d.x_train, to_local_labels(d.y_train, d.classes)),
                                    (d.x_test, to_local_labels(d.y_test, d.classes)))]
-        return [GeneratorGroup((d.x_train, torch.zeros(len(d.y_train), dtype=torch.long)),
-                               (d.x_test, torch.zeros(len(d.y_test), dtype=torch.long)))]
+        return [GeneratorGroup(_unconditional(d.x_train), _unconditional(d.x_test))]
 
     def privacy(self) -> NoPrivacy | DifferentialPrivacy:
         """What the run asks, if this silo's policy (read each time: its operator may change it) allows it."""
@@ -224,6 +223,11 @@ class Silo:
         model.load_state(state)
         return EvaluateMetrics.model_validate({**model.evaluate(self.data.x_test, self.data.y_test),
                                                "silo-index": self.index})
+
+
+def _unconditional(x: torch.Tensor) -> Tensors:
+    """Images with the condition of an unconditional decoder (all 0)."""
+    return x, torch.zeros(len(x), dtype=torch.long)
 
 
 def state_bytes(state: StateDict) -> int:

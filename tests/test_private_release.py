@@ -35,7 +35,7 @@ def without_one_record(silo: Silo) -> Silo:
     other = object.__new__(Silo)
     other.__dict__.update(silo.__dict__)
     other.data = smaller
-    other.groups = other._groups()
+    other.groups = other.generator_groups()
     return other
 
 

@@ -58,7 +58,7 @@ class SiloTrainer:
         c = silo.data.classes[0]
         silo.data = dataclasses.replace(silo.data, x_train=images, y_train=torch.full((len(images),), c),
                                         is_outlier=torch.zeros(len(images), dtype=torch.bool))
-        silo.groups = silo._groups()
+        silo.groups = silo.generator_groups()
         state: SiloState | None = None
         for rnd in range(1, self.cfg.run.num_server_rounds + 1):
             out = silo.train_round(f"canary-{len(self.released)}", rnd, state)
