@@ -261,10 +261,6 @@ class PrivacyLedger:
                                         f"'{state.silo}': give each silo its own silo-dir")
         return state
 
-    def spent(self) -> float:
-        state = self.read()
-        return epsilon_of(state.history, state.delta, state.accountant) if state else 0.0
-
     def book(self, run: str, server_round: int, mechanisms: list[Mechanism], plan: DPPlan,
              policy: SiloPrivacyPolicy) -> tuple[float, float]:
         """Book a round before it trains (conservative if training then fails): (this run's epsilon after it, the

@@ -81,11 +81,6 @@ class ShuffledBatches:
                 yield perm[i:i + self.batch_size]
 
 
-class Batcher(Protocol):
-    def __call__(self, n: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
-        """Index batches into ``n`` records, lazily (hooks may draw from the same generator in between)."""
-
-
 # --- gradient rules ---------------------------------------------------------------------------
 class GradientRule(Protocol):
     def backward(self, per_record_loss: torch.Tensor | None) -> None:
