@@ -284,9 +284,9 @@ class PrivacyLedger:
                     f"silo '{self.silo}' refuses round {server_round}: run {run} would spend epsilon {run_after:.3f} > "
                     f"{run_cap:.3f} (its plan, or max-epsilon in <silo-dir>/{POLICY_FILE}; ledger {where})")
             cap = policy.budget_epsilon if policy.budget_epsilon is not None else state.first_run_epsilon
-            before = epsilon_of(state.history, state.delta, state.accountant)
             after = epsilon_of([*state.history, *mechanisms], state.delta, state.accountant)
             if after > cap * (1 + 1e-9):
+                before = epsilon_of(state.history, state.delta, state.accountant)  # only for the message
                 raise PrivacyBudgetExceeded(
                     f"silo '{self.silo}' refuses round {server_round}: it would spend epsilon {after:.3f} > its "
                     f"lifetime budget {cap:.3f} (spent {before:.3f}; ledger {where}); only the silo's operator "
