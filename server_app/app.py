@@ -12,6 +12,7 @@ from flwr.serverapp import Grid, ServerApp
 from alignfl_app.checkpoint import Checkpoint
 from alignfl_app.config import ConfigError, RunConfig, parse_run_config
 from alignfl_app.data import global_test_set
+from alignfl_app.devices import resolve_device
 from alignfl_app.global_model import GlobalModel
 from alignfl_app.metrics import RunRecorder
 from alignfl_app.server import AlignFLServer
@@ -31,7 +32,7 @@ def run_directory(cfg: RunConfig, run_id: int):
 
 def make_global_evaluator(cfg: RunConfig, model: GlobalModel, recorder: RunRecorder):
     """Server-side evaluation of each round's global model on the real test split of the dataset."""
-    x_test, y_test = global_test_set(cfg)
+    x_test, y_test = (t.to(model.device) for t in global_test_set(cfg))  # moved once, judged every round
 
     def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         set_threads(cfg.server.threads)
@@ -55,14 +56,15 @@ def make_global_evaluator(cfg: RunConfig, model: GlobalModel, recorder: RunRecor
 def main(grid: Grid, context: Context) -> None:
     try:
         cfg = parse_run_config(context.run_config)
+        device = resolve_device(cfg.server.device, "server-device")
     except ConfigError as exc:
         log(ERROR, "alignfl: %s", exc)
         raise
     run_dir = run_directory(cfg, context.run_id)
     checkpoint = Checkpoint(run_dir)
     recorder = RunRecorder(run_dir, cfg.flat(), method=cfg.baselines.strategy)
-    log(INFO, "%s run %d: results in %s", cfg.baselines.strategy, context.run_id, run_dir)
-    model = GlobalModel.from_config(cfg)
+    log(INFO, "%s run %d: results in %s; server on %s", cfg.baselines.strategy, context.run_id, run_dir, device)
+    model = GlobalModel.from_config(cfg, device)
 
     if cfg.baselines.strategy == "alignfl":
         core = AlignFLServer(cfg, GeneratorStore(run_dir / "generators"), model, recorder)
