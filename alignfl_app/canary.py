@@ -5,6 +5,9 @@ reports numbers with stated confidence instead of point estimates that a lucky d
 
 * **Canaries** (``make_canaries``): k images (typically out of domain, e.g. Fashion-MNIST items for an
   MNIST silo), each inserted into the silo's training records or held out by an independent fair coin.
+* **Gradient canaries** (``make_gradient_canaries``, ``GradientCanaryInjection``, ``CanaryGradient``): k virtual
+  records whose gradient is a Dirac vector on one decoder weight, sampled, clipped and noised as records are; the
+  white-box score (``gradient_canary_scores``) is how far the released decoder moved each canary's weight.
 * **Attack score** (``reconstruction_scores``): how well the decoder can reproduce a candidate,
   ``-min_z |sigmoid(D(z)) - x|^2`` found by Adam on z with random restarts (higher: more likely a member).
 * **Epsilon lower bound** (``epsilon_lower_bound``): Steinke, Nasr, Jagielski, "Privacy Auditing with One
@@ -14,8 +17,8 @@ reports numbers with stated confidence instead of point estimates that a lucky d
 * **Membership inference** (``membership_report``): AUC and TPR at low FPR with bootstrap intervals.
 * **Hubness-robust leakage** (``normalised_leakage``): distance of a record to the decoder's nearest
   sample, divided by the record's own distance to typical data, compared between members and non-members.
-* ``run_canary_audit`` ties it together around an injected trainer, so the audit does not depend on how
-  the decoder is trained.
+* ``run_canary_audit`` and ``run_gradient_canary_audit`` tie it together around an injected trainer, so the
+  audit does not depend on how the decoder is trained.
 """
 
 from __future__ import annotations
@@ -570,8 +573,9 @@ def make_gradient_canaries(candidates: torch.Tensor, k: int, seed: int,
     ``drift``: how a run without canaries moved every coordinate (flat, as ``flat_parameters``); each canary then
     pushes against it (a random direction where it is 0). Why: Adam scales a coordinate's steps by its gradient's
     RMS, which a canary inflates, so a member's coordinate follows the data's drift less than a non-member's;
-    pushing against the drift makes that loss add to the canary's own push instead of cancelling it (without DP:
-    AUC 0.80 for canaries along the drift, 0.998 against it). Any choice made before the coins is valid.
+    pushing against the drift makes that loss add to the canary's own push instead of cancelling it (one run
+    without DP, random directions: AUC 0.80 for the canaries along the drift, 0.998 for those against it). Any
+    choice made independently of the coins keeps the bound valid.
     """
     if candidates.dim() != 1 or len(torch.unique(candidates)) != len(candidates):
         raise ValueError("candidates must be a 1-d tensor of distinct coordinates")

@@ -493,7 +493,7 @@ def test_canary_audit_command_trains_like_the_silo_and_never_bounds_above_the_ac
                  "--out", str(tmp_path)]) == 0
     table = json.loads((tmp_path / "table.json").read_text())
     assert [(r["kind"], r["level"], r["attack"]) for r in table] == [
-        ("gradient", "2", "gradient"), ("gradient", "none", "gradient"), ("image", "2", "decoder"),
+        ("gradient", "2", "displacement"), ("gradient", "none", "displacement"), ("image", "2", "decoder"),
         ("image", "2", "whole VAE"), ("image", "none", "decoder"), ("image", "none", "whole VAE")]
     assert all(r["lower-bound"] <= r["accountant-epsilon"] for r in table)
     assert table[0]["accountant-epsilon"] <= 2.0 and table[1]["auc"] > 0.8
