@@ -37,10 +37,11 @@ from scipy import optimize, special, stats
 from torch import nn
 from torch.nn import functional as F
 
+from .privacy import AdaptiveClipDP
+from .training import GradientRule, PlainGradient
+
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
-
-    from .training import GradientRule
 
 DecoderLike = Callable[[torch.Tensor], torch.Tensor]
 """A released decoder: latent batch (B, latent_dim) -> image logits (B, C, H, W) or (B, C*H*W)."""
@@ -662,16 +663,13 @@ class CanaryGradient:
       noise and divided by the same expected batch: adding ``sum canaries / expected_batch`` after the rule's noisy
       mean is the same arithmetic, since the noise does not depend on the batch. It counts as unclipped in the
       adaptive bound's noisy count (norm C <= C), so the bound moves as it would. Identical to the mechanism but
-      for float rounding order.
+      for float rounding order and the forward pass a canary does not have (no reparameterisation draw of its own).
     * Without DP (``PlainGradient``): the batch mean runs over records and canaries, each canary's gradient being
       ``magnitude`` along its coordinate.
     """
 
     def __init__(self, rule: GradientRule, injection: GradientCanaryInjection, model: nn.Module,
                  decoder: nn.Module) -> None:
-        from .privacy import AdaptiveClipDP
-        from .training import PlainGradient
-
         if not isinstance(rule, (AdaptiveClipDP, PlainGradient)):
             raise TypeError(f"gradient canaries know AdaptiveClipDP and PlainGradient, not {type(rule).__name__}")
         self.inner, self.injection, self.private = rule, injection, isinstance(rule, AdaptiveClipDP)
@@ -691,8 +689,7 @@ class CanaryGradient:
             rule.backward(per_record_loss)
             value = clip * min(1.0, clip / (clip + 1e-6)) / rule.noise.expected_batch
             shift = 0.5 * len(canaries) / rule.noise.expected_batch  # each canary: +1 unclipped, +1 batch size
-            if rule.unclipped_fraction:
-                rule.unclipped_fraction[-1] += shift
+            rule.unclipped_fraction[-1] += shift
             rule.clip *= math.exp(-rule.plan.clip_lr * shift)
         else:
             real = 0 if per_record_loss is None else len(per_record_loss)
@@ -762,7 +759,7 @@ def run_canary_audit(train: Trainer, records: torch.Tensor, pool: torch.Tensor, 
                        nonmember_scores=nonmember.tolist(), seed=seed, attack=attack)
 
 
-GradientTrainer = Callable[["GradientCanaryInjection | None"], nn.Module]
+GradientTrainer = Callable[[GradientCanaryInjection | None], nn.Module]
 """One training run from the auditor's known initial weights, with the injection's canaries (or none); returns the
 decoder it releases."""
 
