@@ -19,7 +19,6 @@ from alignfl_app.canary import (
     audit_figure,
     epsilon_for_counts,
     epsilon_lower_bound,
-    flat_parameters,
     gradient_canary_scores,
     guess_grid,
     last_layer_weights,

@@ -95,8 +95,10 @@ class AuditedSilo(Silo):
 
 
 def one_class_silo(cfg: RunConfig, partition: int, silo_dir: Path, records: int) -> AuditedSilo:
-    """Silo ``partition`` reduced to ``records`` records of its first class (the class the canaries go into)."""
-    silo = AuditedSilo(cfg, parse_node_config({"partition-id": partition, "silo-dir": str(silo_dir)}))
+    """Silo ``partition`` reduced to ``records`` records of its first class (the class the canaries go into), on
+    the CPU (the canaries and scores are built there)."""
+    silo = AuditedSilo(cfg, parse_node_config({"partition-id": partition, "silo-dir": str(silo_dir),
+                                               "client-device": "cpu"}))
     d, c = silo.data, silo.data.classes[0]
     keep, keep_test = (d.y_train == c) & ~d.is_outlier, d.y_test == c
     keep &= torch.cumsum(keep.long(), 0) <= records
