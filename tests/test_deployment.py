@@ -5,7 +5,10 @@ has its own FLWR_HOME, port, key pair and node config; nothing but the CA certif
 """
 
 import json
+import os
+import stat
 import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -73,3 +76,47 @@ def test_start_supernode_rejects_a_bad_node_config_in_one_line(tmp_path):
     assert res.returncode == 1
     lines = res.stderr.strip().splitlines()
     assert len(lines) == 1 and "silo-nam" in lines[0] and "node config" in lines[0], res.stderr
+
+
+# --- the operator's keys: never overwritten, never readable by others -------------------------------------------
+
+def script(name: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([str(DEPLOY / name), *args], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "ALIGNFL_BIN": str(BIN)})
+
+
+def mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+def test_make_certs_never_replaces_the_ca_or_a_key_and_keeps_them_private(tmp_path):
+    certs = tmp_path / "certs"
+    assert script("make-certs.sh", str(certs)).returncode == 0
+    assert (mode(certs), mode(certs / "ca.key"), mode(certs / "server.key")) == (0o700, 0o600, 0o600)
+    assert (mode(certs / "ca.crt"), mode(certs / "server.pem")) == (0o644, 0o644)
+    before = {f.name: f.read_bytes() for f in certs.iterdir()}
+
+    (certs / "ca.key").chmod(0o644)
+    certs.chmod(0o755)
+    again = script("make-certs.sh", str(certs), "coordinator.example.org")
+    assert again.returncode == 1 and len(again.stderr.strip().splitlines()) == 1, again.stderr
+    assert "never overwritten" in again.stderr and "move" in again.stderr
+    assert {f.name: f.read_bytes() for f in certs.iterdir()} == before
+    assert (mode(certs), mode(certs / "ca.key")) == (0o700, 0o600)  # loose modes are tightened even on refusal
+
+    # new hosts: the same CA signs a new server certificate once the old one is moved away
+    for name in ("server.pem", "server.key"):
+        (certs / name).rename(tmp_path / name)
+    renewed = script("make-certs.sh", str(certs), "coordinator.example.org")
+    assert renewed.returncode == 0 and "existing CA kept" in renewed.stdout, renewed.stderr
+    assert (certs / "ca.crt").read_bytes() == before["ca.crt"] and (certs / "ca.key").read_bytes() == before["ca.key"]
+    assert (certs / "server.key").read_bytes() != before["server.key"] and mode(certs / "server.key") == 0o600
+    assert subprocess.run(["openssl", "verify", "-CAfile", str(certs / "ca.crt"), str(certs / "server.pem")],
+                          capture_output=True).returncode == 0
+
+    (certs / "ca.key").unlink()  # half a CA is refused, not silently replaced by a new one
+    for name in ("server.pem", "server.key"):
+        (certs / name).unlink()
+    half = script("make-certs.sh", str(certs))
+    assert half.returncode == 1 and "half a CA" in half.stderr and not (certs / "ca.key").exists()
+    assert (certs / "ca.crt").read_bytes() == before["ca.crt"]
