@@ -11,6 +11,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import yaml
 
 from alignfl_app.config import resolve_data_root
 from alignfl_app.tools.local_superlink import BIN
@@ -120,3 +121,23 @@ def test_make_certs_never_replaces_the_ca_or_a_key_and_keeps_them_private(tmp_pa
     half = script("make-certs.sh", str(certs))
     assert half.returncode == 1 and "half a CA" in half.stderr and not (certs / "ca.key").exists()
     assert (certs / "ca.crt").read_bytes() == before["ca.crt"]
+
+
+def test_supernode_and_signing_keys_are_never_overwritten_and_private(tmp_path):
+    silo_keys, operator = tmp_path / "silo-keys", tmp_path / "operator"
+    assert script("make-supernode-key.sh", str(silo_keys), "hospital-a").returncode == 0
+    assert script("make-app-signing-key.sh", str(operator), "operator").returncode == 0
+    assert (mode(silo_keys), mode(silo_keys / "hospital-a"), mode(silo_keys / "hospital-a.pub")) == (0o700, 0o600, 0o644)
+    assert (mode(operator), mode(operator / "operator"), mode(operator / "trusted-entities.yaml")) == (0o700, 0o600, 0o644)
+    trusted = yaml.safe_load((operator / "trusted-entities.yaml").read_text())
+    assert list(trusted) == ["operator"] and trusted["operator"].startswith("ssh-ed25519 ")
+
+    for folder, cmd, name in ((silo_keys, "make-supernode-key.sh", "hospital-a"),
+                              (operator, "make-app-signing-key.sh", "operator")):
+        before = {f.name: f.read_bytes() for f in folder.iterdir()}
+        (folder / name).chmod(0o644)
+        again = script(cmd, str(folder), name)
+        assert again.returncode == 1 and len(again.stderr.strip().splitlines()) == 1, again.stderr
+        assert "never overwritten" in again.stderr
+        assert {f.name: f.read_bytes() for f in folder.iterdir()} == before
+        assert mode(folder / name) == 0o600
