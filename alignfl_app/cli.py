@@ -23,6 +23,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "bench-dp": ("alignfl_app.tools.bench_dp", "time DP vs non-DP local training"),
     "gpu-check": ("alignfl_app.tools.gpu_check", "a short federation on CUDA beside the CPU: samples/s"),
     "load-test": ("alignfl_app.tools.load_test", "many-silo simulation: wall time and peak memory"),
+    "fleet-front": ("alignfl_app.tools.fleet_front", "the coordinator's silo-facing port: Fleet API only"),
     "app-signing": ("alignfl_app.tools.app_signing", "the operator's app signing key; sign the app silos run"),
 }
 

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Point the `flwr` CLI (coordinator or a researcher's laptop) at a TLS SuperLink.
+# Point the `flwr` CLI at a TLS SuperLink: the operator's, on the coordinator (127.0.0.1:9091, the loopback
+# port of deploy/start-superlink.sh) or at the local end of an SSH tunnel to it.
 #   deploy/connect.sh NAME HOST:PORT CA_CERT
 # Adds a [superlink.NAME] connection to $FLWR_HOME/config.toml (default ~/.flwr/config.toml); then
 # `flwr run . NAME`, `flwr ls NAME` and `flwr supernode register KEY NAME` use it.

@@ -14,6 +14,7 @@ from alignfl_app.tools.local_superlink import (BIN, SimulationLink, flower_env, 
 from tests.conftest import PROJECT
 
 DEPLOY = PROJECT / "deploy"
+OPERATOR_KEY = "operator"
 
 
 def deploy_script(name: str, *args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
@@ -26,18 +27,35 @@ def deploy_script(name: str, *args: str, env: dict[str, str]) -> subprocess.Comp
 
 
 class DeploymentFederation(SimulationLink):
-    """A TLS SuperLink with SuperNode authentication, and real ``flower-supernode`` processes on loopback.
+    """A SuperLink on loopback behind the fleet front, and real ``flower-supernode`` processes, all on loopback.
 
-    Everything the deployment guide does, on one machine: ``deploy/make-certs.sh``, per-silo key pairs
-    (``deploy/make-supernode-key.sh``), ``deploy/connect.sh``, ``deploy/register-supernode.sh`` and the
-    start scripts. Each SuperNode has its own FLWR_HOME, ClientAppIo port and process group.
+    Everything the deployment guide does, on one machine: ``deploy/make-certs.sh``, the operator's app signing
+    key (``deploy/make-app-signing-key.sh``), per-silo key pairs (``deploy/make-supernode-key.sh``),
+    ``deploy/connect.sh`` (the operator's connection, to the SuperLink's loopback port),
+    ``deploy/register-supernode.sh``, ``deploy/sign-app.sh`` and the start scripts. SuperNodes reach the
+    SuperLink through the front only. Each SuperNode has its own FLWR_HOME, ClientAppIo port and process group.
     """
 
     def __init__(self, tmp: Path, proc: subprocess.Popen, port: int, log: Path) -> None:
         super().__init__(tmp / "coordinator-home", port, proc, log, PROJECT)
         self.tmp = tmp
         self.certs = tmp / "certs"
+        self.operator_keys = tmp / "operator-keys"
+        self.signatures = tmp / "app-signatures"
+        self.front_port = free_port()
+        self.front_log = tmp / "fleet-front.log"
+        self.front: subprocess.Popen | None = None
         self.supernodes: dict[str, subprocess.Popen] = {}
+
+    def start_front(self) -> None:
+        self.front = start_logged([str(DEPLOY / "start-fleet-front.sh"), str(self.certs), str(self.signatures),
+                                   "127.0.0.1", str(self.front_port), str(self.port)],
+                                  self.front_log, self.env, cwd=PROJECT)
+        wait_for_port(self.front, self.front_port, self.front_log, "fleet front")
+
+    def sign_app(self) -> None:
+        deploy_script("sign-app.sh", str(self.operator_keys / OPERATOR_KEY), str(self.signatures), str(PROJECT),
+                      env=self.env)
 
     def make_key(self, silo: str) -> Path:
         keys = self.tmp / "silo-keys"
@@ -51,8 +69,8 @@ class DeploymentFederation(SimulationLink):
         home = self.tmp / f"supernode-{silo}"
         home.mkdir(parents=True, exist_ok=True)
         env = {**flower_env(home, PROJECT), "ALIGNFL_BIN": str(BIN), "SUPERNODE_MAX_RETRIES": "3"}
-        cmd = [str(DEPLOY / "start-supernode.sh"), f"127.0.0.1:{self.port}", str(self.certs / "ca.crt"),
-               str(private_key), node_config, str(free_port())]
+        cmd = [str(DEPLOY / "start-supernode.sh"), f"127.0.0.1:{self.front_port}", str(self.certs / "ca.crt"),
+               str(private_key), str(self.operator_keys / "trusted-entities.yaml"), node_config, str(free_port())]
         proc = start_logged(cmd, home / "supernode.log", env, cwd=PROJECT)
         self.supernodes[silo] = proc
         return proc
@@ -83,15 +101,19 @@ def deployment_federation(tmp: Path) -> Iterator[DeploymentFederation]:
     port = free_port()
     env = {**flower_env(tmp / "coordinator-home", PROJECT), "ALIGNFL_BIN": str(BIN)}
     deploy_script("make-certs.sh", str(tmp / "certs"), env=env)
+    deploy_script("make-app-signing-key.sh", str(tmp / "operator-keys"), OPERATOR_KEY, env=env)
     log = tmp / "superlink.log"
     proc = start_logged([str(DEPLOY / "start-superlink.sh"), str(tmp / "certs"), str(tmp / "superlink-state"),
-                         "127.0.0.1", str(port)], log, env, cwd=PROJECT)
+                         str(port)], log, env, cwd=PROJECT)
     fed = DeploymentFederation(tmp, proc, port, log)
     try:
-        wait_for_port(proc, port, log, "flower-superlink (TLS, SuperNode auth)")
+        wait_for_port(proc, port, log, "flower-superlink (TLS, SuperNode auth, loopback)")
+        fed.start_front()
         deploy_script("connect.sh", "test", f"127.0.0.1:{port}", str(tmp / "certs" / "ca.crt"), env=env)
         yield fed
     finally:
         for node in fed.supernodes.values():
             stop_process(node)
+        if fed.front is not None:
+            stop_process(fed.front)
         stop_process(proc)
