@@ -678,6 +678,9 @@ class SiloNodeConfig(BaseModel):
     def resolved_silo_dir(self) -> Path:
         return Path(self.silo_dir).expanduser() if self.silo_dir else silos_root() / self.name
 
+    def resolved_data_dir(self) -> Path | None:
+        return Path(self.data_dir).expanduser() if self.data_dir else None
+
 
 def parse_node_config(raw: dict[str, Any]) -> SiloNodeConfig:
     try:

@@ -18,8 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from .audit import audit_outliers, save_audit_figure
-from .config import (IMAGE_SHAPE, RunConfig, SiloNodeConfig, load_architecture, load_silo_policy,
-                     resolve_data_root)
+from .config import RunConfig, SiloNodeConfig, load_architecture, load_silo_policy, resolve_data_root
 from .data import SiloData, build_silo_data
 from .files import atomic_write_text
 from .global_model import GlobalModel
@@ -71,8 +70,10 @@ class Silo:
         self.name = node.name
         self.dir = node.resolved_silo_dir()
         self.architecture = load_architecture(node.architecture or cfg.local.architecture_for(self.index))
+        self.architecture.check_fits(cfg.data.image_shape)
         root = resolve_data_root(node.data_root or cfg.data.data_root)
-        self.data: SiloData = build_silo_data(cfg, self.index, root, node.classes)
+        classes = cfg.data.class_ids(node.classes) if node.classes is not None else None
+        self.data: SiloData = build_silo_data(cfg, self.index, root, classes, node.resolved_data_dir())
         set_threads(cfg.local.client_threads)
         self.layout = cfg.local.generator_layout if cfg.local.conditional else "unconditional"
         self.groups = self.generator_groups()
@@ -96,7 +97,7 @@ class Silo:
 
     def new_generators(self) -> GeneratorSet:
         torch.manual_seed(vae_init_seed(self.cfg.run.seed, self.index))
-        return GeneratorSet(self.architecture, self.layout, len(self.data.classes), IMAGE_SHAPE)
+        return GeneratorSet(self.architecture, self.layout, len(self.data.classes), self.cfg.data.image_shape)
 
     def restore_generators(self, state: StateDict | None) -> GeneratorSet:
         """The silo's VAEs from its previous round (or fresh when absent or from another architecture)."""
@@ -132,7 +133,7 @@ class Silo:
         if cfg.privacy.audit and server_round == cfg.run.num_server_rounds and self.data.num_outliers:
             figures.update(self.audit(generators, server_round))
         desc = GeneratorDescriptor(
-            silo=self.name, architecture=self.architecture, layout=self.layout, image_shape=IMAGE_SHAPE,
+            silo=self.name, architecture=self.architecture, layout=self.layout, image_shape=self.cfg.data.image_shape,
             classes=tuple(cfg.data.class_names[c] for c in self.data.classes), round=server_round)
         if privacy.releases_record_figures:
             metrics = GeneratorTrainMetrics.model_validate(figures)
@@ -219,7 +220,8 @@ class Silo:
         """Judge the global model on this silo's real held-out test set; a silo under DP does not release it."""
         self.refuse_non_private_release("does not release evaluations on its records (evaluate on the server's "
                                         "test set)")
-        model = GlobalModel(kind, self.cfg.data.num_classes, conditional=self.cfg.local.conditional)
+        model = GlobalModel(kind, self.cfg.data.num_classes, conditional=self.cfg.local.conditional,
+                            image_shape=self.cfg.data.image_shape)
         model.load_state(state)
         return EvaluateMetrics.model_validate({**model.evaluate(self.data.x_test, self.data.y_test),
                                                "silo-index": self.index})
