@@ -157,8 +157,13 @@ class RunRecorder:
                 ax = axes[i][j]
                 ax.axis("off")
                 if j < len(x):
-                    ax.imshow(x[j, 0].numpy(), cmap="gray", vmin=0, vmax=1)
-                    ax.set_title(str(int(y[j])), fontsize=7, pad=1)
+                    if x.shape[1] == 3:
+                        ax.imshow(x[j].permute(1, 2, 0).clamp(0, 1).numpy())
+                    else:
+                        ax.imshow(x[j, 0].numpy(), cmap="gray", vmin=0, vmax=1)
+                    label = int(y[j])
+                    ax.set_title(self.class_names[label] if 0 <= label < len(self.class_names) else str(label),
+                                 fontsize=7, pad=1)
             axes[i][0].text(-0.3, 0.5, silo, transform=axes[i][0].transAxes, ha="right", va="center", fontsize=8)
         fig.suptitle(f"synthetic samples per silo, round {server_round}", fontsize=9)
         path = self.run_dir / "samples" / f"round-{server_round:03d}.png"
