@@ -183,3 +183,44 @@ def test_the_saved_global_model_carries_its_class_names_and_input_transform(tmp_
     x = torch.rand(2, 3, 32, 32)
     assert torch.equal(again.model.eval()(x), model.model.eval()(x))
     json.dumps({k: v for k, v in about.items() if k != "state-dict"})  # the description is plain data
+
+
+@pytest.mark.parametrize("strategy", ["alignfl", "fedavg"])
+def test_without_global_test_dir_each_silo_judges_the_global_model_on_its_own_images(tmp_path, strategy):
+    from tests.conftest import tiny_run_config
+    from tests.local_grid import run_server
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    make_folder(a, {"cat": 8, "dog": 8})
+    make_folder(b, {"dog": 8, "emu": 8})
+    run_config = {**tiny_run_config(tmp_path / "results"), **folder_config([a, b], "cat,dog;dog,emu"),
+                  "strategy": strategy, "num-server-rounds": 1, "run-name": "silos"}
+    run_server(run_config, num_silos=2)
+    summary = json.loads((tmp_path / "results" / "silos" / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["evaluation"]["by"] == "silos"
+    assert "final-global-accuracy" not in summary and set(summary["final-per-silo-accuracy"]) == {"silo-0", "silo-1"}
+    assert set(summary["rounds"][-1]["silos"]["silo-1"]["eval-accuracy-by-class"]) == {"dog", "emu"}
+    assert 0.0 <= summary["final-silo-mean-accuracy"] <= 1.0
+    assert (tmp_path / "results" / "silos" / "accuracy.png").is_file()
+
+
+def test_a_private_folder_run_without_global_test_dir_says_it_is_not_evaluated(tmp_path):
+    from alignfl_app.data import evaluation_plan
+
+    cfg = parse_run_config(folder_config([tmp_path], "cat", **{"dp-epsilon": 2.0}))
+    by, detail = evaluation_plan(cfg)
+    assert by == "none" and "global-test-dir" in detail
+    assert evaluation_plan(parse_run_config({**cfg.flat(), "global-test-dir": str(tmp_path)}))[0] == "global-test-dir"
+
+
+def test_references_train_on_folder_silos_and_judge_on_their_pooled_held_out_images(tmp_path):
+    from alignfl_app.reference import centralised, local_only
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    make_folder(a, {"cat": 6, "dog": 6})
+    make_folder(b, {"emu": 6})
+    cfg = parse_run_config(folder_config([a, b], "cat,dog;emu", **{"reference-epochs": 1, "image-size": "16x16",
+                                                                   "channels": 3}))
+    for run in (local_only, centralised):
+        summary = run(cfg, tmp_path / run.__name__)
+        assert summary["evaluation"]["by"] == "pooled-silo-test-sets" and 0 <= summary["final-global-accuracy"] <= 1
