@@ -37,6 +37,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .devices import device_of
 from .models import GeneratorSet, one_hot
 from .seeds import audit_seed
 from .training import to_local_labels
@@ -95,7 +96,8 @@ def decoder_samples(decoder: nn.Module, label_set: tuple[int, ...], n: int, seed
     local = torch.arange(n) % max(len(label_set), 1)
     z = torch.randn(n, decoder.spec.latent_dim, generator=g)
     decoder.eval()
-    return torch.sigmoid(decoder(z, one_hot(local, cond) if cond else None))
+    device = device_of(decoder)
+    return torch.sigmoid(decoder(z.to(device), one_hot(local.to(device), cond) if cond else None))
 
 
 def audit_decoder(decoder: nn.Module, x: torch.Tensor, is_outlier: torch.Tensor, heldout: torch.Tensor,
@@ -149,7 +151,7 @@ def save_audit_figure(vae: GeneratorSet, x: torch.Tensor, y: torch.Tensor, is_ou
     for r, (title, imgs) in enumerate(rows):
         for c in range(len(out_x)):
             ax = axes[r][c]
-            ax.imshow(imgs[c, 0].numpy(), cmap="gray", vmin=0, vmax=1)
+            ax.imshow(imgs[c, 0].cpu().numpy(), cmap="gray", vmin=0, vmax=1)
             ax.set_xticks([])
             ax.set_yticks([])
         axes[r][0].set_ylabel(title, fontsize=7)

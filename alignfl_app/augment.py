@@ -20,9 +20,9 @@ def random_affine(x: torch.Tensor, g: torch.Generator, degrees: float = 10.0, tr
     """Each image rotated by up to ``degrees``, shifted by up to ``translate`` of its side and scaled by up to
     ``1 +- scale``, with zeros (background) where the transform reaches outside the image."""
     n = len(x)
-    angle = (torch.rand(n, generator=g) * 2 - 1) * math.radians(degrees)
-    factor = 1 + (torch.rand(n, generator=g) * 2 - 1) * scale
-    shift = (torch.rand(n, 2, generator=g) * 2 - 1) * 2 * translate  # grid coordinates span [-1, 1]
+    angle = (torch.rand(n, generator=g) * 2 - 1).to(x.device) * math.radians(degrees)
+    factor = 1 + (torch.rand(n, generator=g) * 2 - 1).to(x.device) * scale
+    shift = (torch.rand(n, 2, generator=g) * 2 - 1).to(x.device) * 2 * translate  # grid coordinates span [-1, 1]
     cos, sin = torch.cos(angle) / factor, torch.sin(angle) / factor
     theta = torch.stack([torch.stack([cos, -sin, shift[:, 0]], 1), torch.stack([sin, cos, shift[:, 1]], 1)], 1)
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
@@ -33,11 +33,12 @@ def random_crop(x: torch.Tensor, g: torch.Generator, padding: int = 2) -> torch.
     """Each image zero-padded by ``padding`` and cropped back to its size at a random offset."""
     n, _, h, w = x.shape
     padded = F.pad(x, (padding, padding, padding, padding))
-    dy = torch.randint(0, 2 * padding + 1, (n,), generator=g)
-    dx = torch.randint(0, 2 * padding + 1, (n,), generator=g)
-    rows = (dy[:, None] + torch.arange(h)[None, :])[:, None, :, None].expand(n, x.shape[1], h, padded.shape[3])
+    dy = torch.randint(0, 2 * padding + 1, (n,), generator=g).to(x.device)
+    dx = torch.randint(0, 2 * padding + 1, (n,), generator=g).to(x.device)
+    rows = (dy[:, None] + torch.arange(h, device=x.device)[None, :])[:, None, :, None].expand(
+        n, x.shape[1], h, padded.shape[3])
     out = padded.gather(2, rows)
-    cols = (dx[:, None] + torch.arange(w)[None, :])[:, None, None, :].expand(n, x.shape[1], h, w)
+    cols = (dx[:, None] + torch.arange(w, device=x.device)[None, :])[:, None, None, :].expand(n, x.shape[1], h, w)
     return out.gather(3, cols)
 
 

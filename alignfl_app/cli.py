@@ -22,6 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "check-node-config": ("client_app.node_config", "check a silo's --node-config before it starts"),
     "canary-audit": ("alignfl_app.tools.canary_audit", "epsilon lower bound of a silo's decoder from canaries"),
     "bench-dp": ("alignfl_app.tools.bench_dp", "time DP vs non-DP local training"),
+    "gpu-check": ("alignfl_app.tools.gpu_check", "a short federation on CUDA beside the CPU: samples/s"),
     "load-test": ("alignfl_app.tools.load_test", "many-silo simulation: wall time and peak memory"),
 }
 

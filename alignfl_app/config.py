@@ -32,6 +32,8 @@ CLASS_NAME_PATTERN = r"^[^\x00-\x1f/\\]{1,64}$"  # a class name: printable, no p
 # how each kind of global model is judged on real test data (summary keys: global.<m>, eval-<m>, final-global-<m>)
 HEADLINE_METRIC = {"classifier": "accuracy", "vae": "neg-elbo"}
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"  # a name, never a path: no "/", no leading "."
+DeviceChoice = Literal["auto", "cpu", "cuda"]
+"""auto: a CUDA GPU when torch sees one, else the CPU; cuda: a GPU or a one-line error."""
 
 
 def headline_metric(run_config: dict[str, Any]) -> str:
@@ -394,6 +396,8 @@ class LocalTrainingSection(Section):
     learning_rate: float = Field(default=1e-3, gt=0)
     kl_weight: float = Field(default=1.0, ge=0)
     client_threads: int = Field(default=1, ge=1)
+    client_device: DeviceChoice = "auto"
+    """Where silos train (a silo's node config may override it)."""
 
     @field_validator("silo_architectures", mode="before")
     @classmethod
@@ -518,6 +522,8 @@ class ServerSection(Section):
     batch_size: int = Field(default=128, ge=1, alias="server-batch-size")
     learning_rate: float = Field(default=1e-3, gt=0, alias="server-learning-rate")
     threads: int = Field(default=2, ge=1, alias="server-threads")
+    device: DeviceChoice = Field(default="auto", alias="server-device")
+    """Where the server samples the generators and trains and evaluates the global model."""
     max_decoder_mb: float = Field(default=64.0, gt=0)
     sample_grid_per_silo: int = Field(default=10, ge=0, le=64)
     augment: tuple[Literal["affine", "crop"], ...] = Field(default=(), alias="server-augment")
@@ -652,6 +658,8 @@ class SiloNodeConfig(BaseModel):
     dataset); default: group ``partition-id`` of the run's silo-classes."""
     data_dir: str | None = None
     """dataset='folder': this silo's ImageFolder (a sub-folder per class, optionally a ``test`` sub-folder)."""
+    client_device: DeviceChoice | None = None
+    """Where this silo trains; default: the run's client-device."""
     silo_dir: str | None = None
     """The one folder where this silo keeps what it owns (privacy policy and ledger, audit reports); default
     <silos root>/<silo name>."""

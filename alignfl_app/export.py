@@ -3,8 +3,9 @@
     alignfl export --dataset mnist --out DIR [--silo-classes '0,1;2,3;4,5'] [--max-per-class 500]
 
 ``DIR/silo-<k>/<class name>/NNNNN.png`` holds silo k's training images (the built-in provider's partition at the
-same seed; a class listed by several silos is split between them), ``DIR/silo-<k>/test/<class name>/`` its held-out images and ``DIR/global-test/<class name>/`` the
-test split of every exported class; the command prints the run config that trains on them.
+same seed; a class listed by several silos is split between them), ``DIR/silo-<k>/test/<class name>/`` its
+held-out images and ``DIR/global-test/<class name>/`` the test split of every exported class; the command prints
+the run config that trains on them.
 """
 
 from __future__ import annotations

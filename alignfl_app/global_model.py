@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from .config import IMAGE_SHAPE, RunConfig, load_architecture
+from .devices import on_cpu
 from .folders import describe_transform
 from .models import VAE, Classifier
 from .training import (CrossEntropy, NegativeELBO, Objective, StepHook, Trainer, TrainReport, evaluate_classifier,
@@ -25,8 +26,9 @@ class GlobalModel:
     """A classifier over all classes (default) or a conditional VAE over all classes (the paper's option)."""
 
     def __init__(self, kind: str, num_classes: int, seed: int = 0, conditional: bool = True,
-                 image_shape: tuple[int, int, int] = IMAGE_SHAPE) -> None:
-        self.kind, self.num_classes, self.image_shape = kind, num_classes, tuple(image_shape)
+                 device: torch.device = torch.device("cpu"), image_shape: tuple[int, int, int] = IMAGE_SHAPE) -> None:
+        self.kind, self.num_classes, self.device = kind, num_classes, device
+        self.image_shape = tuple(image_shape)
         torch.manual_seed(seed)
         self.objective: Objective
         if kind == "classifier":
@@ -38,11 +40,12 @@ class GlobalModel:
             self.objective = NegativeELBO()
         else:
             raise ValueError(f"unknown global model '{kind}': use 'classifier' or 'vae'")
+        self.model.to(device)  # built on the CPU first: the same initial weights on every device
         self.optimizer: torch.optim.Optimizer | None = None
 
     @classmethod
-    def from_config(cls, cfg: RunConfig) -> GlobalModel:
-        return cls(cfg.server.global_model, cfg.data.num_classes, cfg.run.seed, cfg.local.conditional,
+    def from_config(cls, cfg: RunConfig, device: torch.device = torch.device("cpu")) -> GlobalModel:
+        return cls(cfg.server.global_model, cfg.data.num_classes, cfg.run.seed, cfg.local.conditional, device,
                    cfg.data.image_shape)
 
     def saved(self, class_names: Sequence[str]) -> dict:
@@ -53,7 +56,8 @@ class GlobalModel:
                 "input": describe_transform(self.image_shape), "state-dict": self.state()}
 
     def state(self) -> StateDict:
-        return {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        """The weights as CPU tensors (what is sent, checkpointed and saved)."""
+        return on_cpu(self.model.state_dict())
 
     def load_state(self, state: StateDict) -> None:
         self.model.load_state_dict(state, strict=True)
@@ -67,19 +71,20 @@ class GlobalModel:
     def _targets(self, y: torch.Tensor) -> torch.Tensor:
         """Class ids for the classifier and the conditional VAE; zeros for an unconditional VAE (labels -1)."""
         if self.kind == "vae" and not self.model.decoder.cond_dim:
-            return torch.zeros(len(y), dtype=torch.long)
+            return torch.zeros(len(y), dtype=torch.long, device=y.device)
         return y
 
     def fit(self, data: tuple[torch.Tensor, torch.Tensor], batches: Iterable[torch.Tensor], lr: float,
             hooks: Sequence[StepHook] = ()) -> TrainReport:
         """Train on (synthetic or a silo's real) data, warm-starting from the current weights and optimiser
         state. ``lr`` is used when the optimiser is made; a schedule may change it in between."""
-        x, y = data
+        x, y = data[0].to(self.device), data[1].to(self.device)  # once per call: batches are cut on the device
         return Trainer(self.objective, hooks=hooks).fit(self.model, (x, self._targets(y)), batches,
                                                          self.optimizer_for(lr))
 
     def evaluate(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, float | list[float]]:
         """Real-data metrics. Classifier: accuracy + per-class accuracy. VAE: negative ELBO."""
+        x, y = x.to(self.device), y.to(self.device)
         if self.kind == "classifier":
             ev = evaluate_classifier(self.model, x, y, self.num_classes)
             return {"accuracy": ev.accuracy, "loss": ev.loss, "per-class-accuracy": ev.per_class_accuracy,

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from .config import LipschitzSection
+from .devices import device_of
 from .models import Decoder, one_hot
 from .training import GradientRule, StepHook
 
@@ -55,7 +56,8 @@ class SpectralProjection(StepHook):
 
     def __init__(self, decoder: Decoder, cap: float, generator: torch.Generator) -> None:
         self.layers, self.cap = _layers(decoder), cap
-        self.u = [torch.randn(_matrix_and_factor(m)[0].shape[0], generator=generator) for m in self.layers]
+        self.u = [torch.randn(_matrix_and_factor(m)[0].shape[0], generator=generator).to(m.weight.device)
+                  for m in self.layers]
 
     @torch.no_grad()
     def after_step(self, iterations: int = 2) -> None:
@@ -131,7 +133,8 @@ def _prior_points(decoder: Decoder, n: int, g: torch.Generator, temperature: flo
     z = t * za + (1 - t) * zb
     v = nn.functional.normalize(torch.randn(n, d, generator=g), dim=1)
     y = one_hot(torch.randint(0, decoder.cond_dim, (n,), generator=g), decoder.cond_dim) if decoder.cond_dim else None
-    return z, v, y
+    device = device_of(decoder)  # drawn on the CPU (the same points on every device), used where the decoder is
+    return z.to(device), v.to(device), None if y is None else y.to(device)
 
 
 def secant_slopes(decoder: Decoder, z: torch.Tensor, v: torch.Tensor, y: torch.Tensor | None,

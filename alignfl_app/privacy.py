@@ -304,6 +304,14 @@ class RandomSource:
     def __init__(self, secure: bool) -> None:
         self.secure = secure
         self.g = torch.Generator().manual_seed(secure_seed())
+        self.device_generators: dict[torch.device, torch.Generator] = {}  # fast draws made where they are used
+
+    def _generator(self, device: torch.device) -> torch.Generator:
+        if device.type == "cpu":
+            return self.g
+        if device not in self.device_generators:
+            self.device_generators[device] = torch.Generator(device).manual_seed(secure_seed())
+        return self.device_generators[device]
 
     def _uniform64(self, n: int) -> torch.Tensor:
         """n uniforms in (0, 1) with 53 random bits each, straight from os.urandom."""
@@ -313,15 +321,15 @@ class RandomSource:
     def uniform(self, n: int) -> torch.Tensor:
         return self._uniform64(n).to(torch.float32) if self.secure else torch.rand(n, generator=self.g)
 
-    def normal(self, shape: torch.Size | tuple[int, ...]) -> torch.Tensor:
+    def normal(self, shape: torch.Size | tuple[int, ...], device: torch.device = torch.device("cpu")) -> torch.Tensor:
         if not self.secure:
-            return torch.randn(shape, generator=self.g)
+            return torch.randn(shape, generator=self._generator(device), device=device)
         n = math.prod(shape)
         draws = []
         for _ in range(4):  # as Opacus' secure mode: the sum of 4 draws / 2 blurs float-level artefacts
             u1, u2 = self._uniform64(n), self._uniform64(n)
             draws.append(torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(2.0 * math.pi * u2))
-        return (sum(draws) / 2.0).to(torch.float32).reshape(shape)
+        return (sum(draws) / 2.0).to(torch.float32).reshape(shape).to(device)  # the OS's bytes come from the host
 
 
 @dataclass(frozen=True)
@@ -420,7 +428,7 @@ class AdaptiveClipDP:
         norms = self.clipped_sum(per_record_loss if per_record_loss is not None else torch.zeros(0))
         std = noise.grad_noise_multiplier * self.clip
         for p in self.params:
-            p.grad.add_(self.source.normal(p.shape) * std).div_(noise.expected_batch)
+            p.grad.add_(self.source.normal(p.shape, p.device) * std).div_(noise.expected_batch)
         # Released: sum_i (b_i - 1/2) + N(0, sigma_b^2) (sensitivity 1/2); + m/2 (public) estimates the count.
         centred = float((norms <= self.clip).sum()) - len(norms) / 2
         noisy = centred + float(self.source.normal((1,))[0]) * noise.count_noise_std + noise.expected_batch / 2

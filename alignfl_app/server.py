@@ -110,7 +110,8 @@ class GlobalLearner:
         for epoch in range(c.server.epochs):
             schedule = self._schedule((server_round - 1) * c.server.epochs + epoch)
             x, y, _ = synthesize(store, self.terms, c.server.synthetic_per_silo, c.server.sample_temperature,
-                                 seed=lambda i, e=epoch: synthesis_seed(c.run.seed, server_round, e, i))
+                                 seed=lambda i, e=epoch: synthesis_seed(c.run.seed, server_round, e, i),
+                                 device=self.model.device)
             x = self.augment(x, augment_seed(c.run.seed, server_round, epoch))
             n += len(x)
             generator = torch.Generator().manual_seed(server_batches_seed(c.run.seed, server_round, epoch))

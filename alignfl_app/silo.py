@@ -20,6 +20,7 @@ import torch
 from .audit import audit_outliers, save_audit_figure
 from .config import RunConfig, SiloNodeConfig, load_architecture, load_silo_policy, resolve_data_root
 from .data import SiloData, build_silo_data
+from .devices import on_cpu, resolve_device, tensors_to
 from .files import atomic_write_text
 from .global_model import GlobalModel
 from .lipschitz import lipschitz_hooks
@@ -71,9 +72,11 @@ class Silo:
         self.dir = node.resolved_silo_dir()
         self.architecture = load_architecture(node.architecture or cfg.local.architecture_for(self.index))
         self.architecture.check_fits(cfg.data.image_shape)
+        self.device = resolve_device(node.client_device or cfg.local.client_device, "client-device")
         root = resolve_data_root(node.data_root or cfg.data.data_root)
         classes = cfg.data.class_ids(node.classes) if node.classes is not None else None
-        self.data: SiloData = build_silo_data(cfg, self.index, root, classes, node.resolved_data_dir())
+        self.data: SiloData = tensors_to(build_silo_data(cfg, self.index, root, classes, node.resolved_data_dir()),
+                                         self.device)
         set_threads(cfg.local.client_threads)
         self.layout = cfg.local.generator_layout if cfg.local.conditional else "unconditional"
         self.groups = self.generator_groups()
@@ -97,7 +100,8 @@ class Silo:
 
     def new_generators(self) -> GeneratorSet:
         torch.manual_seed(vae_init_seed(self.cfg.run.seed, self.index))
-        return GeneratorSet(self.architecture, self.layout, len(self.data.classes), self.cfg.data.image_shape)
+        generators = GeneratorSet(self.architecture, self.layout, len(self.data.classes), self.cfg.data.image_shape)
+        return generators.to(self.device)  # initialised on the CPU: the same weights on every device
 
     def restore_generators(self, state: StateDict | None) -> GeneratorSet:
         """The silo's VAEs from its previous round (or fresh when absent or from another architecture)."""
@@ -127,8 +131,8 @@ class Silo:
             optimizer = torch.optim.Adam(vae.parameters(), lr=session.learning_rate)
             reports.append(Trainer(NegativeELBO(cfg.local.kl_weight), session.rule(i, vae), hooks).fit(
                 vae, group.train, session.batches(i, len(group.train[0]), seed), optimizer))
-        decoder_state = {k: v.detach().clone() for k, v in generators.decoder.state_dict().items()}
-        state = SiloState({k: v.detach().clone() for k, v in generators.state_dict().items()}, session.carry())
+        decoder_state = on_cpu(generators.decoder.state_dict())
+        state = SiloState(on_cpu(generators.state_dict()), session.carry())
         figures = self.record_figures(reports, decoder_state, state.generators)
         if cfg.privacy.audit and server_round == cfg.run.num_server_rounds and self.data.num_outliers:
             figures.update(self.audit(generators, server_round))
@@ -187,7 +191,7 @@ class Silo:
         (outliers included, local-epochs / batch-size / learning-rate)."""
         cfg = self.cfg
         self.refuse_non_private_release("trains weight averaging without DP")
-        model = GlobalModel.from_config(cfg)
+        model = GlobalModel.from_config(cfg, self.device)
         model.load_state(global_state)
         hooks = [ProximalTerm(model.model, proximal_mu)] if proximal_mu > 0 else []
         batches = ShuffledBatches(cfg.local.batch_size, cfg.local.local_epochs)
@@ -221,7 +225,7 @@ class Silo:
         self.refuse_non_private_release("does not release evaluations on its records (evaluate on the server's "
                                         "test set)")
         model = GlobalModel(kind, self.cfg.data.num_classes, conditional=self.cfg.local.conditional,
-                            image_shape=self.cfg.data.image_shape)
+                            device=self.device, image_shape=self.cfg.data.image_shape)
         model.load_state(state)
         return EvaluateMetrics.model_validate({**model.evaluate(self.data.x_test, self.data.y_test),
                                                "silo-index": self.index})
@@ -229,7 +233,7 @@ class Silo:
 
 def _unconditional(x: torch.Tensor) -> Tensors:
     """Images with the condition of an unconditional decoder (all 0)."""
-    return x, torch.zeros(len(x), dtype=torch.long)
+    return x, torch.zeros(len(x), dtype=torch.long, device=x.device)
 
 
 def state_bytes(state: StateDict) -> int:

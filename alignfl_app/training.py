@@ -33,8 +33,8 @@ def set_threads(n: int) -> None:
 
 def to_local_labels(y: torch.Tensor, label_set: tuple[int, ...]) -> torch.Tensor:
     """Global class ids -> index within the silo's label set (the decoder's condition)."""
-    lut = torch.full((int(max(label_set)) + 1,), -1, dtype=torch.long)
-    lut[torch.tensor(label_set)] = torch.arange(len(label_set))
+    lut = torch.full((int(max(label_set)) + 1,), -1, dtype=torch.long, device=y.device)
+    lut[torch.tensor(label_set, device=y.device)] = torch.arange(len(label_set), device=y.device)
     local = lut[y]
     if (local < 0).any():
         raise ValueError("labels outside the silo's label set")
@@ -189,6 +189,7 @@ class Trainer:
         total, seen, steps, seconds = 0.0, 0, 0, 0.0
         try:
             for idx in batches:
+                idx = idx.to(x.device)  # a few bytes; the records themselves stay where they are
                 steps += 1
                 optimizer.zero_grad(set_to_none=True)
                 per_record = self.objective(model, x[idx], y[idx]) if len(idx) else None

@@ -12,6 +12,7 @@ from flwr.serverapp import Grid, ServerApp
 from alignfl_app.checkpoint import Checkpoint
 from alignfl_app.config import ConfigError, RunConfig, parse_run_config
 from alignfl_app.data import evaluation_plan, global_test_set
+from alignfl_app.devices import resolve_device
 from alignfl_app.folders import DataFolderError
 from alignfl_app.global_model import GlobalModel
 from alignfl_app.metrics import RunRecorder
@@ -39,7 +40,7 @@ def make_global_evaluator(cfg: RunConfig, model: GlobalModel, recorder: RunRecor
     test = global_test_set(cfg)
     if test is None:
         return None
-    x_test, y_test = test
+    x_test, y_test = (t.to(model.device) for t in test)  # moved once, judged every round
     where = cfg.data.dataset if by == "global-test-set" else "global-test-dir"
 
     def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
@@ -64,14 +65,15 @@ def make_global_evaluator(cfg: RunConfig, model: GlobalModel, recorder: RunRecor
 def main(grid: Grid, context: Context) -> None:
     try:
         cfg = parse_run_config(context.run_config)
+        device = resolve_device(cfg.server.device, "server-device")
     except ConfigError as exc:
         log(ERROR, "alignfl: %s", exc)
         raise
     run_dir = run_directory(cfg, context.run_id)
     checkpoint = Checkpoint(run_dir)
     recorder = RunRecorder(run_dir, cfg.flat(), method=cfg.baselines.strategy, class_names=cfg.data.class_names)
-    log(INFO, "%s run %d: results in %s", cfg.baselines.strategy, context.run_id, run_dir)
-    model = GlobalModel.from_config(cfg)
+    log(INFO, "%s run %d: results in %s; server on %s", cfg.baselines.strategy, context.run_id, run_dir, device)
+    model = GlobalModel.from_config(cfg, device)
 
     if cfg.baselines.strategy == "alignfl":
         core = AlignFLServer(cfg, GeneratorStore(run_dir / "generators"), model, recorder)

@@ -97,7 +97,7 @@ def test_held_out_images_come_from_test_or_a_seeded_fraction(tmp_path):
     cfg = parse_run_config(folder_config([root], "cat,dog", **{"test-fraction": 0.2}))
     d = build_silo_data(cfg, 0)
     assert (len(d.y_train), len(d.y_test)) == (12, 3)
-    train, test = {tuple(r.flatten()[:8].tolist()) for r in d.x_train}, {tuple(r.flatten()[:8].tolist()) for r in d.x_test}
+    train, test = ({tuple(r.flatten()[:8].tolist()) for r in x} for x in (d.x_train, d.x_test))
     assert not train & test and torch.equal(build_silo_data(cfg, 0).x_test, d.x_test)
     make_folder(root / "test", {"cat": 1, "dog": 2})
     d = build_silo_data(cfg, 0)

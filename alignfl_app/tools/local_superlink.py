@@ -5,7 +5,8 @@ tests. Plain ``flwr run`` would start a detached SuperLink on fixed ports, reuse
 already listens there (possibly one without ``FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION``) and
 leave it running.
 
-    alignfl run [--app .] [--num-supernodes N] [--cpus-per-client 1] [--run-config '...'] [--keep .flwr-local]
+    alignfl run [--app .] [--num-supernodes N] [--cpus-per-client 1] [--gpus-per-client 0] [--run-config '...']
+                [--keep .flwr-local]
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import argparse
 import contextlib
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -28,6 +30,12 @@ from flwr.common.config import parse_config_args
 
 from alignfl_app.config import ConfigError, RunConfig, parse_run_config
 BIN = Path(sys.executable).parent
+
+
+def flower_command(name: str) -> str:
+    """Flower's executable ``name``: beside this Python (a venv), else on PATH (packages installed elsewhere)."""
+    path = BIN / name
+    return str(path) if path.exists() else shutil.which(name) or str(path)
 
 
 def free_port() -> int:
@@ -106,7 +114,7 @@ class SimulationLink:
         self.env = flower_env(home, app)
 
     def flwr(self, *args: str, timeout: float = 900) -> subprocess.CompletedProcess:
-        return subprocess.run([str(BIN / "flwr"), *args], cwd=self.app, env=self.env, capture_output=True,
+        return subprocess.run([flower_command("flwr"), *args], cwd=self.app, env=self.env, capture_output=True,
                               text=True, timeout=timeout)
 
     def run_app(self, run_config: str, num_supernodes: int | None, cpus_per_client: int = 1,
@@ -145,7 +153,7 @@ def simulation_superlink(tmp: Path, app: Path) -> Iterator[SimulationLink]:
         f'[superlink.test]\naddress = "127.0.0.1:{port}"\ninsecure = true\n'
     )
     log = tmp / "superlink.log"
-    cmd = [str(BIN / "flower-superlink"), "--insecure", "--simulation", "--isolation", "subprocess",
+    cmd = [flower_command("flower-superlink"), "--insecure", "--simulation", "--isolation", "subprocess",
            "--host", "127.0.0.1", "--port", str(port), "--health-server-address", f"127.0.0.1:{health}",
            "--database", str(tmp / "state.db"), "--disable-runtime-dependency-installation"]
     proc = start_logged(cmd, log, flower_env(home, app), cwd=app)
@@ -177,6 +185,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num-supernodes", type=int, default=None,
                         help="simulated SuperNodes (default: one per silo of the run config's silo-classes)")
     parser.add_argument("--cpus-per-client", type=int, default=1)
+    parser.add_argument("--gpus-per-client", type=float, default=0.0,
+                        help="GPU share Ray reserves per simulated silo (e.g. 0.2: five silos on one GPU); "
+                             "with 0 every silo may still use a visible GPU (client-device='auto')")
     parser.add_argument("--run-config", default="", help="flwr --run-config overrides or a TOML file")
     parser.add_argument("--keep", default=".flwr-local", help="folder for the SuperLink's state and log")
     args = parser.parse_args(argv)
@@ -187,10 +198,11 @@ def main(argv: list[str] | None = None) -> int:
     run_config = args.run_config or "results-dir='results'"
     num_supernodes = args.num_supernodes or configured_silos(run_config)
     with simulation_superlink(work, Path(args.app)) as link:
-        proc = subprocess.Popen([str(BIN / "flwr"), "run", str(link.app), "test", "--stream",
+        proc = subprocess.Popen([flower_command("flwr"), "run", str(link.app), "test", "--stream",
                                  "--run-config", run_config,
                                  "--federation-config", f"num-supernodes={num_supernodes} "
-                                 f"client-resources-num-cpus={args.cpus_per_client}"],
+                                 f"client-resources-num-cpus={args.cpus_per_client} "
+                                 f"client-resources-num-gpus={args.gpus_per_client}"],
                                 cwd=link.app, env=link.env)
         proc.wait()
         runs = sorted(link.runs(), key=lambda r: r.get("pending-at", ""))
