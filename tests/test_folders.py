@@ -224,3 +224,20 @@ def test_references_train_on_folder_silos_and_judge_on_their_pooled_held_out_ima
     for run in (local_only, centralised):
         summary = run(cfg, tmp_path / run.__name__)
         assert summary["evaluation"]["by"] == "pooled-silo-test-sets" and 0 <= summary["final-global-accuracy"] <= 1
+
+
+def test_the_server_records_a_silo_whose_folder_is_unusable_and_goes_on_with_the_others(tmp_path):
+    from tests.conftest import tiny_run_config
+    from tests.local_grid import run_server
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    make_folder(a, {"cat": 8, "dog": 8})
+    make_folder(b, {"dog": 8, "emu": 8})
+    (b / "emu" / "000.png").write_bytes(b"broken")
+    run_config = {**tiny_run_config(tmp_path / "results"), **folder_config([a, b], "cat,dog;dog,emu"),
+                  "num-server-rounds": 1, "run-name": "broken"}
+    run_server(run_config, num_silos=2)
+    summary = json.loads((tmp_path / "results" / "broken" / "summary.json").read_text())
+    rejected = summary["rounds"][0]["rejected-replies"]
+    assert summary["status"] == "completed" and summary["rounds"][0]["generators-used"] == ["silo-0"]
+    assert len(rejected) == 1 and str(b / "emu" / "000.png") in rejected[0] and "\n" not in rejected[0]
