@@ -11,6 +11,7 @@ the run config that trains on them.
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 from pathlib import Path
 
@@ -26,11 +27,26 @@ GLOBAL_TEST_FOLDER = "global-test"
 
 def export_built_in(cfg: RunConfig, out: Path) -> tuple[int, str]:
     """Write every silo of ``cfg`` (a built-in dataset) and its global test set under ``out``; returns the number
-    of images and the run config (flat ``k=v`` text) that trains on the folders."""
+    of images and the run config (flat ``k=v`` text) that trains on the folders. The folders are written next to
+    ``out`` and moved there when complete, so a failed export leaves no half-written dataset at ``out``."""
     if out.exists() and any(out.iterdir()):
         raise ConfigError(f"--out {out} is not empty: choose a new folder (an export never mixes with other files)")
+    staging = out.with_name(out.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    written = write_folders(cfg, staging)
+    if out.exists():
+        out.rmdir()
+    staging.rename(out)
+    groups = ";".join(",".join(cfg.data.class_names[c] for c in g) for g in cfg.data.silo_classes)
+    dirs = ";".join(str(out / f"silo-{k}") for k in range(cfg.data.num_silos))
+    return written, (f"dataset='folder' silo-classes='{groups}' silo-data-dirs='{dirs}' "
+                     f"global-test-dir='{out / GLOBAL_TEST_FOLDER}'")
+
+
+def write_folders(cfg: RunConfig, out: Path) -> int:
+    """Every silo's folder (training images, ``test/``) and the global test folder under ``out``; images written."""
     names = cfg.data.class_names
-    written, dirs = 0, []
+    written = 0
     for k in range(cfg.data.num_silos):
         data = build_silo_data(cfg, k)
         silo_names = [names[c] for c in data.classes]
@@ -38,7 +54,6 @@ def export_built_in(cfg: RunConfig, out: Path) -> tuple[int, str]:
         written += save_image_folder(folder, data.x_train, to_local_labels(data.y_train, data.classes), silo_names)
         written += save_image_folder(folder / TEST_FOLDER, data.x_test, to_local_labels(data.y_test, data.classes),
                                      silo_names)
-        dirs.append(str(folder))
     exported = sorted({c for g in cfg.data.silo_classes for c in g})
     test = global_test_set(cfg)
     assert test is not None  # a built-in dataset always has its test split
@@ -46,10 +61,7 @@ def export_built_in(cfg: RunConfig, out: Path) -> tuple[int, str]:
     chosen = torch.isin(y, torch.tensor(exported))
     written += save_image_folder(out / GLOBAL_TEST_FOLDER, x[chosen], to_local_labels(y[chosen], tuple(exported)),
                                  [names[c] for c in exported])
-    groups = ";".join(",".join(names[c] for c in g) for g in cfg.data.silo_classes)
-    run_config = (f"dataset='folder' silo-classes='{groups}' silo-data-dirs='{';'.join(dirs)}' "
-                  f"global-test-dir='{out / GLOBAL_TEST_FOLDER}'")
-    return written, run_config
+    return written
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -241,3 +241,16 @@ def test_the_server_records_a_silo_whose_folder_is_unusable_and_goes_on_with_the
     rejected = summary["rounds"][0]["rejected-replies"]
     assert summary["status"] == "completed" and summary["rounds"][0]["generators-used"] == ["silo-0"]
     assert len(rejected) == 1 and str(b / "emu" / "000.png") in rejected[0] and "\n" not in rejected[0]
+
+
+def test_a_deployed_silo_reads_the_data_dir_and_classes_of_its_node_config(tmp_path):
+    from alignfl_app.silo import Silo
+
+    make_folder(tmp_path / "mine", {"owl": 4})
+    cfg = parse_run_config({"dataset": "folder", "silo-classes": "cat;owl", "test-fraction": 0.25})
+    node = parse_node_config({"partition-id": 0, "silo-name": "zoo", "classes": "owl",
+                              "data-dir": str(tmp_path / "mine"), "silo-dir": str(tmp_path / "zoo")})
+    silo = Silo(cfg, node)
+    assert silo.data.classes == (1,) and (len(silo.data.x_train), len(silo.data.x_test)) == (3, 1)
+    with pytest.raises(DataFolderError, match="no data folder: set its node config's data-dir"):
+        Silo(cfg, parse_node_config({"partition-id": 1, "silo-dir": str(tmp_path / "other")}))
