@@ -110,5 +110,7 @@ def main(grid: Grid, context: Context) -> None:
         model.load_state(result.arrays.to_torch_state_dict())
     recorder.save_model(model.saved(cfg.data.class_names), cfg.server.global_model)
     path = recorder.finish("completed")
-    log(INFO, "%s finished: final global %s %s; summary in %s", cfg.baselines.strategy, recorder.metric,
-        recorder.summary.get(f"final-global-{recorder.metric}"), path)
+    metric, by = recorder.metric, recorder.summary["evaluation"]["by"]
+    final = recorder.summary.get(f"final-silo-mean-{metric}" if by == "silos" else f"final-global-{metric}")
+    log(INFO, "%s finished: final global %s %s (judged by: %s); summary in %s", cfg.baselines.strategy, metric,
+        final, by, path)

@@ -254,3 +254,15 @@ def test_a_deployed_silo_reads_the_data_dir_and_classes_of_its_node_config(tmp_p
     assert silo.data.classes == (1,) and (len(silo.data.x_train), len(silo.data.x_test)) == (3, 1)
     with pytest.raises(DataFolderError, match="no data folder: set its node config's data-dir"):
         Silo(cfg, parse_node_config({"partition-id": 1, "silo-dir": str(tmp_path / "other")}))
+
+
+def test_built_in_images_take_the_declared_shape_and_stay_untouched_at_the_default(tiny_config):
+    default = parse_run_config(tiny_config)
+    rgb = parse_run_config({**tiny_config, "image-size": "32x32", "channels": 3})
+    a, b = build_silo_data(default, 1), build_silo_data(rgb, 1)
+    assert a.x_train.shape[1:] == (1, 28, 28) and b.x_train.shape[1:] == (3, 32, 32)
+    assert torch.equal(a.y_train, b.y_train) and torch.equal(b.x_train[:, 0], b.x_train[:, 2])
+    from alignfl_app.data import load_split, to_image_shape
+
+    x, _ = load_split(str(default.data.resolved_data_root()), "mnist", False)
+    assert to_image_shape(x, (1, 28, 28)) is x
