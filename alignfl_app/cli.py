@@ -41,3 +41,7 @@ def main(argv: list[str] | None = None) -> int:
         commands.add_parser(name, help=help_line, add_help=False)
     args, rest = parser.parse_known_args(argv)
     return command_main(args.command)(rest)
+
+
+if __name__ == "__main__":  # python -m alignfl_app.cli: where the alignfl script is not installed
+    raise SystemExit(main())

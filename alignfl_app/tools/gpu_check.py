@@ -141,8 +141,8 @@ def main(argv: list[str] | None = None) -> int:
             for device in args.devices:
                 row = run_federation(Path(args.app), Path(tmp), mode, device, args)
                 rows.append(row)
-                print(f"[alignfl] {mode} on {device}: {row['status']}", flush=True)
-    (out / "gpu-check.json").write_text(json.dumps({"machine": info, "runs": rows}, indent=1))
+                (out / "gpu-check.json").write_text(json.dumps({"machine": info, "runs": rows}, indent=1))
+                print(f"[alignfl] {mode} on {device}: {json.dumps(row)}", flush=True)
     print(f"machine: {info}")
     print(f"{'mode':>6} {'device':>6} | {'client samples/s (median silo)':>30} {'server samples/s':>17} "
           f"{'wall s':>7} {'accuracy':>9}")
