@@ -14,18 +14,29 @@ from torch import nn
 from alignfl_app.canary import (
     GUESS_FRACTIONS,
     AuditReport,
+    GradientCanaryInjection,
+    GradientCanarySet,
     audit_figure,
     epsilon_for_counts,
     epsilon_lower_bound,
+    gradient_canary_scores,
     guess_grid,
+    last_layer_weights,
     make_canaries,
+    make_gradient_canaries,
     membership_report,
     normalised_leakage,
     one_run_p_value,
     reconstruction_scores,
     run_canary_audit,
+    run_gradient_canary_audit,
     save_audit_plot,
 )
+from alignfl_app.config import ArchitectureSpec, parse_run_config
+from alignfl_app.models import VAE
+from alignfl_app.privacy import AdaptiveClipDP, GroupNoise, PoissonBatches, RandomSource, calibrate
+from alignfl_app.training import NegativeELBO, PlainGradient, ShuffledBatches, Trainer
+from tests.conftest import tiny_run_config
 
 IMAGE = (1, 8, 8)
 LATENT = 32
@@ -275,6 +286,161 @@ def test_normalised_leakage_separates_memorised_outliers_but_not_hubs():
     assert scaled.membership.auc == pytest.approx(memory.membership.auc)
 
 
+
+# ---------------------------------------------------------------------------------------- gradient canaries
+
+
+def test_gradient_canaries_are_distinct_seeded_fair_coins_that_push_against_the_drift():
+    candidates = torch.arange(100, 5100)
+    a, b = make_gradient_canaries(candidates, 2000, seed=3), make_gradient_canaries(candidates, 2000, seed=3)
+    assert torch.equal(a.coordinates, b.coordinates) and torch.equal(a.included, b.included)
+    assert len(set(a.coordinates.tolist())) == 2000 and set(a.coordinates.tolist()) <= set(candidates.tolist())
+    assert 0.45 < a.included.float().mean() < 0.55 and set(a.directions.tolist()) == {-1.0, 1.0}
+    drift = torch.randn(5100)
+    drift[a.coordinates[:10]] = 0.0
+    against = make_gradient_canaries(candidates, 2000, seed=3, drift=drift)
+    assert torch.equal(against.included, a.included)  # the drift changes directions only, never the coins
+    assert torch.equal(against.directions[10:], -torch.sign(drift[a.coordinates[10:]]))
+    assert torch.equal(against.directions[:10], a.directions[:10])  # no drift: the random direction
+    with pytest.raises(ValueError):
+        make_gradient_canaries(candidates, 5001, seed=0)
+
+
+def test_scores_are_displacements_in_the_canary_direction_minus_the_reference():
+    canaries = GradientCanarySet(coordinates=torch.tensor([1, 3]), directions=torch.tensor([1.0, -1.0]),
+                                 included=torch.tensor([True, False]))
+    initial, released = torch.zeros(5), torch.tensor([0.0, 2.0, 0.0, 3.0, 0.0])
+    assert torch.equal(gradient_canary_scores(canaries, initial, released), torch.tensor([2.0, -3.0]))
+    reference = torch.tensor([0.0, 0.5, 0.0, 1.0, 0.0])
+    assert torch.equal(gradient_canary_scores(canaries, initial, released, reference), torch.tensor([1.5, -2.0]))
+
+
+def dirac_batch(coordinates: list[tuple[int, int]], shape: tuple[int, int], size: float, seed: int):
+    """Records for ``nn.Linear(in, out, bias=False)`` whose loss ``(W x) . w`` has gradient ``size`` at W[o, i]
+    only (for the listed (o, i)), then random records; returns a function of the layer giving per-record losses."""
+    out_dim, in_dim = shape
+    g = torch.Generator().manual_seed(seed)
+    x, w = torch.rand(4, in_dim, generator=g), torch.randn(4, out_dim, generator=g)
+    for o, i in coordinates:
+        x = torch.cat([torch.zeros(1, in_dim).index_fill_(1, torch.tensor([i]), 1.0), x])
+        w = torch.cat([torch.zeros(1, out_dim).index_fill_(1, torch.tensor([o]), size), w])
+    return lambda layer: (layer(x) * w).sum(dim=1)
+
+
+def private_rule(layer: nn.Module, expected_batch: float) -> AdaptiveClipDP:
+    """DP-SGD with its noise switched off, so that two runs can be compared exactly."""
+    plan = calibrate(parse_run_config({**tiny_run_config("r"), "dp-noise-multiplier": 1.0}).privacy, 1)
+    return AdaptiveClipDP(layer, plan, GroupNoise(expected_batch, 0.0, 0.0), 1.0, RandomSource(False))
+
+
+@pytest.mark.parametrize("private", [True, False])
+def test_an_injected_canary_trains_exactly_as_a_record_with_a_dirac_gradient(private):
+    """The wrapped rule on records + a canary leaves the same gradient (and, under DP, the same next clip bound)
+    as the plain rule on records + a real record whose gradient is the canary's Dirac vector."""
+    torch.manual_seed(0)
+    with_record, with_canary = nn.Linear(6, 5, bias=False), nn.Linear(6, 5, bias=False)
+    with_canary.load_state_dict(with_record.state_dict())
+    size = 1.0 if private else 7.0  # under DP: the clip bound, the norm a canary gets
+    record_losses, real_losses = dirac_batch([(2, 4)], (5, 6), size, seed=1), dirac_batch([], (5, 6), size, seed=1)
+    # the canary pushes W[2, 4] down, as a descent step on that record's gradient +size does
+    canaries = GradientCanarySet(coordinates=torch.tensor([2 * 6 + 4]), directions=torch.tensor([-1.0]),
+                                 included=torch.tensor([True]))
+    injection = GradientCanaryInjection(canaries, num_records=4, magnitude=size)
+    plain_rule = private_rule(with_record, 3.0) if private else PlainGradient()
+    wrapped = injection.rule(private_rule(with_canary, 3.0) if private else PlainGradient(), with_canary, with_canary)
+    plain_rule.backward(record_losses(with_record))
+    list(injection.batches([torch.tensor([0, 1, 2, 3, 4])]))  # records 0..3 and the canary (virtual record 4)
+    wrapped.backward(real_losses(with_canary))
+    assert with_canary.weight.grad[2, 4] != with_canary.weight.grad.view(-1)[:5].mean()  # the canary is there
+    assert torch.allclose(with_canary.weight.grad, with_record.weight.grad, atol=1e-6)
+    if private:
+        assert wrapped.inner.clip == pytest.approx(plain_rule.clip, rel=1e-9)
+        assert wrapped.report() == pytest.approx(plain_rule.report())
+        assert plain_rule.clip != 1.0  # the bound did move, so the comparison above means something
+    wrapped.close()
+    if private:
+        plain_rule.close()
+
+
+def test_canaries_are_sampled_as_records_poisson_under_dp_once_per_epoch_without():
+    n, steps, q = 300, 2000, 0.05
+    canaries = make_gradient_canaries(torch.arange(10_000), 1000, seed=0)
+    injection = GradientCanaryInjection(canaries, num_records=n, magnitude=1.0)
+    m = injection.num_virtual
+    per_step = []
+    for real in injection.batches(PoissonBatches(q, steps, RandomSource(False))(n + m)):
+        assert bool((real < n).all())
+        per_step.append(len(injection.current))
+    counts = injection.sampled.double()
+    assert counts.mean() == pytest.approx(q * steps, rel=0.02)  # 100 per canary, sd 0.3 over 500 canaries
+    assert counts.var() == pytest.approx(q * (1 - q) * steps, rel=0.2)  # each a Binomial(steps, q)
+    assert np.mean(per_step) == pytest.approx(q * m, rel=0.03) and np.var(per_step) == pytest.approx(
+        q * (1 - q) * m, rel=0.2)  # each step a Binomial(m, q)
+    shuffled = GradientCanaryInjection(canaries, num_records=n, magnitude=1.0)
+    sizes = [len(real) + len(shuffled.current)
+             for real in shuffled.batches(ShuffledBatches(64, 3)(n + m, torch.Generator().manual_seed(0)))]
+    assert torch.equal(shuffled.sampled, torch.full((m,), 3))
+    assert sum(sizes) == 3 * (n + m) and set(sizes) == {64, (n + m) % 64}  # batches of records and canaries
+
+
+TINY_VAE = ArchitectureSpec(name="tiny", kind="mlp", latent_dim=2, hidden=(32,))
+
+
+def tiny_vae_trainer(records: torch.Tensor, noise_multiplier: float | None):
+    """Runs of a tiny VAE from one initialisation: shuffled epochs (None) or DP-SGD at a fixed noise multiplier."""
+    plan = None if noise_multiplier is None else calibrate(parse_run_config(
+        {**tiny_run_config("r"), "dp-noise-multiplier": noise_multiplier, "dp-sample-rate": 0.05, "dp-steps": 300,
+         "num-server-rounds": 1}).privacy, 1)
+
+    def initial() -> VAE:
+        torch.manual_seed(0)
+        return VAE(TINY_VAE, 0, IMAGE)
+
+    def train(injection: GradientCanaryInjection | None) -> nn.Module:
+        vae, n = initial(), len(records)
+        total = n + (injection.num_virtual if injection else 0)
+        if plan is None:
+            rule, batches = PlainGradient(), ShuffledBatches(32, 3)(total, torch.Generator().manual_seed(1))
+        else:
+            source = RandomSource(False)
+            source.g.manual_seed(2)  # the test is repeatable; the silo seeds it from the OS
+            rule = AdaptiveClipDP(vae, plan, GroupNoise.of(plan, total), plan.clip_init, source)
+            batches = PoissonBatches(plan.sample_rate, plan.steps_per_round, source)(total)
+        if injection is not None:
+            rule, batches = injection.rule(rule, vae, vae.decoder), injection.batches(batches)
+        Trainer(NegativeELBO(), rule).fit(vae, (records, torch.zeros(n, dtype=torch.long)), batches,
+                                          torch.optim.Adam(vae.parameters(), lr=1e-3))
+        return vae.decoder
+
+    return initial().decoder, train, plan
+
+
+def test_gradient_canaries_betray_a_non_private_decoder():
+    records = binary_images(200, seed=20)
+    initial, train, _ = tiny_vae_trainer(records, None)
+    assert len(last_layer_weights(initial)) == 32 * 64
+    report = run_gradient_canary_audit(train, initial, len(records), 1000, delta=1e-5, seed=0, magnitude=100.0,
+                                       calibrate=True, n_boot=100)
+    assert report.epsilon_bound.epsilon >= 1.0 and report.membership.auc > 0.9
+    # the scores are the canaries' own: a decoder trained without any gives nothing
+    blind = run_gradient_canary_audit(lambda injection: train(None), initial, len(records), 1000, delta=1e-5,
+                                      seed=0, magnitude=100.0, calibrate=True, n_boot=100)
+    assert blind.epsilon_bound.epsilon == 0.0
+
+
+def test_heavy_dp_noise_hides_gradient_canaries_and_the_bound_stays_below_the_accountant():
+    records = binary_images(200, seed=20)
+    bounds = {}
+    for sigma in (1.0, 30.0):
+        initial, train, plan = tiny_vae_trainer(records, sigma)
+        report = run_gradient_canary_audit(train, initial, len(records), 1000, delta=plan.delta, seed=0,
+                                           magnitude=100.0, calibrate=False, n_boot=100)
+        assert report.epsilon_bound.epsilon <= plan.planned_epsilon
+        bounds[sigma] = report
+    assert bounds[30.0].epsilon_bound.epsilon == 0.0 and abs(bounds[30.0].membership.auc - 0.5) < 0.07
+    assert bounds[1.0].membership.auc > bounds[30.0].membership.auc + 0.05  # the same audit sees weaker noise
+
+
 # ------------------------------------------------------------------------------------------ the audit
 
 
@@ -315,17 +481,21 @@ def test_roc_plot_has_honest_axes_and_the_chance_line():
 
 
 def test_canary_audit_command_trains_like_the_silo_and_never_bounds_above_the_accountant(tmp_path):
-    """The command end to end on a tiny recipe: both attacks per level, the table, exit 0 (no bound above epsilon)."""
-    import json
-
+    """The command end to end on a tiny recipe: every kind's attacks per level, the table, exit 0 (no bound above
+    epsilon), and gradient canaries found without DP."""
     from alignfl_app.tools.canary_audit import main
 
     recipe = ("num-server-rounds=1 generator-layout='per-class' silo-architectures='mlp-small' dp-steps=20 "
               "local-epochs=1")
-    assert main(["--run-config", recipe, "--epsilons", "2", "none", "--canaries", "200", "--records", "50",
-                 "--attack-steps", "5", "--restarts", "1", "--out", str(tmp_path)]) == 0
+    assert main(["--run-config", recipe, "--epsilons", "2", "none", "--canary-kind", "gradient", "image",
+                 "--canaries", "200", "--records", "50", "--attack-steps", "5", "--restarts", "1",
+                 "--out", str(tmp_path)]) == 0
     table = json.loads((tmp_path / "table.json").read_text())
-    assert [(r["level"], r["attack"]) for r in table] == [("2", "decoder"), ("2", "whole VAE"), ("none", "decoder"),
-                                                          ("none", "whole VAE")]
+    assert [(r["kind"], r["level"], r["attack"]) for r in table] == [
+        ("gradient", "2", "displacement"), ("gradient", "none", "displacement"), ("image", "2", "decoder"),
+        ("image", "2", "whole VAE"), ("image", "none", "decoder"), ("image", "none", "whole VAE")]
     assert all(r["lower-bound"] <= r["accountant-epsilon"] for r in table)
-    assert table[0]["accountant-epsilon"] <= 2.0 and (tmp_path / "2.png").stat().st_size > 0
+    assert table[0]["accountant-epsilon"] <= 2.0 and table[1]["auc"] > 0.8
+    assert all((tmp_path / f"{name}.png").stat().st_size > 0 for name in ("gradient-2", "image-2", "image-2-whole-vae"))
+    report = AuditReport.model_validate_json((tmp_path / "gradient-none.json").read_text())
+    assert report.epsilon_bound.num_canaries == 200 and "gradient canaries" in report.attack
