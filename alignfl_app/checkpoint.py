@@ -22,7 +22,7 @@ from .files import atomic_write_bytes, atomic_write_text
 
 # Keys a resumed run may change: how long and where it runs, not what it learns.
 RESUMABLE_CHANGES = frozenset({"num-server-rounds", "round-timeout", "resume", "results-dir", "data-root",
-                               "server-threads", "client-threads", "sample-grid-per-silo"})
+                               "silo-data-dirs", "server-threads", "client-threads", "sample-grid-per-silo"})
 
 
 def model_file_name(completed_round: int) -> str:

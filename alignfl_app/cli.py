@@ -13,6 +13,7 @@ from collections.abc import Callable
 COMMANDS: dict[str, tuple[str, str]] = {
     "run": ("alignfl_app.tools.local_superlink", "flwr run the app on a private local SuperLink"),
     "fetch": ("alignfl_app.data", "fetch and verify MNIST / Fashion-MNIST"),
+    "export": ("alignfl_app.export", "write MNIST / Fashion-MNIST silos as ImageFolders (folder datasets)"),
     "compare": ("alignfl_app.tools.compare", "run every method on one experiment, write the tables"),
     "benchmark": ("alignfl_app.tools.benchmark", "time, bytes and memory per method; silo scaling"),
     "sweep": ("alignfl_app.tools.privacy_sweep", "privacy-utility sweep: epsilon x Lipschitz x dataset"),

@@ -16,8 +16,8 @@ import tomllib
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
-from pydantic import (BaseModel, ConfigDict, Field, ValidationError, field_serializer, field_validator,
-                      model_validator)
+from pydantic import (BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_serializer,
+                      field_validator, model_validator)
 
 from .resources import conf_dir
 
@@ -26,7 +26,9 @@ CLASS_NAMES = {
     "fashion-mnist": ("tshirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "boot"),
 }
 NUM_CLASSES = {name: len(classes) for name, classes in CLASS_NAMES.items()}
-IMAGE_SHAPE = (1, 28, 28)
+IMAGE_SHAPE = (1, 28, 28)  # the built-in datasets' own shape: the default image-size and channels
+BUILT_IN_DATASETS = tuple(CLASS_NAMES)
+CLASS_NAME_PATTERN = r"^[^\x00-\x1f/\\]{1,64}$"  # a class name: printable, no path separators
 # how each kind of global model is judged on real test data (summary keys: global.<m>, eval-<m>, final-global-<m>)
 HEADLINE_METRIC = {"classifier": "accuracy", "vae": "neg-elbo"}
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"  # a name, never a path: no "/", no leading "."
@@ -74,6 +76,16 @@ class ArchitectureSpec(BaseModel):
             raise ValueError("every hidden width must be in 1..4096")
         return v
 
+    def check_fits(self, image_shape: tuple[int, int, int]) -> None:
+        """ConfigError unless this architecture can encode and decode images of ``image_shape``: each of a conv
+        architecture's stride-2 stages halves the sides."""
+        _, h, w = image_shape
+        down = 2 ** len(self.hidden)
+        if self.kind == "conv" and (h % down or w % down):
+            raise ConfigError(f"architecture '{self.name}' ({len(self.hidden)} stride-2 stages) needs image sides "
+                              f"divisible by {down}, but image-size is {h}x{w}: choose an image-size like "
+                              f"'{-(-h // down) * down}x{-(-w // down) * down}' or another architecture")
+
 
 def check_name(name: str) -> str:
     """A name that becomes part of a file name must not be a path."""
@@ -110,6 +122,25 @@ def _int_list(text: str, sep: str = ",") -> tuple[int, ...]:
         return tuple(int(p) for p in parts)
     except ValueError as exc:
         raise ValueError(f"expected integers separated by '{sep}', got '{text}'") from exc
+
+
+def _class_name_list(text: str) -> tuple[str, ...]:
+    names = tuple(p.strip() for p in text.split(",") if p.strip())
+    bad = [n for n in names if not re.fullmatch(CLASS_NAME_PATTERN, n) or n in (".", "..") or ";" in n]
+    if bad:
+        raise ValueError(f"'{bad[0]}' is not a class name (1-64 printable characters, no '/', '\\', ',' or ';')")
+    return names
+
+
+def parse_image_size(text: str) -> tuple[int, int]:
+    """``"32x32"`` (height x width) -> (32, 32)."""
+    match = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", text)
+    if not match:
+        raise ValueError(f"image-size must be 'HEIGHTxWIDTH', e.g. '32x32'; got '{text}'")
+    size = int(match.group(1)), int(match.group(2))
+    if any(not 4 <= s <= 512 for s in size):
+        raise ValueError(f"image-size sides must be in 4..512, got '{text}'")
+    return size
 
 
 def _resolve_against_project(path: str) -> Path:
@@ -165,10 +196,12 @@ class RunSection(Section):
 class DataSection(Section):
     """Which dataset, and which classes and outliers each silo holds."""
 
-    dataset: Literal["mnist", "fashion-mnist"] = "mnist"
+    dataset: Literal["mnist", "fashion-mnist", "folder"] = "mnist"
+    """mnist / fashion-mnist: built in. folder: every silo reads its own ImageFolder (a sub-folder per class)."""
     data_root: str = ""
-    silo_classes: tuple[tuple[int, ...], ...] = ((0, 1), (2, 3), (4, 5), (6, 7), (8, 9))
-    """Flat form ``"0,1;2,3"``: silo k holds the classes of the k-th ';'-separated group."""
+    silo_classes: tuple[tuple[int | str, ...], ...] = ((0, 1), (2, 3), (4, 5), (6, 7), (8, 9))
+    """Flat form ``"0,1;2,3"``: silo k holds the classes of the k-th ';'-separated group (class ids of the
+    built-in datasets; class names, i.e. folder names, for dataset='folder')."""
     silo_layout: Literal["disjoint", "slices"] = "disjoint"
     """disjoint: every class belongs to one silo. slices: a class listed by several silos is split into
     disjoint slices of its records, one per silo (lets 50 silos share 10 classes for scaling runs)."""
@@ -176,20 +209,40 @@ class DataSection(Section):
     outlier_dataset: Literal["auto", "none", "mnist", "fashion-mnist"] = "auto"
     outlier_silos: tuple[int, ...] = (0,)
     outliers_per_silo: int = Field(default=600, ge=0)
+    silo_data_dirs: tuple[str, ...] = ()
+    """dataset='folder' in simulation, flat form ``"dirA;dirB"``: silo k's ImageFolder (a deployed silo sets its
+    node config's data-dir instead)."""
+    image_size: tuple[int, int] = IMAGE_SHAPE[1:]
+    """Flat form ``"32x32"`` (height x width): every image is resized to it."""
+    channels: Literal[1, 3] = 1
+    test_fraction: float = Field(default=0.2, ge=0, lt=1)
+    """A folder silo without a ``test`` sub-folder holds out this share of each class (seeded)."""
+    global_test_dir: str = ""
+    """dataset='folder': an ImageFolder the server judges the global model on; empty: each silo judges it on its
+    own held-out images."""
 
     @field_validator("silo_classes", mode="before")
     @classmethod
-    def _parse_classes(cls, v: Any) -> Any:
-        return tuple(_int_list(g) for g in v.split(";")) if isinstance(v, str) else v
+    def _parse_classes(cls, v: Any, info: ValidationInfo) -> Any:
+        if not isinstance(v, str):
+            return v
+        groups = v.split(";")
+        if info.data.get("dataset") == "folder":
+            return tuple(_class_name_list(g) for g in groups)
+        return tuple(_int_list(g) for g in groups)
 
     @field_validator("silo_classes")
     @classmethod
-    def _classes_valid(cls, v: tuple[tuple[int, ...], ...]) -> tuple[tuple[int, ...], ...]:
+    def _classes_valid(cls, v: tuple[tuple[int | str, ...], ...],
+                       info: ValidationInfo) -> tuple[tuple[int | str, ...], ...]:
         if not v or any(not g for g in v):
             raise ValueError("every silo needs at least one class, e.g. '0,1;2,3'")
         if any(len(g) != len(set(g)) for g in v):
             raise ValueError(f"a silo lists a class twice, got '{_classes_text(v)}'")
-        if any(c < 0 or c > 9 for g in v for c in g):
+        if info.data.get("dataset") == "folder":
+            if any(not isinstance(c, str) for g in v for c in g):
+                raise ValueError("dataset='folder' takes class names (the class folders' names), e.g. 'cat,dog;owl'")
+        elif any(not isinstance(c, int) or c < 0 or c > 9 for g in v for c in g):
             raise ValueError(f"classes must be in 0..9, got '{_classes_text(v)}'")
         return v
 
@@ -198,23 +251,46 @@ class DataSection(Section):
     def _parse_outlier_silos(cls, v: Any) -> Any:
         return _int_list(v) if isinstance(v, str) else v
 
+    @field_validator("silo_data_dirs", mode="before")
+    @classmethod
+    def _parse_dirs(cls, v: Any) -> Any:
+        return tuple(d.strip() for d in v.split(";") if d.strip()) if isinstance(v, str) else v
+
+    @field_validator("image_size", mode="before")
+    @classmethod
+    def _parse_size(cls, v: Any) -> Any:
+        return parse_image_size(v) if isinstance(v, str) else v
+
     @field_serializer("silo_classes")
-    def _classes_flat(self, v: tuple[tuple[int, ...], ...]) -> str:
+    def _classes_flat(self, v: tuple[tuple[int | str, ...], ...]) -> str:
         return _classes_text(v)
 
     @field_serializer("outlier_silos")
     def _outlier_silos_flat(self, v: tuple[int, ...]) -> str:
         return ",".join(map(str, v))
 
+    @field_serializer("silo_data_dirs")
+    def _dirs_flat(self, v: tuple[str, ...]) -> str:
+        return ";".join(v)
+
+    @field_serializer("image_size")
+    def _size_flat(self, v: tuple[int, int]) -> str:
+        return f"{v[0]}x{v[1]}"
+
     @model_validator(mode="after")
     def _consistent(self) -> DataSection:
         n = self.num_silos
         flat = [c for g in self.silo_classes for c in g]
-        if self.silo_layout == "disjoint" and len(flat) != len(set(flat)):
-            raise ValueError(
-                f"silo-classes: classes must be disjoint across silos, got '{_classes_text(self.silo_classes)}' "
-                "(or set silo-layout='slices' to split a shared class's records between its silos)"
-            )
+        if self.is_folder:
+            self._check_folder_keys()
+        else:
+            if self.silo_data_dirs or self.global_test_dir:
+                raise ValueError("silo-data-dirs and global-test-dir apply to dataset='folder' only: clear them")
+            if self.silo_layout == "disjoint" and len(flat) != len(set(flat)):
+                raise ValueError(
+                    f"silo-classes: classes must be disjoint across silos, got '{_classes_text(self.silo_classes)}' "
+                    "(or set silo-layout='slices' to split a shared class's records between its silos)"
+                )
         bad = [s for s in self.outlier_silos if s < 0 or s >= n]
         if bad:
             raise ValueError(f"outlier-silos {bad} out of range for {n} silos (0..{n - 1})")
@@ -222,33 +298,87 @@ class DataSection(Section):
             raise ValueError("outlier-dataset must differ from dataset (or be 'auto'/'none')")
         return self
 
+    def _check_folder_keys(self) -> None:
+        if self.silo_data_dirs and len(self.silo_data_dirs) != self.num_silos:
+            raise ValueError(f"silo-data-dirs names {len(self.silo_data_dirs)} folders for the {self.num_silos} "
+                             "silos of silo-classes: give one folder per silo, separated by ';'")
+        if self.outlier_dataset not in ("auto", "none"):
+            raise ValueError("outliers come from the built-in datasets: set outlier-dataset='none' (or 'auto') "
+                             "with dataset='folder'")
+
+    @property
+    def is_folder(self) -> bool:
+        return self.dataset == "folder"
+
     @property
     def num_silos(self) -> int:
         return len(self.silo_classes)
 
     @property
     def num_classes(self) -> int:
-        return NUM_CLASSES[self.dataset]
+        return len(self.class_names)
 
     @property
     def class_names(self) -> tuple[str, ...]:
-        """The run's label space: class id i is ``class_names[i]`` (descriptors carry names, never ids)."""
+        """The run's label space, fixed by configuration: class id i is ``class_names[i]`` (descriptors carry
+        names, never ids). Built-in datasets: their own order; folders: the sorted union of silo-classes."""
+        if self.is_folder:
+            return tuple(sorted({str(c) for g in self.silo_classes for c in g}))
         return CLASS_NAMES[self.dataset]
 
     @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """(channels, height, width): what every image is converted to, and what every model takes."""
+        return (self.channels, *self.image_size)
+
+    def class_ids(self, classes: tuple[int | str, ...]) -> tuple[int, ...]:
+        """A silo's declared classes (ids of a built-in dataset, names of a folder dataset) as ids of the run's
+        label space; ConfigError names a class outside it."""
+        if not self.is_folder:
+            try:
+                ids = tuple(int(c) for c in classes)
+            except ValueError:
+                ids = ()
+            if not ids or any(not 0 <= c < self.num_classes for c in ids):
+                raise ConfigError(f"classes {list(classes)} must be class ids 0..{self.num_classes - 1} of "
+                                  f"{self.dataset}: fix the node config's classes")
+            return ids
+        index = {name: i for i, name in enumerate(self.class_names)}
+        unknown = [str(c) for c in classes if str(c) not in index]
+        if unknown:
+            raise ConfigError(f"class '{unknown[0]}' is not in the run's label space {list(self.class_names)} "
+                              "(the names of silo-classes): fix the node config's classes or the run's silo-classes")
+        return tuple(index[str(c)] for c in classes)
+
+    def silo_class_ids(self, silo: int) -> tuple[int, ...]:
+        """Silo ``silo``'s classes of silo-classes, as ids of the run's label space."""
+        return self.class_ids(self.silo_classes[silo])
+
+    @property
     def outlier_source(self) -> str | None:
-        """The dataset outliers are drawn from, or None when outliers are off."""
+        """The dataset outliers are drawn from, or None when outliers are off (always for folder datasets)."""
         if self.outlier_dataset == "none" or self.outliers_per_silo == 0 or not self.outlier_silos:
             return None
         if self.outlier_dataset == "auto":
+            if self.is_folder:
+                return None
             return "fashion-mnist" if self.dataset == "mnist" else "mnist"
         return self.outlier_dataset
 
     def resolved_data_root(self) -> Path:
         return resolve_data_root(self.data_root)
 
+    def resolved_silo_data_dir(self, silo: int) -> Path | None:
+        """Silo ``silo``'s folder from silo-data-dirs (relative paths resolve like results-dir), or None."""
+        if silo >= len(self.silo_data_dirs):
+            return None
+        return _resolve_against_project(self.silo_data_dirs[silo])
 
-def _classes_text(groups: tuple[tuple[int, ...], ...]) -> str:
+    def resolved_global_test_dir(self) -> Path | None:
+        return _resolve_against_project(self.global_test_dir) if self.global_test_dir else None
+
+
+def _classes_text(groups: tuple[tuple[int | str, ...], ...]) -> str:
     return ";".join(",".join(map(str, g)) for g in groups)
 
 
@@ -466,6 +596,8 @@ class RunConfig(BaseModel):
         if not self.local.conditional and self.server.global_model == "classifier":
             raise ValueError("an unconditional decoder yields unlabelled samples: set global-model='vae' or "
                              "conditional=true")
+        for name in dict.fromkeys(self.local.silo_architectures):
+            load_architecture(name).check_fits(self.data.image_shape)
         if self.run.resume and not self.run.run_name:
             raise ValueError("resume=true needs the run-name of the run to continue, e.g. run-name='study-1'")
         if self.run.min_silos > self.data.num_silos:
@@ -521,8 +653,11 @@ class SiloNodeConfig(BaseModel):
     architecture: str | None = Field(default=None, pattern=NAME_PATTERN)
     data_root: str | None = None
     silo_name: str | None = Field(default=None, pattern=NAME_PATTERN)
-    classes: tuple[int, ...] | None = None
-    """The classes this silo holds (flat form '3,4'); default: group ``partition-id`` of the run's silo-classes."""
+    classes: tuple[int | str, ...] | None = None
+    """The classes this silo holds (flat form '3,4': class ids of a built-in dataset, class names of a folder
+    dataset); default: group ``partition-id`` of the run's silo-classes."""
+    data_dir: str | None = None
+    """dataset='folder': this silo's ImageFolder (a sub-folder per class, optionally a ``test`` sub-folder)."""
     client_device: DeviceChoice | None = None
     """Where this silo trains; default: the run's client-device."""
     silo_dir: str | None = None
@@ -534,13 +669,13 @@ class SiloNodeConfig(BaseModel):
     def _parse_classes(cls, v: Any) -> Any:
         if not isinstance(v, str):
             return v
-        labels = _int_list(v)
-        if not labels or len(labels) != len(set(labels)) or any(c < 0 or c > 9 for c in labels):
-            raise ValueError(f"classes must be distinct integers in 0..9 separated by ',', e.g. '3,4'; got '{v}'")
+        labels = tuple(int(c) if c.isdigit() else c for c in _class_name_list(v))
+        if not labels or len(labels) != len(set(labels)):
+            raise ValueError(f"classes must be distinct class ids or names separated by ',', e.g. '3,4'; got '{v}'")
         return labels
 
     @field_serializer("classes")
-    def _classes_flat(self, v: tuple[int, ...] | None) -> str | None:
+    def _classes_flat(self, v: tuple[int | str, ...] | None) -> str | None:
         return None if v is None else ",".join(map(str, v))
 
     @property
@@ -550,6 +685,9 @@ class SiloNodeConfig(BaseModel):
 
     def resolved_silo_dir(self) -> Path:
         return Path(self.silo_dir).expanduser() if self.silo_dir else silos_root() / self.name
+
+    def resolved_data_dir(self) -> Path | None:
+        return Path(self.data_dir).expanduser() if self.data_dir else None
 
 
 def parse_node_config(raw: dict[str, Any]) -> SiloNodeConfig:

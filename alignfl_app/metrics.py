@@ -40,8 +40,10 @@ def _jsonable(v: Any) -> Any:
 class RunRecorder:
     """Collects per-round metrics and writes every artefact of a run into one folder."""
 
-    def __init__(self, run_dir: Path, config: dict[str, Any], method: str = "alignfl") -> None:
+    def __init__(self, run_dir: Path, config: dict[str, Any], method: str = "alignfl",
+                 class_names: tuple[str, ...] = ()) -> None:
         self.run_dir = Path(run_dir)
+        self.class_names = tuple(class_names)
         (self.run_dir / "samples").mkdir(parents=True, exist_ok=True)
         self.started = time.time()
         self.summary: dict[str, Any] = {
@@ -50,6 +52,8 @@ class RunRecorder:
             "status": "running",
             "rounds": [],
         }
+        if class_names:
+            self.summary["class-names"] = list(class_names)  # per-class lists follow this order
         self.metric = headline_metric(config)
 
     def resume(self, completed_round: int) -> None:
@@ -58,6 +62,10 @@ class RunRecorder:
         previous = json.loads(path.read_text()) if path.exists() else {}
         self.summary["rounds"] = [r for r in previous.get("rounds", []) if r.get("round", 0) <= completed_round]
         self.summary["resumed-after-rounds"] = [*previous.get("resumed-after-rounds", []), completed_round]
+
+    def set_evaluation(self, by: str, detail: str) -> None:
+        """Record what judges the global model: ``global-test-set``, ``global-test-dir``, ``silos`` or ``none``."""
+        self.summary["evaluation"] = {"by": by, "detail": detail}
 
     def round(self, server_round: int) -> dict[str, Any]:
         """The (mutable) record of ``server_round``, created on first use."""
@@ -81,9 +89,13 @@ class RunRecorder:
             self.summary[f"final-global-{key}"] = last["global"][key]
             if key == "accuracy":
                 self.summary["final-per-class-accuracy"] = last["global"].get("per-class-accuracy")
+        evaluated = [r for r in self.summary["rounds"] if any(f"eval-{key}" in m for m in r["silos"].values())]
+        if evaluated:
             self.summary[f"final-per-silo-{key}"] = {
-                s: m[f"eval-{key}"] for s, m in last["silos"].items() if f"eval-{key}" in m
+                s: m[f"eval-{key}"] for s, m in evaluated[-1]["silos"].items() if f"eval-{key}" in m
             }
+            if "silo-mean-eval" in evaluated[-1]:
+                self.summary[f"final-silo-mean-{key}"] = evaluated[-1]["silo-mean-eval"]
         path = self.run_dir / "summary.json"
         atomic_write_text(path, json.dumps(_jsonable(self.summary), indent=2))
         return path
@@ -101,12 +113,16 @@ class RunRecorder:
         import matplotlib.pyplot as plt
 
         key = self.metric
-        rounds = [r for r in self.summary["rounds"] if r.get("global", {}).get(key) is not None]
+        rounds = [r for r in self.summary["rounds"] if r.get("global", {}).get(key) is not None
+                  or any(f"eval-{key}" in m for m in r["silos"].values())]
         if not rounds:
             return None
         fig, ax = plt.subplots(figsize=(6, 4))
         xs = [r["round"] for r in rounds]
-        ax.plot(xs, [r["global"][key] for r in rounds], "o-", label="global test set", lw=2)
+        judged = [r for r in rounds if r.get("global", {}).get(key) is not None]
+        if judged:
+            ax.plot([r["round"] for r in judged], [r["global"][key] for r in judged], "o-", label="global test set",
+                    lw=2)
         silos = sorted({s for r in rounds for s in r["silos"] if f"eval-{key}" in r["silos"][s]})
         for s in silos:
             pts = [(r["round"], r["silos"][s][f"eval-{key}"]) for r in rounds if f"eval-{key}" in r["silos"].get(s, {})]
@@ -116,7 +132,8 @@ class RunRecorder:
         ax.set_ylabel(key if key == "accuracy" else f"{key} (lower is better)")
         if key == "accuracy":
             ax.set_ylim(0, 1)
-        ax.set_title(f"{self.summary['method']}: global model on real test data")
+        by = self.summary.get("evaluation", {}).get("by", "global-test-set")
+        ax.set_title(f"{self.summary['method']}: global model on real test data ({by})")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
         fig.tight_layout()
@@ -140,8 +157,13 @@ class RunRecorder:
                 ax = axes[i][j]
                 ax.axis("off")
                 if j < len(x):
-                    ax.imshow(x[j, 0].numpy(), cmap="gray", vmin=0, vmax=1)
-                    ax.set_title(str(int(y[j])), fontsize=7, pad=1)
+                    if x.shape[1] == 3:
+                        ax.imshow(x[j].permute(1, 2, 0).clamp(0, 1).numpy())
+                    else:
+                        ax.imshow(x[j, 0].numpy(), cmap="gray", vmin=0, vmax=1)
+                    label = int(y[j])
+                    ax.set_title(self.class_names[label] if 0 <= label < len(self.class_names) else str(label),
+                                 fontsize=7, pad=1)
             axes[i][0].text(-0.3, 0.5, silo, transform=axes[i][0].transAxes, ha="right", va="center", fontsize=8)
         fig.suptitle(f"synthetic samples per silo, round {server_round}", fontsize=9)
         path = self.run_dir / "samples" / f"round-{server_round:03d}.png"
@@ -149,9 +171,10 @@ class RunRecorder:
         plt.close(fig)
         return path
 
-    def save_model(self, state: dict[str, torch.Tensor], kind: str) -> Path:
+    def save_model(self, saved: dict[str, Any], kind: str) -> Path:
+        """``saved``: ``GlobalModel.saved`` (weights, class names, input transform)."""
         path = self.run_dir / f"global_model_{kind}.pt"
-        torch.save(state, path)
+        torch.save(saved, path)
         return path
 
     def record_evaluations(self, server_round: int,
@@ -166,8 +189,12 @@ class RunRecorder:
             record.update({f"eval-{self.metric}": value, "eval-num-examples": n})
             if "per-class-accuracy" in m:
                 record["eval-per-class-accuracy"] = list(m["per-class-accuracy"])
+                if self.class_names:
+                    record["eval-accuracy-by-class"] = {
+                        name: v for name, v in zip(self.class_names, m["per-class-accuracy"]) if not math.isnan(v)}
             total += n
             weighted += value * n
         if total == 0:
             return None
+        self.round(server_round)["silo-mean-eval"] = weighted / total
         return {"silo-mean-eval": weighted / total, "num-examples": total}

@@ -25,3 +25,4 @@ DP_CARRY = "alignfl-dp"  # key in the silo's private Context.state (noisy counts
 PRIVACY_REFUSAL_ERROR = 4031  # error reply code: the silo's privacy policy or ledger refused the request
 PRIVATE_FAILURE_ERROR = 4032  # error reply code: a private round failed; the reason stays on the silo
 STRATEGY_MISMATCH_ERROR = 4033  # error reply code: the message asks for another strategy than the run config
+SILO_DATA_ERROR = 4034  # error reply code: the silo's data or its own config cannot serve the run (one line)

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from .config import HEADLINE_METRIC, ConfigError, RunConfig
-from .data import build_silo_data, global_test_set
+from .data import SiloData, build_silo_data, evaluation_plan, global_test_set
 from .experiments import load_experiment, parse_assignments
 from .global_model import GlobalModel
 from .metrics import RunRecorder, peak_rss_mb
@@ -31,21 +31,33 @@ METHODS = ("local-only", "centralised")
 
 
 def _fit(cfg: RunConfig, x: torch.Tensor, y: torch.Tensor, seed: int) -> tuple[GlobalModel, dict[str, float]]:
-    model = GlobalModel(cfg.server.global_model, cfg.data.num_classes, seed=seed, conditional=cfg.local.conditional)
+    model = GlobalModel(cfg.server.global_model, cfg.data.num_classes, seed=seed, conditional=cfg.local.conditional,
+                        image_shape=cfg.data.image_shape)
     batches = ShuffledBatches(cfg.local.batch_size, cfg.baselines.reference_epochs)
     report = model.fit((x, y), batches(len(x), torch.Generator().manual_seed(seed)), cfg.local.learning_rate)
     return model, {"train-loss": report.loss, "train-seconds": report.seconds,
                    "samples-per-second": report.examples_seen / max(report.seconds, 1e-9), "num-examples": len(x)}
 
 
+def reference_test_set(cfg: RunConfig, silos: list[SiloData], rec: RunRecorder) -> tuple[torch.Tensor, torch.Tensor]:
+    """The run's global test set; without one (a folder dataset without global-test-dir) the silos' held-out
+    images pooled (no federation here, so pooling them is allowed), and the summary says which."""
+    test = global_test_set(cfg)
+    if test is not None:
+        rec.set_evaluation(*evaluation_plan(cfg))
+        return test
+    rec.set_evaluation("pooled-silo-test-sets", "no global-test-dir: the silos' held-out images, pooled")
+    return torch.cat([d.x_test for d in silos]), torch.cat([d.y_test for d in silos])
+
+
 def local_only(cfg: RunConfig, run_dir: Path) -> dict:
     """Each silo's own model; the 'global' entry is the mean over silos of their global-test metrics."""
-    rec = RunRecorder(run_dir, cfg.flat(), method="local-only")
+    rec = RunRecorder(run_dir, cfg.flat(), method="local-only", class_names=cfg.data.class_names)
     key = rec.metric
-    x_test, y_test = global_test_set(cfg)
+    silos = [build_silo_data(cfg, k) for k in range(cfg.data.num_silos)]
+    x_test, y_test = reference_test_set(cfg, silos, rec)
     values, per_class = [], []
-    for k in range(cfg.data.num_silos):
-        data = build_silo_data(cfg, k)
+    for k, data in enumerate(silos):
         model, fit = _fit(cfg, data.x_train, data.y_train, seed=cfg.run.seed + k)
         glob = model.evaluate(x_test, y_test)
         local = model.evaluate(data.x_test, data.y_test)
@@ -67,19 +79,19 @@ def local_only(cfg: RunConfig, run_dir: Path) -> dict:
 
 def centralised(cfg: RunConfig, run_dir: Path) -> dict:
     """One model on the union of all silos' training records; judged on the global and local test sets."""
-    rec = RunRecorder(run_dir, cfg.flat(), method="centralised")
+    rec = RunRecorder(run_dir, cfg.flat(), method="centralised", class_names=cfg.data.class_names)
     key = rec.metric
     silos = [build_silo_data(cfg, k) for k in range(cfg.data.num_silos)]
     x = torch.cat([d.x_train for d in silos])
     y = torch.cat([d.y_train for d in silos])
     model, fit = _fit(cfg, x, y, seed=cfg.run.seed)
-    x_test, y_test = global_test_set(cfg)
+    x_test, y_test = reference_test_set(cfg, silos, rec)
     rec.round(1)["global"] = model.evaluate(x_test, y_test)
     rec.round(1)["server"] = {**fit, "peak-rss-mb": peak_rss_mb()}
     for d in silos:
         local = model.evaluate(d.x_test, d.y_test)
         rec.silo(1, f"silo-{d.silo}").update({f"eval-{key}": local[key], "eval-num-examples": len(d.y_test)})
-    rec.save_model(model.state(), cfg.server.global_model)
+    rec.save_model(model.saved(cfg.data.class_names), cfg.server.global_model)
     rec.finish()
     return rec.summary
 

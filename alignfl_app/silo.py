@@ -18,8 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from .audit import audit_outliers, save_audit_figure
-from .config import (IMAGE_SHAPE, RunConfig, SiloNodeConfig, load_architecture, load_silo_policy,
-                     resolve_data_root)
+from .config import RunConfig, SiloNodeConfig, load_architecture, load_silo_policy, resolve_data_root
 from .data import SiloData, build_silo_data
 from .devices import on_cpu, resolve_device, tensors_to
 from .files import atomic_write_text
@@ -72,9 +71,12 @@ class Silo:
         self.name = node.name
         self.dir = node.resolved_silo_dir()
         self.architecture = load_architecture(node.architecture or cfg.local.architecture_for(self.index))
+        self.architecture.check_fits(cfg.data.image_shape)
         self.device = resolve_device(node.client_device or cfg.local.client_device, "client-device")
         root = resolve_data_root(node.data_root or cfg.data.data_root)
-        self.data: SiloData = tensors_to(build_silo_data(cfg, self.index, root, node.classes), self.device)
+        classes = cfg.data.class_ids(node.classes) if node.classes is not None else None
+        self.data: SiloData = tensors_to(build_silo_data(cfg, self.index, root, classes, node.resolved_data_dir()),
+                                         self.device)
         set_threads(cfg.local.client_threads)
         self.layout = cfg.local.generator_layout if cfg.local.conditional else "unconditional"
         self.groups = self.generator_groups()
@@ -98,7 +100,7 @@ class Silo:
 
     def new_generators(self) -> GeneratorSet:
         torch.manual_seed(vae_init_seed(self.cfg.run.seed, self.index))
-        generators = GeneratorSet(self.architecture, self.layout, len(self.data.classes), IMAGE_SHAPE)
+        generators = GeneratorSet(self.architecture, self.layout, len(self.data.classes), self.cfg.data.image_shape)
         return generators.to(self.device)  # initialised on the CPU: the same weights on every device
 
     def restore_generators(self, state: StateDict | None) -> GeneratorSet:
@@ -135,7 +137,7 @@ class Silo:
         if cfg.privacy.audit and server_round == cfg.run.num_server_rounds and self.data.num_outliers:
             figures.update(self.audit(generators, server_round))
         desc = GeneratorDescriptor(
-            silo=self.name, architecture=self.architecture, layout=self.layout, image_shape=IMAGE_SHAPE,
+            silo=self.name, architecture=self.architecture, layout=self.layout, image_shape=self.cfg.data.image_shape,
             classes=tuple(cfg.data.class_names[c] for c in self.data.classes), round=server_round)
         if privacy.releases_record_figures:
             metrics = GeneratorTrainMetrics.model_validate(figures)
@@ -223,7 +225,7 @@ class Silo:
         self.refuse_non_private_release("does not release evaluations on its records (evaluate on the server's "
                                         "test set)")
         model = GlobalModel(kind, self.cfg.data.num_classes, conditional=self.cfg.local.conditional,
-                            device=self.device)
+                            device=self.device, image_shape=self.cfg.data.image_shape)
         model.load_state(state)
         return EvaluateMetrics.model_validate({**model.evaluate(self.data.x_test, self.data.y_test),
                                                "silo-index": self.index})

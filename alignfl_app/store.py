@@ -20,14 +20,13 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from torch import nn
 
-from .config import IMAGE_SHAPE, NAME_PATTERN, ArchitectureSpec, RunConfig, one_line
+from .config import CLASS_NAME_PATTERN, NAME_PATTERN, ArchitectureSpec, RunConfig, one_line
 from .files import atomic_write_bytes, atomic_write_text
 from .models import build_decoder, num_parameters, one_hot
 from .replies import ReplyRejected
 
 
 DESCRIPTOR_FORMAT = 2
-CLASS_NAME_PATTERN = r"^[^\x00-\x1f/\\]{1,64}$"  # a class name: printable, no path separators
 
 
 class GeneratorDescriptor(BaseModel):
@@ -90,7 +89,8 @@ class GeneratorTerms:
 
     @classmethod
     def from_config(cls, cfg: RunConfig) -> GeneratorTerms:
-        return cls(IMAGE_SHAPE, cfg.local.conditional, cfg.data.class_names, int(cfg.server.max_decoder_mb * 2**20))
+        return cls(cfg.data.image_shape, cfg.local.conditional, cfg.data.class_names,
+                   int(cfg.server.max_decoder_mb * 2**20))
 
     def class_ids(self, desc: GeneratorDescriptor) -> torch.Tensor:
         """The run's class id of each of the descriptor's classes (checked names only)."""

@@ -5,13 +5,17 @@ from __future__ import annotations
 import json
 import traceback
 from functools import lru_cache
+from logging import ERROR
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.common import log as flwr_log
 
 from alignfl_app import protocol as P
-from alignfl_app.protocol import PRIVACY_REFUSAL_ERROR, PRIVATE_FAILURE_ERROR, STRATEGY_MISMATCH_ERROR
-from alignfl_app.config import parse_node_config, parse_run_config
+from alignfl_app.protocol import (PRIVACY_REFUSAL_ERROR, PRIVATE_FAILURE_ERROR, SILO_DATA_ERROR,
+                                  STRATEGY_MISMATCH_ERROR)
+from alignfl_app.config import ConfigError, parse_node_config, parse_run_config
+from alignfl_app.folders import DataFolderError
 from alignfl_app.privacy import DPCarry, PrivacyRefusal
 from alignfl_app.silo import Silo, SiloState
 
@@ -30,9 +34,23 @@ def silo_for(context: Context) -> Silo:
                  json.dumps(dict(context.node_config), sort_keys=True))
 
 
+def unusable_silo(msg: Message, context: Context) -> Message | None:
+    """An error reply whose one line names the problem when the silo cannot be set up (its data folder or its own
+    config), else None; the SuperNode's log shows the same line."""
+    try:
+        silo_for(context)
+    except (DataFolderError, ConfigError) as exc:
+        flwr_log(ERROR, "alignfl silo: %s", exc)
+        return Message(error=Error(code=SILO_DATA_ERROR, reason=str(exc)), reply_to=msg)
+    return None
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """Dispatch on the strategy named in the message config (ALIGN-FL when absent)."""
+    unusable = unusable_silo(msg, context)
+    if unusable is not None:
+        return unusable
     strategy = str(msg.content[P.CONFIG].get(P.STRATEGY, "alignfl"))
     configured = silo_for(context).cfg.baselines.strategy
     if strategy != configured:  # the run config decides what a silo trains, not a message
@@ -97,6 +115,9 @@ def silo_state(context: Context) -> SiloState:
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     """Evaluate the server's global model on this silo's real held-out test set (refused under DP)."""
+    unusable = unusable_silo(msg, context)
+    if unusable is not None:
+        return unusable
     silo = silo_for(context)
     kind = str(msg.content[P.CONFIG][P.GLOBAL_MODEL_KIND])
     try:

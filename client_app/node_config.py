@@ -33,6 +33,9 @@ def check_node_config(text: str) -> SiloNodeConfig:
     if node.data_root and not Path(node.data_root).expanduser().is_dir():
         raise ConfigError(f"node config: data-root '{node.data_root}' is not a folder on this machine; "
                           "fetch the data there (alignfl fetch --root ...) or fix the path")
+    if node.data_dir and not Path(node.data_dir).expanduser().is_dir():
+        raise ConfigError(f"node config: data-dir '{node.data_dir}' is not a folder on this machine; "
+                          "point it at the silo's ImageFolder (one sub-folder of images per class)")
     return node
 
 

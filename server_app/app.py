@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from logging import ERROR, INFO
+from logging import ERROR, INFO, WARNING
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.common import log
@@ -11,8 +11,9 @@ from flwr.serverapp import Grid, ServerApp
 
 from alignfl_app.checkpoint import Checkpoint
 from alignfl_app.config import ConfigError, RunConfig, parse_run_config
-from alignfl_app.data import global_test_set
+from alignfl_app.data import evaluation_plan, global_test_set
 from alignfl_app.devices import resolve_device
+from alignfl_app.folders import DataFolderError
 from alignfl_app.global_model import GlobalModel
 from alignfl_app.metrics import RunRecorder
 from alignfl_app.server import AlignFLServer
@@ -31,8 +32,16 @@ def run_directory(cfg: RunConfig, run_id: int):
 
 
 def make_global_evaluator(cfg: RunConfig, model: GlobalModel, recorder: RunRecorder):
-    """Server-side evaluation of each round's global model on the real test split of the dataset."""
-    x_test, y_test = (t.to(model.device) for t in global_test_set(cfg))  # moved once, judged every round
+    """Server-side evaluation of each round's global model on the real test set (``evaluation_plan``); None when
+    the run has none (a folder dataset without global-test-dir)."""
+    by, detail = evaluation_plan(cfg)
+    recorder.set_evaluation(by, detail)
+    log(WARNING if by == "none" else INFO, "Evaluation: %s", detail)
+    test = global_test_set(cfg)
+    if test is None:
+        return None
+    x_test, y_test = (t.to(model.device) for t in test)  # moved once, judged every round
+    where = cfg.data.dataset if by == "global-test-set" else "global-test-dir"
 
     def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         set_threads(cfg.server.threads)
@@ -45,7 +54,7 @@ def make_global_evaluator(cfg: RunConfig, model: GlobalModel, recorder: RunRecor
         else:
             recorder.summary["initial-eval-elapsed-seconds"] = time.time() - recorder.started
         if "accuracy" in metrics:
-            log(INFO, "Round %d: global accuracy on the real %s test set: %.4f", server_round, cfg.data.dataset,
+            log(INFO, "Round %d: global accuracy on the real %s test set: %.4f", server_round, where,
                 metrics["accuracy"])
         return MetricRecord({k: v for k, v in metrics.items() if k != "per-class-accuracy"})
 
@@ -62,7 +71,7 @@ def main(grid: Grid, context: Context) -> None:
         raise
     run_dir = run_directory(cfg, context.run_id)
     checkpoint = Checkpoint(run_dir)
-    recorder = RunRecorder(run_dir, cfg.flat(), method=cfg.baselines.strategy)
+    recorder = RunRecorder(run_dir, cfg.flat(), method=cfg.baselines.strategy, class_names=cfg.data.class_names)
     log(INFO, "%s run %d: results in %s; server on %s", cfg.baselines.strategy, context.run_id, run_dir, device)
     model = GlobalModel.from_config(cfg, device)
 
@@ -78,7 +87,12 @@ def main(grid: Grid, context: Context) -> None:
     else:
         strategy = averaging_strategy(cfg, recorder)
         resumable = {}
-    evaluate = make_global_evaluator(cfg, model, recorder)
+    try:
+        evaluate = make_global_evaluator(cfg, model, recorder)
+    except DataFolderError as exc:
+        log(ERROR, "alignfl: %s", exc)
+        recorder.finish("failed")
+        raise
     try:
         result = strategy.start(
             grid=grid, initial_arrays=ArrayRecord(torch_state_dict=model.state()), num_rounds=cfg.run.num_server_rounds,
@@ -92,8 +106,11 @@ def main(grid: Grid, context: Context) -> None:
     except BaseException:
         recorder.finish("failed")
         raise
-    final = result.arrays.to_torch_state_dict() if len(result.arrays) else model.state()
-    recorder.save_model(final, cfg.server.global_model)
+    if len(result.arrays):
+        model.load_state(result.arrays.to_torch_state_dict())
+    recorder.save_model(model.saved(cfg.data.class_names), cfg.server.global_model)
     path = recorder.finish("completed")
-    log(INFO, "%s finished: final global %s %s; summary in %s", cfg.baselines.strategy, recorder.metric,
-        recorder.summary.get(f"final-global-{recorder.metric}"), path)
+    metric, by = recorder.metric, recorder.summary["evaluation"]["by"]
+    final = recorder.summary.get(f"final-silo-mean-{metric}" if by == "silos" else f"final-global-{metric}")
+    log(INFO, "%s finished: final global %s %s (judged by: %s); summary in %s", cfg.baselines.strategy, metric,
+        final, by, path)

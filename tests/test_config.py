@@ -64,6 +64,7 @@ def test_node_config_check_is_one_line_and_strict():
                          ('partition-id=0 classes="6,6"', "distinct"),
                          ('partition-id=0 architecture="resnet"', "unknown architecture"),
                          ('partition-id=0 data-root="/no/such/dir"', "not a folder"),
+                         ('partition-id=0 data-dir="/no/such/dir"', "data-dir '/no/such/dir' is not a folder"),
                          ("partition-id=0 silo-name=a b", "quote strings")]:
         with pytest.raises(ConfigError, match=needle) as info:
             check_node_config(text)

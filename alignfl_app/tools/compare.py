@@ -157,7 +157,7 @@ def markdown(experiment: str, summaries: dict[str, dict], cfg: RunConfig) -> str
     if key == "accuracy":
         rows = [[m] + list(r["global"].get("per-class-accuracy") or []) for m, r in finals.items()]
         out += ["## Per-class accuracy (final, global test set)", "",
-                _table(["method"] + [str(c) for c in range(cfg.data.num_classes)], rows), ""]
+                _table(["method"] + list(cfg.data.class_names), rows), ""]
     silos = sorted({s for r in finals.values() for s in r["silos"]}, key=lambda s: int(s.rsplit("-", 1)[-1]))
     rows = [[m] + [r["silos"].get(s, {}).get(f"eval-{key}") for s in silos] for m, r in finals.items()]
     out += [f"## Per-silo {key} (final global model on each silo's local test set; local-only: its own model)", "",
@@ -224,6 +224,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         overrides = parse_assignments(args.set)
         cfg = load_experiment(args.experiment, overrides)
+        if cfg.data.is_folder and not cfg.data.global_test_dir:
+            raise ConfigError("compare judges every method on one global test set: set global-test-dir for "
+                              "dataset='folder'")
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

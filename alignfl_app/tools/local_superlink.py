@@ -28,7 +28,7 @@ from pathlib import Path
 import psutil
 from flwr.common.config import parse_config_args
 
-from alignfl_app.config import RunConfig, parse_run_config
+from alignfl_app.config import ConfigError, RunConfig, parse_run_config
 BIN = Path(sys.executable).parent
 
 
@@ -167,10 +167,16 @@ def simulation_superlink(tmp: Path, app: Path) -> Iterator[SimulationLink]:
 def configured_silos(run_config: str) -> int:
     """How many silos a run config (``k=v ...`` or a TOML file, as ``flwr run --run-config`` reads it) defines;
     an invalid one is sized by the defaults and then refused by the ServerApp with its one-line reason."""
+    default = RunConfig().data.num_silos
     try:
-        return parse_run_config({**RunConfig().flat(), **parse_config_args([run_config])}).data.num_silos
-    except Exception:  # flwr and pydantic raise several kinds; the run itself reports the problem
-        return RunConfig().data.num_silos
+        overrides = parse_config_args([run_config])
+    except Exception:  # flwr raises several kinds; the run itself reports the problem
+        return default
+    try:
+        return parse_run_config({**RunConfig().flat(), **overrides}).data.num_silos
+    except ConfigError:  # still one SuperNode per ';' group of silo-classes (class ids or folder class names)
+        groups = str(overrides.get("silo-classes", "")).strip()
+        return len(groups.split(";")) if groups else default
 
 
 def main(argv: list[str] | None = None) -> int:
