@@ -22,7 +22,8 @@ from .files import atomic_write_bytes, atomic_write_text
 
 # Keys a resumed run may change: how long and where it runs, not what it learns.
 RESUMABLE_CHANGES = frozenset({"num-server-rounds", "round-timeout", "resume", "results-dir", "data-root",
-                               "silo-data-dirs", "server-threads", "client-threads", "sample-grid-per-silo"})
+                               "silo-data-dirs", "server-threads", "client-threads", "sample-grid-per-silo",
+                               "server-device", "client-device"})
 
 
 def model_file_name(completed_round: int) -> str:

@@ -517,6 +517,9 @@ class ServerSection(Section):
 
     global_model: Literal["classifier", "vae"] = "classifier"
     synthetic_per_silo: int = Field(default=2000, ge=1)
+    synthetic_total: int = Field(default=0, ge=0)
+    """>0: this many samples per server epoch in all, split evenly over the classes the stored generators hold,
+    then over each class's silos (server time no longer grows with the silos); 0: synthetic-per-silo each."""
     sample_temperature: float = Field(default=1.0, gt=0)
     epochs: int = Field(default=5, ge=0, alias="server-epochs")
     batch_size: int = Field(default=128, ge=1, alias="server-batch-size")

@@ -24,7 +24,7 @@ from .replies import ReplyRejected, train_metrics_schema
 from .augment import SyntheticAugmentation
 from .seeds import augment_seed, server_batches_seed, server_training_seed, synthesis_seed
 from .store import GeneratorStore, GeneratorTerms, check_decoder_state, parse_descriptor
-from .synthesis import sample_generator, synthesize
+from .synthesis import SyntheticBudget, sample_generator, synthesize
 from .training import ShuffledBatches, set_threads
 
 log = logging.getLogger("flwr.alignfl")  # printed by Flower's log handler, beside its own lines
@@ -86,6 +86,7 @@ class GlobalLearner:
     def __init__(self, cfg: RunConfig, model: GlobalModel, terms: GeneratorTerms) -> None:
         self.cfg, self.model, self.terms = cfg, model, terms
         self.augment = SyntheticAugmentation(cfg.server.augment)
+        self.budget = SyntheticBudget(cfg.server.synthetic_per_silo, cfg.server.synthetic_total)
         self.scheduler: torch.optim.lr_scheduler.LambdaLR | None = None
 
     def cosine_factor(self, step: int) -> float:
@@ -109,7 +110,7 @@ class GlobalLearner:
         loss, n = float("nan"), 0
         for epoch in range(c.server.epochs):
             schedule = self._schedule((server_round - 1) * c.server.epochs + epoch)
-            x, y, _ = synthesize(store, self.terms, c.server.synthetic_per_silo, c.server.sample_temperature,
+            x, y, _ = synthesize(store, self.terms, self.budget, c.server.sample_temperature,
                                  seed=lambda i, e=epoch: synthesis_seed(c.run.seed, server_round, e, i),
                                  device=self.model.device)
             x = self.augment(x, augment_seed(c.run.seed, server_round, epoch))

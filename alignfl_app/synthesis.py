@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
-
 from torch import nn
 
 from .devices import device_of
@@ -16,15 +16,20 @@ from .store import GeneratorDescriptor, GeneratorStore, GeneratorTerms
 @torch.no_grad()
 def sample_generator(
     desc: GeneratorDescriptor, decoder: nn.Module, n: int, class_ids: torch.Tensor, temperature: float = 1.0,
-    seed: int = 0,
+    seed: int = 0, per_class: Sequence[int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``n`` images in [0, 1] and their run-wide labels (``class_ids[k]`` for the descriptor's k-th class),
-    classes balanced over the silo's classes. Unconditional generators return label -1 (usable only by a
-    global VAE). Drawn on the CPU (the same draw on every device), computed where the decoder is.
+    classes balanced over the silo's classes, or ``per_class[k]`` of class k (then ``n`` is their sum).
+    Unconditional generators return label -1 (usable only by a global VAE). Drawn on the CPU (the same draw on
+    every device), computed where the decoder is.
     """
     g = torch.Generator().manual_seed(seed)
     k = len(desc.classes)
-    local = torch.arange(n) % k
+    if per_class is None:
+        local = torch.arange(n) % k
+    else:
+        local = torch.repeat_interleave(torch.arange(k), torch.tensor(list(per_class), dtype=torch.long))
+        n = len(local)
     local = local[torch.randperm(n, generator=g)]
     z = torch.randn(n, desc.architecture.latent_dim, generator=g) * temperature
     device = device_of(decoder)
@@ -34,20 +39,59 @@ def sample_generator(
     return x, labels
 
 
+@dataclass(frozen=True)
+class SyntheticBudget:
+    """How many samples each stored generator draws in a server epoch: ``per_silo`` from every one, or (``total``
+    > 0) a fixed total split evenly over the classes the generators hold, then over the silos holding each class,
+    so that a class held by two silos is not drawn twice as often and server time does not grow with the silos."""
+
+    per_silo: int
+    total: int = 0
+
+    def allocation(self, descriptors: dict[str, GeneratorDescriptor],
+                   terms: GeneratorTerms) -> dict[str, list[int] | None]:
+        """silo -> samples per class of its descriptor, in the descriptor's order (None: ``per_silo``, balanced)."""
+        if not self.total:
+            return {silo: None for silo in descriptors}
+        silos = list(descriptors)
+        if not all(d.conditional for d in descriptors.values()):  # unlabelled samples: split over the silos only
+            return {s: [share] for s, share in zip(silos, even_split(self.total, len(silos)), strict=True)}
+        holders: dict[int, list[str]] = {}
+        for silo, desc in descriptors.items():
+            for c in terms.class_ids(desc).tolist():
+                holders.setdefault(c, []).append(silo)
+        counts = {silo: [0] * len(desc.classes) for silo, desc in descriptors.items()}
+        for c, share in zip(sorted(holders), even_split(self.total, len(holders)), strict=True):
+            for silo, part in zip(holders[c], even_split(share, len(holders[c])), strict=True):
+                counts[silo][terms.class_ids(descriptors[silo]).tolist().index(c)] += part
+        return counts
+
+
+def even_split(n: int, parts: int) -> list[int]:
+    """``n`` split into ``parts`` counts that differ by at most one (the first ones get the remainder)."""
+    return [n // parts + (i < n % parts) for i in range(parts)]
+
+
 def synthesize(
-    store: GeneratorStore, terms: GeneratorTerms, n_per_silo: int, temperature: float, seed: Callable[[int], int],
-    device: torch.device = torch.device("cpu"),
+    store: GeneratorStore, terms: GeneratorTerms, budget: SyntheticBudget, temperature: float,
+    seed: Callable[[int], int], device: torch.device = torch.device("cpu"),
 ) -> tuple[torch.Tensor, torch.Tensor, dict[str, int]]:
-    """The union of ``n_per_silo`` samples from every stored generator (one decoder in memory at a time), on
+    """The union of every stored generator's samples under ``budget`` (one decoder in memory at a time), on
     ``device``; ``seed(i)`` seeds the i-th generator's draw."""
     xs, ys, counts = [], [], {}
+    allocation = budget.allocation({silo: store.descriptor(silo) for silo in store.silos()}, terms)
     for i, silo in enumerate(store.silos()):
+        per_class = allocation[silo]
+        n = budget.per_silo if per_class is None else sum(per_class)
+        if n == 0:
+            continue
         desc, decoder = store.load_decoder(silo)
         decoder.to(device)
-        x, y = sample_generator(desc, decoder, n_per_silo, terms.class_ids(desc), temperature, seed=seed(i))
+        x, y = sample_generator(desc, decoder, n, terms.class_ids(desc), temperature, seed=seed(i),
+                                per_class=per_class if desc.conditional else None)
         xs.append(x)
         ys.append(y)
-        counts[silo] = n_per_silo
+        counts[silo] = n
         del decoder
     if not xs:
         raise RuntimeError("no generator stored yet: no silo has sent a valid reply")

@@ -130,8 +130,9 @@ class AlignFLStrategy(Strategy):
         c = self.cfg
         log(INFO, "\t├──> ALIGN-FL: %d silos, classes %s, architectures %s", c.data.num_silos,
             c.flat()["silo-classes"], [c.local.architecture_for(i) for i in range(c.data.num_silos)])
-        log(INFO, "\t├──> global model: %s, %d synthetic samples per silo, %d server epochs",
-            c.server.global_model, c.server.synthetic_per_silo, c.server.epochs)
+        budget = (f"{c.server.synthetic_total} synthetic samples in all" if c.server.synthetic_total
+                  else f"{c.server.synthetic_per_silo} synthetic samples per silo")
+        log(INFO, "\t├──> global model: %s, %s, %d server epochs", c.server.global_model, budget, c.server.epochs)
         log(INFO, "\t└──> generator store: %s (%d stored)", self.core.store.root, len(self.core.store))
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,

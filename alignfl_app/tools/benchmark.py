@@ -26,6 +26,7 @@ from alignfl_app.experiments import parse_assignments
 from alignfl_app.tools.compare import FEDERATED, METHODS, run_methods
 
 SCALING_EXPERIMENT = "mnist-fast"
+TARGET_ACCURACY = {"mnist": 0.95, "fashion-mnist": 0.80}  # time-to-accuracy targets; other datasets: --target
 
 
 def _silo_values(summary: dict, *keys: str) -> list[float]:
@@ -44,8 +45,21 @@ def _mean(xs: list[float]) -> float | None:
     return statistics.fmean(xs) if xs else None
 
 
-def costs(summary: dict) -> dict[str, Any]:
-    """The cost figures of one run, from its summary.json."""
+def time_to_accuracy(summary: dict, target: float | None) -> dict[str, Any]:
+    """Seconds from the ServerApp's start until the global model first reached ``target`` on the real test data
+    (None: never), and until it first reached its own best accuracy, from the rounds' evaluation times."""
+    judged = [(r["global"]["accuracy"], r["elapsed-seconds"]) for r in summary["rounds"]
+              if isinstance(r.get("global", {}).get("accuracy"), (int, float)) and "elapsed-seconds" in r]
+    best = max((a for a, _ in judged), default=None)
+    return {"target-accuracy": target,
+            "seconds-to-target": next((t for a, t in judged if target is not None and a >= target), None),
+            "best-accuracy": best, "seconds-to-best": next((t for a, t in judged if a == best), None)}
+
+
+def costs(summary: dict, target: float | None = None) -> dict[str, Any]:
+    """The cost figures of one run, from its summary.json (``target``: the accuracy timed to; default by dataset)."""
+    if target is None:
+        target = TARGET_ACCURACY.get(summary["config"].get("dataset", ""))
     method = summary["method"]
     rounds = [r for r in summary["rounds"] if "elapsed-seconds" in r]
     walls, prev = [], summary.get("initial-eval-elapsed-seconds")
@@ -74,12 +88,13 @@ def costs(summary: dict) -> dict[str, Any]:
         or None,
         "client-peak-rss-mb": max(_silo_values(summary, "train-peak-rss-mb", "peak-rss-mb"), default=None),
         "final-global-accuracy": summary.get("final-global-accuracy"),
+        **time_to_accuracy(summary, target),
     }
 
 
-def from_folder(folder: Path) -> list[dict[str, Any]]:
+def from_folder(folder: Path, target: float | None = None) -> list[dict[str, Any]]:
     runs = folder / "runs"
-    return [costs(json.loads((runs / m / "summary.json").read_text()))
+    return [costs(json.loads((runs / m / "summary.json").read_text()), target)
             for m in METHODS if (runs / m / "summary.json").is_file()]
 
 
@@ -113,6 +128,11 @@ def markdown(rows: list[dict], scaling: list[dict]) -> str:
                        f"{_f(r['bytes-down-per-silo-round'], MB, 3)} | {_f(r['full-vae-bytes'], MB, 3)} | "
                        f"{_f(r['server-peak-rss-mb'], digits=0)} | {_f(r['client-peak-rss-mb'], digits=0)} | "
                        f"{_f(r['final-global-accuracy'], digits=4)} |")
+        out += ["", "## Time to accuracy (seconds from the ServerApp's start, at the evaluation of a round)", "",
+                "| method | target | s to target | best accuracy | s to best |", "|" + "---|" * 5]
+        for r in rows:
+            out.append(f"| {r['method']} | {_f(r['target-accuracy'], digits=2)} | {_f(r['seconds-to-target'])} | "
+                       f"{_f(r['best-accuracy'], digits=4)} | {_f(r['seconds-to-best'])} |")
         out.append("")
     if scaling:
         out += ["## Scaling with the number of silos", "",
@@ -134,6 +154,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE")
     parser.add_argument("--scaling", nargs="*", type=int, default=[], metavar="SILOS")
     parser.add_argument("--scaling-methods", nargs="+", default=["alignfl"], choices=FEDERATED)
+    parser.add_argument("--target", type=float, default=None,
+                        help="accuracy to time (default: 0.95 MNIST, 0.80 Fashion-MNIST)")
     parser.add_argument("--out", default="results/benchmark")
     parser.add_argument("--app", default=".", help="the Flower app's folder (the checkout with pyproject.toml)")
     args = parser.parse_args(argv)
@@ -144,9 +166,9 @@ def main(argv: list[str] | None = None) -> int:
         rows: list[dict] = []
         if args.experiment:
             run_methods(args.experiment, args.methods, overrides, out / "methods", app)
-            rows = from_folder(out / "methods")
+            rows = from_folder(out / "methods", args.target)
         elif args.source:
-            rows = from_folder(Path(args.source))
+            rows = from_folder(Path(args.source), args.target)
         scaling = []
         for n in args.scaling:
             folder = out / f"scaling-{n}"
