@@ -1,6 +1,7 @@
 """Deployment with the silos' own image folders: TLS, authenticated SuperNodes, each reading its own ``data-dir``.
 
-Nothing is shared between the coordinator and the silos but the CA certificate and the silos' public keys: the
+Nothing is shared between the coordinator and the silos but the CA certificate, the silos' public keys and the
+operator's trusted-entities file (SuperNodes run only the app the operator signed): the
 run config names the classes (names, not ids) and the image shape, each SuperNode's node config names its own
 folder, and the server judges the global model on its own ``global-test-dir``.
 """
@@ -32,6 +33,7 @@ def test_deployed_silos_train_on_their_own_folders(tmp_path):
             fed.register(key)
             fed.start_supernode(silo, f'partition-id={k} silo-name="{silo}" data-dir="{folder}"', key)
         fed.wait_online(3)
+        fed.sign_app()
         run, log = fed.run_app(run_config, num_supernodes=None, timeout=600)
         assert run["status"] == "finished:completed", log[-4000:] + fed.log.read_text()[-3000:]
 
