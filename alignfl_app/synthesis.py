@@ -56,14 +56,15 @@ class SyntheticBudget:
         silos = list(descriptors)
         if not all(d.conditional for d in descriptors.values()):  # unlabelled samples: split over the silos only
             return {s: [share] for s, share in zip(silos, even_split(self.total, len(silos)), strict=True)}
+        ids = {silo: terms.class_ids(desc).tolist() for silo, desc in descriptors.items()}
         holders: dict[int, list[str]] = {}
-        for silo, desc in descriptors.items():
-            for c in terms.class_ids(desc).tolist():
+        for silo, classes in ids.items():
+            for c in classes:
                 holders.setdefault(c, []).append(silo)
-        counts = {silo: [0] * len(desc.classes) for silo, desc in descriptors.items()}
+        counts = {silo: [0] * len(classes) for silo, classes in ids.items()}
         for c, share in zip(sorted(holders), even_split(self.total, len(holders)), strict=True):
             for silo, part in zip(holders[c], even_split(share, len(holders[c])), strict=True):
-                counts[silo][terms.class_ids(descriptors[silo]).tolist().index(c)] += part
+                counts[silo][ids[silo].index(c)] += part
         return counts
 
 
