@@ -160,7 +160,7 @@ class GlobalLearner:
             schedule = self._schedule((server_round - 1) * c.server.epochs + epoch)
             synthetic = synthesize(store, self.terms, self.budget, c.server.sample_temperature,
                                    seed=lambda i, e=epoch: synthesis_seed(c.run.seed, server_round, e, i),
-                                   device=self.model.device)
+                                   device=self.model.device, exclude=frozenset(failed))
             failed.update(synthetic.failed)
             if not len(synthetic.x):
                 schedule.step()

@@ -96,14 +96,17 @@ class SyntheticSet:
 
 def synthesize(
     store: GeneratorStore, terms: GeneratorTerms, budget: SyntheticBudget, temperature: float,
-    seed: Callable[[int], int], device: torch.device = torch.device("cpu"),
+    seed: Callable[[int], int], device: torch.device = torch.device("cpu"), exclude: frozenset[str] = frozenset(),
 ) -> SyntheticSet:
     """The union of every stored generator's samples under ``budget`` (one decoder in memory at a time), on
     ``device``; ``seed(i)`` seeds the i-th generator's draw. A generator that fails is left out (``failed``
-    says why) and never stops the others."""
+    says why) and never stops the others; ``exclude``: silos not to draw from (they failed earlier)."""
     xs, ys, counts, failed = [], [], {}, {}
-    allocation = budget.allocation({silo: store.descriptor(silo) for silo in store.silos()}, terms)
+    silos = [s for s in store.silos() if s not in exclude]
+    allocation = budget.allocation({silo: store.descriptor(silo) for silo in silos}, terms)
     for i, silo in enumerate(store.silos()):
+        if silo in exclude:
+            continue
         per_class = allocation[silo]
         n = budget.per_silo if per_class is None else sum(per_class)
         if n == 0:
