@@ -742,6 +742,13 @@ class SiloNodeConfig(BaseModel):
     """The one folder where this silo keeps what it owns (privacy policy and ledger, audit reports); default
     <silos root>/<silo name>."""
 
+    @field_validator("data_root", "data_dir", "silo_dir")
+    @classmethod
+    def _printable_path(cls, v: str | None) -> str | None:
+        if v is not None and (not v.strip() or any(ord(ch) < 32 for ch in v)):
+            raise ValueError("a folder path must be non-empty and printable (no control characters)")
+        return v
+
     @field_validator("classes", mode="before")
     @classmethod
     def _parse_classes(cls, v: Any) -> Any:

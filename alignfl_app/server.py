@@ -56,6 +56,8 @@ class SiloRegistry:
     operator: dict[int, str] = field(default_factory=dict)  # node -> silo, from silo-nodes
     silo_of_node: dict[int, str] = field(default_factory=dict)
     asked: dict[int, list[int]] = field(default_factory=dict)  # round -> nodes asked to train
+    answered: dict[int, set[int]] = field(default_factory=dict)  # round -> nodes whose train reply was accepted
+    checkpointed: dict[int, str] = field(default_factory=dict)  # a resumed run's bindings, until nodes connect
 
     @classmethod
     def from_config(cls, cfg: RunConfig) -> SiloRegistry:
@@ -65,8 +67,12 @@ class SiloRegistry:
     def name_of(self, node: int) -> str | None:
         return self.silo_of_node.get(node)
 
-    def check(self, node: int, silo: str) -> None:
-        """Raise ReplyRejected (one line) if ``node`` may not serve ``silo``."""
+    def check(self, server_round: int, node: int, silo: str) -> None:
+        """Raise ReplyRejected (one line) if ``node`` may not serve ``silo`` in this round."""
+        if server_round in self.asked and node not in self.asked[server_round]:
+            raise ReplyRejected(f"node {node} was not asked to train in round {server_round}")
+        if node in self.answered.get(server_round, ()):
+            raise ReplyRejected(f"node {node} already sent its train reply for round {server_round}")
         if silo not in self.names:
             raise ReplyRejected(f"silo '{silo}' is not one of this run's silos {list(self.names)} (silo-names)")
         if self.operator:
@@ -75,28 +81,39 @@ class SiloRegistry:
                 raise ReplyRejected(f"node {node} is not bound to silo '{silo}' by silo-nodes"
                                     + (f" (it serves '{bound}')" if bound else ""))
             return
-        current = self.silo_of_node.get(node)
+        bindings = {**self.checkpointed, **self.silo_of_node}  # a resume's bindings hold until nodes are asked
+        current = bindings.get(node)
         if current is not None and current != silo:
             raise ReplyRejected(f"node {node} serves silo '{current}' and cannot switch to '{silo}'")
-        owner = next((n for n, s in self.silo_of_node.items() if s == silo and n != node), None)
+        owner = next((n for n, s in bindings.items() if s == silo and n != node), None)
         if owner is not None:
             raise ReplyRejected(f"silo name '{silo}' is bound to node {owner} for this run (names never move; the "
                                 "operator binds nodes with silo-nodes)")
 
-    def bind(self, node: int, silo: str) -> None:
+    def bind(self, server_round: int, node: int, silo: str) -> None:
         self.silo_of_node[node] = silo
+        self.answered.setdefault(server_round, set()).add(node)
 
     def restore(self, silo_of_node: dict[int, str]) -> None:
-        """Bindings of a resumed run: the operator's when given. Without silo-nodes a resumed run starts unbound
-        (a resumed simulation's nodes are new processes with new ids), so its first valid generators bind again;
-        ``silo_of_node`` (the checkpoint's) is only logged."""
-        if not self.operator and silo_of_node:
-            log.info("Resumed without silo-nodes: names are bound again this run (checkpoint had %s)",
-                     {s: n for n, s in silo_of_node.items()})
+        """Bindings of a resumed run: the operator's when given; otherwise the checkpoint's, kept as soon as one of
+        their nodes is connected again (a deployment's registered SuperNodes keep their ids, so names stay where
+        they were). Only when none of them is connected (a resumed simulation: new processes, new ids) are the
+        names bound again by the first valid generators."""
+        if not self.operator:
+            self.checkpointed = {n: s for n, s in silo_of_node.items() if s in self.names}
 
     def to_ask(self, connected: list[int], excluded: set[str]) -> list[int]:
         """Connected nodes to send instructions to: the operator's nodes when given, never one whose silo is
         withdrawn or quarantined."""
+        if self.checkpointed:
+            if set(self.checkpointed) & set(connected):
+                self.silo_of_node = {**self.checkpointed, **self.silo_of_node}
+                log.info("Resumed: silo names stay bound to their checkpointed nodes %s",
+                         {s: n for n, s in self.checkpointed.items()})
+            else:
+                log.warning("Resumed without silo-nodes and none of the checkpointed nodes is connected (a new "
+                            "simulation): silo names are bound again by the first valid generators")
+            self.checkpointed = {}
         nodes = [n for n in connected if n in self.operator] if self.operator else list(connected)
         return [n for n in nodes if self.silo_of_node.get(n) not in excluded]
 
@@ -272,11 +289,11 @@ class AlignFLServer:
         refusal = self.standing.refusal(desc.silo)
         if refusal:
             raise ReplyRejected(refusal)
-        self.registry.check(node, desc.silo)
+        self.registry.check(server_round, node, desc.silo)
         check_decoder_state(desc, reply.decoder, self.terms)
         metrics = self.train_schema.received(reply.metrics).record()
         self.store.put(desc, reply.decoder, server_round)
-        self.registry.bind(node, desc.silo)
+        self.registry.bind(server_round, node, desc.silo)
         self.recorder.silo(server_round, desc.silo).update(
             {**metrics, "bytes-up": reply.nbytes, "bytes-down-train": 0,
              "architecture": desc.architecture.name, "layout": desc.layout, "classes": list(desc.classes)})

@@ -43,9 +43,10 @@ def sample_generator(
     x = torch.empty(n, *desc.image_shape, device=device)
     for start in range(0, n, max(chunk, 1)):
         part = slice(start, start + chunk)
-        x[part] = torch.sigmoid(decoder(z[part].to(device), None if cond is None else cond[part]))
-    if not torch.isfinite(x).all():
-        raise GeneratorFailed(f"silo '{desc.silo}': its decoder drew non-finite samples")
+        logits = decoder(z[part].to(device), None if cond is None else cond[part])
+        if not torch.isfinite(logits).all():  # checked before the sigmoid, which would hide an Inf as 0 or 1
+            raise GeneratorFailed(f"silo '{desc.silo}': its decoder drew non-finite samples")
+        x[part] = torch.sigmoid(logits)
     labels = class_ids.to(device)[local] if desc.conditional else torch.full((n,), -1, device=device)
     return x, labels
 

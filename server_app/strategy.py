@@ -204,6 +204,16 @@ class AlignFLStrategy(Strategy):
                         message_type=MessageType.EVALUATE) for n in nodes]
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        """Per-silo accuracy of the global model on each silo's own real test set."""
-        results = evaluate_results(replies, self.core.registry.silo_of_node)
+        """Per-silo accuracy of the global model on each silo's own real test set: one reply per node, and only
+        from nodes bound to a silo (an evaluation is recorded under the silo's name)."""
+        registry, seen, kept = self.core.registry, set(), []
+        for msg in replies:
+            node = msg.metadata.src_node_id
+            if registry.name_of(node) is None or node in seen:
+                log(WARNING, "Evaluate reply from node %d left out: %s", node,
+                    "a second reply this round" if node in seen else "the node serves no silo of this run")
+                continue
+            seen.add(node)
+            kept.append(msg)
+        results = evaluate_results(kept, registry.silo_of_node)
         return as_metric_record(self.core.recorder.record_evaluations(server_round, results))
