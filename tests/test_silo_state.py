@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import logging
+import subprocess
+import sys
 
 import pytest
 
@@ -11,7 +13,8 @@ from alignfl_app.config import parse_node_config, parse_run_config
 from alignfl_app.privacy import PrivacyBudgetExceeded, PrivacyLedger
 from alignfl_app.silo import Silo
 from alignfl_app.silo_state import SiloStateError
-from tests.conftest import tiny_run_config
+from tests.conftest import PROJECT, tiny_run_config
+from tests.local_grid import run_server
 
 
 def run_config(tmp_path, **extra) -> dict:
@@ -113,3 +116,21 @@ def test_a_ledger_of_a_newer_format_is_refused_and_the_current_one_read(tmp_path
     with pytest.raises(PrivacyBudgetExceeded) as err:
         PrivacyLedger(path.parent, "silo-0").read()
     assert "format 2" in str(err.value) and "upgrade alignfl" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_a_resumed_run_continues_the_silos_losses(tmp_path):
+    """The server is SIGKILLed at round 3 and resumed with new node ids (a new run's nodes, their memory gone):
+    round 3's silos continue from round 2's level, not from a fresh VAE's."""
+    cfg = {**run_config(tmp_path, **{"run-name": "r"}), "num-server-rounds": 3, "server-threads": 1,
+           "sample-grid-per-silo": 0}
+    killed = subprocess.run(
+        [sys.executable, "-c", "import json, sys; from tests.local_grid import run_server; "
+         "run_server(json.loads(sys.argv[1]), kill_at_round=3)", json.dumps(cfg)],
+        cwd=PROJECT, capture_output=True, text=True, timeout=300)
+    assert killed.returncode == -9, killed.stderr[-3000:]
+    run_server({**cfg, "resume": True}, node_base=2000)
+    rounds = json.loads((tmp_path / "results" / "r" / "summary.json").read_text())["rounds"]
+    assert [r["round"] for r in rounds] == [1, 2, 3]
+    for name in ("silo-0", "silo-1", "silo-2"):
+        first, second, third = (r["silos"][name]["train-loss"] for r in rounds)
+        assert second < 0.9 * first and third < 1.05 * second, (name, first, second, third)
