@@ -186,7 +186,7 @@ def verdict(clean: dict, killed: dict, resumed: dict, args) -> dict:
     k = args.kill_round
     loss = resumed.get("train-loss", {})
     rows = {s: (v.get(1), v.get(k), v.get(k + 1)) for s, v in loss.items()}
-    out["resume-losses (round 1, round k, round k+1)"] = rows
+    out["resume-train-loss (round 1, kill round, next round)"] = rows
     out["resume-continues"] = bool(rows) and all(
         None not in row and row[2] < row[0] and row[2] <= 1.1 * row[1] for row in rows.values())
     return out
