@@ -21,7 +21,7 @@ from .config import ConfigError, RunConfig, one_line
 from .files import atomic_write_bytes, atomic_write_text
 
 # Keys a resumed run may change: how long and where it runs, not what it learns.
-RESUMABLE_CHANGES = frozenset({"num-server-rounds", "round-timeout", "resume", "results-dir", "data-root",
+RESUMABLE_CHANGES = frozenset({"silo-nodes", "num-server-rounds", "round-timeout", "resume", "results-dir", "data-root",
                                "silo-data-dirs", "server-threads", "client-threads", "sample-grid-per-silo",
                                "server-device", "client-device"})
 
@@ -31,13 +31,19 @@ def model_file_name(completed_round: int) -> str:
     return f"global-model-round-{completed_round:04d}.npz"
 
 
+CHECKPOINT_FORMAT = 2  # 2 added the format field and the silos out of the run; 1 (no field) is still read
+
+
 class CheckpointState(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
+    format: int = Field(default=1, ge=1)
     completed_round: int = Field(ge=1)
     model_file: str
     silo_of_node: dict[str, str]
     config: dict[str, Any]
+    withdrawn: dict[str, int] = Field(default_factory=dict)
+    quarantined: dict[str, dict[str, Any]] = Field(default_factory=dict)
 
 
 class Checkpoint:
@@ -51,15 +57,16 @@ class Checkpoint:
         return self.state_path.is_file()
 
     def save(self, completed_round: int, model_state: dict[str, torch.Tensor], silo_of_node: dict[int, str],
-             cfg: RunConfig) -> None:
+             cfg: RunConfig, withdrawn: dict[str, int] | None = None,
+             quarantined: dict[str, dict[str, Any]] | None = None) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
         model_file = model_file_name(completed_round)
         buf = io.BytesIO()
         np.savez(buf, **{k: v.detach().cpu().numpy() for k, v in model_state.items()})
         atomic_write_bytes(self.dir / model_file, buf.getvalue())
-        state = CheckpointState(completed_round=completed_round, model_file=model_file,
+        state = CheckpointState(format=CHECKPOINT_FORMAT, completed_round=completed_round, model_file=model_file,
                                 silo_of_node={str(k): v for k, v in silo_of_node.items()},
-                                config=cfg.flat())
+                                config=cfg.flat(), withdrawn=withdrawn or {}, quarantined=quarantined or {})
         atomic_write_text(self.state_path, state.model_dump_json(indent=1))
         for old in self.dir.glob("global-model-round-*.npz"):
             if old.name != model_file:
@@ -67,12 +74,16 @@ class Checkpoint:
 
     def load(self) -> CheckpointState:
         try:
-            return CheckpointState.model_validate_json(self.state_path.read_text())
+            state = CheckpointState.model_validate_json(self.state_path.read_text())
         except FileNotFoundError as exc:
             raise ConfigError(f"resume: no checkpoint at {self.state_path}; the run never completed a round "
                               "there: start it without resume=true") from exc
         except ValidationError as exc:
             raise ConfigError(one_line(exc, str(self.state_path)) + "; restore the file or start a new run") from exc
+        if state.format > CHECKPOINT_FORMAT:
+            raise ConfigError(f"resume: {self.state_path} has format {state.format}; this version reads formats "
+                              f"1-{CHECKPOINT_FORMAT}: upgrade alignfl or start a new run-name")
+        return state
 
     def load_model(self, state: CheckpointState) -> dict[str, torch.Tensor]:
         with np.load(self.dir / model_file_name(state.completed_round), allow_pickle=False) as npz:

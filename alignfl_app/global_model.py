@@ -6,8 +6,10 @@ silo's evaluation, so all sides train through the same loop and compute the same
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -61,6 +63,22 @@ class GlobalModel:
 
     def load_state(self, state: StateDict) -> None:
         self.model.load_state_dict(state, strict=True)
+
+    def snapshot(self) -> dict[str, Any]:
+        """Copies of the weights and the optimiser state: what a rolled-back round returns to."""
+        return {"model": copy.deepcopy(self.model.state_dict()),
+                "optimizer": None if self.optimizer is None else copy.deepcopy(self.optimizer.state_dict())}
+
+    def restore(self, snapshot: dict[str, Any]) -> None:
+        self.model.load_state_dict(snapshot["model"])
+        if snapshot["optimizer"] is None:
+            self.optimizer = None
+        elif self.optimizer is not None:
+            self.optimizer.load_state_dict(snapshot["optimizer"])
+
+    def finite(self) -> bool:
+        """Every weight is finite (a step that made one NaN or Inf must not be kept)."""
+        return all(bool(torch.isfinite(t).all()) for t in self.model.state_dict().values() if t.is_floating_point())
 
     def optimizer_for(self, lr: float) -> torch.optim.Optimizer:
         """The model's Adam optimiser, made on first use and kept (its state carries across rounds)."""

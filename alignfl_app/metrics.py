@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 import time
 from pathlib import Path
 from typing import Any
@@ -181,10 +182,14 @@ class RunRecorder:
                            results: list[tuple[str, dict[str, Any]]]) -> dict[str, float] | None:
         """Each silo's evaluation of the global model on its own real test set; the mean weighted by examples.
 
-        Shared by every strategy, so ALIGN-FL and the baselines are judged and named the same way."""
+        Shared by every strategy, so ALIGN-FL and the baselines are judged and named the same way. A silo's weight
+        is its example count capped at the lower median of the round's counts: one silo claiming a huge count
+        cannot take over the mean."""
         total, weighted = 0, 0.0
+        counts = [int(m.get("num-examples", 0)) for _, m in results]
+        cap = statistics.median_low(counts) if counts else 0
         for silo, m in results:
-            value, n = float(m.get(self.metric, float("nan"))), int(m.get("num-examples", 0))
+            value, n = float(m.get(self.metric, float("nan"))), min(int(m.get("num-examples", 0)), cap)
             record = self.silo(server_round, silo)
             record.update({f"eval-{self.metric}": value, "eval-num-examples": n})
             if "per-class-accuracy" in m:

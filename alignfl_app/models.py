@@ -45,6 +45,23 @@ class Decoder(nn.Module):
                     layers.append(nn.ReLU())
             self.net = nn.Sequential(*layers)
 
+    @staticmethod
+    def activations_per_sample(spec: ArchitectureSpec, cond_dim: int, image_shape: tuple[int, ...]) -> int:
+        """Values one sample's forward pass holds (input, every layer's output), from the spec alone: what bounds
+        the server's memory when it draws samples, computed before anything is built."""
+        c, h, w = image_shape
+        total = spec.latent_dim + cond_dim + c * h * w
+        if spec.kind == "mlp":
+            return total + 2 * sum(spec.hidden)  # each hidden layer: linear output + its activation
+        chans = list(reversed(spec.hidden))
+        down = 2 ** len(chans)
+        side_h, side_w = max(h // down, 1), max(w // down, 1)
+        total += 2 * chans[0] * side_h * side_w
+        for cout in chans[1:]:
+            side_h, side_w = side_h * 2, side_w * 2
+            total += 2 * cout * side_h * side_w
+        return total
+
     def forward(self, z: torch.Tensor, y_onehot: torch.Tensor | None = None) -> torch.Tensor:
         zin = z if self.cond_dim == 0 else torch.cat([z, y_onehot], dim=1)
         if self.spec.kind == "mlp":

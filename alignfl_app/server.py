@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from .checkpoint import Checkpoint
+from .operator import OperatorRequests
 from .config import ConfigError, RunConfig
 from .global_model import GlobalModel
 from .metrics import RunRecorder, peak_rss_mb
@@ -46,35 +47,78 @@ class TrainReply:
 
 @dataclass
 class SiloRegistry:
-    """Which node serves which silo. A name moves to another node only when its node was not asked to train
-    in that round (e.g. a resumed simulation, whose nodes get new ids); nothing changes unless every check passes."""
+    """Which node serves which silo. The operator's ``silo-nodes`` (name -> node id, the id the SuperLink gave
+    the silo's registered key) decides when given; otherwise a name is bound to the first node that sends a
+    valid generator under it and then never moves for the run. A name outside the run's silos is never bound, and
+    nothing changes unless every check of a reply passes."""
 
+    names: tuple[str, ...] = ()
+    operator: dict[int, str] = field(default_factory=dict)  # node -> silo, from silo-nodes
     silo_of_node: dict[int, str] = field(default_factory=dict)
     asked: dict[int, list[int]] = field(default_factory=dict)  # round -> nodes asked to train
+
+    @classmethod
+    def from_config(cls, cfg: RunConfig) -> SiloRegistry:
+        operator = {node: silo for silo, node in cfg.run.silo_nodes.items()}
+        return cls(cfg.data.names, operator, dict(operator))
 
     def name_of(self, node: int) -> str | None:
         return self.silo_of_node.get(node)
 
-    def check(self, server_round: int, node: int, silo: str) -> int | None:
-        """Raise ReplyRejected if ``node`` may not serve ``silo``; return the node whose binding it takes over."""
-        current = self.silo_of_node.get(node, silo)
-        if current != silo:
-            raise ReplyRejected(f"node switched silo name from '{current}' to '{silo}'")
+    def check(self, node: int, silo: str) -> None:
+        """Raise ReplyRejected (one line) if ``node`` may not serve ``silo``."""
+        if silo not in self.names:
+            raise ReplyRejected(f"silo '{silo}' is not one of this run's silos {list(self.names)} (silo-names)")
+        if self.operator:
+            bound = self.operator.get(node)
+            if bound != silo:
+                raise ReplyRejected(f"node {node} is not bound to silo '{silo}' by silo-nodes"
+                                    + (f" (it serves '{bound}')" if bound else ""))
+            return
+        current = self.silo_of_node.get(node)
+        if current is not None and current != silo:
+            raise ReplyRejected(f"node {node} serves silo '{current}' and cannot switch to '{silo}'")
         owner = next((n for n, s in self.silo_of_node.items() if s == silo and n != node), None)
-        if owner is not None and not self.gone(owner, server_round):
-            raise ReplyRejected(f"silo name '{silo}' is already served by node {owner}")
-        return owner
+        if owner is not None:
+            raise ReplyRejected(f"silo name '{silo}' is bound to node {owner} for this run (names never move; the "
+                                "operator binds nodes with silo-nodes)")
 
-    def bind(self, node: int, silo: str, previous_owner: int | None) -> None:
-        if previous_owner is not None:
-            log.warning("Silo '%s' is now served by node %d (node %d is no longer connected)", silo, node,
-                        previous_owner)
-            del self.silo_of_node[previous_owner]
+    def bind(self, node: int, silo: str) -> None:
         self.silo_of_node[node] = silo
 
-    def gone(self, node: int, server_round: int) -> bool:
-        """True when ``node`` was not connected when this round's train instructions went out."""
-        return server_round in self.asked and node not in self.asked[server_round]
+    def restore(self, silo_of_node: dict[int, str]) -> None:
+        """Bindings of a resumed run: the operator's when given. Without silo-nodes a resumed run starts unbound
+        (a resumed simulation's nodes are new processes with new ids), so its first valid generators bind again;
+        ``silo_of_node`` (the checkpoint's) is only logged."""
+        if not self.operator and silo_of_node:
+            log.info("Resumed without silo-nodes: names are bound again this run (checkpoint had %s)",
+                     {s: n for n, s in silo_of_node.items()})
+
+    def to_ask(self, connected: list[int], excluded: set[str]) -> list[int]:
+        """Connected nodes to send instructions to: the operator's nodes when given, never one whose silo is
+        withdrawn or quarantined."""
+        nodes = [n for n in connected if n in self.operator] if self.operator else list(connected)
+        return [n for n in nodes if self.silo_of_node.get(n) not in excluded]
+
+
+@dataclass
+class SiloStanding:
+    """Silos out of the run: withdrawn by the operator or quarantined after their generator failed on the server.
+    Their generator leaves the store, they are not asked again and their replies are refused."""
+
+    withdrawn: dict[str, int] = field(default_factory=dict)  # silo -> round it was withdrawn at
+    quarantined: dict[str, dict[str, Any]] = field(default_factory=dict)  # silo -> {"round", "reason"}
+
+    def excluded(self) -> set[str]:
+        return set(self.withdrawn) | set(self.quarantined)
+
+    def refusal(self, silo: str) -> str | None:
+        if silo in self.withdrawn:
+            return f"silo '{silo}' was withdrawn by the operator in round {self.withdrawn[silo]}"
+        if silo in self.quarantined:
+            q = self.quarantined[silo]
+            return f"silo '{silo}' is quarantined since round {q['round']} ({q['reason']})"
+        return None
 
 
 class GlobalLearner:
@@ -103,29 +147,66 @@ class GlobalLearner:
             self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self.cosine_factor, last_epoch=step - 1)
         return self.scheduler
 
-    def learn(self, store: GeneratorStore, server_round: int) -> dict[str, float]:
+    def learn(self, store: GeneratorStore, server_round: int) -> RoundLearning:
+        """The round's server epochs. A generator that fails to sample is left out and reported; an epoch whose
+        loss or weights become non-finite rolls the model and its optimiser back to the round's start."""
         c = self.cfg
         set_threads(c.server.threads)
         t0 = time.perf_counter()
-        loss, n = float("nan"), 0
+        loss, n, failed = float("nan"), 0, {}
+        snapshot = self.model.snapshot()
+        rolled_back = None
         for epoch in range(c.server.epochs):
             schedule = self._schedule((server_round - 1) * c.server.epochs + epoch)
-            x, y, _ = synthesize(store, self.terms, self.budget, c.server.sample_temperature,
-                                 seed=lambda i, e=epoch: synthesis_seed(c.run.seed, server_round, e, i),
-                                 device=self.model.device)
-            x = self.augment(x, augment_seed(c.run.seed, server_round, epoch))
+            synthetic = synthesize(store, self.terms, self.budget, c.server.sample_temperature,
+                                   seed=lambda i, e=epoch: synthesis_seed(c.run.seed, server_round, e, i),
+                                   device=self.model.device, exclude=frozenset(failed))
+            failed.update(synthetic.failed)
+            if not len(synthetic.x):
+                schedule.step()
+                continue
+            x = self.augment(synthetic.x, augment_seed(c.run.seed, server_round, epoch))
             n += len(x)
             generator = torch.Generator().manual_seed(server_batches_seed(c.run.seed, server_round, epoch))
             torch.manual_seed(server_training_seed(c.run.seed, server_round, epoch))
-            report = self.model.fit((x, y), ShuffledBatches(c.server.batch_size, 1)(len(x), generator),
+            report = self.model.fit((x, synthetic.y), ShuffledBatches(c.server.batch_size, 1)(len(x), generator),
                                     c.server.learning_rate)
             loss = report.loss
             schedule.step()
+            if not math.isfinite(loss) or not self.model.finite():
+                rolled_back = f"server epoch {epoch + 1}: loss or weights became non-finite"
+                self.model.restore(snapshot)
+                self.scheduler = None  # rebuilt at the next round's position
+                break
         seconds = time.perf_counter() - t0
-        log.info("Global %s trained on %d synthetic samples from %d generators in %.1fs (loss %.4f)",
-                 c.server.global_model, n, len(store), seconds, loss)
-        return {"server-train-loss": loss, "synthetic-samples": n, "server-seconds": seconds,
-                "server-peak-rss-mb": peak_rss_mb()}
+        if rolled_back:
+            log.warning("Round %d rolled back (%s): the global model and its optimiser are as before the round",
+                        server_round, rolled_back)
+        else:
+            log.info("Global %s trained on %d synthetic samples from %d generators in %.1fs (loss %.4f)",
+                     c.server.global_model, n, len(store) - len(failed), seconds, loss)
+        metrics = {"server-train-loss": loss if math.isfinite(loss) else None, "synthetic-samples": n,
+                   "server-seconds": seconds, "server-peak-rss-mb": peak_rss_mb()}
+        return RoundLearning(metrics, failed, rolled_back)
+
+
+@dataclass
+class RoundLearning:
+    """What a round's server training did: its figures, generators that failed, and why it was rolled back."""
+
+    metrics: dict[str, Any]
+    failed: dict[str, str]
+    rolled_back: str | None
+
+
+MAX_REASONS = 50  # rejected or refused replies recorded per round (summary.json stays small under a flood)
+MAX_REASON_CHARS = 300
+
+
+def bounded(reasons: list[str]) -> list[str]:
+    """At most MAX_REASONS one-line reasons of at most MAX_REASON_CHARS each, and how many were left out."""
+    kept = [" ".join(r.split())[:MAX_REASON_CHARS] for r in reasons[:MAX_REASONS]]
+    return kept + ([f"... and {len(reasons) - MAX_REASONS} more"] if len(reasons) > MAX_REASONS else [])
 
 
 class AlignFLServer:
@@ -133,10 +214,12 @@ class AlignFLServer:
 
     def __init__(self, cfg: RunConfig, store: GeneratorStore, model: GlobalModel, recorder: RunRecorder) -> None:
         self.cfg, self.store, self.model, self.recorder = cfg, store, model, recorder
-        self.registry = SiloRegistry()
+        self.registry = SiloRegistry.from_config(cfg)
+        self.standing = SiloStanding()
         self.terms = GeneratorTerms.from_config(cfg)
         self.learner = GlobalLearner(cfg, model, self.terms)
         self.train_schema = train_metrics_schema(cfg.privacy.enabled)
+        self.withdrawals = OperatorRequests(recorder.run_dir)
 
     def first_round(self, checkpoint: Checkpoint) -> int:
         """The first round to run: 1, or (resume) one past the checkpoint, whose state is loaded here."""
@@ -149,23 +232,51 @@ class AlignFLServer:
         state = checkpoint.load()
         checkpoint.check_compatible(state, cfg)
         self.model.load_state(checkpoint.load_model(state))
-        self.registry.silo_of_node = {int(k): v for k, v in state.silo_of_node.items()}
+        self.registry.restore({int(k): v for k, v in state.silo_of_node.items()})
+        self.standing = SiloStanding(dict(state.withdrawn), {k: dict(v) for k, v in state.quarantined.items()})
         self.recorder.resume(state.completed_round)
+        self.record_standing()
         log.info("Resuming after round %d: global model from the checkpoint, %d stored generators %s",
                  state.completed_round, len(self.store), self.store.silos())
         return state.completed_round + 1
 
     def save_checkpoint(self, checkpoint: Checkpoint, completed_round: int) -> None:
-        checkpoint.save(completed_round, self.model.state(), self.registry.silo_of_node, self.cfg)
+        checkpoint.save(completed_round, self.model.state(), self.registry.silo_of_node, self.cfg,
+                        self.standing.withdrawn, self.standing.quarantined)
+
+    def nodes_to_ask(self, server_round: int, connected: list[int]) -> list[int]:
+        """Apply the operator's withdrawals, then the nodes this round's instructions go to."""
+        for silo in self.withdrawals.withdrawn():
+            if silo in self.registry.names and silo not in self.standing.withdrawn:
+                self.standing.withdrawn[silo] = server_round
+                self.store.remove(silo)
+                log.warning("Silo '%s' withdrawn by the operator: its generator left the store", silo)
+                self.record_standing()
+        nodes = self.registry.to_ask(connected, self.standing.excluded())
+        self.registry.asked[server_round] = nodes
+        return nodes
+
+    def quarantine(self, silo: str, server_round: int, reason: str) -> None:
+        self.standing.quarantined[silo] = {"round": server_round, "reason": reason}
+        self.store.remove(silo)
+        log.warning("Silo '%s' quarantined for the rest of the run: %s", silo, reason)
+        self.record_standing()
+
+    def record_standing(self) -> None:
+        self.recorder.summary["withdrawn"] = dict(self.standing.withdrawn)
+        self.recorder.summary["quarantined"] = dict(self.standing.quarantined)
 
     def accept(self, server_round: int, node: int, reply: TrainReply) -> str:
         """Check a reply and store its generator; ReplyRejected (one line) leaves every state as it was."""
         desc = parse_descriptor(reply.descriptor_json)
+        refusal = self.standing.refusal(desc.silo)
+        if refusal:
+            raise ReplyRejected(refusal)
+        self.registry.check(node, desc.silo)
         check_decoder_state(desc, reply.decoder, self.terms)
         metrics = self.train_schema.received(reply.metrics).record()
-        previous_owner = self.registry.check(server_round, node, desc.silo)
         self.store.put(desc, reply.decoder, server_round)
-        self.registry.bind(node, desc.silo, previous_owner)
+        self.registry.bind(node, desc.silo)
         self.recorder.silo(server_round, desc.silo).update(
             {**metrics, "bytes-up": reply.nbytes, "bytes-down-train": 0,
              "architecture": desc.architecture.name, "layout": desc.layout, "classes": list(desc.classes)})
@@ -178,36 +289,39 @@ class AlignFLServer:
         ``refused``: the silos' own refusals (privacy policy or ledger). When every silo asked refused, no silo
         can train any more: the run stops, naming them."""
         refused = refused or []
-        for reason in rejected:
-            log.warning("Rejected train reply from %s", reason)
-        for reason in refused:
-            log.warning("Refused by the silo: %s", reason)
+        for reason in rejected[:MAX_REASONS]:
+            log.warning("Rejected train reply from %s", reason[:MAX_REASON_CHARS])
+        for reason in refused[:MAX_REASONS]:
+            log.warning("Refused by the silo: %s", reason[:MAX_REASON_CHARS])
         asked = self.registry.asked.get(server_round, [])
         if refused and accepted == 0 and not rejected and len(refused) >= len(asked):
-            self.recorder.round(server_round).update({"refused": refused})
+            self.recorder.round(server_round).update({"refused": bounded(refused)})
             self.recorder.write()
-            raise SilosRefused("every silo refused to train, so the run stops: " + " | ".join(refused))
-        missing = [self.registry.name_of(n) or f"node-{n}" for n in self.registry.asked.get(server_round, [])
-                   if n not in replied]
+            raise SilosRefused("every silo refused to train, so the run stops: " + " | ".join(bounded(refused)))
+        missing = [self.registry.name_of(n) or f"node-{n}" for n in asked if n not in replied]
         if missing:
-            log.warning("No train reply within round-timeout from %s (silo died or timed out); the round goes on",
-                        missing)
+            log.warning("No train reply within round-timeout from %s (silo died or timed out); the round goes on", missing)
         stale = [s for s in self.store.silos() if self.store.entry(s)["stored_round"] != server_round]
         if stale:
             log.info("Silos without a new generator this round (their stored one is used): %s", stale)
         rnd = self.recorder.round(server_round)
-        rnd.update({"accepted-replies": accepted, "rejected-replies": rejected, "refused": refused,
-                    "missing-replies": missing,
-                    "stale-silos": stale, "generators-used": self.store.silos()})
+        rnd.update({"accepted-replies": accepted, "rejected-replies": bounded(rejected), "refused": bounded(refused),
+                    "missing-replies": missing, "stale-silos": stale, "generators-used": self.store.silos()})
         if len(self.store) == 0:
             log.warning("No generator stored yet; the global model is unchanged")
             self.recorder.write()
             return None
-        metrics = self.learner.learn(self.store, server_round)
+        learning = self.learner.learn(self.store, server_round)
+        for silo, reason in learning.failed.items():
+            self.quarantine(silo, server_round, reason)
+        if learning.failed:
+            rnd["generators-used"] = self.store.silos()
+        if learning.rolled_back:
+            rnd["rolled-back"] = learning.rolled_back
         self.save_sample_grid(server_round)
-        rnd["server"] = metrics
+        rnd["server"] = learning.metrics
         self.recorder.write()
-        return metrics
+        return learning.metrics
 
     def save_sample_grid(self, server_round: int) -> None:
         c = self.cfg.server
@@ -215,7 +329,13 @@ class AlignFLServer:
             return
         grid = {}
         for silo in self.store.silos():
-            desc, decoder = self.store.load_decoder(silo)
-            grid[silo] = sample_generator(desc, decoder, c.sample_grid_per_silo, self.terms.class_ids(desc),
-                                          c.sample_temperature, seed=server_round)
-        self.recorder.save_sample_grid(server_round, grid)
+            try:
+                desc, decoder = self.store.load_decoder(silo)
+                grid[silo] = sample_generator(desc, decoder, c.sample_grid_per_silo, self.terms.class_ids(desc),
+                                              c.sample_temperature, seed=server_round,
+                                              chunk=self.terms.sampling_chunk(desc))
+            except Exception as exc:  # a figure never stops the round; the generator already drew for training
+                log.warning("No sample grid for silo '%s': %s", silo, str(exc).splitlines()[0][:300] if str(exc)
+                            else type(exc).__name__)
+        if grid:
+            self.recorder.save_sample_grid(server_round, grid)

@@ -71,8 +71,8 @@ class Silo:
     def __init__(self, cfg: RunConfig, node: SiloNodeConfig) -> None:
         self.cfg = cfg
         self.index = node.partition_id
-        self.name = node.name
-        self.dir = node.resolved_silo_dir()
+        self.name = node.name_in(cfg.data.names)
+        self.dir = node.resolved_silo_dir(self.name)
         self.architecture = load_architecture(node.architecture or cfg.local.architecture_for(self.index))
         self.architecture.check_fits(cfg.data.image_shape)
         self.device = resolve_device(node.client_device or cfg.local.client_device, "client-device")

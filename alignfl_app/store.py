@@ -20,13 +20,16 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from torch import nn
 
-from .config import CLASS_NAME_PATTERN, NAME_PATTERN, ArchitectureSpec, RunConfig, one_line
+from .config import CLASS_NAME_PATTERN, NAME_PATTERN, ArchitectureSpec, ConfigError, RunConfig, check_name, one_line
 from .files import atomic_write_bytes, atomic_write_text
-from .models import build_decoder, num_parameters, one_hot
+from .models import Decoder, build_decoder, num_parameters, one_hot
 from .replies import ReplyRejected
 
 
 DESCRIPTOR_FORMAT = 2
+STORE_FORMAT = 2  # index.json: {"format": 2, "generators": {...}}; format 1 was the bare mapping
+MIN_SAMPLING_CHUNK = 64  # a decoder that cannot draw this many samples at once within max-sampling-mb is refused
+MAX_SAMPLING_CHUNK = 4096
 
 
 class GeneratorDescriptor(BaseModel):
@@ -64,6 +67,11 @@ class GeneratorDescriptor(BaseModel):
     def build_decoder(self) -> nn.Module:
         return build_decoder(self.architecture, self.layout, len(self.classes), self.image_shape)
 
+    def sampling_bytes_per_sample(self) -> int:
+        """Memory one sample's draw needs (float32 activations), from the descriptor alone."""
+        return 4 * Decoder.activations_per_sample(self.architecture, 0 if self.layout == "per-class" else
+                                                  self.cond_dim, self.image_shape)
+
     def empty_decoder(self) -> nn.Module:
         """The decoder's shapes on the meta device: nothing allocated, nothing initialised."""
         with torch.device("meta"):
@@ -79,18 +87,27 @@ def parse_descriptor(text: str) -> GeneratorDescriptor:
 
 @dataclass(frozen=True)
 class GeneratorTerms:
-    """What this run accepts from any silo's generator, fixed at start from the run config."""
+    """What this run accepts from each silo's generator, fixed at start from the run config: the descriptor is
+    pinned to it (image shape, conditional, the silo's assigned classes) before anything is built."""
 
     image_shape: tuple[int, int, int]
     conditional: bool
     class_names: tuple[str, ...]
     max_bytes: int
+    assigned: dict[str, frozenset[str]]
+    """silo name -> the class names the run assigned to it; no other silo name is accepted."""
+    max_sampling_bytes: int = 2**30
     trial_samples: int = 16
 
     @classmethod
     def from_config(cls, cfg: RunConfig) -> GeneratorTerms:
         return cls(cfg.data.image_shape, cfg.local.conditional, cfg.data.class_names,
-                   int(cfg.server.max_decoder_mb * 2**20))
+                   int(cfg.server.max_decoder_mb * 2**20), cfg.data.assigned_classes(),
+                   int(cfg.server.max_sampling_mb * 2**20))
+
+    def sampling_chunk(self, desc: GeneratorDescriptor) -> int:
+        """How many samples one forward pass of ``desc``'s decoder may draw within max-sampling-mb."""
+        return min(MAX_SAMPLING_CHUNK, self.max_sampling_bytes // max(desc.sampling_bytes_per_sample(), 1))
 
     def class_ids(self, desc: GeneratorDescriptor) -> torch.Tensor:
         """The run's class id of each of the descriptor's classes (checked names only)."""
@@ -104,13 +121,21 @@ def check_decoder_state(desc: GeneratorDescriptor, state: dict[str, np.ndarray],
     Cheap checks come first and nothing is allocated for a decoder before its declared size is known to fit:
     the descriptor must match the run's terms, the decoder is first built on the meta device (shapes only),
     and a loaded decoder must draw finite samples before it is accepted."""
+    if desc.silo not in terms.assigned:
+        raise ReplyRejected(f"silo '{desc.silo}' is not one of this run's silos {sorted(terms.assigned)} "
+                            "(silo-names)")
     if desc.image_shape != terms.image_shape:
         raise ReplyRejected(f"image_shape {list(desc.image_shape)} is not this run's {list(terms.image_shape)}")
     if desc.conditional != terms.conditional:
         raise ReplyRejected(f"layout '{desc.layout}' but this run needs conditional={terms.conditional}")
-    unknown = [c for c in desc.classes if c not in terms.class_names]
-    if unknown:
-        raise ReplyRejected(f"classes {unknown[:3]} are not in this run's label space {list(terms.class_names)}")
+    assigned = terms.assigned[desc.silo]
+    if set(desc.classes) != assigned:
+        raise ReplyRejected(f"classes {sorted(desc.classes)[:12]} are not the classes this run assigned to silo "
+                            f"'{desc.silo}' {sorted(assigned)}")
+    if terms.sampling_chunk(desc) < MIN_SAMPLING_CHUNK:
+        raise ReplyRejected(f"decoder needs {desc.sampling_bytes_per_sample() / 2**20:.1f} MiB per sample to draw, "
+                            f"over max-sampling-mb={terms.max_sampling_bytes / 2**20:.0f} MiB for "
+                            f"{MIN_SAMPLING_CHUNK} samples")
     total = sum(int(a.nbytes) for a in state.values())
     if total > terms.max_bytes:
         raise ReplyRejected(f"decoder is {total / 2**20:.1f} MiB, over the {terms.max_bytes / 2**20:.1f} MiB limit")
@@ -149,6 +174,10 @@ def check_decoder_state(desc: GeneratorDescriptor, state: dict[str, np.ndarray],
     return decoder
 
 
+class StoreFormatError(ConfigError):
+    """A generator store this version cannot read; the message names the file and the fix."""
+
+
 class GeneratorStore:
     """Each silo's latest good generator, on disk; survives rounds a silo misses and server restarts."""
 
@@ -156,7 +185,36 @@ class GeneratorStore:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self._index_path = self.root / "index.json"
-        self._index: dict[str, dict] = json.loads(self._index_path.read_text()) if self._index_path.exists() else {}
+        self._index: dict[str, dict] = self._read_index() if self._index_path.exists() else {}
+
+    def _read_index(self) -> dict[str, dict]:
+        """The stored index (format 2, or the bare mapping of format 1); anything else is refused, never reset."""
+        fix = "restore it from a backup or start another run-name"
+        try:
+            raw = json.loads(self._index_path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise StoreFormatError(f"{self._index_path} is unreadable ({exc}): {fix}") from exc
+        if not isinstance(raw, dict):
+            raise StoreFormatError(f"{self._index_path} is not a generator store index: {fix}")
+        if "format" not in raw:
+            entries = raw  # format 1
+        elif raw.get("format") == STORE_FORMAT and isinstance(raw.get("generators"), dict):
+            entries = raw["generators"]
+        else:
+            raise StoreFormatError(f"{self._index_path} has format {raw.get('format')!r}; this version reads formats "
+                                   f"1-{STORE_FORMAT}: upgrade alignfl or start another run-name")
+        for silo, entry in entries.items():
+            try:
+                check_name(silo)
+                if GeneratorDescriptor.model_validate(entry["descriptor"]).silo != silo:
+                    raise ValueError("descriptor names another silo")
+            except (ValueError, KeyError, TypeError) as exc:
+                raise StoreFormatError(f"{self._index_path}: entry '{str(silo)[:64]}' is invalid "
+                                       f"({str(exc).splitlines()[0][:200]}): {fix}") from exc
+        return dict(entries)
+
+    def _write_index(self) -> None:
+        atomic_write_text(self._index_path, json.dumps({"format": STORE_FORMAT, "generators": self._index}, indent=1))
 
     def silos(self) -> list[str]:
         return sorted(self._index)
@@ -186,11 +244,19 @@ class GeneratorStore:
             "stored_round": server_round,
             "bytes": int(sum(a.nbytes for a in state.values())),
         }
-        atomic_write_text(self._index_path, json.dumps(self._index, indent=1))
+        self._write_index()
+
+    def remove(self, silo: str) -> None:
+        """Take a silo's generator out of the store (withdrawn or quarantined): out of every later synthesis."""
+        if silo not in self._index:
+            return
+        del self._index[silo]
+        self._write_index()
+        (self.root / f"{check_name(silo)}.npz").unlink(missing_ok=True)
 
     def load_decoder(self, silo: str) -> tuple[GeneratorDescriptor, nn.Module]:
         desc = self.descriptor(silo)
-        with np.load(self.root / f"{desc.silo}.npz", allow_pickle=False) as npz:  # never a path read from disk
+        with np.load(self.root / f"{check_name(silo)}.npz", allow_pickle=False) as npz:  # never a path read from disk
             state = {k: npz[k] for k in npz.files}
         decoder = desc.empty_decoder().to_empty(device="cpu")  # every weight is loaded next
         decoder.load_state_dict({k: torch.from_numpy(v) for k, v in state.items()}, strict=True)

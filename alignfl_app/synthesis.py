@@ -13,15 +13,20 @@ from .models import one_hot
 from .store import GeneratorDescriptor, GeneratorStore, GeneratorTerms
 
 
+class GeneratorFailed(RuntimeError):
+    """A stored generator whose samples cannot be used (non-finite, or its decoder raised); one line."""
+
+
 @torch.no_grad()
 def sample_generator(
     desc: GeneratorDescriptor, decoder: nn.Module, n: int, class_ids: torch.Tensor, temperature: float = 1.0,
-    seed: int = 0, per_class: Sequence[int] | None = None,
+    seed: int = 0, per_class: Sequence[int] | None = None, chunk: int = 1024,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``n`` images in [0, 1] and their run-wide labels (``class_ids[k]`` for the descriptor's k-th class),
     classes balanced over the silo's classes, or ``per_class[k]`` of class k (then ``n`` is their sum).
     Unconditional generators return label -1 (usable only by a global VAE). Drawn on the CPU (the same draw on
-    every device), computed where the decoder is.
+    every device), computed where the decoder is, ``chunk`` samples per forward pass (bounded memory).
+    GeneratorFailed if any sample is not finite.
     """
     g = torch.Generator().manual_seed(seed)
     k = len(desc.classes)
@@ -34,7 +39,13 @@ def sample_generator(
     z = torch.randn(n, desc.architecture.latent_dim, generator=g) * temperature
     device = device_of(decoder)
     local = local.to(device)
-    x = torch.sigmoid(decoder(z.to(device), one_hot(local, desc.cond_dim)))
+    cond = one_hot(local, desc.cond_dim)
+    x = torch.empty(n, *desc.image_shape, device=device)
+    for start in range(0, n, max(chunk, 1)):
+        part = slice(start, start + chunk)
+        x[part] = torch.sigmoid(decoder(z[part].to(device), None if cond is None else cond[part]))
+    if not torch.isfinite(x).all():
+        raise GeneratorFailed(f"silo '{desc.silo}': its decoder drew non-finite samples")
     labels = class_ids.to(device)[local] if desc.conditional else torch.full((n,), -1, device=device)
     return x, labels
 
@@ -73,27 +84,47 @@ def even_split(n: int, parts: int) -> list[int]:
     return [n // parts + (i < n % parts) for i in range(parts)]
 
 
+@dataclass
+class SyntheticSet:
+    """One server epoch's samples, how many each silo's generator drew, and the generators that failed."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+    counts: dict[str, int]
+    failed: dict[str, str]
+
+
 def synthesize(
     store: GeneratorStore, terms: GeneratorTerms, budget: SyntheticBudget, temperature: float,
-    seed: Callable[[int], int], device: torch.device = torch.device("cpu"),
-) -> tuple[torch.Tensor, torch.Tensor, dict[str, int]]:
+    seed: Callable[[int], int], device: torch.device = torch.device("cpu"), exclude: frozenset[str] = frozenset(),
+) -> SyntheticSet:
     """The union of every stored generator's samples under ``budget`` (one decoder in memory at a time), on
-    ``device``; ``seed(i)`` seeds the i-th generator's draw."""
-    xs, ys, counts = [], [], {}
-    allocation = budget.allocation({silo: store.descriptor(silo) for silo in store.silos()}, terms)
+    ``device``; ``seed(i)`` seeds the i-th generator's draw. A generator that fails is left out (``failed``
+    says why) and never stops the others; ``exclude``: silos not to draw from (they failed earlier)."""
+    xs, ys, counts, failed = [], [], {}, {}
+    silos = [s for s in store.silos() if s not in exclude]
+    allocation = budget.allocation({silo: store.descriptor(silo) for silo in silos}, terms)
     for i, silo in enumerate(store.silos()):
+        if silo in exclude:
+            continue
         per_class = allocation[silo]
         n = budget.per_silo if per_class is None else sum(per_class)
         if n == 0:
             continue
-        desc, decoder = store.load_decoder(silo)
-        decoder.to(device)
-        x, y = sample_generator(desc, decoder, n, terms.class_ids(desc), temperature, seed=seed(i),
-                                per_class=per_class if desc.conditional else None)
+        try:
+            desc, decoder = store.load_decoder(silo)
+            decoder.to(device)
+            x, y = sample_generator(desc, decoder, n, terms.class_ids(desc), temperature, seed=seed(i),
+                                    per_class=per_class if desc.conditional else None,
+                                    chunk=terms.sampling_chunk(desc))
+        except Exception as exc:  # one generator never stops the round: it is left out and reported
+            failed[silo] = str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__
+            continue
         xs.append(x)
         ys.append(y)
         counts[silo] = n
         del decoder
     if not xs:
-        raise RuntimeError("no generator stored yet: no silo has sent a valid reply")
-    return torch.cat(xs), torch.cat(ys), counts
+        x, y = torch.empty(0, *terms.image_shape, device=device), torch.empty(0, dtype=torch.long, device=device)
+        return SyntheticSet(x, y, counts, failed)
+    return SyntheticSet(torch.cat(xs), torch.cat(ys), counts, failed)

@@ -76,13 +76,13 @@ def main(grid: Grid, context: Context) -> None:
     model = GlobalModel.from_config(cfg, device)
 
     if cfg.baselines.strategy == "alignfl":
-        core = AlignFLServer(cfg, GeneratorStore(run_dir / "generators"), model, recorder)
-        strategy = AlignFLStrategy(core)
         try:
+            core = AlignFLServer(cfg, GeneratorStore(run_dir / "generators"), model, recorder)
             first_round = core.first_round(checkpoint)
         except ConfigError as exc:
             log(ERROR, "alignfl: %s", exc)
             raise
+        strategy = AlignFLStrategy(core)
         resumable = {"first_round": first_round, "after_round": lambda rnd: core.save_checkpoint(checkpoint, rnd)}
     else:
         strategy = averaging_strategy(cfg, recorder)

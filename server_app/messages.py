@@ -49,7 +49,8 @@ def declared_silo(msg: Message) -> str:
 
 def evaluate_results(replies: Iterable[Message], silo_of_node: dict[int, str]) -> list[tuple[str, dict]]:
     """(silo name, checked metrics) of every usable evaluate reply; a node is named by the silo its train
-    replies bound it to, else by ``declared_silo``. A reply that fails the schema is logged and left out."""
+    replies bound it to, else by ``declared_silo`` (the baselines' silos). A reply that fails the schema is logged
+    and left out."""
     results = []
     for msg in replies:
         node = msg.metadata.src_node_id

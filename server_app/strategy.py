@@ -164,14 +164,13 @@ class AlignFLStrategy(Strategy):
         starting = server_round == self.first_round
         wait = min(120.0, self.cfg.run.round_timeout) if starting else 5.0
         configured = self.cfg.data.num_silos
-        nodes = wait_for_nodes(grid, configured, wait)
+        nodes = self.core.nodes_to_ask(server_round, wait_for_nodes(grid, configured, wait))
         if starting and len(nodes) < self.cfg.required_silos:
             raise ConfigError(
                 f"only {len(nodes)} of the {configured} configured silos connected within {wait:.0f} s (min-silos="
                 f"{self.cfg.required_silos}): start the missing SuperNodes; in a simulation give Flower "
                 f"num-supernodes={configured} (flwr run . --federation-config 'num-supernodes={configured}'); "
                 "or lower min-silos")
-        self.core.registry.asked[server_round] = list(nodes)
         log(INFO, "configure_train: asking %d silos to train their VAEs", len(nodes))
         cfg = ConfigRecord({**dict(config), P.SERVER_ROUND: server_round})
         return [Message(RecordDict({P.CONFIG: cfg}), dst_node_id=n, message_type=MessageType.TRAIN) for n in nodes]
@@ -203,8 +202,9 @@ class AlignFLStrategy(Strategy):
         counts = {"accepted-replies": accepted, "rejected-replies": len(rejected)}
         if metrics is None:
             return None, MetricRecord(counts)
+        figures = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
         return ArrayRecord(torch_state_dict=self.core.model.state()), MetricRecord(
-            {**metrics, **counts, "generators": len(self.core.store)})
+            {**figures, **counts, "generators": len(self.core.store)})
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
@@ -212,7 +212,9 @@ class AlignFLStrategy(Strategy):
         is a figure of its records: it would not be private)."""
         if self.cfg.privacy.enabled:
             return []
-        nodes = list(grid.get_node_ids())
+        registry = self.core.registry
+        nodes = [n for n in registry.to_ask(list(grid.get_node_ids()), self.core.standing.excluded())
+                 if registry.name_of(n)]  # only nodes bound to a silo: an evaluation is recorded under its name
         cfg = ConfigRecord({**dict(config), P.SERVER_ROUND: server_round,
                             P.GLOBAL_MODEL_KIND: self.cfg.server.global_model})
         size = arrays.count_bytes()

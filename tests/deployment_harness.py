@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import time
 from collections.abc import Iterator
@@ -62,8 +63,12 @@ class DeploymentFederation(SimulationLink):
         deploy_script("make-supernode-key.sh", str(keys), silo, env=self.env)
         return keys / silo
 
-    def register(self, private_key: Path) -> None:
-        deploy_script("register-supernode.sh", f"{private_key}.pub", "test", env=self.env)
+    def register(self, private_key: Path) -> int:
+        """Register the key; return the node id the SuperLink gave it (what the run's silo-nodes binds)."""
+        res = deploy_script("register-supernode.sh", f"{private_key}.pub", "test", env=self.env)
+        match = re.search(r"registered SuperNode (\d+) for silo", res.stdout)
+        assert match, res.stdout + res.stderr
+        return int(match.group(1))
 
     def start_supernode(self, silo: str, node_config: str, private_key: Path) -> subprocess.Popen:
         home = self.tmp / f"supernode-{silo}"

@@ -8,7 +8,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, MessageType, RecordDict
 
 from alignfl_app import protocol as P
-from alignfl_app.config import CLASS_NAMES, IMAGE_SHAPE, load_architecture
+from alignfl_app.config import CLASS_NAMES, IMAGE_SHAPE, load_architecture, parse_run_config
 from alignfl_app.models import VAE
 from alignfl_app.store import GeneratorDescriptor, GeneratorTerms, check_decoder_state, parse_descriptor
 from client_app.app import app as client_app
@@ -37,7 +37,7 @@ def test_train_reply_carries_the_decoder_only(tiny_config, partition_id, tmp_pat
     assert any(".encoder." in k for k in torch.load(next(stored), weights_only=True)["generators"])
     # the decoder is rebuildable from the descriptor alone and passes the server's checks
     state = {k: a.numpy() for k, a in content[P.DECODER].items()}  # as the server reads it
-    check_decoder_state(desc, state, GeneratorTerms(IMAGE_SHAPE, True, CLASS_NAMES["mnist"], 64 << 20))
+    check_decoder_state(desc, state, GeneratorTerms.from_config(parse_run_config(tiny_config)))
     assert desc.classes == tuple(tiny_config["silo-classes"].split(";")[partition_id].split(","))
     assert desc.silo == f"silo-{partition_id}" and desc.layout == "conditional"
     metrics = content[P.METRICS]
@@ -68,7 +68,8 @@ def test_decoder_rebuilt_from_descriptor_reproduces_outputs(name):
                                image_shape=IMAGE_SHAPE, round=1)
     state = {k: v.numpy() for k, v in vae.decoder.state_dict().items()}
     rebuilt = check_decoder_state(parse_descriptor(desc.model_dump_json()), state,
-                                  GeneratorTerms(IMAGE_SHAPE, desc.conditional, CLASS_NAMES["mnist"], 64 << 20))
+                                  GeneratorTerms(IMAGE_SHAPE, desc.conditional, CLASS_NAMES["mnist"], 64 << 20,
+                                                 {"s": frozenset({"3", "7"})}))
     z, y = torch.randn(5, spec.latent_dim), torch.eye(2)[torch.tensor([0, 1, 0, 1, 1])]
     vae.eval()
     assert torch.allclose(vae.decoder(z, y), rebuilt(z, y))

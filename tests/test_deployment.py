@@ -51,15 +51,18 @@ def test_operator_only_federation_runs_signed_app_and_refuses_outsiders(tmp_path
     root = str(resolve_data_root())
     run_config = (
         f"results-dir='{results}' num-server-rounds=1 max-per-class=60 outliers-per-silo=12 "
-        "local-epochs=1 batch-size=32 synthetic-per-silo=40 server-epochs=1 silo-classes='0,1;2,3;4,5' "
+        "local-epochs=1 batch-size=32 synthetic-per-silo=40 server-epochs=1 silo-classes='0,1;2,3;6,7' "
+        f"silo-names='{','.join(SILOS)}' "
         "sample-grid-per-silo=2 round-timeout=300"
     )
     with deployment_federation(tmp_path / "fed") as fed:
+        node_ids = {}
         for silo, node_config in SILOS.items():
             key = fed.make_key(silo)
-            fed.register(key)
+            node_ids[silo] = fed.register(key)
             fed.start_supernode(silo, node_config.format(root=root), key)
         fed.wait_online(3)
+        run_config += " silo-nodes='" + ",".join(f"{s}={n}" for s, n in node_ids.items()) + "'"
 
         intruder = fed.start_supernode("intruder", f'partition-id=0 silo-name="intruder" data-root="{root}"',
                                        fed.make_key("intruder"))  # key made but never registered

@@ -27,12 +27,15 @@ def test_deployed_silos_train_on_their_own_folders(tmp_path):
         "silo-architectures='mlp-small;conv' sample-grid-per-silo=2 round-timeout=300"
     )
     names = ["site-a", "site-b", "site-c"]
+    run_config += f" silo-names='{','.join(names)}'"
     with deployment_federation(tmp_path / "fed") as fed:
+        node_ids = {}
         for k, (silo, folder) in enumerate(zip(names, folders, strict=True)):
             key = fed.make_key(silo)
-            fed.register(key)
-            fed.start_supernode(silo, f'partition-id={k} silo-name="{silo}" data-dir="{folder}"', key)
+            node_ids[silo] = fed.register(key)
+            fed.start_supernode(silo, f'partition-id={k} data-dir="{folder}"', key)  # its name: silo-names
         fed.wait_online(3)
+        run_config += " silo-nodes='" + ",".join(f"{s}={n}" for s, n in node_ids.items()) + "'"
         fed.sign_app()
         run, log = fed.run_app(run_config, num_supernodes=None, timeout=600)
         assert run["status"] == "finished:completed", log[-4000:] + fed.log.read_text()[-3000:]

@@ -35,7 +35,7 @@ def summary(tmp_path) -> dict:
 
 def stored_rounds(tmp_path) -> dict[str, int]:
     index = json.loads((tmp_path / "results" / "r" / "generators" / "index.json").read_text())
-    return {s: e["stored_round"] for s, e in index.items()}
+    return {s: e["stored_round"] for s, e in index["generators"].items()}
 
 
 def test_silo_that_dies_or_fails_mid_round_does_not_stop_it(tmp_path, flwr_log):

@@ -64,8 +64,8 @@ def test_silo_missing_a_round_still_contributes(trained, tmp_path):
     rnd = strategy.core.recorder.round(2)
     assert rnd["generators-used"] == ["silo-0", "silo-1", "silo-2"] and rnd["stale-silos"] == ["silo-1"]
     assert strategy.core.store.entry("silo-1")["stored_round"] == 1
-    _, labels, counts = synthesize(strategy.core.store, strategy.core.terms, SyntheticBudget(30), 1.0,
-                                   seed=lambda i: i)
+    synthetic = synthesize(strategy.core.store, strategy.core.terms, SyntheticBudget(30), 1.0, seed=lambda i: i)
+    labels, counts = synthetic.y, synthetic.counts
     assert set(labels.tolist()) == {0, 1, 2, 3, 4, 5} and counts["silo-1"] == 30
     assert metrics["generators"] == 3 and arrays is not None
 
@@ -78,13 +78,15 @@ def test_a_synthetic_total_is_split_over_the_classes_then_over_their_silos(train
     for s, desc in descs.items():
         store.put(desc, outs[s][1], 1)
     terms = GeneratorTerms.from_config(cfg)
-    x, labels, counts = synthesize(store, terms, SyntheticBudget(per_silo=999, total=61), 1.0, seed=lambda i: i)
+    synthetic = synthesize(store, terms, SyntheticBudget(per_silo=999, total=61), 1.0, seed=lambda i: i)
+    x, labels, counts = synthetic.x, synthetic.y, synthetic.counts
     per_class = {c: int((labels == c).sum()) for c in range(10)}
     assert per_class == {0: 13, 1: 12, 2: 12, 3: 12, 4: 0, 5: 12, 6: 0, 7: 0, 8: 0, 9: 0} and len(x) == 61
     assert counts == {"silo-0": 13 + 6, "silo-1": 24, "silo-2": 6 + 12}  # class "1": 6 from each holder
     # a total adds no sample as silos join: the same 61 from four generators
     store.put(descs[1].model_copy(update={"silo": "silo-3"}), outs[1][1], 1)
-    _, more, counts = synthesize(store, terms, SyntheticBudget(per_silo=999, total=61), 1.0, seed=lambda i: i)
+    synthetic = synthesize(store, terms, SyntheticBudget(per_silo=999, total=61), 1.0, seed=lambda i: i)
+    more, counts = synthetic.y, synthetic.counts
     assert len(more) == 61 and counts["silo-1"] == counts["silo-3"] == 12
 
 
@@ -129,7 +131,7 @@ def _bad_variants(desc, state):
 
 
 REASON = {"other image shape": "image_shape", "unconditional in a classifier run": "conditional=",
-          "labels outside dataset": "label space",
+          "labels outside dataset": "assigned to silo",
           "huge declared decoder": "declares a", "non-finite samples": "samples are not finite",
           "unknown metric": "backdoor", "huge count": "num-examples", "NaN count": "num-examples"}
 
@@ -174,7 +176,7 @@ def test_error_reply_and_impostor_do_not_kill_the_round(trained, tmp_path):
     impostor = reply(4242, *outs[0])  # another node claims to be silo-0
     arrays, _ = strategy.aggregate_train(2, [failed, impostor, reply(NODE[2], *outs[2])])
     reasons = " | ".join(strategy.core.recorder.round(2)["rejected-replies"])
-    assert "silo crashed" in reasons and "already served by node" in reasons
+    assert "silo crashed" in reasons and "is bound to node" in reasons
     assert arrays is not None and strategy.core.store.entry("silo-0")["stored_round"] == 1
 
 
@@ -262,7 +264,7 @@ def test_store_never_follows_a_file_name_read_back_from_disk(trained, tmp_path):
     strategy.aggregate_train(1, [reply(NODE[s], *outs[s]) for s in range(3)])
     index = tmp_path / "generators" / "index.json"
     tampered = json.loads(index.read_text())
-    tampered["silo-1"]["file"] = "../../elsewhere.npz"
+    tampered["generators"]["silo-1"]["file"] = "../../elsewhere.npz"
     index.write_text(json.dumps(tampered))
     desc, decoder = GeneratorStore(tmp_path / "generators").load_decoder("silo-1")
     assert desc.silo == "silo-1" and sum(p.numel() for p in decoder.parameters()) > 0
