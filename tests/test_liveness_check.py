@@ -18,11 +18,13 @@ def test_round_times_come_from_the_servers_clock_at_each_rounds_end():
     s["rounds"].append({"round": 4, "silos": {}})  # trained, not yet evaluated
     assert completed_rounds(s) == [1, 2, 3]
     assert round_times(s) == pytest.approx({1: 10.0, 2: 10.0, 3: 11.0})
+    resumed = summary(40.0, 80.0, 15.0, 26.0)  # rounds 1, 2 carried over; 3, 4 on the resumed server's clock
+    assert round_times(resumed, after_round=2) == pytest.approx({3: 15.0, 4: 11.0})
 
 
 def test_verdict_bounds_rounds_after_the_kill_and_checks_the_resumed_losses():
     args = SimpleNamespace(kill_round=2, bound=2.0)
-    clean = {"round-seconds": {1: 30.0, 2: 10.0, 3: 12.0, 4: 11.0},
+    clean = {"round-seconds": {1: 30.0, 2: 10.0, 3: 40.0, 4: 12.0, 5: 11.0}, "killed-after-round": 2,
              "train-loss": {"silo-0": {1: 300.0, 2: 200.0, 3: 190.0}, "silo-1": {1: 310.0, 2: 210.0, 3: 205.0}}}
     killed = {"round-seconds": {1: 31.0, 2: 21.0, 3: 23.0, 4: 12.0}}
     v = verdict(clean, killed, clean, args)

@@ -74,12 +74,14 @@ def completed_rounds(summary: dict) -> list[int]:
     return [r["round"] for r in summary.get("rounds", []) if r.get("elapsed-seconds") is not None]
 
 
-def round_times(summary: dict) -> dict[int, float]:
-    """Each round's wall time: the server's clock at its end minus at the previous round's end."""
-    before = summary.get("initial-eval-elapsed-seconds", 0.0)
+def round_times(summary: dict, after_round: int = 0) -> dict[int, float]:
+    """Each round's wall time: the server's clock at its end minus at the previous round's end. A resumed run
+    (``after_round``: its checkpoint's round) restarts the clock: its first round is measured from the ServerApp's
+    start, the rounds carried over from before are left out."""
+    before = 0.0 if after_round else summary.get("initial-eval-elapsed-seconds", 0.0)
     times = {}
     for r in sorted(summary.get("rounds", []), key=lambda r: r["round"]):
-        if r.get("elapsed-seconds") is None:
+        if r.get("elapsed-seconds") is None or r["round"] <= after_round:
             continue
         times[r["round"]] = r["elapsed-seconds"] - before
         before = r["elapsed-seconds"]
@@ -162,20 +164,23 @@ def kill_and_resume_run(app: Path, work: Path, args) -> dict:
         start_silos(link, silos, args.silos)
         status, _ = run_watched(link, f"{config} resume=true", summary_path, args.timeout)
     after = read_summary(summary_path)
-    times = {**round_times(before), **round_times(after)}  # each part's rounds against its own clock
+    resumed_after = max(completed_rounds(before), default=0)
+    times = {**round_times(before), **round_times(after, resumed_after)}  # each part against its own clock
     losses = {}
     for r in after.get("rounds", []):
         for silo, m in r.get("silos", {}).items():
             if "train-loss" in m:
                 losses.setdefault(silo, {})[r["round"]] = m["train-loss"]
-    return {"status": status, "round-seconds": times, "killed-after-round": max(completed_rounds(before), default=0),
+    return {"status": status, "round-seconds": times, "killed-after-round": resumed_after,
             "resumed-after-rounds": after.get("resumed-after-rounds"), "train-loss": losses}
 
 
 def verdict(clean: dict, killed: dict, resumed: dict, args) -> dict:
     out: dict = {}
     times = clean.get("round-seconds", {})
-    steady = [t for r, t in times.items() if r > 1] or list(times.values())  # round 1 also pays the start-up
+    # round 1 and the resumed run's first round also pay the ServerApp's start-up
+    restarted = clean.get("killed-after-round", 0) + 1
+    steady = [t for r, t in times.items() if r > 1 and r != restarted] or list(times.values())
     if steady:
         median = statistics.median(steady)
         after = {r: t for r, t in killed.get("round-seconds", {}).items() if r >= args.kill_round}
