@@ -5,7 +5,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from alignfl_app.tools.liveness_check import completed_rounds, main, round_times, verdict
+from alignfl_app.tools.liveness_check import completed_rounds, main, merge_config, round_times, verdict
 
 
 def summary(*elapsed, start=2.0) -> dict:
@@ -20,6 +20,12 @@ def test_round_times_come_from_the_servers_clock_at_each_rounds_end():
     assert round_times(s) == pytest.approx({1: 10.0, 2: 10.0, 3: 11.0})
     resumed = summary(40.0, 80.0, 15.0, 26.0)  # rounds 1, 2 carried over; 3, 4 on the resumed server's clock
     assert round_times(resumed, after_round=2) == pytest.approx({3: 15.0, 4: 11.0})
+
+
+def test_overrides_replace_the_fast_settings_once():
+    """``flwr run`` refuses a key given twice: a later part replaces the value."""
+    merged = merge_config("max-per-class=200 audit=false run-name='a'", "max-per-class=60 dp-delta=1e-05", "")
+    assert merged == "max-per-class=60 audit=false run-name='a' dp-delta=1e-05"
 
 
 def test_verdict_bounds_rounds_after_the_kill_and_checks_the_resumed_losses():

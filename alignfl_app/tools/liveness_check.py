@@ -34,6 +34,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import psutil
+from flwr.common.config import parse_config_args
 
 from alignfl_app.tools.gpu_check import LocalDeployment, local_deployment
 from alignfl_app.tools.local_superlink import flower_command
@@ -43,11 +44,23 @@ FAST = ("max-per-class=200 outliers-per-silo=0 outlier-dataset='none' local-epoc
         "server-threads=1 round-timeout=600")
 
 
+def merge_config(*parts: str) -> str:
+    """One ``k=v ...`` string from several, later keys winning (``flwr run`` refuses a key given twice)."""
+    merged: dict = {}
+    for part in parts:
+        if part.strip():
+            merged.update(parse_config_args([part]))
+
+    def value(v) -> str:
+        return ("true" if v else "false") if isinstance(v, bool) else f"'{v}'" if isinstance(v, str) else repr(v)
+    return " ".join(f"{k}={value(v)}" for k, v in merged.items())
+
+
 def run_config(args, results: Path, name: str, extra: str = "") -> str:
     classes = ";".join(f"{2 * i % 10},{(2 * i + 1) % 10}" for i in range(args.silos))
-    return " ".join([FAST, args.run_config, f"num-server-rounds={args.rounds}", f"min-silos={args.min_silos}",
-                     f"results-dir='{results}'", f"run-name='{name}'", f"silo-classes='{classes}'",
-                     "silo-layout='slices'" if args.silos > 5 else "", extra])
+    return merge_config(FAST, f"num-server-rounds={args.rounds} min-silos={args.min_silos} results-dir='{results}' "
+                        f"run-name='{name}' silo-classes='{classes}'",
+                        "silo-layout='slices'" if args.silos > 5 else "", args.run_config, extra)
 
 
 def kill_tree(pid: int) -> None:
@@ -113,7 +126,11 @@ def run_watched(link: LocalDeployment, config: str, summary: Path, timeout: floa
             kill_tree(proc.pid)
             return "timeout", proc
         runs = sorted(link.runs(), key=lambda r: r.get("pending-at", ""))
-        return (runs[-1]["status"] if runs else "unknown"), proc
+        status = runs[-1]["status"] if runs else "unknown"
+        if status != "finished:completed":
+            print(f"[alignfl] run {status}; the end of its log:\n{(link.tmp / 'flwr-run.log').read_text()[-3000:]}",
+                  file=sys.stderr, flush=True)
+        return status, proc
     finally:
         log.close()
 
@@ -162,7 +179,7 @@ def kill_and_resume_run(app: Path, work: Path, args) -> dict:
         return {"status": f"not killed: {status}"}
     with local_deployment(work / name / "flower-2", app) as link:
         start_silos(link, silos, args.silos)
-        status, _ = run_watched(link, f"{config} resume=true", summary_path, args.timeout)
+        status, _ = run_watched(link, merge_config(config, "resume=true"), summary_path, args.timeout)
     after = read_summary(summary_path)
     resumed_after = max(completed_rounds(before), default=0)
     times = {**round_times(before), **round_times(after, resumed_after)}  # each part against its own clock
