@@ -23,6 +23,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "canary-audit": ("alignfl_app.tools.canary_audit", "epsilon lower bound of a silo's decoder from canaries"),
     "bench-dp": ("alignfl_app.tools.bench_dp", "time DP vs non-DP local training"),
     "gpu-check": ("alignfl_app.tools.gpu_check", "a short federation on CUDA beside the CPU: samples/s"),
+    "liveness-check": ("alignfl_app.tools.liveness_check", "5 real SuperNodes: one killed, then all killed and "
+                       "resumed: round times, losses"),
     "load-test": ("alignfl_app.tools.load_test", "many-silo simulation: wall time and peak memory"),
     "fleet-front": ("alignfl_app.tools.fleet_front", "the coordinator's silo-facing port: Fleet API only"),
     "withdraw": ("alignfl_app.operator", "withdraw a silo from a run: out of the store from the next round"),

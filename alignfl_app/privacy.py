@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import functools
+import json
 import logging
 import math
 import os
@@ -59,6 +60,7 @@ for _handler in logging.getLogger().handlers[len(_root_handlers):]:
 RDP_ORDERS = [*RDPAccountant.DEFAULT_ALPHAS, *range(64, 513, 8)]
 Mechanism = tuple[float, float, int]  # (noise multiplier, sample rate, steps) of a subsampled Gaussian
 LEDGER_FILE = "privacy-ledger.json"
+LEDGER_FORMAT = 1  # the newest ledger format this code reads and writes; older ones are read (none yet)
 
 
 @register_grad_sampler(nn.ConvTranspose2d)
@@ -213,7 +215,7 @@ class LedgerEntry(BaseModel):
 class LedgerState(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    format: Literal[1] = 1
+    format: Literal[1] = LEDGER_FORMAT
     silo: str
     accountant: Literal["prv", "rdp"]
     delta: float
@@ -250,7 +252,17 @@ class PrivacyLedger:
         if not self.path.is_file():
             return None
         try:
-            state = LedgerState.model_validate_json(self.path.read_text())
+            text = self.path.read_text()
+            version = json.loads(text).get("format", LEDGER_FORMAT)
+        except (ValueError, AttributeError):
+            version = LEDGER_FORMAT  # unreadable: refused below
+        if isinstance(version, int) and version > LEDGER_FORMAT:
+            raise PrivacyBudgetExceeded(
+                f"silo '{self.silo}': its privacy ledger <silo-dir>/{LEDGER_FILE} has format {version}, newer than "
+                f"this alignfl reads ({LEDGER_FORMAT}): upgrade alignfl on this silo (training stays blocked until "
+                "then)")
+        try:
+            state = LedgerState.model_validate_json(text)
         except ValueError as exc:
             raise PrivacyBudgetExceeded(
                 f"silo '{self.silo}': its privacy ledger <silo-dir>/{LEDGER_FILE} is unreadable "

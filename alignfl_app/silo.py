@@ -28,6 +28,7 @@ from .metrics import peak_rss_mb
 from .models import GeneratorSet
 from .privacy import DPCarry, DifferentialPrivacy, NoPrivacy, PrivacyRefusal, admit, requires_dp
 from .replies import AveragedTrainMetrics, EvaluateMetrics, GeneratorTrainMetrics, PrivateTrainMetrics
+from .silo_state import SiloStateStore, StateIdentity, StoredState
 from .seeds import audit_seed, local_batches_seed, vae_init_seed
 from .store import GeneratorDescriptor
 from .training import (HeldOutLoss, NegativeELBO, ProximalTerm, ShuffledBatches, Trainer, TrainReport,
@@ -48,10 +49,12 @@ class GeneratorGroup:
 
 @dataclass
 class SiloState:
-    """What a silo carries from one round to the next (never sent): its VAEs (encoders included), DP carry."""
+    """What a silo carries from one round to the next (never sent): its VAEs (encoders included), each generator
+    group's optimizer state (Adam's moments carry over: a restart must not reset them), its DP carry."""
 
     generators: StateDict | None = None
     dp: DPCarry | None = None
+    optimizers: list[dict] | None = None
 
 
 @dataclass
@@ -103,22 +106,50 @@ class Silo:
         generators = GeneratorSet(self.architecture, self.layout, len(self.data.classes), self.cfg.data.image_shape)
         return generators.to(self.device)  # initialised on the CPU: the same weights on every device
 
-    def restore_generators(self, state: StateDict | None) -> GeneratorSet:
-        """The silo's VAEs from its previous round (or fresh when absent or from another architecture)."""
+    def restore_generators(self, state: StateDict | None) -> tuple[GeneratorSet, bool]:
+        """The silo's VAEs from its previous round (or fresh when absent or from another architecture); whether
+        they were restored."""
         generators = self.new_generators()
         if state:
             expected = generators.state_dict()
             if set(state) == set(expected) and all(state[k].shape == v.shape for k, v in expected.items()):
                 generators.load_state_dict(state)
-        return generators
+                return generators, True
+        return generators, False
+
+    def identity(self) -> StateIdentity:
+        """What the silo's stored state must match to be continued."""
+        return StateIdentity(architecture=self.architecture.model_dump(mode="json"), layout=self.layout,
+                             image_shape=tuple(self.cfg.data.image_shape), classes=tuple(self.data.classes))
+
+    def state_store(self, run: str) -> SiloStateStore:
+        return SiloStateStore(self.dir, run, self.name)
+
+    def continue_round(self, run: str, server_round: int) -> TrainOutcome:
+        """A train request: restore the run's state from the silo's own folder (fresh when absent or from another
+        setup; ``SiloStateError`` when unusable), train the round, store its state before replying."""
+        store, identity = self.state_store(run), self.identity()
+        stored = store.load(identity)
+        previous = None
+        if stored is not None:
+            if stored.round >= server_round:
+                log.info("Silo '%s': asked for round %d, its stored state is from round %d (a resumed server); it "
+                         "continues from that state", self.name, server_round, stored.round)
+            previous = SiloState(stored.generators, stored.dp, stored.optimizers)
+        out = self.train_round(run, server_round, previous)
+        store.save(server_round, identity, StoredState(server_round, out.state.generators,
+                                                       out.state.optimizers or [], out.state.dp))
+        return out
 
     def train_round(self, run: str, server_round: int, previous: SiloState | None = None) -> TrainOutcome:
         """One round of local training under the silo's privacy (``PrivacyRefusal`` if its policy or ledger
         refuses: a DP silo books the round before it trains)."""
         cfg, previous = self.cfg, previous or SiloState()
         privacy = self.privacy()
-        generators = self.restore_generators(previous.generators)
+        generators, restored = self.restore_generators(previous.generators)
+        saved_optimizers = previous.optimizers if restored and previous.optimizers else []
         session = privacy.open_round(run, server_round, [len(g.train[0]) for g in self.groups], previous.dp)
+        optimizers = []
         reports = []
         for i, (group, vae) in enumerate(zip(self.groups, generators.vaes, strict=True)):
             tags = (i,) if self.layout == "per-class" else ()
@@ -128,11 +159,14 @@ class Silo:
                                     measure_seed=server_round)
             if privacy.releases_record_figures:
                 hooks.append(HeldOutLoss(vae, group.test))
-            optimizer = torch.optim.Adam(vae.parameters(), lr=session.learning_rate)
+            optimizer = self.optimizer(vae, session.learning_rate,
+                                       saved_optimizers[i] if len(saved_optimizers) == len(self.groups) else None)
+            optimizers.append(optimizer)
             reports.append(Trainer(NegativeELBO(cfg.local.kl_weight), session.rule(i, vae), hooks).fit(
                 vae, group.train, session.batches(i, len(group.train[0]), seed), optimizer))
         decoder_state = on_cpu(generators.decoder.state_dict())
-        state = SiloState(on_cpu(generators.state_dict()), session.carry())
+        state = SiloState(on_cpu(generators.state_dict()), session.carry(),
+                          [optimizer_on_cpu(o.state_dict()) for o in optimizers])
         figures = self.record_figures(reports, decoder_state, state.generators)
         if cfg.privacy.audit and server_round == cfg.run.num_server_rounds and self.data.num_outliers:
             figures.update(self.audit(generators, server_round))
@@ -146,6 +180,19 @@ class Silo:
             metrics = PrivateTrainMetrics.model_validate({**session.public_report(),
                                                           "decoder-bytes": state_bytes(decoder_state)})
         return TrainOutcome(decoder_state, desc, state, metrics)
+
+    @staticmethod
+    def optimizer(vae: torch.nn.Module, learning_rate: float, saved: dict | None) -> torch.optim.Adam:
+        """The group's Adam, with its moments from the previous round when they fit; the run's learning rate."""
+        optimizer = torch.optim.Adam(vae.parameters(), lr=learning_rate)
+        if saved:
+            try:
+                optimizer.load_state_dict(saved)
+            except (ValueError, KeyError):
+                optimizer = torch.optim.Adam(vae.parameters(), lr=learning_rate)  # another shape: fresh moments
+            for group in optimizer.param_groups:
+                group["lr"] = learning_rate
+        return optimizer
 
     def record_figures(self, reports: list[TrainReport], decoder_state: StateDict,
                        vae_state: StateDict) -> dict[str, float | int]:
@@ -234,6 +281,13 @@ class Silo:
 def _unconditional(x: torch.Tensor) -> Tensors:
     """Images with the condition of an unconditional decoder (all 0)."""
     return x, torch.zeros(len(x), dtype=torch.long, device=x.device)
+
+
+def optimizer_on_cpu(state: dict) -> dict:
+    """An optimizer's state dict with CPU tensors (what is stored is a CPU copy)."""
+    return {"state": {k: {n: v.detach().cpu().clone() if torch.is_tensor(v) else v for n, v in s.items()}
+                      for k, s in state["state"].items()},
+            "param_groups": state["param_groups"]}
 
 
 def state_bytes(state: StateDict) -> int:

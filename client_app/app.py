@@ -1,4 +1,5 @@
-"""The silo's Flower ClientApp. Train replies carry the decoder only; the encoder stays here."""
+"""The silo's Flower ClientApp. Train replies carry the decoder only; the encoder stays here, in the silo's own
+folder (``<silo-dir>/state/<run>/``), so a restarted SuperNode or a resumed run continues its VAEs."""
 
 from __future__ import annotations
 
@@ -16,8 +17,9 @@ from alignfl_app.protocol import (PRIVACY_REFUSAL_ERROR, PRIVATE_FAILURE_ERROR, 
                                   STRATEGY_MISMATCH_ERROR)
 from alignfl_app.config import ConfigError, parse_node_config, parse_run_config
 from alignfl_app.folders import DataFolderError
-from alignfl_app.privacy import DPCarry, PrivacyRefusal
-from alignfl_app.silo import Silo, SiloState
+from alignfl_app.privacy import PrivacyRefusal
+from alignfl_app.silo import Silo
+from alignfl_app.silo_state import SiloStateError, run_key
 
 
 app = ClientApp()
@@ -82,7 +84,12 @@ def train_generator(msg: Message, context: Context) -> Message:
     silo = silo_for(context)
     server_round = int(msg.content[P.CONFIG][P.SERVER_ROUND])
     try:
-        out = silo.train_round(str(context.run_id), server_round, silo_state(context))
+        # the run's identity: its run-name (a resumed run keeps it), else Flower's run id; its state, DP carry and
+        # ledger entries live under it in the silo's own folder
+        out = silo.continue_round(run_key(silo.cfg.run.run_name, context.run_id), server_round)
+    except SiloStateError as exc:  # one line naming the file and the fix; never a silent reset
+        flwr_log(ERROR, "alignfl silo: %s", exc)
+        return Message(error=Error(code=SILO_DATA_ERROR, reason=str(exc)), reply_to=msg)
     except PrivacyRefusal as exc:  # a clear error reply; the server keeps the last generator
         return Message(error=Error(code=PRIVACY_REFUSAL_ERROR, reason=str(exc)), reply_to=msg)
     except Exception:
@@ -93,23 +100,12 @@ def train_generator(msg: Message, context: Context) -> Message:
         return Message(error=Error(code=PRIVATE_FAILURE_ERROR, reason=(
             f"silo '{silo.name}' failed in private round {server_round}; the details stay in its silo-dir")),
             reply_to=msg)
-    context.state[P.VAE_STATE] = ArrayRecord(torch_state_dict=out.state.generators)
-    if out.state.dp is not None:
-        context.state[P.DP_CARRY] = ConfigRecord({"json": out.state.dp.model_dump_json()})
     content = RecordDict({
         P.DECODER: ArrayRecord(torch_state_dict=out.decoder_state),
         P.DESCRIPTOR: ConfigRecord({P.DESCRIPTOR_JSON: out.descriptor.model_dump_json()}),
         P.METRICS: MetricRecord(out.metrics.record()),
     })
     return Message(content=content, reply_to=msg)
-
-
-def silo_state(context: Context) -> SiloState:
-    """What this node kept from the silo's previous round (its VAEs and DP carry live in the node's context)."""
-    generators = context.state[P.VAE_STATE].to_torch_state_dict() if P.VAE_STATE in context.state else None
-    carry = (DPCarry.model_validate_json(str(context.state[P.DP_CARRY]["json"]))
-             if P.DP_CARRY in context.state else None)
-    return SiloState(generators, carry)
 
 
 @app.evaluate()

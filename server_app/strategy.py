@@ -16,6 +16,7 @@ from logging import INFO, WARNING
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.common import log
+from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result, Strategy
 
@@ -29,33 +30,52 @@ from alignfl_app.replies import ReplyRejected
 from .messages import as_metric_record, evaluate_results, train_reply
 
 
-def collect_replies(grid: Grid, messages: Iterable[Message], deadline: ReplyDeadline,
-                    poll: float = 0.5) -> list[Message]:
-    """Push ``messages`` and pull their replies until all are in or ``deadline`` gives up on the rest."""
+def collect_replies(grid: Grid, messages: Iterable[Message], deadline: ReplyDeadline, poll: float = 0.5,
+                    required: int = 0) -> list[Message]:
+    """Push ``messages`` and pull their replies until all are in or ``deadline`` gives up on the rest: once
+    ``required`` replies are in, the rest get only a grace period (see ``alignfl_app.liveness``). Replies to an
+    earlier phase that came too late are pulled too, to learn their nodes' pace, and discarded."""
     messages = list(messages)
     if not messages:
         return []
     ids = list(grid.push_messages(messages))
     node_of = {mid: msg.metadata.dst_node_id for mid, msg in zip(ids, messages, strict=True)}
-    pending, replies, arrived, t0 = set(ids), [], {}, time.monotonic()
+    pending, replies, arrived = set(ids), [], {}
+    t0, wall0 = time.monotonic(), time.time()
+    required = min(required, len(ids))
     while pending:
-        for msg in grid.pull_messages(list(pending)):
+        for msg in grid.pull_messages([*pending, *deadline.late]):
             mid = msg.metadata.reply_to_message_id
+            if mid in deadline.late:
+                if msg.has_error() and msg.error.code in UNANSWERED:
+                    deadline.late.pop(mid)
+                else:
+                    deadline.learn_late(mid, time.monotonic(), msg.metadata.created_at)
             if mid in pending:
                 pending.discard(mid)
                 replies.append(msg)
-                arrived[node_of[mid]] = time.monotonic() - t0
+                if not (msg.has_error() and msg.error.code in UNANSWERED):  # Flower's, not the node's
+                    arrived[node_of[mid]] = time.monotonic() - t0
         if not pending:
             break
         elapsed = time.monotonic() - t0
-        limit = deadline.limit(node_of[m] for m in pending)
+        limit = deadline.limit((node_of[m] for m in pending), arrived, required)
         if elapsed >= limit:
-            log(WARNING, "Stopped waiting for nodes %s after %.0f s (their usual reply time x %.0f, at most "
-                "round-timeout)", sorted(node_of[m] for m in pending), elapsed, deadline.factor)
+            log(WARNING, "Stopped waiting for nodes %s after %.1f s (%s)", sorted(node_of[m] for m in pending), elapsed,
+                f"{len(arrived)} replies in, the rest get {deadline.grace_factor:g}x the usual reply time"
+                if required and len(arrived) >= required else
+                f"their usual reply time x {deadline.factor:g}, at most round-timeout")
+            for m in pending:
+                deadline.expect_late(m, node_of[m], t0, wall0)
             break
         time.sleep(min(poll, max(limit - elapsed, 0.0)))
     deadline.learn(arrived)
     return replies
+
+
+# Flower's own error replies: the node was offline or the message expired; no reply time to learn
+UNANSWERED = frozenset({ErrorCode.MESSAGE_UNAVAILABLE, ErrorCode.REPLY_MESSAGE_UNAVAILABLE,
+                        ErrorCode.NODE_UNAVAILABLE})
 
 
 def wait_for_nodes(grid: Grid, wanted: int, timeout: float) -> list[int]:
@@ -101,7 +121,9 @@ class AlignFLStrategy(Strategy):
         for rnd in range(first_round, num_rounds + 1):
             log(INFO, "")
             log(INFO, "[ROUND %s/%s]", rnd, num_rounds)
-            replies = collect_replies(grid, self.configure_train(rnd, arrays, train_config, grid), train_deadline)
+            required = self.cfg.required_silos
+            replies = collect_replies(grid, self.configure_train(rnd, arrays, train_config, grid), train_deadline,
+                                      required=required)
             agg_arrays, train_metrics = self.aggregate_train(rnd, replies)
             if agg_arrays is not None:
                 result.arrays = arrays = agg_arrays
@@ -109,7 +131,7 @@ class AlignFLStrategy(Strategy):
                 log(INFO, "\t└──> Aggregated MetricRecord: %s", train_metrics)
                 result.train_metrics_clientapp[rnd] = train_metrics
             replies = collect_replies(grid, self.configure_evaluate(rnd, arrays, evaluate_config, grid),
-                                      evaluate_deadline)
+                                      evaluate_deadline, required=required)
             eval_metrics = self.aggregate_evaluate(rnd, replies)
             if eval_metrics is not None:
                 log(INFO, "\t└──> Aggregated MetricRecord: %s", eval_metrics)
