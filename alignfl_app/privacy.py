@@ -287,7 +287,8 @@ class PrivacyLedger:
             if not 1 <= server_round <= plan.planned_rounds or any(e.round == server_round for e in booked):
                 raise PrivacyBudgetExceeded(
                     f"silo '{self.silo}' refuses round {server_round} of run {run}: it plans rounds 1.."
-                    f"{plan.planned_rounds} and trains each once (booked: {sorted(e.round for e in booked)})")
+                    f"{plan.planned_rounds} and trains each once (booked: {sorted(e.round for e in booked)}; a new run "
+                    "needs its own run-name)")
             run_history = [tuple(m) for e in booked for m in e.mechanisms] + list(mechanisms)
             run_after = epsilon_of(run_history, plan.delta, plan.accountant)
             run_cap = min(plan.planned_epsilon, policy.max_epsilon)

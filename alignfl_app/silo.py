@@ -122,14 +122,14 @@ class Silo:
         return StateIdentity(architecture=self.architecture.model_dump(mode="json"), layout=self.layout,
                              image_shape=tuple(self.cfg.data.image_shape), classes=tuple(self.data.classes))
 
-    def state_store(self, run: str) -> SiloStateStore:
-        return SiloStateStore(self.dir, run, self.name)
+    def state_store(self, run: str, flower_run: str = "") -> SiloStateStore:
+        return SiloStateStore(self.dir, run, self.name, flower_run)
 
-    def continue_round(self, run: str, server_round: int) -> TrainOutcome:
+    def continue_round(self, run: str, server_round: int, flower_run: str = "") -> TrainOutcome:
         """A train request: restore the run's state from the silo's own folder (fresh when absent or from another
         setup; ``SiloStateError`` when unusable), train the round, store its state before replying."""
-        store, identity = self.state_store(run), self.identity()
-        stored = store.load(identity)
+        store, identity = self.state_store(run, flower_run), self.identity()
+        stored = store.load(identity, resuming=self.cfg.run.resume)
         previous = None
         if stored is not None:
             if stored.round >= server_round:

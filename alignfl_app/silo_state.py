@@ -60,6 +60,7 @@ class StateHeader(BaseModel):
     tensors: str
     sha256: str
     dp: DPCarry | None = None
+    flower_run: str = ""  # the Flower run that wrote it: a new run reusing the run-name does not continue it
 
 
 @dataclass
@@ -84,17 +85,18 @@ def run_key(run_name: str, run_id: int | str) -> str:
 class SiloStateStore:
     """The state of one silo in one run, in ``<silo-dir>/state/<run>/``."""
 
-    def __init__(self, silo_dir: Path, run: str, silo: str) -> None:
+    def __init__(self, silo_dir: Path, run: str, silo: str, flower_run: str = "") -> None:
         self.dir = Path(silo_dir) / STATE_DIR / run_key(run, "")
-        self.run, self.silo = run, silo
+        self.run, self.silo, self.flower_run = run, silo, flower_run
         self.header_path = self.dir / HEADER
 
     def _refuse(self, path: Path, why: str, fix: str = "") -> SiloStateError:
         return SiloStateError(f"silo '{self.silo}': its stored state {path} {why}: {fix}delete {self.dir} (the "
                               "silo restarts its VAEs) or start another run-name")
 
-    def load(self, identity: StateIdentity) -> StoredState | None:
-        """The stored state; None when there is none or it belongs to another setup (one log line why).
+    def load(self, identity: StateIdentity, resuming: bool = True) -> StoredState | None:
+        """The stored state; None when there is none, it belongs to another setup, or (``resuming`` false) to an
+        earlier Flower run that used the same run-name (one log line why).
         ``SiloStateError`` for a corrupt file or one of a newer format: never silently reset."""
         if not self.header_path.is_file():
             return None
@@ -112,6 +114,10 @@ class SiloStateStore:
             header = StateHeader.model_validate(raw)
         except ValidationError as exc:
             raise self._refuse(self.header_path, f"is corrupt ({exc.error_count()} invalid fields)") from exc
+        if not resuming and header.flower_run and self.flower_run and header.flower_run != self.flower_run:
+            log.info("Silo '%s': its stored state in %s is from an earlier run named '%s' and this run does not "
+                     "resume it; its VAEs start fresh", self.silo, self.dir, self.run)
+            return None
         changed = header.identity.differences(identity)
         if changed:
             log.info("Silo '%s': its stored state in %s belongs to another %s; its VAEs start fresh", self.silo,
@@ -139,7 +145,7 @@ class SiloStateStore:
         name = f"round-{server_round:03d}.pt"
         atomic_write_bytes(self.dir / name, data)
         header = StateHeader(format=FORMAT, run=self.run, round=server_round, identity=identity, tensors=name,
-                             sha256=hashlib.sha256(data).hexdigest(), dp=state.dp)
+                             sha256=hashlib.sha256(data).hexdigest(), dp=state.dp, flower_run=self.flower_run)
         atomic_write_text(self.header_path, header.model_dump_json(indent=1))
         for old in self.dir.glob("round-*.pt"):
             if old.name != name:

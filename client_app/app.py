@@ -86,7 +86,7 @@ def train_generator(msg: Message, context: Context) -> Message:
     try:
         # the run's identity: its run-name (a resumed run keeps it), else Flower's run id; its state, DP carry and
         # ledger entries live under it in the silo's own folder
-        out = silo.continue_round(run_key(silo.cfg.run.run_name, context.run_id), server_round)
+        out = silo.continue_round(run_key(silo.cfg.run.run_name, context.run_id), server_round, str(context.run_id))
     except SiloStateError as exc:  # one line naming the file and the fix; never a silent reset
         flwr_log(ERROR, "alignfl silo: %s", exc)
         return Message(error=Error(code=SILO_DATA_ERROR, reason=str(exc)), reply_to=msg)

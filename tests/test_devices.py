@@ -77,7 +77,7 @@ def test_the_server_samples_trains_and_judges_on_its_device(tiny_config, tmp_pat
         store.put(out.descriptor, {k: v.numpy() for k, v in out.decoder_state.items()}, 1)
     model = GlobalModel.from_config(cfg, torch.device(device))
     before = model.state()
-    metrics = GlobalLearner(cfg, model, GeneratorTerms.from_config(cfg)).learn(store, 1)
+    metrics = GlobalLearner(cfg, model, GeneratorTerms.from_config(cfg)).learn(store, 1).metrics
     assert metrics["synthetic-samples"] == cfg.server.epochs * 2 * cfg.server.synthetic_per_silo
     assert all(p.device.type == device for p in model.model.parameters())
     after = model.state()

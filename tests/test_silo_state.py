@@ -134,3 +134,17 @@ def test_a_resumed_run_continues_the_silos_losses(tmp_path):
     for name in ("silo-0", "silo-1", "silo-2"):
         first, second, third = (r["silos"][name]["train-loss"] for r in rounds)
         assert second < 0.9 * first and third < 1.05 * second, (name, first, second, third)
+
+
+def test_a_new_run_reusing_a_run_name_starts_fresh_unless_it_resumes(tmp_path):
+    """Another Flower run of the same run-name continues the state only with resume=true; a SuperNode restarted
+    within the same Flower run always continues."""
+    cfg = run_config(tmp_path)
+    first = silo(cfg).continue_round("study", 1, flower_run="101")
+    same_run = silo(cfg).continue_round("study", 2, flower_run="101")
+    new_run = silo(cfg).continue_round("study", 2, flower_run="202")  # resume=false: not this run's state
+    resumed = silo({**cfg, "resume": True}).continue_round("study", 3, flower_run="303")
+    fresh = silo(cfg).train_round("fresh", 2)
+    assert loss(same_run) < 0.9 * loss(first)
+    assert loss(new_run) == pytest.approx(loss(fresh), rel=1e-5)
+    assert loss(resumed) < 0.9 * loss(new_run)
