@@ -127,18 +127,23 @@ class Silo:
 
     def continue_round(self, run: str, server_round: int, flower_run: str = "") -> TrainOutcome:
         """A train request: restore the run's state from the silo's own folder (fresh when absent or from another
-        setup; ``SiloStateError`` when unusable), train the round, store its state before replying."""
+        setup; ``SiloStateError`` when unusable), train the round, store its state before replying.
+
+        The privacy ledger books the round under the Flower run that started this run (``flower_run``, or for a
+        resumed run the one its stored state names): a resumed run continues its own budget, and a new run that
+        reuses a run-name is a new run for the ledger too."""
         store, identity = self.state_store(run, flower_run), self.identity()
         stored = store.load(identity, resuming=self.cfg.run.resume)
-        previous = None
+        previous, origin = None, flower_run or run
         if stored is not None:
             if stored.round >= server_round:
                 log.info("Silo '%s': asked for round %d, its stored state is from round %d (a resumed server); it "
                          "continues from that state", self.name, server_round, stored.round)
             previous = SiloState(stored.generators, stored.dp, stored.optimizers)
-        out = self.train_round(run, server_round, previous)
+            origin = stored.origin or origin
+        out = self.train_round(origin, server_round, previous)
         store.save(server_round, identity, StoredState(server_round, out.state.generators,
-                                                       out.state.optimizers or [], out.state.dp))
+                                                       out.state.optimizers or [], out.state.dp, origin))
         return out
 
     def train_round(self, run: str, server_round: int, previous: SiloState | None = None) -> TrainOutcome:

@@ -61,6 +61,7 @@ class StateHeader(BaseModel):
     sha256: str
     dp: DPCarry | None = None
     flower_run: str = ""  # the Flower run that wrote it: a new run reusing the run-name does not continue it
+    origin: str = ""  # the Flower run that started the run it belongs to (kept across resumes)
 
 
 @dataclass
@@ -71,6 +72,7 @@ class StoredState:
     generators: StateDict
     optimizers: list[dict[str, Any]] = field(default_factory=list)
     dp: DPCarry | None = None
+    origin: str = ""  # the Flower run that started this run (a resumed run keeps it): the ledger's run
 
 
 def run_key(run_name: str, run_id: int | str) -> str:
@@ -134,7 +136,7 @@ class SiloStateStore:
             generators, optimizers = dict(payload["generators"]), list(payload["optimizers"])
         except Exception as exc:  # torch raises several kinds for a bad file
             raise self._refuse(tensors, f"is unreadable ({type(exc).__name__})") from exc
-        return StoredState(header.round, generators, optimizers, header.dp)
+        return StoredState(header.round, generators, optimizers, header.dp, header.origin)
 
     def save(self, server_round: int, identity: StateIdentity, state: StoredState) -> Path:
         """Write the round's state: tensors, then the header (atomic), then drop older tensor files."""
@@ -145,7 +147,8 @@ class SiloStateStore:
         name = f"round-{server_round:03d}.pt"
         atomic_write_bytes(self.dir / name, data)
         header = StateHeader(format=FORMAT, run=self.run, round=server_round, identity=identity, tensors=name,
-                             sha256=hashlib.sha256(data).hexdigest(), dp=state.dp, flower_run=self.flower_run)
+                             sha256=hashlib.sha256(data).hexdigest(), dp=state.dp, flower_run=self.flower_run,
+                             origin=state.origin)
         atomic_write_text(self.header_path, header.model_dump_json(indent=1))
         for old in self.dir.glob("round-*.pt"):
             if old.name != name:

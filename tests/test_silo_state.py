@@ -148,3 +148,15 @@ def test_a_new_run_reusing_a_run_name_starts_fresh_unless_it_resumes(tmp_path):
     assert loss(same_run) < 0.9 * loss(first)
     assert loss(new_run) == pytest.approx(loss(fresh), rel=1e-5)
     assert loss(resumed) < 0.9 * loss(new_run)
+
+
+def test_the_ledger_books_a_resumed_run_under_its_first_flower_run_and_a_reused_name_anew(tmp_path):
+    cfg = dp_config(tmp_path)
+    policy = tmp_path / "silos" / "silo-0" / "privacy-policy.toml"
+    policy.parent.mkdir(parents=True)
+    policy.write_text("budget-epsilon = 100.0\n")  # room for a second run
+    silo(cfg).continue_round("study", 1, flower_run="101")
+    silo({**cfg, "resume": True}).continue_round("study", 2, flower_run="202")  # resumed: run 101's budget
+    silo(cfg).continue_round("study", 1, flower_run="303")  # a new run of that name: not refused, booked apart
+    ledger = PrivacyLedger(tmp_path / "silos" / "silo-0", "silo-0").read()
+    assert [(e.run, e.round) for e in ledger.entries] == [("101", 1), ("101", 2), ("303", 1)]
