@@ -8,7 +8,6 @@ folder (the operator on the coordinator) can withdraw a silo: nothing a silo sen
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import time
 from pathlib import Path

@@ -54,3 +54,18 @@ def make_context(run_config: dict, partition_id: int, node_id: int | None = None
     node_config = {"partition-id": partition_id, "num-partitions": 3, **node_extra}
     return Context(run_id=1, node_id=node_id or 100 + partition_id, node_config=node_config,
                    state=RecordDict(), run_config=dict(run_config))
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """One round of real local training for each of the 3 tiny silos (descriptor, decoder state): real decoders
+    that forged replies are built from."""
+    from alignfl_app.config import parse_node_config, parse_run_config
+    from alignfl_app.silo import Silo
+
+    cfg = parse_run_config(tiny_run_config(tmp_path_factory.mktemp("results")))
+    outs = {}
+    for s in range(3):
+        out = Silo(cfg, parse_node_config({"partition-id": s})).train_round("run", 1)
+        outs[s] = (out.descriptor, {k: v.numpy() for k, v in out.decoder_state.items()})
+    return cfg, outs

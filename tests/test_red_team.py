@@ -28,7 +28,6 @@ claiming a silo's name first after a server restart (resume without silo-nodes).
 from __future__ import annotations
 
 import json
-import math
 import shutil
 from pathlib import Path
 
@@ -44,7 +43,6 @@ from alignfl_app.data import global_test_set
 from alignfl_app.global_model import GlobalModel
 from alignfl_app.metrics import RunRecorder
 from alignfl_app.server import AlignFLServer
-from alignfl_app.silo import Silo
 from alignfl_app.store import GeneratorStore
 from server_app.strategy import AlignFLStrategy
 from tests.conftest import make_message, tiny_run_config
@@ -56,17 +54,6 @@ METRICS = {"num-examples": 10, "num-outliers": 0, "train-seconds": 1.0, "samples
 
 
 # --------------------------------------------------------------------------------------------- helpers
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """One round of real local training for each of the 3 tiny silos (descriptor, decoder state)."""
-    cfg = parse_run_config(tiny_run_config(tmp_path_factory.mktemp("results")))
-    outs = {}
-    for s in range(3):
-        out = Silo(cfg, parse_node_config({"partition-id": s})).train_round("run", 1)
-        outs[s] = (out.descriptor, {k: v.numpy() for k, v in out.decoder_state.items()})
-    return cfg, outs
-
-
 @pytest.fixture(scope="module")
 def test_set(trained):
     cfg, _ = trained

@@ -22,17 +22,6 @@ from tests.conftest import make_message, tiny_run_config
 NODE = {0: 1000, 1: 1001, 2: 1002}
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """One round of real local training for each of the 3 tiny silos (descriptor, decoder state)."""
-    cfg = parse_run_config(tiny_run_config(tmp_path_factory.mktemp("results")))
-    outs = {}
-    for s in range(3):
-        out = Silo(cfg, parse_node_config({"partition-id": s})).train_round("run", 1)
-        outs[s] = (out.descriptor, {k: v.numpy() for k, v in out.decoder_state.items()})
-    return cfg, outs
-
-
 METRICS = {"num-examples": 10, "num-outliers": 0, "train-seconds": 1.0, "samples-per-second": 10.0,
            "decoder-bytes": 100, "vae-bytes": 200, "peak-rss-mb": 100.0, "lipschitz-upper-bound": 5.0,
            "lipschitz-empirical": 1.0, "train-loss": 1.0}
