@@ -463,6 +463,9 @@ class LocalTrainingSection(Section):
     batch_size: int = Field(default=128, ge=1)
     learning_rate: float = Field(default=1e-3, gt=0)
     kl_weight: float = Field(default=1.0, ge=0)
+    latent_fit: Literal["gaussian", "none"] = "gaussian"
+    """gaussian: the released decoder samples a Gaussian fitted to its VAE's latent codes of the silo's records,
+    folded into its first layer (applied only without DP: the fit is a statistic of the records); none: N(0, I)."""
     client_threads: int = Field(default=1, ge=1)
     client_device: DeviceChoice = "auto"
     """Where silos train (a silo's node config may override it)."""
@@ -589,6 +592,9 @@ class ServerSection(Section):
     """>0: this many samples per server epoch in all, split evenly over the classes the stored generators hold,
     then over each class's silos (server time no longer grows with the silos); 0: synthetic-per-silo each."""
     sample_temperature: float = Field(default=1.0, gt=0)
+    sample_sharpness: float = Field(default=3.0, ge=1)
+    """Pixel logits are multiplied by it before the sigmoid: 1 = the decoder's mean image (the Bernoulli
+    likelihood's average, blurred); larger values move every pixel towards its more likely value."""
     epochs: int = Field(default=5, ge=0, alias="server-epochs")
     batch_size: int = Field(default=128, ge=1, alias="server-batch-size")
     learning_rate: float = Field(default=1e-3, gt=0, alias="server-learning-rate")

@@ -6,7 +6,10 @@ shipped and rebuilt on the server from a descriptor alone.
 
 from __future__ import annotations
 
+import copy
 import math
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -61,6 +64,11 @@ class Decoder(nn.Module):
             side_h, side_w = side_h * 2, side_w * 2
             total += 2 * cout * side_h * side_w
         return total
+
+    @property
+    def input_layer(self) -> nn.Linear:
+        """The linear layer that takes ``[z, one-hot label]``."""
+        return self.net[0] if self.spec.kind == "mlp" else self.fc
 
     def forward(self, z: torch.Tensor, y_onehot: torch.Tensor | None = None) -> torch.Tensor:
         zin = z if self.cond_dim == 0 else torch.cat([z, y_onehot], dim=1)
@@ -129,6 +137,50 @@ class VAE(nn.Module):
 
 
 
+@dataclass(frozen=True)
+class LatentFit:
+    """A Gaussian fitted to a VAE's aggregate posterior on the records it trained on: one mean per label of the
+    decoder's condition and one shared covariance (of the posterior means around them plus the mean posterior
+    variance). Latents drawn from it land where the decoder was trained, not in the N(0, I) prior's holes."""
+
+    means: torch.Tensor  # (max(cond_dim, 1), latent_dim)
+    scale_tril: torch.Tensor  # (latent_dim, latent_dim), lower triangular
+
+    @classmethod
+    @torch.no_grad()
+    def of(cls, vae: VAE, x: torch.Tensor, y_local: torch.Tensor, batch_size: int = 1000) -> LatentFit:
+        """The fit of ``vae`` on records ``x`` with decoder conditions ``y_local`` (all 0 when unconditional)."""
+        vae.eval()
+        cond = vae.decoder.cond_dim
+        mus, variances = [], []
+        for i in range(0, len(x), batch_size):
+            mu, logvar = vae.encoder(x[i:i + batch_size], one_hot(y_local[i:i + batch_size], cond))
+            mus.append(mu)
+            variances.append(logvar.exp())
+        mu, var = torch.cat(mus).double(), torch.cat(variances).double()
+        labels = y_local if cond else torch.zeros_like(y_local)
+        prior = torch.zeros(mu.shape[1], dtype=mu.dtype, device=mu.device)
+        means = torch.stack([mu[labels == k].mean(0) if (labels == k).any() else prior for k in range(max(cond, 1))])
+        spread = mu - means[labels]
+        cov = spread.T @ spread / len(mu) + torch.diag(var.mean(0))
+        scale = torch.linalg.cholesky(cov + 1e-6 * torch.eye(len(cov), dtype=cov.dtype, device=cov.device))
+        return cls(means.float(), scale.float())
+
+    @torch.no_grad()
+    def fold_into(self, decoder: Decoder) -> Decoder:
+        """A copy of ``decoder`` whose N(0, I) input is mapped to ``mean_y + L z`` inside its first layer, so the
+        server samples the fit with the same architecture and the same sampler."""
+        folded = copy.deepcopy(decoder)
+        layer, d = folded.input_layer, decoder.spec.latent_dim
+        w_z = layer.weight[:, :d].clone()
+        layer.weight[:, :d] = w_z @ self.scale_tril.to(w_z)
+        if decoder.cond_dim:
+            layer.weight[:, d:] += w_z @ self.means.to(w_z).T
+        else:
+            layer.bias += w_z @ self.means[0].to(w_z)
+        return folded
+
+
 class PerClassDecoders(nn.Module):
     """One unconditional decoder per class; the one-hot label only picks which decoder draws the sample."""
 
@@ -171,14 +223,22 @@ class GeneratorSet(nn.Module):
             self.vaes = nn.ModuleList(VAE(spec, 0, image_shape) for _ in range(num_classes))
         else:
             self.vaes = nn.ModuleList([VAE(spec, num_classes if layout == "conditional" else 0, image_shape)])
+        self.latent_fits: list[LatentFit] | None = None  # not weights: the silo's state never carries them
+
+    def fit_latents(self, groups: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Fit each VAE's latents on its group's records ``(x, decoder condition)``; the released decoder then
+        samples the fits (``decoder``). A statistic of the records: only where such figures may leave."""
+        self.latent_fits = [LatentFit.of(vae, x, y) for vae, (x, y) in zip(self.vaes, groups, strict=True)]
 
     @property
     def decoder(self) -> nn.Module:
+        """The decoder that leaves the silo: the VAEs' decoders, with the latent fits folded in when made."""
+        decoders = [v.decoder for v in self.vaes]
+        if self.latent_fits is not None:
+            decoders = [fit.fold_into(d) for fit, d in zip(self.latent_fits, decoders, strict=True)]
         if self.layout == "per-class":
-            vae = self.vaes[0]
-            return PerClassDecoders(vae.decoder.spec, self.num_classes, vae.decoder.image_shape,
-                                    [v.decoder for v in self.vaes])
-        return self.vaes[0].decoder
+            return PerClassDecoders(decoders[0].spec, self.num_classes, decoders[0].image_shape, decoders)
+        return decoders[0]
 
     def reconstruct(self, x: torch.Tensor, local_labels: torch.Tensor) -> torch.Tensor:
         """Each record through its own class's VAE (posterior mean), as logits."""

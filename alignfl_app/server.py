@@ -25,7 +25,7 @@ from .replies import ReplyRejected, train_metrics_schema
 from .augment import SyntheticAugmentation
 from .seeds import augment_seed, server_batches_seed, server_training_seed, synthesis_seed
 from .store import GeneratorStore, GeneratorTerms, check_decoder_state, parse_descriptor
-from .synthesis import SyntheticBudget, sample_generator, synthesize
+from .synthesis import SamplingStyle, SyntheticBudget, sample_generator, synthesize
 from .training import ShuffledBatches, set_threads
 
 log = logging.getLogger("flwr.alignfl")  # printed by Flower's log handler, beside its own lines
@@ -138,6 +138,10 @@ class SiloStanding:
         return None
 
 
+def sampling_style(cfg: RunConfig) -> SamplingStyle:
+    return SamplingStyle(cfg.server.sample_temperature, cfg.server.sample_sharpness)
+
+
 class GlobalLearner:
     """Trains the global model on fresh synthetic samples every server epoch, with a cosine learning-rate
     schedule over the whole run's server epochs (a stable final model); resumable at any round."""
@@ -148,6 +152,7 @@ class GlobalLearner:
         self.cfg, self.model, self.terms = cfg, model, terms
         self.augment = SyntheticAugmentation(cfg.server.augment)
         self.budget = SyntheticBudget(cfg.server.synthetic_per_silo, cfg.server.synthetic_total)
+        self.style = sampling_style(cfg)
         self.scheduler: torch.optim.lr_scheduler.LambdaLR | None = None
 
     def cosine_factor(self, step: int) -> float:
@@ -175,7 +180,7 @@ class GlobalLearner:
         rolled_back = None
         for epoch in range(c.server.epochs):
             schedule = self._schedule((server_round - 1) * c.server.epochs + epoch)
-            synthetic = synthesize(store, self.terms, self.budget, c.server.sample_temperature,
+            synthetic = synthesize(store, self.terms, self.budget, self.style,
                                    seed=lambda i, e=epoch: synthesis_seed(c.run.seed, server_round, e, i),
                                    device=self.model.device, exclude=frozenset(failed))
             failed.update(synthetic.failed)
@@ -349,7 +354,7 @@ class AlignFLServer:
             try:
                 desc, decoder = self.store.load_decoder(silo)
                 grid[silo] = sample_generator(desc, decoder, c.sample_grid_per_silo, self.terms.class_ids(desc),
-                                              c.sample_temperature, seed=server_round,
+                                              sampling_style(self.cfg), seed=server_round,
                                               chunk=self.terms.sampling_chunk(desc))
             except Exception as exc:  # a figure never stops the round; the generator already drew for training
                 log.warning("No sample grid for silo '%s': %s", silo, str(exc).splitlines()[0][:300] if str(exc)

@@ -169,6 +169,8 @@ class Silo:
             optimizers.append(optimizer)
             reports.append(Trainer(NegativeELBO(cfg.local.kl_weight), session.rule(i, vae), hooks).fit(
                 vae, group.train, session.batches(i, len(group.train[0]), seed), optimizer))
+        if cfg.local.latent_fit == "gaussian" and privacy.releases_record_figures:
+            generators.fit_latents([group.train for group in self.groups])
         decoder_state = on_cpu(generators.decoder.state_dict())
         state = SiloState(on_cpu(generators.state_dict()), session.carry(),
                           [optimizer_on_cpu(o.state_dict()) for o in optimizers])

@@ -17,10 +17,20 @@ class GeneratorFailed(RuntimeError):
     """A stored generator whose samples cannot be used (non-finite, or its decoder raised); one line."""
 
 
+@dataclass(frozen=True)
+class SamplingStyle:
+    """How the server turns a decoder into images: latents from N(0, ``temperature``^2 I), pixels
+    ``sigmoid(sharpness * logits)`` (1: the decoder's mean image; larger: each pixel nearer its likelier value,
+    as a classifier will see real images)."""
+
+    temperature: float = 1.0
+    sharpness: float = 1.0
+
+
 @torch.no_grad()
 def sample_generator(
-    desc: GeneratorDescriptor, decoder: nn.Module, n: int, class_ids: torch.Tensor, temperature: float = 1.0,
-    seed: int = 0, per_class: Sequence[int] | None = None, chunk: int = 1024,
+    desc: GeneratorDescriptor, decoder: nn.Module, n: int, class_ids: torch.Tensor,
+    style: SamplingStyle = SamplingStyle(), seed: int = 0, per_class: Sequence[int] | None = None, chunk: int = 1024,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``n`` images in [0, 1] and their run-wide labels (``class_ids[k]`` for the descriptor's k-th class),
     classes balanced over the silo's classes, or ``per_class[k]`` of class k (then ``n`` is their sum).
@@ -36,7 +46,7 @@ def sample_generator(
         local = torch.repeat_interleave(torch.arange(k), torch.tensor(list(per_class), dtype=torch.long))
         n = len(local)
     local = local[torch.randperm(n, generator=g)]
-    z = torch.randn(n, desc.architecture.latent_dim, generator=g) * temperature
+    z = torch.randn(n, desc.architecture.latent_dim, generator=g) * style.temperature
     device = device_of(decoder)
     local = local.to(device)
     cond = one_hot(local, desc.cond_dim)
@@ -46,7 +56,7 @@ def sample_generator(
         logits = decoder(z[part].to(device), None if cond is None else cond[part])
         if not torch.isfinite(logits).all():  # checked before the sigmoid, which would hide an Inf as 0 or 1
             raise GeneratorFailed(f"silo '{desc.silo}': its decoder drew non-finite samples")
-        x[part] = torch.sigmoid(logits)
+        x[part] = torch.sigmoid(logits * style.sharpness)
     labels = class_ids.to(device)[local] if desc.conditional else torch.full((n,), -1, device=device)
     return x, labels
 
@@ -96,7 +106,7 @@ class SyntheticSet:
 
 
 def synthesize(
-    store: GeneratorStore, terms: GeneratorTerms, budget: SyntheticBudget, temperature: float,
+    store: GeneratorStore, terms: GeneratorTerms, budget: SyntheticBudget, style: SamplingStyle,
     seed: Callable[[int], int], device: torch.device = torch.device("cpu"), exclude: frozenset[str] = frozenset(),
 ) -> SyntheticSet:
     """The union of every stored generator's samples under ``budget`` (one decoder in memory at a time), on
@@ -115,7 +125,7 @@ def synthesize(
         try:
             desc, decoder = store.load_decoder(silo)
             decoder.to(device)
-            x, y = sample_generator(desc, decoder, n, terms.class_ids(desc), temperature, seed=seed(i),
+            x, y = sample_generator(desc, decoder, n, terms.class_ids(desc), style, seed=seed(i),
                                     per_class=per_class if desc.conditional else None,
                                     chunk=terms.sampling_chunk(desc))
         except Exception as exc:  # one generator never stops the round: it is left out and reported

@@ -14,7 +14,7 @@ from alignfl_app.metrics import RunRecorder
 from alignfl_app.server import AlignFLServer
 from alignfl_app.silo import Silo
 from alignfl_app.store import GeneratorStore, GeneratorTerms
-from alignfl_app.synthesis import SyntheticBudget, synthesize
+from alignfl_app.synthesis import SamplingStyle, SyntheticBudget, synthesize
 from server_app.messages import train_reply
 from server_app.strategy import AlignFLStrategy
 from tests.conftest import make_message, tiny_run_config
@@ -53,7 +53,7 @@ def test_silo_missing_a_round_still_contributes(trained, tmp_path):
     rnd = strategy.core.recorder.round(2)
     assert rnd["generators-used"] == ["silo-0", "silo-1", "silo-2"] and rnd["stale-silos"] == ["silo-1"]
     assert strategy.core.store.entry("silo-1")["stored_round"] == 1
-    synthetic = synthesize(strategy.core.store, strategy.core.terms, SyntheticBudget(30), 1.0, seed=lambda i: i)
+    synthetic = synthesize(strategy.core.store, strategy.core.terms, SyntheticBudget(30), SamplingStyle(), seed=lambda i: i)
     labels, counts = synthetic.y, synthetic.counts
     assert set(labels.tolist()) == {0, 1, 2, 3, 4, 5} and counts["silo-1"] == 30
     assert metrics["generators"] == 3 and arrays is not None
@@ -67,14 +67,14 @@ def test_a_synthetic_total_is_split_over_the_classes_then_over_their_silos(train
     for s, desc in descs.items():
         store.put(desc, outs[s][1], 1)
     terms = GeneratorTerms.from_config(cfg)
-    synthetic = synthesize(store, terms, SyntheticBudget(per_silo=999, total=61), 1.0, seed=lambda i: i)
+    synthetic = synthesize(store, terms, SyntheticBudget(per_silo=999, total=61), SamplingStyle(), seed=lambda i: i)
     x, labels, counts = synthetic.x, synthetic.y, synthetic.counts
     per_class = {c: int((labels == c).sum()) for c in range(10)}
     assert per_class == {0: 13, 1: 12, 2: 12, 3: 12, 4: 0, 5: 12, 6: 0, 7: 0, 8: 0, 9: 0} and len(x) == 61
     assert counts == {"silo-0": 13 + 6, "silo-1": 24, "silo-2": 6 + 12}  # class "1": 6 from each holder
     # a total adds no sample as silos join: the same 61 from four generators
     store.put(descs[1].model_copy(update={"silo": "silo-3"}), outs[1][1], 1)
-    synthetic = synthesize(store, terms, SyntheticBudget(per_silo=999, total=61), 1.0, seed=lambda i: i)
+    synthetic = synthesize(store, terms, SyntheticBudget(per_silo=999, total=61), SamplingStyle(), seed=lambda i: i)
     more, counts = synthetic.y, synthetic.counts
     assert len(more) == 61 and counts["silo-1"] == counts["silo-3"] == 12
 
