@@ -459,7 +459,7 @@ class LocalTrainingSection(Section):
     generator_layout: Literal["conditional", "per-class"] = "conditional"
     """conditional: one decoder for the silo's classes, the class as input. per-class: one unconditional VAE per
     class, trained on that class's records only (every sample carries the class it was trained on)."""
-    local_epochs: int = Field(default=5, ge=1)
+    local_epochs: int = Field(default=10, ge=1)
     batch_size: int = Field(default=128, ge=1)
     learning_rate: float = Field(default=1e-3, gt=0)
     kl_weight: float = Field(default=1.0, ge=0)
@@ -606,7 +606,7 @@ class ServerSection(Section):
     """The server's memory for drawing one chunk of samples from one decoder (its activations, computed from the
     descriptor before anything is built); a decoder that cannot draw a chunk of 64 within it is refused."""
     sample_grid_per_silo: int = Field(default=10, ge=0, le=64)
-    augment: tuple[Literal["affine", "crop"], ...] = Field(default=(), alias="server-augment")
+    augment: tuple[Literal["affine", "crop"], ...] = Field(default=("affine", "crop"), alias="server-augment")
     """Random transforms of every synthetic batch, flat form ``"affine,crop"`` (empty: none); free of privacy
     cost: they act on samples, not on records."""
 
