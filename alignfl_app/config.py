@@ -598,6 +598,8 @@ class ServerSection(Section):
     epochs: int = Field(default=5, ge=0, alias="server-epochs")
     batch_size: int = Field(default=128, ge=1, alias="server-batch-size")
     learning_rate: float = Field(default=1e-3, gt=0, alias="server-learning-rate")
+    label_smoothing: float = Field(default=0.1, ge=0, lt=1, alias="server-label-smoothing")
+    """Share of each synthetic sample's target spread over all classes when the global classifier learns."""
     threads: int = Field(default=2, ge=1, alias="server-threads")
     device: DeviceChoice = Field(default="auto", alias="server-device")
     """Where the server samples the generators and trains and evaluates the global model."""

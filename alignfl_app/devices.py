@@ -34,7 +34,7 @@ def device_of(module: nn.Module) -> torch.device:
 
 def on_cpu(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """A detached CPU copy of a state dict: what is sent, stored or carried between rounds."""
-    return {k: v.detach().to("cpu", copy=True) for k, v in state.items()}
+    return {k: v.detach().to("cpu", copy=True, memory_format=torch.contiguous_format) for k, v in state.items()}
 
 
 T = TypeVar("T")

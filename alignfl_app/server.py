@@ -26,7 +26,7 @@ from .augment import SyntheticAugmentation
 from .seeds import augment_seed, server_batches_seed, server_training_seed, synthesis_seed
 from .store import GeneratorStore, GeneratorTerms, check_decoder_state, parse_descriptor
 from .synthesis import SamplingStyle, SyntheticBudget, sample_generator, synthesize
-from .training import ShuffledBatches, set_threads
+from .training import CrossEntropy, ShuffledBatches, set_threads
 
 log = logging.getLogger("flwr.alignfl")  # printed by Flower's log handler, beside its own lines
 
@@ -153,6 +153,7 @@ class GlobalLearner:
         self.augment = SyntheticAugmentation(cfg.server.augment)
         self.budget = SyntheticBudget(cfg.server.synthetic_per_silo, cfg.server.synthetic_total)
         self.style = sampling_style(cfg)
+        self.objective = CrossEntropy(cfg.server.label_smoothing) if model.kind == "classifier" else model.objective
         self.scheduler: torch.optim.lr_scheduler.LambdaLR | None = None
 
     def cosine_factor(self, step: int) -> float:
@@ -192,7 +193,7 @@ class GlobalLearner:
             generator = torch.Generator().manual_seed(server_batches_seed(c.run.seed, server_round, epoch))
             torch.manual_seed(server_training_seed(c.run.seed, server_round, epoch))
             report = self.model.fit((x, synthetic.y), ShuffledBatches(c.server.batch_size, 1)(len(x), generator),
-                                    c.server.learning_rate)
+                                    c.server.learning_rate, objective=self.objective)
             loss = report.loss
             schedule.step()
             if not math.isfinite(loss) or not self.model.finite():

@@ -60,10 +60,13 @@ class NegativeELBO:
 
 @dataclass(frozen=True)
 class CrossEntropy:
-    """A classifier's cross-entropy."""
+    """A classifier's cross-entropy; ``label_smoothing`` > 0 spreads that share of each target over all classes
+    (a classifier learning from generated images must not trust every sample's label fully)."""
+
+    label_smoothing: float = 0.0
 
     def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(model(x), y, reduction="none")
+        return F.cross_entropy(model(x), y, reduction="none", label_smoothing=self.label_smoothing)
 
 
 # --- batchers -------------------------------------------------------------------------------

@@ -96,3 +96,18 @@ def test_sharpness_scales_the_pixel_logits():
     assert torch.equal(labels, same)
     assert torch.allclose(sharp, torch.sigmoid(3 * torch.logit(soft, eps=0)), atol=1e-4)
     assert (sharp - 0.5).abs().mean() > (soft - 0.5).abs().mean()
+
+
+def test_server_label_smoothing_reaches_the_global_classifier_loss(tmp_path):
+    """The server's classifier learns with the configured label smoothing; the silos' FedAvg classifier does not."""
+    from alignfl_app.global_model import GlobalModel
+    from alignfl_app.server import GlobalLearner
+    from alignfl_app.store import GeneratorTerms
+
+    cfg = parse_run_config({**tiny_run_config(tmp_path), "server-label-smoothing": 0.3})
+    model = GlobalModel.from_config(cfg)
+    assert GlobalLearner(cfg, model, GeneratorTerms.from_config(cfg)).objective.label_smoothing == 0.3
+    assert model.objective.label_smoothing == 0.0
+    x, y = torch.rand(4, 1, 28, 28), torch.tensor([0, 1, 2, 3])
+    smoothed = GlobalLearner(cfg, model, GeneratorTerms.from_config(cfg)).objective(model.model, x, y)
+    assert not torch.allclose(smoothed, model.objective(model.model, x, y))
