@@ -355,7 +355,7 @@ class AlignFLServer:
             try:
                 desc, decoder = self.store.load_decoder(silo)
                 grid[silo] = sample_generator(desc, decoder, c.sample_grid_per_silo, self.terms.class_ids(desc),
-                                              sampling_style(self.cfg), seed=server_round,
+                                              self.learner.style, seed=server_round,
                                               chunk=self.terms.sampling_chunk(desc))
             except Exception as exc:  # a figure never stops the round; the generator already drew for training
                 log.warning("No sample grid for silo '%s': %s", silo, str(exc).splitlines()[0][:300] if str(exc)
