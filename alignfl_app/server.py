@@ -138,10 +138,6 @@ class SiloStanding:
         return None
 
 
-def sampling_style(cfg: RunConfig) -> SamplingStyle:
-    return SamplingStyle(cfg.server.sample_temperature, cfg.server.sample_sharpness)
-
-
 class GlobalLearner:
     """Trains the global model on fresh synthetic samples every server epoch, with a cosine learning-rate
     schedule over the whole run's server epochs (a stable final model); resumable at any round."""
@@ -152,7 +148,7 @@ class GlobalLearner:
         self.cfg, self.model, self.terms = cfg, model, terms
         self.augment = SyntheticAugmentation(cfg.server.augment)
         self.budget = SyntheticBudget(cfg.server.synthetic_per_silo, cfg.server.synthetic_total)
-        self.style = sampling_style(cfg)
+        self.style = SamplingStyle(cfg.server.sample_temperature, cfg.server.sample_sharpness)
         self.objective = CrossEntropy(cfg.server.label_smoothing) if model.kind == "classifier" else model.objective
         self.scheduler: torch.optim.lr_scheduler.LambdaLR | None = None
 
