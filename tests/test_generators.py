@@ -106,8 +106,9 @@ def test_server_label_smoothing_reaches_the_global_classifier_loss(tmp_path):
 
     cfg = parse_run_config({**tiny_run_config(tmp_path), "server-label-smoothing": 0.3})
     model = GlobalModel.from_config(cfg)
-    assert GlobalLearner(cfg, model, GeneratorTerms.from_config(cfg)).objective.label_smoothing == 0.3
+    learner = GlobalLearner(cfg, model, GeneratorTerms.from_config(cfg))
+    assert learner.objective.label_smoothing == 0.3
     assert model.objective.label_smoothing == 0.0
     x, y = torch.rand(4, 1, 28, 28), torch.tensor([0, 1, 2, 3])
-    smoothed = GlobalLearner(cfg, model, GeneratorTerms.from_config(cfg)).objective(model.model, x, y)
+    smoothed = learner.objective(model.model, x, y)
     assert not torch.allclose(smoothed, model.objective(model.model, x, y))
