@@ -1,9 +1,13 @@
 """Random transforms of the server's synthetic images (``server-augment``): free of privacy cost, since they
 act on decoder samples, never on a silo's records.
 
+Geometric moves (affine, crop) teach invariances the classes have. Blur and noise hide what tells one silo's
+decoder from another's (its own smoothness and pixel statistics): every class then comes in every style, and the
+classifier must tell classes apart by shape, as it must on real images.
+
 Our own batched versions rather than torchvision's: torchvision draws one set of parameters per call, so a
 different transform per image would cost one call per image; here each image gets its own draw in one
-``affine_grid`` / ``grid_sample`` (affine) or one gather (crop).
+``affine_grid`` / ``grid_sample`` (affine), one gather (crop) or one grouped convolution (blur).
 """
 
 from __future__ import annotations
@@ -42,7 +46,26 @@ def random_crop(x: torch.Tensor, g: torch.Generator, padding: int = 2) -> torch.
     return out.gather(3, cols)
 
 
-TRANSFORMS = {"affine": random_affine, "crop": random_crop}
+def random_blur(x: torch.Tensor, g: torch.Generator, max_sigma: float = 1.0, radius: int = 2) -> torch.Tensor:
+    """Each image blurred by a Gaussian of its own width, drawn uniformly from (0, ``max_sigma``] pixels (a
+    separable ``2 * radius + 1`` kernel; the border is extended, not darkened)."""
+    n, c, h, w = x.shape
+    sigma = (1 - torch.rand(n, generator=g)).to(x.device) * max_sigma
+    taps = torch.arange(-radius, radius + 1, device=x.device, dtype=x.dtype)
+    kernel = torch.exp(-0.5 * (taps[None, :] / sigma[:, None].to(x.dtype)) ** 2)
+    kernel = (kernel / kernel.sum(1, keepdim=True)).repeat_interleave(c, 0)  # one kernel per image and channel
+    planes = x.reshape(1, n * c, h, w)
+    planes = F.conv2d(F.pad(planes, (radius, radius, 0, 0), mode="replicate"), kernel[:, None, None, :], groups=n * c)
+    planes = F.conv2d(F.pad(planes, (0, 0, radius, radius), mode="replicate"), kernel[:, None, :, None], groups=n * c)
+    return planes.reshape(n, c, h, w)
+
+
+def random_noise(x: torch.Tensor, g: torch.Generator, std: float = 0.2) -> torch.Tensor:
+    """Independent Gaussian noise of standard deviation ``std`` on every pixel (clamped to [0, 1] afterwards)."""
+    return x + torch.randn(x.shape, generator=g).to(x.device) * std
+
+
+TRANSFORMS = {"affine": random_affine, "crop": random_crop, "blur": random_blur, "noise": random_noise}
 
 
 class SyntheticAugmentation:

@@ -608,9 +608,11 @@ class ServerSection(Section):
     """The server's memory for drawing one chunk of samples from one decoder (its activations, computed from the
     descriptor before anything is built); a decoder that cannot draw a chunk of 64 within it is refused."""
     sample_grid_per_silo: int = Field(default=10, ge=0, le=64)
-    augment: tuple[Literal["affine", "crop"], ...] = Field(default=("affine", "crop"), alias="server-augment")
-    """Random transforms of every synthetic batch, flat form ``"affine,crop"`` (empty: none); free of privacy
-    cost: they act on samples, not on records."""
+    augment: tuple[Literal["affine", "crop", "blur", "noise"], ...] = Field(default=("affine", "crop"),
+                                                                          alias="server-augment")
+    """Random transforms of every synthetic batch, in order, flat form ``"affine,crop"`` (empty: none): affine
+    (rotate, shift, scale), crop (pad 2, crop), blur (Gaussian, sigma up to 1 pixel), noise (Gaussian, std 0.2).
+    Free of privacy cost: they act on samples, not on records."""
 
     @field_validator("augment", mode="before")
     @classmethod

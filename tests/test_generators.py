@@ -112,3 +112,50 @@ def test_server_label_smoothing_reaches_the_global_classifier_loss(tmp_path):
     x, y = torch.rand(4, 1, 28, 28), torch.tensor([0, 1, 2, 3])
     smoothed = learner.objective(model.model, x, y)
     assert not torch.allclose(smoothed, model.objective(model.model, x, y))
+
+
+def test_every_augmentation_keeps_images_valid_and_draws_per_image():
+    """Each transform, alone or chained, gives images of the same shape in [0, 1], the same for the same seed,
+    and a different draw for each of two identical images."""
+    from alignfl_app.augment import TRANSFORMS, SyntheticAugmentation
+
+    x = torch.rand(1, 3, 28, 28).repeat(2, 1, 1, 1)
+    for names in [[name] for name in TRANSFORMS] + [list(TRANSFORMS)]:
+        augment = SyntheticAugmentation(names)
+        out = augment(x.clone(), seed=4)
+        assert out.shape == x.shape and out.min() >= 0 and out.max() <= 1, names
+        assert torch.equal(out, augment(x.clone(), seed=4)), names
+        assert not torch.allclose(out[0], out[1]), names
+
+
+def test_blur_keeps_flat_images_and_smooths_edges():
+    """Blur extends the border (a flat image stays flat, nothing darkens at the edge) and lowers the contrast of
+    a one-pixel checkerboard, each image by its own amount."""
+    from alignfl_app.augment import random_blur
+
+    flat = torch.full((3, 1, 28, 28), 0.7)
+    assert torch.allclose(random_blur(flat, torch.Generator().manual_seed(0)), flat, atol=1e-6)
+    checker = ((torch.arange(28)[:, None] + torch.arange(28)[None, :]) % 2).float().expand(8, 1, 28, 28)
+    blurred = random_blur(checker.clone(), torch.Generator().manual_seed(1))
+    contrast = blurred.flatten(1).std(1)
+    assert (contrast < checker.flatten(1).std(1)).all()
+    assert contrast.max() - contrast.min() > 0.05  # widths differ between images
+    assert torch.allclose(blurred.mean((1, 2, 3)), checker.mean((1, 2, 3)), atol=0.02)
+
+
+def test_noise_is_centred_with_the_stated_spread():
+    from alignfl_app.augment import random_noise
+
+    gray = torch.full((64, 1, 28, 28), 0.5)
+    noisy = random_noise(gray, torch.Generator().manual_seed(0))
+    assert abs(float(noisy.mean()) - 0.5) < 0.005
+    assert abs(float((noisy - gray).std()) - 0.2) < 0.005
+
+
+def test_unknown_augmentation_is_refused_in_one_line(tmp_path):
+    from alignfl_app.config import ConfigError
+
+    with pytest.raises(ConfigError) as err:
+        parse_run_config({**tiny_run_config(tmp_path), "server-augment": "affine,sharpen"})
+    assert "\n" not in str(err.value) and "noise" in str(err.value)
+
