@@ -466,6 +466,10 @@ class LocalTrainingSection(Section):
     latent_fit: Literal["gaussian", "none"] = "gaussian"
     """gaussian: the released decoder samples a Gaussian fitted to its VAE's latent codes of the silo's records,
     folded into its first layer (applied only without DP: the fit is a statistic of the records); none: N(0, I)."""
+    label_fidelity_samples: int = Field(default=0, ge=0, le=100_000)
+    """>0: each round the silo draws this many samples from its released decoder (as the server draws them) and
+    reports the share a classifier trained on its own records assigns to the intended class; 0: not measured.
+    Never under DP (a figure of the records)."""
     client_threads: int = Field(default=1, ge=1)
     client_device: DeviceChoice = "auto"
     """Where silos train (a silo's node config may override it)."""

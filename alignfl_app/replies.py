@@ -62,6 +62,7 @@ class GeneratorTrainMetrics(ReplyMetrics):
     lipschitz_penalty: NonNegative | None = None
     train_loss: Finite | None = None
     test_neg_elbo: Finite | None = None
+    label_fidelity: Rate | None = None
     audit_mapping_rate: Rate | None = None
     audit_leakage_rate: Rate | None = None
     audit_member_nearer_rate: Rate | None = None

@@ -16,6 +16,7 @@ class Purpose(IntEnum):
     AUDIT = 5
     SERVER_TRAINING = 6
     AUGMENT = 7
+    FIDELITY = 8
 
 
 def derive_seed(run_seed: int, purpose: Purpose, *tags: int) -> int:
@@ -58,3 +59,8 @@ def audit_seed(run_seed: int, server_round: int) -> int:
 def augment_seed(run_seed: int, server_round: int, epoch: int) -> int:
     """The random transforms of one server epoch's synthetic images."""
     return derive_seed(run_seed, Purpose.AUGMENT, server_round, epoch)
+
+
+def fidelity_seed(run_seed: int, silo_index: int, server_round: int) -> int:
+    """A silo's label-fidelity judge (its weights and shuffling) and the decoder samples it judges."""
+    return derive_seed(run_seed, Purpose.FIDELITY, silo_index, server_round)

@@ -21,6 +21,7 @@ from .audit import audit_outliers, save_audit_figure
 from .config import RunConfig, SiloNodeConfig, load_architecture, load_silo_policy, resolve_data_root
 from .data import SiloData, build_silo_data
 from .devices import on_cpu, resolve_device, tensors_to
+from .fidelity import LabelFidelity
 from .files import atomic_write_text
 from .global_model import GlobalModel
 from .lipschitz import lipschitz_hooks
@@ -29,8 +30,9 @@ from .models import GeneratorSet
 from .privacy import DPCarry, DifferentialPrivacy, NoPrivacy, PrivacyRefusal, admit, requires_dp
 from .replies import AveragedTrainMetrics, EvaluateMetrics, GeneratorTrainMetrics, PrivateTrainMetrics
 from .silo_state import SiloStateStore, StateIdentity, StoredState
-from .seeds import audit_seed, local_batches_seed, vae_init_seed
+from .seeds import audit_seed, fidelity_seed, local_batches_seed, vae_init_seed
 from .store import GeneratorDescriptor
+from .synthesis import SamplingStyle
 from .training import (HeldOutLoss, NegativeELBO, ProximalTerm, ShuffledBatches, Trainer, TrainReport,
                        set_threads, to_local_labels)
 
@@ -171,15 +173,18 @@ class Silo:
                 vae, group.train, session.batches(i, len(group.train[0]), seed), optimizer))
         if cfg.local.latent_fit == "gaussian" and privacy.releases_record_figures:
             generators.fit_latents([group.train for group in self.groups])
-        decoder_state = on_cpu(generators.decoder.state_dict())
+        released = generators.decoder
+        decoder_state = on_cpu(released.state_dict())
         state = SiloState(on_cpu(generators.state_dict()), session.carry(),
                           [optimizer_on_cpu(o.state_dict()) for o in optimizers])
-        figures = self.record_figures(reports, decoder_state, state.generators)
-        if cfg.privacy.audit and server_round == cfg.run.num_server_rounds and self.data.num_outliers:
-            figures.update(self.audit(generators, server_round))
         desc = GeneratorDescriptor(
             silo=self.name, architecture=self.architecture, layout=self.layout, image_shape=self.cfg.data.image_shape,
             classes=tuple(cfg.data.class_names[c] for c in self.data.classes), round=server_round)
+        figures = self.record_figures(reports, decoder_state, state.generators)
+        if cfg.local.label_fidelity_samples and privacy.releases_record_figures:
+            figures["label-fidelity"] = self.label_fidelity(desc, released, server_round)
+        if cfg.privacy.audit and server_round == cfg.run.num_server_rounds and self.data.num_outliers:
+            figures.update(self.audit(generators, server_round))
         if privacy.releases_record_figures:
             metrics = GeneratorTrainMetrics.model_validate(figures)
         else:
@@ -257,6 +262,15 @@ class Silo:
             num_examples=len(self.data.x_train), num_outliers=self.data.num_outliers, train_loss=report.loss,
             train_seconds=report.seconds, samples_per_second=report.examples_seen / max(report.seconds, 1e-9),
             model_bytes=state_bytes(state), peak_rss_mb=peak_rss_mb())
+
+    def label_fidelity(self, desc: GeneratorDescriptor, decoder: torch.nn.Module, server_round: int) -> float | None:
+        """The released decoder's label fidelity, judged on the silo's training records, drawn in the server's
+        sampling style."""
+        d, c = self.data, self.cfg
+        return LabelFidelity(c.local.label_fidelity_samples).measure(
+            desc, decoder, (d.x_train, to_local_labels(d.y_train, d.classes)),
+            SamplingStyle(c.server.sample_temperature, c.server.sample_sharpness),
+            fidelity_seed(c.run.seed, self.index, server_round))
 
     def audit(self, generators: GeneratorSet, server_round: int) -> dict[str, float | int]:
         """The outlier audit; its figure shows raw outliers, so it stays in the silo's own folder."""

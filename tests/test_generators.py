@@ -159,3 +159,44 @@ def test_unknown_augmentation_is_refused_in_one_line(tmp_path):
         parse_run_config({**tiny_run_config(tmp_path), "server-augment": "affine,sharpen"})
     assert "\n" not in str(err.value) and "noise" in str(err.value)
 
+
+class _PrototypeDecoder(torch.nn.Module):
+    """Draws a noisy copy of one fixed image per label (``swap``: the other label's image)."""
+
+    def __init__(self, prototypes: torch.Tensor, swap: bool = False) -> None:
+        super().__init__()
+        self.logits = torch.nn.Parameter(torch.logit(prototypes.clamp(0.05, 0.95)), requires_grad=False)
+        self.swap = swap
+
+    def forward(self, z, y_onehot):
+        labels = y_onehot.argmax(1)
+        return self.logits[1 - labels if self.swap else labels] + z[:, :1, None, None]
+
+
+def test_label_fidelity_tells_a_faithful_decoder_from_one_that_swaps_its_labels():
+    from alignfl_app.fidelity import LabelFidelity
+
+    left = torch.zeros(1, 28, 28)
+    left[:, :, :14] = 1
+    prototypes = torch.stack([left, left.flip(2)])
+    y = torch.arange(200) % 2
+    records = ((prototypes[y] + 0.2 * torch.randn(200, 1, 28, 28)).clamp(0, 1), y)
+    desc = GeneratorDescriptor(silo="s", architecture=SPECS[0], layout="conditional", classes=("a", "b"),
+                               image_shape=(1, 28, 28), round=1)
+    fidelity = LabelFidelity(num_samples=100)
+    assert fidelity.measure(desc, _PrototypeDecoder(prototypes), records, SamplingStyle(), seed=1) > 0.95
+    assert fidelity.measure(desc, _PrototypeDecoder(prototypes, swap=True), records, SamplingStyle(), seed=1) < 0.05
+    one_class = desc.model_copy(update={"classes": ("a",)})
+    assert fidelity.measure(one_class, _PrototypeDecoder(prototypes), records, SamplingStyle(), seed=1) is None
+
+
+def test_silo_reports_label_fidelity_only_where_record_figures_may_leave(tmp_path):
+    run = {**tiny_run_config(tmp_path), "label-fidelity-samples": 50}
+    out = Silo(parse_run_config(run), parse_node_config({"partition-id": 0})).train_round("run", 1)
+    assert 0 <= out.metrics.label_fidelity <= 1
+    assert "label-fidelity" in out.metrics.record()
+    private = Silo(parse_run_config({**run, "dp-epsilon": 2.0, "dp-steps": 2}),
+                   parse_node_config({"partition-id": 0})).train_round("run", 1)
+    assert "label-fidelity" not in private.metrics.record()
+    plain = Silo(parse_run_config(tiny_run_config(tmp_path)), parse_node_config({"partition-id": 1})).train_round("r", 1)
+    assert plain.metrics.label_fidelity is None
