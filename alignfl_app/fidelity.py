@@ -16,7 +16,7 @@ from torch import nn
 from .models import Classifier
 from .store import GeneratorDescriptor
 from .synthesis import SamplingStyle, sample_generator
-from .training import CrossEntropy, ShuffledBatches, Trainer
+from .training import CrossEntropy, ShuffledBatches, Trainer, evaluate_classifier
 
 
 @dataclass(frozen=True)
@@ -42,7 +42,4 @@ class LabelFidelity:
         order = ShuffledBatches(self.batch_size, self.epochs)(len(x), torch.Generator().manual_seed(seed))
         Trainer(CrossEntropy()).fit(judge, records, order, torch.optim.Adam(judge.parameters(), lr=self.learning_rate))
         samples, labels = sample_generator(desc, decoder, self.num_samples, torch.arange(k), style, seed=seed)
-        judge.eval()
-        with torch.no_grad():
-            said = torch.cat([judge(samples[i:i + 1000].to(x.device)).argmax(1) for i in range(0, len(samples), 1000)])
-        return float((said == labels.to(said.device)).float().mean())
+        return evaluate_classifier(judge, samples.to(x.device), labels.to(x.device), k).accuracy

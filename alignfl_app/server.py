@@ -148,7 +148,7 @@ class GlobalLearner:
         self.cfg, self.model, self.terms = cfg, model, terms
         self.augment = SyntheticAugmentation(cfg.server.augment)
         self.budget = SyntheticBudget(cfg.server.synthetic_per_silo, cfg.server.synthetic_total)
-        self.style = SamplingStyle(cfg.server.sample_temperature, cfg.server.sample_sharpness)
+        self.style = SamplingStyle.of(cfg.server)
         self.objective = CrossEntropy(cfg.server.label_smoothing) if model.kind == "classifier" else model.objective
         self.scheduler: torch.optim.lr_scheduler.LambdaLR | None = None
 

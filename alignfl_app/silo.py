@@ -269,7 +269,7 @@ class Silo:
         d, c = self.data, self.cfg
         return LabelFidelity(c.local.label_fidelity_samples).measure(
             desc, decoder, (d.x_train, to_local_labels(d.y_train, d.classes)),
-            SamplingStyle(c.server.sample_temperature, c.server.sample_sharpness),
+            SamplingStyle.of(c.server),
             fidelity_seed(c.run.seed, self.index, server_round))
 
     def audit(self, generators: GeneratorSet, server_round: int) -> dict[str, float | int]:

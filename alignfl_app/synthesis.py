@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .config import ServerSection
 from .devices import device_of
 from .models import one_hot
 from .store import GeneratorDescriptor, GeneratorStore, GeneratorTerms
@@ -25,6 +26,12 @@ class SamplingStyle:
 
     temperature: float = 1.0
     sharpness: float = 1.0
+
+    @classmethod
+    def of(cls, server: ServerSection) -> SamplingStyle:
+        """The run's style (``sample-temperature``, ``sample-sharpness``): the server draws in it, and a silo
+        judging its own decoder draws as the server will."""
+        return cls(server.sample_temperature, server.sample_sharpness)
 
 
 @torch.no_grad()
