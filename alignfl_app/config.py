@@ -68,6 +68,9 @@ class ArchitectureSpec(BaseModel):
     latent_dim: int = Field(ge=1, le=256)
     hidden: tuple[int, ...] = Field(min_length=1, max_length=4)
     """MLP: widths of the hidden layers (encoder order). Conv: channels of the stride-2 stages."""
+    refine: int = Field(default=0, ge=0, le=3)
+    """Conv only: stride-1 3x3 layers the decoder adds at each resolution below the image's own, so each upsampled
+    feature map is reworked before the next stage (detail a single transposed conv per stage cannot draw)."""
 
     @field_validator("hidden")
     @classmethod
@@ -75,6 +78,12 @@ class ArchitectureSpec(BaseModel):
         if any(w < 1 or w > 4096 for w in v):
             raise ValueError("every hidden width must be in 1..4096")
         return v
+
+    @model_validator(mode="after")
+    def _refine_needs_conv(self) -> ArchitectureSpec:
+        if self.refine and self.kind != "conv":
+            raise ValueError(f"refine = {self.refine} applies to conv architectures only: remove it or set kind = 'conv'")
+        return self
 
     def check_fits(self, image_shape: tuple[int, int, int]) -> None:
         """ConfigError unless this architecture can encode and decode images of ``image_shape``: each of a conv

@@ -43,10 +43,11 @@ class Decoder(nn.Module):
             self.fc = nn.Linear(in_dim, math.prod(self.base))
             layers = []
             for cin, cout in zip(chans, chans[1:] + [c]):
+                for _ in range(spec.refine):
+                    layers += [nn.ConvTranspose2d(cin, cin, 3, 1, 1), nn.ReLU()]
                 layers.append(nn.ConvTranspose2d(cin, cout, 4, 2, 1))
-                if cout != c:
-                    layers.append(nn.ReLU())
-            self.net = nn.Sequential(*layers)
+                layers.append(nn.ReLU())
+            self.net = nn.Sequential(*layers[:-1])
 
     @staticmethod
     def activations_per_sample(spec: ArchitectureSpec, cond_dim: int, image_shape: tuple[int, ...]) -> int:
@@ -59,10 +60,10 @@ class Decoder(nn.Module):
         chans = list(reversed(spec.hidden))
         down = 2 ** len(chans)
         side_h, side_w = max(h // down, 1), max(w // down, 1)
-        total += 2 * chans[0] * side_h * side_w
+        total += 2 * chans[0] * side_h * side_w * (1 + spec.refine)
         for cout in chans[1:]:
             side_h, side_w = side_h * 2, side_w * 2
-            total += 2 * cout * side_h * side_w
+            total += 2 * cout * side_h * side_w * (1 + spec.refine)
         return total
 
     @property

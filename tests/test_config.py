@@ -3,6 +3,7 @@
 import pytest
 
 from alignfl_app.config import ConfigError, load_architecture, parse_node_config, parse_run_config
+from alignfl_app.resources import conf_dir
 
 
 @pytest.mark.parametrize("override, fragment", [
@@ -44,8 +45,15 @@ def test_malformed_architecture_file_is_rejected(tmp_path):
 
 
 def test_every_shipped_architecture_loads():
-    for name in ("mlp", "conv", "mlp-small"):
-        assert load_architecture(name).name == name
+    for path in (conf_dir() / "architectures").glob("*.toml"):
+        assert load_architecture(path.stem).name == path.stem
+
+
+def test_refine_layers_are_for_conv_architectures_only(tmp_path):
+    (tmp_path / "mlp-refined.toml").write_text('kind = "mlp"\nlatent_dim = 8\nhidden = [64]\nrefine = 1\n')
+    with pytest.raises(ConfigError, match="refine = 1 applies to conv architectures only") as err:
+        load_architecture("mlp-refined", tmp_path)
+    assert "\n" not in str(err.value)
 
 
 def test_node_config_overrides_validate():

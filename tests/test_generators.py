@@ -14,10 +14,11 @@ from alignfl_app.synthesis import SamplingStyle, sample_generator
 from tests.conftest import tiny_run_config
 
 SPECS = [ArchitectureSpec(name="m", kind="mlp", latent_dim=4, hidden=[32, 16]),
-         ArchitectureSpec(name="c", kind="conv", latent_dim=3, hidden=[4, 8])]
+         ArchitectureSpec(name="c", kind="conv", latent_dim=3, hidden=[4, 8]),
+         ArchitectureSpec(name="r", kind="conv", latent_dim=3, hidden=[4, 8], refine=2)]
 
 
-@pytest.mark.parametrize("spec", SPECS, ids=lambda s: s.kind)
+@pytest.mark.parametrize("spec", SPECS, ids=lambda s: s.name)
 @pytest.mark.parametrize("layout", ["conditional", "per-class", "unconditional"])
 def test_folded_decoder_draws_exactly_the_fitted_gaussian(spec, layout):
     """The released decoder fed N(0, I) latents gives what the trained decoder gives at mean_y + L z."""

@@ -193,7 +193,7 @@ def test_penalty_is_active_and_finite_under_dp_and_spectral_cap_holds():
 
 def test_upper_bound_is_an_upper_bound_of_the_measured_slope():
     torch.manual_seed(0)
-    for arch in ("mlp-small", "conv"):
+    for arch in ("mlp-small", "conv", "conv-deep"):
         dec = VAE(load_architecture(arch), 2).decoder
         assert 0 < empirical_lipschitz(dec, n=256) <= upper_bound(dec)
 
