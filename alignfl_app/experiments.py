@@ -6,6 +6,8 @@ that run without Flower (reference classifiers, comparison, benchmark), so every
 
 from __future__ import annotations
 
+import argparse
+
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -65,6 +67,11 @@ def load_experiment(name_or_path: str | None, overrides: dict[str, Any] | None =
         raw.update(experiment_overrides(name_or_path))
     raw.update(overrides or {})
     return parse_run_config(raw)
+
+
+def add_overrides_option(parser: argparse.ArgumentParser, help_text: str = "run-config overrides") -> None:
+    """``--set KEY=VALUE ...``, repeatable: every ``--set`` adds its assignments (a later one wins per key)."""
+    parser.add_argument("--set", nargs="*", action="extend", default=[], metavar="KEY=VALUE", help=help_text)
 
 
 def parse_assignments(items: list[str]) -> dict[str, Any]:

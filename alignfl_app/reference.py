@@ -22,7 +22,7 @@ import torch
 
 from .config import HEADLINE_METRIC, ConfigError, RunConfig
 from .data import SiloData, build_silo_data, evaluation_plan, global_test_set
-from .experiments import load_experiment, parse_assignments
+from .experiments import add_overrides_option, load_experiment, parse_assignments
 from .global_model import GlobalModel
 from .metrics import RunRecorder, peak_rss_mb
 from .training import ShuffledBatches, set_threads
@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="alignfl reference", description=__doc__.splitlines()[0])
     parser.add_argument("--experiment", default="", help="name in conf/experiments/ or a TOML file (default: pyproject)")
     parser.add_argument("--method", nargs="+", default=list(METHODS), choices=METHODS)
-    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="run-config overrides")
+    add_overrides_option(parser)
     parser.add_argument("--out", default="", help="results folder (default: <results-dir>/<run-name or experiment>-<method>)")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)

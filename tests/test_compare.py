@@ -34,3 +34,15 @@ def test_compare_runs_every_kind_of_method_and_writes_the_tables(tmp_path):
     for heading in ("Final accuracy", "Global accuracy per round", "Per-class accuracy", "Per-silo accuracy"):
         assert heading in text
     assert (tmp_path / "accuracy.png").stat().st_size > 0
+
+
+def test_every_set_option_counts(tmp_path, capsys):
+    """``--set a=1 --set b=2`` applies both: a bad key in the first is refused before anything runs."""
+    from alignfl_app.tools.compare import main
+
+    code = main(["mnist-fast", "--set", "no-such-key=1", "--set", "num-server-rounds=1",
+                 "--out", str(tmp_path / "out"), "--app", str(tmp_path / "no-app")])
+    assert code == 2
+    err = capsys.readouterr().err.strip()
+    assert "no-such-key" in err and "\n" not in err
+    assert not (tmp_path / "out").exists()

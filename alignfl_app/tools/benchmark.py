@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from alignfl_app.config import ConfigError
-from alignfl_app.experiments import parse_assignments
+from alignfl_app.experiments import add_overrides_option, parse_assignments
 from alignfl_app.tools.compare import FEDERATED, METHODS, run_methods
 
 SCALING_EXPERIMENT = "mnist-fast"
@@ -151,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--from", dest="source", default="", help="an existing comparison folder to tabulate")
     parser.add_argument("--experiment", default="", help="run this experiment's methods first (conf/experiments/)")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
-    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE")
+    add_overrides_option(parser)
     parser.add_argument("--scaling", nargs="*", type=int, default=[], metavar="SILOS")
     parser.add_argument("--scaling-methods", nargs="+", default=["alignfl"], choices=FEDERATED)
     parser.add_argument("--target", type=float, default=None,

@@ -24,7 +24,8 @@ from pathlib import Path
 from typing import Any
 
 from alignfl_app.config import HEADLINE_METRIC, ConfigError, RunConfig, headline_metric
-from alignfl_app.experiments import experiment_overrides, load_experiment, parse_assignments, run_config_string
+from alignfl_app.experiments import (add_overrides_option, experiment_overrides, load_experiment, parse_assignments,
+                                     run_config_string)
 from alignfl_app.reference import RUNNERS
 from alignfl_app.tools.local_superlink import SimulationLink, simulation_superlink
 from alignfl_app.training import set_threads
@@ -216,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="alignfl compare", description=__doc__.splitlines()[0])
     parser.add_argument("experiment", help="name in conf/experiments/ (e.g. mnist-fast) or a TOML file")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
-    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="run-config overrides for all methods")
+    add_overrides_option(parser, "run-config overrides for all methods")
     parser.add_argument("--out", default="", help="comparison folder (default: results/compare-<experiment>)")
     parser.add_argument("--cpus-per-client", type=int, default=1)
     parser.add_argument("--app", default=".", help="the Flower app's folder (the checkout with pyproject.toml)")
