@@ -82,7 +82,8 @@ class ArchitectureSpec(BaseModel):
     @model_validator(mode="after")
     def _refine_needs_conv(self) -> ArchitectureSpec:
         if self.refine and self.kind != "conv":
-            raise ValueError(f"refine = {self.refine} applies to conv architectures only: remove it or set kind = 'conv'")
+            raise ValueError(f"refine = {self.refine} applies to conv architectures only: remove it or set "
+                             "kind = 'conv'")
         return self
 
     def check_fits(self, image_shape: tuple[int, int, int]) -> None:

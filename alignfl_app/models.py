@@ -43,7 +43,7 @@ class Decoder(nn.Module):
             self.fc = nn.Linear(in_dim, math.prod(self.base))
             layers = []
             for cin, cout in zip(chans, chans[1:] + [c]):
-                for _ in range(spec.refine):
+                for _ in range(spec.refine):  # transposed at stride 1 (a plain conv): the Lipschitz bounds cover it
                     layers += [nn.ConvTranspose2d(cin, cin, 3, 1, 1), nn.ReLU()]
                 layers.append(nn.ConvTranspose2d(cin, cout, 4, 2, 1))
                 layers.append(nn.ReLU())
