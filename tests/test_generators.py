@@ -201,3 +201,20 @@ def test_silo_reports_label_fidelity_only_where_record_figures_may_leave(tmp_pat
     assert "label-fidelity" not in private.metrics.record()
     plain = Silo(parse_run_config(tiny_run_config(tmp_path)), parse_node_config({"partition-id": 1})).train_round("r", 1)
     assert plain.metrics.label_fidelity is None
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=lambda s: s.name)
+def test_activation_estimate_counts_every_value_a_draw_holds(spec):
+    """The server bounds its sampling memory with this estimate before it builds a decoder: it must count the input
+    and every layer's output of a real forward pass, refine layers included."""
+    from alignfl_app.models import Decoder
+
+    decoder = Decoder(spec, cond_dim=2, image_shape=(1, 28, 28))
+    counted = []
+    for module in decoder.modules():
+        if not list(module.children()):
+            module.register_forward_hook(lambda m, args, out: counted.append(out[0].numel()))
+    decoder(torch.randn(1, spec.latent_dim), torch.eye(2)[:1])
+    functional_relu = decoder.fc.out_features if spec.kind == "conv" else 0  # applied to fc's output, not a module
+    held = spec.latent_dim + 2 + sum(counted) + functional_relu
+    assert held == Decoder.activations_per_sample(spec, 2, (1, 28, 28))
