@@ -7,7 +7,6 @@ that run without Flower (reference classifiers, comparison, benchmark), so every
 from __future__ import annotations
 
 import argparse
-
 import tomllib
 from pathlib import Path
 from typing import Any
