@@ -61,7 +61,8 @@ def random_blur(x: torch.Tensor, g: torch.Generator, max_sigma: float = 1.0, rad
 
 
 def random_noise(x: torch.Tensor, g: torch.Generator, std: float = 0.2) -> torch.Tensor:
-    """Independent Gaussian noise of standard deviation ``std`` on every pixel (clamped to [0, 1] afterwards)."""
+    """Independent Gaussian noise of standard deviation ``std`` on every pixel (``SyntheticAugmentation`` clamps
+    the set to [0, 1] after its last transform)."""
     return x + torch.randn(x.shape, generator=g).to(x.device) * std
 
 
