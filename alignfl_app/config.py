@@ -27,6 +27,7 @@ CLASS_NAMES = {
 }
 NUM_CLASSES = {name: len(classes) for name, classes in CLASS_NAMES.items()}
 IMAGE_SHAPE = (1, 28, 28)  # the built-in datasets' own shape: the default image-size and channels
+MAX_LATENT_COMPONENTS = 64  # a released decoder's mixture layer: components per class
 BUILT_IN_DATASETS = tuple(CLASS_NAMES)
 CLASS_NAME_PATTERN = r"^[^\x00-\x1f/\\]{1,64}$"  # a class name: printable, no path separators
 # how each kind of global model is judged on real test data (summary keys: global.<m>, eval-<m>, final-global-<m>)
@@ -473,9 +474,12 @@ class LocalTrainingSection(Section):
     batch_size: int = Field(default=128, ge=1)
     learning_rate: float = Field(default=1e-3, gt=0)
     kl_weight: float = Field(default=1.0, ge=0)
-    latent_fit: Literal["gaussian", "none"] = "gaussian"
+    latent_fit: Literal["gaussian", "mixture", "none"] = "gaussian"
     """gaussian: the released decoder samples a Gaussian fitted to its VAE's latent codes of the silo's records,
-    folded into its first layer (applied only without DP: the fit is a statistic of the records); none: N(0, I)."""
+    folded into its first layer; mixture: a Gaussian mixture of ``latent_components`` fitted to them, in a layer
+    in front of the decoder; none: N(0, I). A fit is a statistic of the records: made only without DP."""
+    latent_components: int = Field(default=10, ge=2, le=MAX_LATENT_COMPONENTS)
+    """Components per class of the ``mixture`` fit."""
     label_fidelity_samples: int = Field(default=0, ge=0, le=100_000)
     """>0: each round the silo draws this many samples from its released decoder (as the server draws them) and
     reports the share a classifier trained on its own records assigns to the intended class; 0: not measured.

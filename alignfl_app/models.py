@@ -6,10 +6,9 @@ shipped and rebuilt on the server from a descriptor alone.
 
 from __future__ import annotations
 
-import copy
 import math
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from typing import Protocol
 
 import torch
 from torch import nn
@@ -18,12 +17,55 @@ from torch.nn import functional as F
 from .config import IMAGE_SHAPE, ArchitectureSpec
 
 
-class Decoder(nn.Module):
-    """p(x | z, y): latent (+ one-hot label over the silo's own classes) -> image logits."""
+class LatentMixture(nn.Module):
+    """A Gaussian mixture over the latent space per decoder condition, driven by the same N(0, I) latents as the
+    decoder: the first coordinate's normal CDF picks the component by its weight and, rescaled within that
+    component's share, becomes a fresh standard normal, so ``z ~ N(0, I)`` maps exactly to a draw of the mixture
+    and the server's sampler stays as it is. The pick is computed on the CPU in float64 (the same draw on every
+    device, exact for small weights). A temperature other than 1 also skews which components are picked."""
 
-    def __init__(self, spec: ArchitectureSpec, cond_dim: int, image_shape: tuple[int, ...] = IMAGE_SHAPE) -> None:
+    def __init__(self, rows: int, components: int, latent_dim: int) -> None:
+        super().__init__()
+        self.register_buffer("log_weights", torch.zeros(rows, components))
+        self.register_buffer("means", torch.zeros(rows, components, latent_dim))
+        self.register_buffer("scale_tril", torch.eye(latent_dim).expand(rows, components, -1, -1).clone())
+
+    @staticmethod
+    def values_per_sample(components: int, latent_dim: int) -> int:
+        """What one sample's pass holds: weights and their running sum in float64, the pick, the fresh normal
+        coordinate, the standard-normal latent and the output."""
+        return 4 * components + 4 + 2 * latent_dim
+
+    def forward(self, z: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        components = self.log_weights.shape[1]
+        rows_cpu = rows.cpu()
+        weights = self.log_weights.detach().cpu().double().softmax(1)[rows_cpu]
+        upper = weights.cumsum(1)
+        u = torch.special.ndtr(z[:, 0].detach().cpu().double())
+        pick = (u[:, None] >= upper).sum(1).clamp(max=components - 1)
+        share = weights.gather(1, pick[:, None]).squeeze(1)
+        lower = upper.gather(1, pick[:, None]).squeeze(1) - share
+        within = ((u - lower) / share.clamp_min(1e-300)).clamp(1e-15, 1 - 1e-15)
+        first = torch.special.ndtri(within).to(z)
+        eps = torch.cat([first[:, None], z[:, 1:]], 1)
+        key = (rows_cpu * components + pick).to(z.device)
+        out = torch.empty_like(z)
+        for k in key.unique().tolist():
+            chosen = key == k
+            row, comp = divmod(k, components)
+            out[chosen] = self.means[row, comp] + eps[chosen] @ self.scale_tril[row, comp].tril().T
+        return out
+
+
+class Decoder(nn.Module):
+    """p(x | z, y): latent (+ one-hot label over the silo's own classes) -> image logits; with
+    ``latent_components`` > 0, a ``LatentMixture`` first maps the N(0, I) latent into the fitted mixture."""
+
+    def __init__(self, spec: ArchitectureSpec, cond_dim: int, image_shape: tuple[int, ...] = IMAGE_SHAPE,
+                 latent_components: int = 0) -> None:
         super().__init__()
         self.spec, self.cond_dim, self.image_shape = spec, cond_dim, tuple(image_shape)
+        self.prior = LatentMixture(max(cond_dim, 1), latent_components, spec.latent_dim) if latent_components else None
         c, h, w = self.image_shape
         in_dim = spec.latent_dim + cond_dim
         if spec.kind == "mlp":
@@ -50,11 +92,14 @@ class Decoder(nn.Module):
             self.net = nn.Sequential(*layers[:-1])
 
     @staticmethod
-    def activations_per_sample(spec: ArchitectureSpec, cond_dim: int, image_shape: tuple[int, ...]) -> int:
+    def activations_per_sample(spec: ArchitectureSpec, cond_dim: int, image_shape: tuple[int, ...],
+                               latent_components: int = 0) -> int:
         """Values one sample's forward pass holds (input, every layer's output), from the spec alone: what bounds
         the server's memory when it draws samples, computed before anything is built."""
         c, h, w = image_shape
         total = spec.latent_dim + cond_dim + c * h * w
+        if latent_components:
+            total += LatentMixture.values_per_sample(latent_components, spec.latent_dim)
         if spec.kind == "mlp":
             return total + 2 * sum(spec.hidden)  # each hidden layer: linear output + its activation
         chans = list(reversed(spec.hidden))
@@ -72,6 +117,9 @@ class Decoder(nn.Module):
         return self.net[0] if self.spec.kind == "mlp" else self.fc
 
     def forward(self, z: torch.Tensor, y_onehot: torch.Tensor | None = None) -> torch.Tensor:
+        if self.prior is not None:
+            rows = y_onehot.argmax(1) if self.cond_dim else torch.zeros(len(z), dtype=torch.long, device=z.device)
+            z = self.prior(z, rows)
         zin = z if self.cond_dim == 0 else torch.cat([z, y_onehot], dim=1)
         if self.spec.kind == "mlp":
             return self.net(zin).view(-1, *self.image_shape)
@@ -138,59 +186,15 @@ class VAE(nn.Module):
 
 
 
-@dataclass(frozen=True)
-class LatentFit:
-    """A Gaussian fitted to a VAE's aggregate posterior on the records it trained on: one mean per label of the
-    decoder's condition and one shared covariance (of the posterior means around them plus the mean posterior
-    variance). Latents drawn from it land where the decoder was trained, not in the N(0, I) prior's holes."""
-
-    means: torch.Tensor  # (max(cond_dim, 1), latent_dim)
-    scale_tril: torch.Tensor  # (latent_dim, latent_dim), lower triangular
-
-    @classmethod
-    @torch.no_grad()
-    def of(cls, vae: VAE, x: torch.Tensor, y_local: torch.Tensor, batch_size: int = 1000) -> LatentFit:
-        """The fit of ``vae`` on records ``x`` with decoder conditions ``y_local`` (all 0 when unconditional)."""
-        vae.eval()
-        cond = vae.decoder.cond_dim
-        mus, variances = [], []
-        for i in range(0, len(x), batch_size):
-            mu, logvar = vae.encoder(x[i:i + batch_size], one_hot(y_local[i:i + batch_size], cond))
-            mus.append(mu)
-            variances.append(logvar.exp())
-        mu, var = torch.cat(mus).double(), torch.cat(variances).double()
-        labels = y_local if cond else torch.zeros_like(y_local)
-        prior = torch.zeros(mu.shape[1], dtype=mu.dtype, device=mu.device)
-        means = torch.stack([mu[labels == k].mean(0) if (labels == k).any() else prior for k in range(max(cond, 1))])
-        spread = mu - means[labels]
-        cov = spread.T @ spread / len(mu) + torch.diag(var.mean(0))
-        scale = torch.linalg.cholesky(cov + 1e-6 * torch.eye(len(cov), dtype=cov.dtype, device=cov.device))
-        return cls(means.float(), scale.float())
-
-    @torch.no_grad()
-    def fold_into(self, decoder: Decoder) -> Decoder:
-        """A copy of ``decoder`` whose N(0, I) input is mapped to ``mean_y + L z`` inside its first layer, so the
-        server samples the fit with the same architecture and the same sampler."""
-        folded = copy.deepcopy(decoder)
-        layer, d = folded.input_layer, decoder.spec.latent_dim
-        w_z = layer.weight[:, :d].clone()
-        layer.weight[:, :d] = w_z @ self.scale_tril.to(w_z)
-        if decoder.cond_dim:
-            layer.weight[:, d:] += w_z @ self.means.to(w_z).T
-        else:
-            layer.bias += w_z @ self.means[0].to(w_z)
-        return folded
-
-
 class PerClassDecoders(nn.Module):
     """One unconditional decoder per class; the one-hot label only picks which decoder draws the sample."""
 
     def __init__(self, spec: ArchitectureSpec, num_classes: int, image_shape: tuple[int, ...] = IMAGE_SHAPE,
-                 decoders: list[Decoder] | None = None) -> None:
+                 decoders: list[Decoder] | None = None, latent_components: int = 0) -> None:
         super().__init__()
         self.spec, self.cond_dim, self.image_shape = spec, num_classes, tuple(image_shape)
         self.decoders = nn.ModuleList(decoders if decoders is not None else
-                                      [Decoder(spec, 0, image_shape) for _ in range(num_classes)])
+                                      [Decoder(spec, 0, image_shape, latent_components) for _ in range(num_classes)])
 
     def forward(self, z: torch.Tensor, y_onehot: torch.Tensor | None = None) -> torch.Tensor:
         if y_onehot is None:
@@ -205,11 +209,22 @@ class PerClassDecoders(nn.Module):
 
 
 def build_decoder(spec: ArchitectureSpec, layout: str, num_classes: int,
-                  image_shape: tuple[int, ...] = IMAGE_SHAPE) -> nn.Module:
+                  image_shape: tuple[int, ...] = IMAGE_SHAPE, latent_components: int = 0) -> nn.Module:
     """The decoder a descriptor describes (what the server rebuilds from a reply)."""
     if layout == "per-class":
-        return PerClassDecoders(spec, num_classes, image_shape)
-    return Decoder(spec, num_classes if layout == "conditional" else 0, image_shape)
+        return PerClassDecoders(spec, num_classes, image_shape, latent_components=latent_components)
+    return Decoder(spec, num_classes if layout == "conditional" else 0, image_shape, latent_components)
+
+
+class FoldableFit(Protocol):
+    """A fit of a VAE's latent codes that the released decoder carries (``latents``)."""
+
+    latent_components: int
+
+    def fold_into(self, decoder: Decoder) -> Decoder: ...
+
+
+LatentFitter = Callable[["VAE", torch.Tensor, torch.Tensor], FoldableFit]
 
 
 class GeneratorSet(nn.Module):
@@ -224,12 +239,17 @@ class GeneratorSet(nn.Module):
             self.vaes = nn.ModuleList(VAE(spec, 0, image_shape) for _ in range(num_classes))
         else:
             self.vaes = nn.ModuleList([VAE(spec, num_classes if layout == "conditional" else 0, image_shape)])
-        self.latent_fits: list[LatentFit] | None = None  # not weights: the silo's state never carries them
+        self.latent_fits: list[FoldableFit] | None = None  # not weights: the silo's state never carries them
 
-    def fit_latents(self, groups: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    def fit_latents(self, groups: Sequence[tuple[torch.Tensor, torch.Tensor]], fit: LatentFitter) -> None:
         """Fit each VAE's latents on its group's records ``(x, decoder condition)``; the released decoder then
         samples the fits (``decoder``). A statistic of the records: only where such figures may leave."""
-        self.latent_fits = [LatentFit.of(vae, x, y) for vae, (x, y) in zip(self.vaes, groups, strict=True)]
+        self.latent_fits = [fit(vae, x, y) for vae, (x, y) in zip(self.vaes, groups, strict=True)]
+
+    @property
+    def latent_components(self) -> int:
+        """Components of the mixture layer the released decoder carries (0: none); what its descriptor declares."""
+        return self.latent_fits[0].latent_components if self.latent_fits else 0
 
     @property
     def decoder(self) -> nn.Module:

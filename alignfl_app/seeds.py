@@ -17,6 +17,7 @@ class Purpose(IntEnum):
     SERVER_TRAINING = 6
     AUGMENT = 7
     FIDELITY = 8
+    LATENT_FIT = 9
 
 
 def derive_seed(run_seed: int, purpose: Purpose, *tags: int) -> int:
@@ -64,3 +65,8 @@ def augment_seed(run_seed: int, server_round: int, epoch: int) -> int:
 def fidelity_seed(run_seed: int, silo_index: int, server_round: int) -> int:
     """A silo's label-fidelity judge (its weights and shuffling) and the decoder samples it judges."""
     return derive_seed(run_seed, Purpose.FIDELITY, silo_index, server_round)
+
+
+def latent_fit_seed(run_seed: int, silo_index: int, server_round: int) -> int:
+    """The posterior samples and starting points of a silo's latent mixture fit in one round."""
+    return derive_seed(run_seed, Purpose.LATENT_FIT, silo_index, server_round)

@@ -11,6 +11,7 @@ losses, timings, the outlier audit) goes to the silo's own report, ``<silo-dir>/
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from dataclasses import dataclass
@@ -26,11 +27,12 @@ from .files import atomic_write_text
 from .global_model import GlobalModel
 from .lipschitz import lipschitz_hooks
 from .metrics import peak_rss_mb
-from .models import GeneratorSet
+from .latents import LatentFit, MixtureFit
+from .models import GeneratorSet, LatentFitter
 from .privacy import DPCarry, DifferentialPrivacy, NoPrivacy, PrivacyRefusal, admit, requires_dp
 from .replies import AveragedTrainMetrics, EvaluateMetrics, GeneratorTrainMetrics, PrivateTrainMetrics
 from .silo_state import SiloStateStore, StateIdentity, StoredState
-from .seeds import audit_seed, fidelity_seed, local_batches_seed, vae_init_seed
+from .seeds import audit_seed, fidelity_seed, latent_fit_seed, local_batches_seed, vae_init_seed
 from .store import GeneratorDescriptor
 from .synthesis import SamplingStyle
 from .training import (HeldOutLoss, NegativeELBO, ProximalTerm, ShuffledBatches, Trainer, TrainReport,
@@ -171,15 +173,17 @@ class Silo:
             optimizers.append(optimizer)
             reports.append(Trainer(NegativeELBO(cfg.local.kl_weight), session.rule(i, vae), hooks).fit(
                 vae, group.train, session.batches(i, len(group.train[0]), seed), optimizer))
-        if cfg.local.latent_fit == "gaussian" and privacy.releases_record_figures:
-            generators.fit_latents([group.train for group in self.groups])
+        fitter = self.latent_fitter(server_round)
+        if fitter is not None and privacy.releases_record_figures:
+            generators.fit_latents([group.train for group in self.groups], fitter)
         released = generators.decoder
         decoder_state = on_cpu(released.state_dict())
         state = SiloState(on_cpu(generators.state_dict()), session.carry(),
                           [optimizer_on_cpu(o.state_dict()) for o in optimizers])
         desc = GeneratorDescriptor(
             silo=self.name, architecture=self.architecture, layout=self.layout, image_shape=self.cfg.data.image_shape,
-            classes=tuple(cfg.data.class_names[c] for c in self.data.classes), round=server_round)
+            classes=tuple(cfg.data.class_names[c] for c in self.data.classes), round=server_round,
+            latent_components=generators.latent_components)
         figures = self.record_figures(reports, decoder_state, state.generators)
         if cfg.local.label_fidelity_samples and privacy.releases_record_figures:
             figures["label-fidelity"] = self.label_fidelity(desc, released, server_round)
@@ -192,6 +196,16 @@ class Silo:
             metrics = PrivateTrainMetrics.model_validate({**session.public_report(),
                                                           "decoder-bytes": state_bytes(decoder_state)})
         return TrainOutcome(decoder_state, desc, state, metrics)
+
+    def latent_fitter(self, server_round: int) -> LatentFitter | None:
+        """How this round's released decoders fit their latent codes (``latent-fit``), None: not at all."""
+        local = self.cfg.local
+        if local.latent_fit == "gaussian":
+            return LatentFit.of
+        if local.latent_fit == "mixture":
+            seed = latent_fit_seed(self.cfg.run.seed, self.index, server_round)
+            return functools.partial(MixtureFit.of, components=local.latent_components, seed=seed)
+        return None
 
     @staticmethod
     def optimizer(vae: torch.nn.Module, learning_rate: float, saved: dict | None) -> torch.optim.Adam:

@@ -20,9 +20,10 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from torch import nn
 
-from .config import CLASS_NAME_PATTERN, NAME_PATTERN, ArchitectureSpec, ConfigError, RunConfig, check_name, one_line
+from .config import (CLASS_NAME_PATTERN, MAX_LATENT_COMPONENTS, NAME_PATTERN, ArchitectureSpec, ConfigError,
+                     RunConfig, check_name, one_line)
 from .files import atomic_write_bytes, atomic_write_text
-from .models import Decoder, build_decoder, num_parameters, one_hot
+from .models import Decoder, build_decoder, one_hot
 from .replies import ReplyRejected
 
 
@@ -46,11 +47,16 @@ class GeneratorDescriptor(BaseModel):
     """The class names the decoder generates, in the order of its label input."""
     image_shape: tuple[int, int, int]
     round: int = Field(ge=0)
+    latent_components: int = Field(default=0, ge=0, le=MAX_LATENT_COMPONENTS)
+    """Components per class of the mixture layer in front of the decoder (0: none): run configuration, while the
+    layer's weights, fitted to the records, travel with the decoder's tensors."""
 
     @model_validator(mode="after")
     def _sane(self) -> GeneratorDescriptor:
         if len(set(self.classes)) != len(self.classes):
             raise ValueError("classes must be distinct names")
+        if self.latent_components == 1:
+            raise ValueError("latent_components must be 0 (no mixture layer) or at least 2")
         if any(not 1 <= s <= 512 for s in self.image_shape):
             raise ValueError("image_shape sides must be in 1..512")
         return self
@@ -65,12 +71,13 @@ class GeneratorDescriptor(BaseModel):
         return len(self.classes) if self.conditional else 0
 
     def build_decoder(self) -> nn.Module:
-        return build_decoder(self.architecture, self.layout, len(self.classes), self.image_shape)
+        return build_decoder(self.architecture, self.layout, len(self.classes), self.image_shape,
+                             self.latent_components)
 
     def sampling_bytes_per_sample(self) -> int:
         """Memory one sample's draw needs (float32 activations), from the descriptor alone."""
         return 4 * Decoder.activations_per_sample(self.architecture, 0 if self.layout == "per-class" else
-                                                  self.cond_dim, self.image_shape)
+                                                  self.cond_dim, self.image_shape, self.latent_components)
 
     def empty_decoder(self) -> nn.Module:
         """The decoder's shapes on the meta device: nothing allocated, nothing initialised."""
@@ -143,7 +150,7 @@ def check_decoder_state(desc: GeneratorDescriptor, state: dict[str, np.ndarray],
         shapes = desc.empty_decoder()
     except (ValueError, RuntimeError) as exc:
         raise ReplyRejected(f"descriptor does not describe a buildable decoder: {exc}") from exc
-    declared = 4 * num_parameters(shapes)
+    declared = 4 * sum(t.numel() for t in shapes.state_dict().values())  # buffers (a mixture layer) too
     if declared > terms.max_bytes:
         raise ReplyRejected(f"descriptor declares a {declared / 2**20:.1f} MiB decoder, over the "
                             f"{terms.max_bytes / 2**20:.1f} MiB limit")

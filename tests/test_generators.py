@@ -1,15 +1,19 @@
-"""What makes the released generators draw good samples: the latent fit folded into the decoder, and the
-server's pixel sharpness."""
+"""What makes the released generators draw good samples: the latent fit (a Gaussian folded into the decoder, or a
+mixture layer in front of it), and the server's pixel sharpness."""
 
 from __future__ import annotations
+
+import dataclasses
 
 import pytest
 import torch
 
 from alignfl_app.config import ArchitectureSpec, parse_node_config, parse_run_config
-from alignfl_app.models import GeneratorSet, LatentFit, one_hot
+from alignfl_app.latents import LatentFit, fit_gaussian_mixture
+from alignfl_app.models import GeneratorSet, LatentMixture, one_hot
+from alignfl_app.replies import ReplyRejected
 from alignfl_app.silo import Silo
-from alignfl_app.store import GeneratorDescriptor
+from alignfl_app.store import GeneratorDescriptor, GeneratorTerms, check_decoder_state
 from alignfl_app.synthesis import SamplingStyle, sample_generator
 from tests.conftest import tiny_run_config
 
@@ -31,7 +35,7 @@ def test_folded_decoder_draws_exactly_the_fitted_gaussian(spec, layout):
     else:
         groups = [(x, labels if layout == "conditional" else torch.zeros(40, dtype=torch.long))]
     trained = [vae.decoder for vae in generators.vaes]
-    generators.fit_latents(groups)
+    generators.fit_latents(groups, LatentFit.of)
     released = generators.decoder
     z = torch.randn(6, spec.latent_dim)
     for k, (vae, fit) in enumerate(zip(generators.vaes, generators.latent_fits, strict=True)):
@@ -84,6 +88,86 @@ def test_dp_silo_releases_its_decoder_as_trained(tmp_path):
 def test_latent_fit_none_releases_the_decoder_as_trained(tmp_path):
     released, trained = released_and_trained({**tiny_run_config(tmp_path), "latent-fit": "none"})
     assert all(torch.equal(released[k], trained[k]) for k in released)
+
+
+def test_mixture_layer_turns_standard_normal_latents_into_the_mixture():
+    """The component is picked with its weight and the rest of the draw is that component's Gaussian: far-apart
+    components, so every output's component is plain, and their frequencies, means and covariances are checked."""
+    layer = LatentMixture(rows=2, components=3, latent_dim=2)
+    weights = torch.tensor([[0.6, 0.3, 0.1], [0.1, 0.1, 0.8]])
+    layer.log_weights.copy_(weights.log() + 7.0)  # any offset: the layer normalises
+    layer.means.copy_(torch.tensor([[-40.0, 0.0], [0.0, 40.0], [40.0, 0.0]]).expand(2, 3, 2))
+    scales = torch.tensor([[[1.0, 0.0], [0.5, 2.0]], [[0.3, 0.0], [0.0, 0.3]], [[2.0, 0.0], [-1.0, 1.0]]])
+    layer.scale_tril.copy_(scales.expand(2, 3, 2, 2) + torch.triu(torch.ones(2, 2), 1))  # upper part is ignored
+    n = 200_000
+    z = torch.randn(n, 2, generator=torch.Generator().manual_seed(0))
+    for row in range(2):
+        out = layer(z, torch.full((n,), row))
+        assigned = torch.cdist(out, layer.means[row]).argmin(1)
+        for k in range(3):
+            part = out[assigned == k]
+            assert abs(len(part) / n - weights[row, k].item()) < 0.01
+            assert torch.allclose(part.mean(0), layer.means[row, k], atol=0.05)
+            assert torch.allclose(torch.cov(part.T), scales[k] @ scales[k].T, atol=0.1)
+
+
+def test_mixture_fit_recovers_a_known_mixture_and_keeps_its_shapes_with_few_records():
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(3000, 2, dtype=torch.float64, generator=g) * 0.3 + torch.tensor([3.0, 0.0], dtype=torch.float64)
+    b = torch.randn(1000, 2, dtype=torch.float64, generator=g) * 0.5 + torch.tensor([-3.0, 1.0], dtype=torch.float64)
+    log_w, means, tril = fit_gaussian_mixture(torch.cat([a, b]), 2, g)
+    order = means[:, 0].argsort()
+    assert torch.allclose(log_w[order].exp(), torch.tensor([0.25, 0.75], dtype=torch.float64), atol=0.01)
+    assert torch.allclose(means[order], torch.tensor([[-3.0, 1.0], [3.0, 0.0]], dtype=torch.float64), atol=0.05)
+    assert torch.allclose(tril[order].diagonal(dim1=1, dim2=2),
+                          torch.tensor([[0.5, 0.5], [0.3, 0.3]], dtype=torch.float64), atol=0.03)
+    for n in (0, 1, 5):  # fewer records than components: fewer are fitted, the shapes and total weight stay
+        log_w, means, tril = fit_gaussian_mixture(torch.randn(n, 4, dtype=torch.float64, generator=g), 10, g)
+        assert log_w.shape == (10,) and means.shape == (10, 4) and tril.shape == (10, 4, 4)
+        assert torch.isfinite(tril).all() and torch.isclose(log_w.exp().sum(), torch.tensor(1.0, dtype=torch.float64))
+
+
+def test_silo_releases_a_mixture_decoder_the_server_accepts_and_draws_from(tmp_path):
+    """latent-fit = "mixture": the descriptor declares the components, the decoder carries the layer's tensors
+    (and the same network as the VAE's), the server's checks pass and it draws finite images; the same round is
+    fitted the same way twice; a descriptor that misstates the layer is refused in one line."""
+    config = {**tiny_run_config(tmp_path), "latent-fit": "mixture", "latent-components": 3,
+              "generator-layout": "per-class"}
+    cfg = parse_run_config(config)
+    out = Silo(cfg, parse_node_config({"partition-id": 0})).train_round("run", 1)
+    assert out.descriptor.latent_components == 3
+    prior = {k for k in out.decoder_state if ".prior." in k}
+    assert prior == {f"decoders.{i}.prior.{name}" for i in range(2) for name in ("log_weights", "means", "scale_tril")}
+    for key, value in out.decoder_state.items():
+        if key not in prior:
+            assert torch.equal(value, out.state.generators["vaes." + key.removeprefix("decoders.").replace(
+                ".", ".decoder.", 1)])
+    state = {k: v.numpy() for k, v in out.decoder_state.items()}
+    terms = GeneratorTerms.from_config(cfg)
+    decoder = check_decoder_state(out.descriptor, state, terms)
+    x, labels = sample_generator(out.descriptor, decoder, 64, terms.class_ids(out.descriptor))
+    assert torch.isfinite(x).all() and len(set(labels.tolist())) == 2
+    again = Silo(cfg, parse_node_config({"partition-id": 0})).train_round("run", 1)
+    assert all(torch.equal(again.decoder_state[k], v) for k, v in out.decoder_state.items())
+    for wrong, says in ((0, "tensors the decoder does not have"), (4, "has shape")):
+        desc = out.descriptor.model_copy(update={"latent_components": wrong})
+        with pytest.raises(ReplyRejected, match=says):
+            check_decoder_state(desc, state, terms)
+    # the layer counts towards max-decoder-mb as declared, before anything is built or the arrays are compared
+    tight = dataclasses.replace(terms, max_bytes=sum(a.nbytes for a in state.values()) + 1000)
+    check_decoder_state(out.descriptor, state, tight)
+    with pytest.raises(ReplyRejected, match="descriptor declares"):
+        check_decoder_state(out.descriptor.model_copy(update={"latent_components": 64}), state, tight)
+    with pytest.raises(ValueError, match="latent_components must be 0"):
+        GeneratorDescriptor.model_validate({**out.descriptor.model_dump(), "latent_components": 1})
+    with pytest.raises(ValueError, match="less than or equal to 64"):
+        GeneratorDescriptor.model_validate({**out.descriptor.model_dump(), "latent_components": 65})
+
+
+def test_dp_silo_makes_no_mixture_fit(tmp_path):
+    config = {**tiny_run_config(tmp_path), "latent-fit": "mixture", "dp-epsilon": 2.0, "dp-steps": 2}
+    out = Silo(parse_run_config(config), parse_node_config({"partition-id": 0})).train_round("run", 1)
+    assert out.descriptor.latent_components == 0 and not any(".prior." in k for k in out.decoder_state)
 
 
 def test_sharpness_scales_the_pixel_logits():
@@ -218,3 +302,12 @@ def test_activation_estimate_counts_every_value_a_draw_holds(spec):
     functional_relu = decoder.fc.out_features if spec.kind == "conv" else 0  # applied to fc's output, not a module
     held = spec.latent_dim + 2 + sum(counted) + functional_relu
     assert held == Decoder.activations_per_sample(spec, 2, (1, 28, 28))
+    with_mixture = Decoder(spec, cond_dim=2, image_shape=(1, 28, 28), latent_components=5)
+    counted.clear()
+    for module in with_mixture.modules():
+        if not list(module.children()):
+            module.register_forward_hook(lambda m, args, out: counted.append(out[0].numel()))
+    with_mixture(torch.randn(1, spec.latent_dim), torch.eye(2)[:1])
+    # the mixture layer's output is counted like any layer's; its float64 pick is more than that
+    assert Decoder.activations_per_sample(spec, 2, (1, 28, 28), 5) > spec.latent_dim + 2 + sum(counted) + \
+        functional_relu
