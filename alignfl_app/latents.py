@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -29,11 +30,9 @@ class LatentFit:
     @torch.no_grad()
     def of(cls, vae: VAE, x: torch.Tensor, y_local: torch.Tensor, batch_size: int = 1000) -> LatentFit:
         """The fit of ``vae`` on records ``x`` with decoder conditions ``y_local`` (all 0 when unconditional)."""
-        vae.eval()
         cond = vae.decoder.cond_dim
         mus, variances = [], []
-        for i in range(0, len(x), batch_size):
-            mu, logvar = vae.encoder(x[i:i + batch_size], one_hot(y_local[i:i + batch_size], cond))
+        for mu, logvar in posterior_batches(vae, x, y_local, batch_size):
             mus.append(mu)
             variances.append(logvar.exp())
         mu, var = torch.cat(mus).double(), torch.cat(variances).double()
@@ -80,12 +79,10 @@ class MixtureFit:
            batch_size: int = 1000) -> MixtureFit:
         """The fit of ``vae`` on records ``x`` with decoder conditions ``y_local`` (all 0 when unconditional); one
         posterior sample per record, drawn from ``seed``."""
-        vae.eval()
         cond = vae.decoder.cond_dim
         g = torch.Generator().manual_seed(seed)
         codes = []
-        for i in range(0, len(x), batch_size):
-            mu, logvar = vae.encoder(x[i:i + batch_size], one_hot(y_local[i:i + batch_size], cond))
+        for mu, logvar in posterior_batches(vae, x, y_local, batch_size):
             codes.append(mu.cpu().double() + torch.randn(mu.shape, generator=g, dtype=torch.float64)
                          * (0.5 * logvar.cpu().double()).exp())
         z = torch.cat(codes)
@@ -104,6 +101,15 @@ class MixtureFit:
         folded.prior.means.copy_(self.means)
         folded.prior.scale_tril.copy_(self.scale_tril)
         return folded
+
+
+def posterior_batches(vae: VAE, x: torch.Tensor, y_local: torch.Tensor,
+                      batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """The encoder's posterior (mean, log-variance) of the records, ``batch_size`` at a time (bounded memory)."""
+    vae.eval()
+    cond = vae.decoder.cond_dim
+    for i in range(0, len(x), batch_size):
+        yield vae.encoder(x[i:i + batch_size], one_hot(y_local[i:i + batch_size], cond))
 
 
 def fit_gaussian_mixture(z: torch.Tensor, components: int, generator: torch.Generator, iterations: int = 50,
