@@ -184,8 +184,6 @@ class VAE(nn.Module):
         return self.decoder(mu, y_onehot)
 
 
-
-
 class PerClassDecoders(nn.Module):
     """One unconditional decoder per class; the one-hot label only picks which decoder draws the sample."""
 
