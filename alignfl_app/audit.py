@@ -169,7 +169,7 @@ def audit_run(run_dir: Path, data_root: str = "") -> dict[str, dict[str, float |
     where the silos' data is; uses the seed and sample count of the in-run audit, so its numbers match it.
     """
     from .config import parse_run_config
-    from .data import build_silo_data
+    from .data import federation_silo_data
     from .store import GeneratorStore
 
     summary = json.loads((run_dir / "summary.json").read_text())
@@ -182,7 +182,7 @@ def audit_run(run_dir: Path, data_root: str = "") -> dict[str, dict[str, float |
         if name not in store.silos():
             continue
         desc, decoder = store.load_decoder(name)
-        data = build_silo_data(cfg, k)
+        data = federation_silo_data(cfg, k)
         result = audit_decoder(decoder, data.x_train, data.is_outlier, data.heldout_outliers, tuple(data.classes),
                                num_samples=cfg.privacy.audit_samples,
                                seed=audit_seed(cfg.run.seed, cfg.run.num_server_rounds))

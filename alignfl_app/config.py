@@ -154,11 +154,12 @@ def parse_image_size(text: str) -> tuple[int, int]:
     return size
 
 
-def _resolve_against_project(path: str) -> Path:
-    """Relative paths resolve against $ALIGNFL_PROJECT_DIR (set by scripts/run), else the current folder."""
+def _resolve_against_project(path: str, project_dir: Path | None = None) -> Path:
+    """Relative paths resolve against ``project_dir``, else $ALIGNFL_PROJECT_DIR (set by scripts/run and for every
+    Flower process alignfl starts), else the current folder."""
     p = Path(path).expanduser()
     if not p.is_absolute():
-        base = os.environ.get("ALIGNFL_PROJECT_DIR")
+        base = project_dir or os.environ.get("ALIGNFL_PROJECT_DIR")
         p = (Path(base) if base else Path.cwd()) / p
     return p
 
@@ -244,12 +245,15 @@ class DataSection(Section):
     dataset: Literal["mnist", "fashion-mnist", "folder"] = "mnist"
     """mnist / fashion-mnist: built in. folder: every silo reads its own ImageFolder (a sub-folder per class)."""
     data_root: str = ""
+    """Where the server reads a built-in dataset's test split; ``alignfl run`` also gives it to new simulated
+    silos. A silo reads its own (node config data-root, else $ALIGNFL_DATA_ROOT or ~/.cache/alignfl/data)."""
     silo_classes: tuple[tuple[int | str, ...], ...] = ((0, 1), (2, 3), (4, 5), (6, 7), (8, 9))
     """Flat form ``"0,1;2,3"``: silo k holds the classes of the k-th ';'-separated group (class ids of the
     built-in datasets; class names, i.e. folder names, for dataset='folder')."""
     silo_names: tuple[str, ...] = ()
     """Flat form ``"hospital-a,hospital-b"``: the name of each group of silo-classes, in order (the only names the
-    server accepts generators under); empty: silo-0, silo-1, ..."""
+    server accepts generators under; ``alignfl run`` names new simulated silos so); empty: silo-0, silo-1, ...
+    A silo's name is its own: this never renames one."""
     silo_layout: Literal["disjoint", "slices"] = "disjoint"
     """disjoint: every class belongs to one silo. slices: a class listed by several silos is split into
     disjoint slices of its records, one per silo (lets 50 silos share 10 classes for scaling runs)."""
@@ -258,8 +262,8 @@ class DataSection(Section):
     outlier_silos: tuple[int, ...] = (0,)
     outliers_per_silo: int = Field(default=600, ge=0)
     silo_data_dirs: tuple[str, ...] = ()
-    """dataset='folder' in simulation, flat form ``"dirA;dirB"``: silo k's ImageFolder (a deployed silo sets its
-    node config's data-dir instead)."""
+    """dataset='folder' in simulation, flat form ``"dirA;dirB"``: silo k's ImageFolder, given to new simulated silos
+    by ``alignfl run`` and read by the offline tools; a running silo reads only its own node config's data-dir."""
     image_size: tuple[int, int] = IMAGE_SHAPE[1:]
     """Flat form ``"32x32"`` (height x width): every image is resized to it."""
     channels: Literal[1, 3] = 1
@@ -447,11 +451,11 @@ class DataSection(Section):
     def resolved_data_root(self) -> Path:
         return resolve_data_root(self.data_root)
 
-    def resolved_silo_data_dir(self, silo: int) -> Path | None:
+    def resolved_silo_data_dir(self, silo: int, project_dir: Path | None = None) -> Path | None:
         """Silo ``silo``'s folder from silo-data-dirs (relative paths resolve like results-dir), or None."""
         if silo >= len(self.silo_data_dirs):
             return None
-        return _resolve_against_project(self.silo_data_dirs[silo])
+        return _resolve_against_project(self.silo_data_dirs[silo], project_dir)
 
     def resolved_global_test_dir(self) -> Path | None:
         return _resolve_against_project(self.global_test_dir) if self.global_test_dir else None
@@ -767,7 +771,7 @@ class SiloNodeConfig(BaseModel):
     client_device: DeviceChoice | None = None
     """Where this silo trains; default: the run's client-device."""
     silo_dir: str | None = None
-    """The one folder where this silo keeps what it owns (privacy policy and ledger, audit reports); default
+    """The one folder where this silo keeps what it owns (privacy policy and ledger, reports, state); default
     <silos root>/<silo name>."""
 
     @field_validator("data_root", "data_dir", "silo_dir")
@@ -796,14 +800,8 @@ class SiloNodeConfig(BaseModel):
         """The silo's name: ``silo-name``, else ``silo-<partition-id>``."""
         return self.silo_name or f"silo-{self.partition_id}"
 
-    def name_in(self, run_names: tuple[str, ...]) -> str:
-        """The silo's name in a run: ``silo-name``, else the run's silo-names entry for ``partition-id``."""
-        if self.silo_name:
-            return self.silo_name
-        return run_names[self.partition_id] if self.partition_id < len(run_names) else self.name
-
-    def resolved_silo_dir(self, name: str | None = None) -> Path:
-        return Path(self.silo_dir).expanduser() if self.silo_dir else silos_root() / (name or self.name)
+    def resolved_silo_dir(self) -> Path:
+        return Path(self.silo_dir).expanduser() if self.silo_dir else silos_root() / self.name
 
     def resolved_data_dir(self) -> Path | None:
         return Path(self.data_dir).expanduser() if self.data_dir else None

@@ -247,12 +247,13 @@ def to_image_shape(x: torch.Tensor, image_shape: tuple[int, int, int]) -> torch.
     return x.expand(-1, channels, -1, -1).contiguous() if channels != x.shape[1] else x
 
 
-def build_silo_data(cfg: RunConfig, silo: int, root: Path | None = None,
-                    classes: tuple[int, ...] | None = None, data_dir: Path | None = None) -> SiloData:
-    """Deterministic partition for ``silo`` (same seed -> same records on every machine).
+def build_silo_data(cfg: RunConfig, silo: int, root: Path, classes: tuple[int, ...] | None = None,
+                    data_dir: Path | None = None) -> SiloData:
+    """Deterministic partition for ``silo`` (same seed -> same records on every machine), read from the silo's
+    own data root (built-in datasets) or data folder (``dataset='folder'``).
 
     ``classes`` (a silo's own node config, as ids of the run's label space) overrides the run's ``silo-classes``
-    group for ``silo``; ``data_dir`` (its node config's data-dir) overrides silo-data-dirs for a folder dataset.
+    group for ``silo``.
     """
     if classes is None and not 0 <= silo < cfg.data.num_silos:
         raise ValueError(
@@ -261,12 +262,18 @@ def build_silo_data(cfg: RunConfig, silo: int, root: Path | None = None,
         )
     classes = tuple(classes if classes is not None else cfg.data.silo_class_ids(silo))
     if cfg.data.is_folder:
-        folder = data_dir or cfg.data.resolved_silo_data_dir(silo)
-        if folder is None:
-            raise DataFolderError(f"silo {silo} has no data folder: set its node config's data-dir or the run "
-                                  "config's silo-data-dirs (one folder per silo)")
-        return folder_silo_data(cfg, silo, Path(folder), classes)
-    return built_in_silo_data(cfg, silo, Path(root or cfg.data.resolved_data_root()), classes)
+        if data_dir is None:
+            raise DataFolderError(f"silo {silo} has no data folder: set data-dir in its node config (a simulated "
+                                  "silo's is <its silo-dir>/node-config.toml, which alignfl run writes from "
+                                  "silo-data-dirs)")
+        return folder_silo_data(cfg, silo, Path(data_dir), classes)
+    return built_in_silo_data(cfg, silo, Path(root), classes)
+
+
+def federation_silo_data(cfg: RunConfig, silo: int) -> SiloData:
+    """Silo ``silo`` of the federation the run config describes (its data-root, silo-data-dirs): what the offline
+    tools (references, export, audit) read; a running silo reads its own folders instead."""
+    return build_silo_data(cfg, silo, cfg.data.resolved_data_root(), data_dir=cfg.data.resolved_silo_data_dir(silo))
 
 
 def built_in_silo_data(cfg: RunConfig, silo: int, root: Path, classes: tuple[int, ...]) -> SiloData:

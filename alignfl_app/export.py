@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from .config import BUILT_IN_DATASETS, ConfigError, RunConfig, parse_run_config
-from .data import DataMissingError, build_silo_data, global_test_set
+from .data import DataMissingError, federation_silo_data, global_test_set
 from .folders import TEST_FOLDER, save_image_folder
 from .training import to_local_labels
 
@@ -48,7 +48,7 @@ def write_folders(cfg: RunConfig, out: Path) -> int:
     names = cfg.data.class_names
     written = 0
     for k in range(cfg.data.num_silos):
-        data = build_silo_data(cfg, k)
+        data = federation_silo_data(cfg, k)
         silo_names = [names[c] for c in data.classes]
         folder = out / f"silo-{k}"
         written += save_image_folder(folder, data.x_train, to_local_labels(data.y_train, data.classes), silo_names)

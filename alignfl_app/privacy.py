@@ -24,13 +24,9 @@ budget.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import functools
-import json
-import logging
 import math
 import os
-import time
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -42,25 +38,12 @@ import torch
 from pydantic import BaseModel, ConfigDict
 from torch import nn
 
+from .accounting import Mechanism, epsilon_of  # first: it imports opacus without opacus' root log handler
 from .config import POLICY_FILE, ConfigError, LocalTrainingSection, PrivacySection, SiloPrivacyPolicy
-from .files import atomic_write_text
+from .ledger import LedgerAnchor, PrivacyLedger, PrivacyRefusal
 from .training import PlainGradient, ShuffledBatches
 
-# opacus.utils.module_utils calls logging.basicConfig() on import: drop the root handler it adds, else every
-# Flower log line is printed twice in the ServerApp / ClientApp processes.
-_root_handlers = list(logging.getLogger().handlers)
-from opacus.accountants import PRVAccountant, RDPAccountant  # noqa: E402
-from opacus.grad_sample import GradSampleModuleFastGradientClipping, register_grad_sampler  # noqa: E402
-
-for _handler in logging.getLogger().handlers[len(_root_handlers):]:
-    logging.getLogger().removeHandler(_handler)
-
-
-# Opacus' default RDP orders plus larger ones (small sampling rates x few steps want high orders).
-RDP_ORDERS = [*RDPAccountant.DEFAULT_ALPHAS, *range(64, 513, 8)]
-Mechanism = tuple[float, float, int]  # (noise multiplier, sample rate, steps) of a subsampled Gaussian
-LEDGER_FILE = "privacy-ledger.json"
-LEDGER_FORMAT = 1  # the newest ledger format this code reads and writes; older ones are read (none yet)
+from opacus.grad_sample import GradSampleModuleFastGradientClipping, register_grad_sampler  # noqa: E402, I001
 
 
 @register_grad_sampler(nn.ConvTranspose2d)
@@ -85,32 +68,8 @@ def conv_transpose2d_grad_sample(layer: nn.ConvTranspose2d, activations: list[to
     return ret
 
 
-class PrivacyRefusal(RuntimeError):
-    """The silo will not train this round; the message is one line naming why and who can change it."""
-
-
-class PrivacyBudgetExceeded(PrivacyRefusal):
-    """The round would take the silo past its lifetime budget (its ledger)."""
-
-
 class PolicyRefusal(PrivacyRefusal):
     """The run asks for less privacy than the silo's policy allows."""
-
-
-def epsilon_of(history: list[Mechanism], delta: float, accountant: str = "prv") -> float:
-    """Epsilon of a composition of subsampled Gaussian mechanisms, by Opacus' PRV (an upper bound) or RDP
-    accountant."""
-    if not history:
-        return 0.0
-    with warnings.catch_warnings(), np.errstate(divide="ignore", invalid="ignore"):
-        warnings.simplefilter("ignore")
-        if accountant == "prv":
-            acc = PRVAccountant()
-            acc.history = [(float(s), float(q), int(n)) for s, q, n in history]
-            return float(acc.get_epsilon(delta=delta, eps_error=0.01))
-        acc = RDPAccountant()
-        acc.history = [(float(s), float(q), int(n)) for s, q, n in history]
-        return float(acc.get_epsilon(delta=delta, alphas=RDP_ORDERS))
 
 
 class DPPlan(BaseModel):
@@ -177,10 +136,11 @@ def calibrate(privacy: PrivacySection, rounds: int) -> DPPlan:
     return plan(hi)
 
 
-def requires_dp(policy: SiloPrivacyPolicy, silo_dir: Path) -> bool:
-    """A silo whose policy says so, or one that has a ledger (once private, always private: a later non-private
-    round would release what the earlier ones protected)."""
-    return policy.require_dp or (Path(silo_dir) / LEDGER_FILE).is_file()
+def requires_dp(policy: SiloPrivacyPolicy, silo_dir: Path, silo: str) -> bool:
+    """A silo whose policy says so, or one that has trained privately (once private, always private: a later
+    non-private round would release what the earlier ones protected). ``PrivacyBudgetExceeded`` when its ledger
+    is missing, edited or rolled back: a lost ledger must not lift the rule."""
+    return policy.require_dp or PrivacyLedger(silo_dir, silo).read() is not None
 
 
 def admit(request: PrivacySection, policy: SiloPrivacyPolicy, rounds: int, silo: str, silo_dir: Path,
@@ -188,7 +148,7 @@ def admit(request: PrivacySection, policy: SiloPrivacyPolicy, rounds: int, silo:
     """The silo's privacy for this run: what the run asks, if the silo's policy allows it (PolicyRefusal)."""
     where = f"<silo-dir>/{POLICY_FILE}"
     if not request.enabled:
-        if requires_dp(policy, silo_dir):
+        if requires_dp(policy, silo_dir, silo):
             raise PolicyRefusal(f"silo '{silo}' requires DP ({where}, or it has trained privately before) but the "
                                 "run asks to train without it: set dp-epsilon in the run config")
         return NoPrivacy(local)
@@ -200,114 +160,6 @@ def admit(request: PrivacySection, policy: SiloPrivacyPolicy, rounds: int, silo:
         raise PolicyRefusal(f"silo '{silo}' accepts at most epsilon {policy.max_epsilon:g} per run ({where}); "
                             f"the run plans {plan.planned_epsilon:.3f}: lower dp-epsilon")
     return DifferentialPrivacy(plan, policy, silo, silo_dir)
-
-
-class LedgerEntry(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    run: str
-    round: int
-    mechanisms: list[tuple[float, float, int]]
-    epsilon_after: float
-    booked_at: float  # unix time
-
-
-class LedgerState(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    format: Literal[1] = LEDGER_FORMAT
-    silo: str
-    accountant: Literal["prv", "rdp"]
-    delta: float
-    first_run_epsilon: float  # the lifetime cap when the silo's policy sets none
-    entries: list[LedgerEntry] = []
-
-    @property
-    def history(self) -> list[Mechanism]:
-        return [tuple(m) for e in self.entries for m in e.mechanisms]
-
-
-@contextlib.contextmanager
-def locked(path: Path) -> Iterator[None]:
-    """An exclusive lock on ``path`` (another process booking the same ledger waits)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
-class PrivacyLedger:
-    """A silo's lifetime privacy spending, beside its policy: every round booked before it trains, under a lock,
-    re-read from disk each time (another run may share the silo), never reset by anything the run sends."""
-
-    def __init__(self, silo_dir: Path, silo: str) -> None:
-        self.dir, self.silo = Path(silo_dir), silo
-        self.path = self.dir / LEDGER_FILE
-        self.lock = self.dir / (LEDGER_FILE + ".lock")
-
-    def read(self) -> LedgerState | None:
-        if not self.path.is_file():
-            return None
-        try:
-            text = self.path.read_text()
-            version = json.loads(text).get("format", LEDGER_FORMAT)
-        except (ValueError, AttributeError):
-            version = LEDGER_FORMAT  # unreadable: refused below
-        if isinstance(version, int) and version > LEDGER_FORMAT:
-            raise PrivacyBudgetExceeded(
-                f"silo '{self.silo}': its privacy ledger <silo-dir>/{LEDGER_FILE} has format {version}, newer than "
-                f"this alignfl reads ({LEDGER_FORMAT}): upgrade alignfl on this silo (training stays blocked until "
-                "then)")
-        try:
-            state = LedgerState.model_validate_json(text)
-        except ValueError as exc:
-            raise PrivacyBudgetExceeded(
-                f"silo '{self.silo}': its privacy ledger <silo-dir>/{LEDGER_FILE} is unreadable "
-                f"({type(exc).__name__}); its operator must restore it from a backup (training stays blocked: a "
-                "lost ledger must not reset the budget)") from exc
-        if state.silo != self.silo:
-            raise PrivacyBudgetExceeded(f"silo '{self.silo}': its ledger <silo-dir>/{LEDGER_FILE} belongs to silo "
-                                        f"'{state.silo}': give each silo its own silo-dir")
-        return state
-
-    def book(self, run: str, server_round: int, mechanisms: list[Mechanism], plan: DPPlan,
-             policy: SiloPrivacyPolicy) -> tuple[float, float]:
-        """Book a round before it trains (conservative if training then fails): (this run's epsilon after it, the
-        lifetime epsilon after it). Refused: a round outside the run's plan or booked before, a run passing its
-        planned epsilon or the policy's max-epsilon, a lifetime past the budget."""
-        where = f"<silo-dir>/{LEDGER_FILE}"
-        with locked(self.lock):
-            state = self.read() or LedgerState(silo=self.silo, accountant=plan.accountant, delta=policy.max_delta,
-                                               first_run_epsilon=epsilon_of(plan.planned_mechanisms, policy.max_delta,
-                                                                            plan.accountant))
-            booked = [e for e in state.entries if e.run == run]
-            if not 1 <= server_round <= plan.planned_rounds or any(e.round == server_round for e in booked):
-                raise PrivacyBudgetExceeded(
-                    f"silo '{self.silo}' refuses round {server_round} of run {run}: it plans rounds 1.."
-                    f"{plan.planned_rounds} and trains each once (booked: {sorted(e.round for e in booked)}; a new run "
-                    "needs its own run-name)")
-            run_history = [tuple(m) for e in booked for m in e.mechanisms] + list(mechanisms)
-            run_after = epsilon_of(run_history, plan.delta, plan.accountant)
-            run_cap = min(plan.planned_epsilon, policy.max_epsilon)
-            if run_after > run_cap * (1 + 1e-6):
-                raise PrivacyBudgetExceeded(
-                    f"silo '{self.silo}' refuses round {server_round}: run {run} would spend epsilon {run_after:.3f} > "
-                    f"{run_cap:.3f} (its plan, or max-epsilon in <silo-dir>/{POLICY_FILE}; ledger {where})")
-            cap = policy.budget_epsilon if policy.budget_epsilon is not None else state.first_run_epsilon
-            after = epsilon_of([*state.history, *mechanisms], state.delta, state.accountant)
-            if after > cap * (1 + 1e-9):
-                before = epsilon_of(state.history, state.delta, state.accountant)  # only for the message
-                raise PrivacyBudgetExceeded(
-                    f"silo '{self.silo}' refuses round {server_round}: it would spend epsilon {after:.3f} > its "
-                    f"lifetime budget {cap:.3f} (spent {before:.3f}; ledger {where}); only the silo's operator "
-                    f"can allow more, with budget-epsilon in <silo-dir>/{POLICY_FILE}")
-            state.entries.append(LedgerEntry(run=run, round=server_round, mechanisms=list(mechanisms),
-                                             epsilon_after=after, booked_at=time.time()))
-            atomic_write_text(self.path, state.model_dump_json(indent=1))
-            return run_after, after
 
 
 class RandomSource:
@@ -498,6 +350,7 @@ class NoPrivacy:
 @dataclass
 class PlainRound:
     local: LocalTrainingSection
+    ledger_anchor: None = None  # nothing booked
 
     @property
     def learning_rate(self) -> float:
@@ -535,14 +388,14 @@ class DifferentialPrivacy:
             carry = DPCarry(run=run, noisy_counts=[n + float(source.normal((1,))[0]) * plan.count_noise_std
                                                    for n in group_sizes],
                             clip_bounds=[plan.clip_init] * len(group_sizes))
-        run_spent, _ = self.ledger.book(run, server_round, plan.round_mechanisms(fresh), plan, self.policy)
+        run_spent, _, anchor = self.ledger.book(run, server_round, plan.round_mechanisms(fresh), plan, self.policy)
         # the model's own draws (the VAE's reparameterisation) from a secret stream too: one the server could
         # replay would tie every record's gradient to the batch before it
         torch.manual_seed(secure_seed())
         if plan.delta * max(sum(carry.noisy_counts), 1.0) >= 1.0:  # on the booked noisy counts: leaks nothing more
             raise PolicyRefusal(f"silo '{self.silo}' holds too many records for dp-delta={plan.delta:g} (delta must "
                                 "stay below 1 / records): lower dp-delta")
-        return DPRound(plan, carry, source, run_spent)
+        return DPRound(plan, carry, source, run_spent, anchor)
 
 
 @dataclass
@@ -551,6 +404,7 @@ class DPRound:
     dp_carry: DPCarry
     source: RandomSource
     run_spent: float
+    ledger_anchor: LedgerAnchor  # the ledger after this round's booking: recorded in the report and state
     rules: dict[int, AdaptiveClipDP] = field(default_factory=dict)
 
     @property

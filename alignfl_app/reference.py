@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from .config import HEADLINE_METRIC, ConfigError, RunConfig
-from .data import SiloData, build_silo_data, evaluation_plan, global_test_set
+from .data import SiloData, evaluation_plan, federation_silo_data, global_test_set
 from .experiments import add_overrides_option, load_experiment, parse_assignments
 from .global_model import GlobalModel
 from .metrics import RunRecorder, peak_rss_mb
@@ -54,7 +54,7 @@ def local_only(cfg: RunConfig, run_dir: Path) -> dict:
     """Each silo's own model; the 'global' entry is the mean over silos of their global-test metrics."""
     rec = RunRecorder(run_dir, cfg.flat(), method="local-only", class_names=cfg.data.class_names)
     key = rec.metric
-    silos = [build_silo_data(cfg, k) for k in range(cfg.data.num_silos)]
+    silos = [federation_silo_data(cfg, k) for k in range(cfg.data.num_silos)]
     x_test, y_test = reference_test_set(cfg, silos, rec)
     values, per_class = [], []
     for k, data in enumerate(silos):
@@ -81,7 +81,7 @@ def centralised(cfg: RunConfig, run_dir: Path) -> dict:
     """One model on the union of all silos' training records; judged on the global and local test sets."""
     rec = RunRecorder(run_dir, cfg.flat(), method="centralised", class_names=cfg.data.class_names)
     key = rec.metric
-    silos = [build_silo_data(cfg, k) for k in range(cfg.data.num_silos)]
+    silos = [federation_silo_data(cfg, k) for k in range(cfg.data.num_silos)]
     x = torch.cat([d.x_train for d in silos])
     y = torch.cat([d.y_train for d in silos])
     model, fit = _fit(cfg, x, y, seed=cfg.run.seed)

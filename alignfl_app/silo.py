@@ -29,8 +29,10 @@ from .lipschitz import lipschitz_hooks
 from .metrics import peak_rss_mb
 from .latents import LatentFit, MixtureFit
 from .models import GeneratorSet, LatentFitter
+from .ledger import LedgerAnchor
 from .privacy import DPCarry, DifferentialPrivacy, NoPrivacy, PrivacyRefusal, admit, requires_dp
 from .replies import AveragedTrainMetrics, EvaluateMetrics, GeneratorTrainMetrics, PrivateTrainMetrics
+from .silo_folder import AUDITS_DIR, FAILURES_LOG, REPORTS_DIR
 from .silo_state import SiloStateStore, StateIdentity, StoredState
 from .seeds import audit_seed, fidelity_seed, latent_fit_seed, local_batches_seed, vae_init_seed
 from .store import GeneratorDescriptor
@@ -59,6 +61,7 @@ class SiloState:
     generators: StateDict | None = None
     dp: DPCarry | None = None
     optimizers: list[dict] | None = None
+    ledger: LedgerAnchor | None = None  # the privacy ledger after a private round (recorded outside it)
 
 
 @dataclass
@@ -75,12 +78,12 @@ class Silo:
     def __init__(self, cfg: RunConfig, node: SiloNodeConfig) -> None:
         self.cfg = cfg
         self.index = node.partition_id
-        self.name = node.name_in(cfg.data.names)
-        self.dir = node.resolved_silo_dir(self.name)
+        self.name = node.name  # the silo's own (silo_setup.py): the run config never renames or re-homes it
+        self.dir = node.resolved_silo_dir()
         self.architecture = load_architecture(node.architecture or cfg.local.architecture_for(self.index))
         self.architecture.check_fits(cfg.data.image_shape)
         self.device = resolve_device(node.client_device or cfg.local.client_device, "client-device")
-        root = resolve_data_root(node.data_root or cfg.data.data_root)
+        root = resolve_data_root(node.data_root or "")
         classes = cfg.data.class_ids(node.classes) if node.classes is not None else None
         self.data: SiloData = tensors_to(build_silo_data(cfg, self.index, root, classes, node.resolved_data_dir()),
                                          self.device)
@@ -147,7 +150,8 @@ class Silo:
             origin = stored.origin or origin
         out = self.train_round(origin, server_round, previous)
         store.save(server_round, identity, StoredState(server_round, out.state.generators,
-                                                       out.state.optimizers or [], out.state.dp, origin))
+                                                       out.state.optimizers or [], out.state.dp, origin,
+                                                       out.state.ledger))
         return out
 
     def train_round(self, run: str, server_round: int, previous: SiloState | None = None) -> TrainOutcome:
@@ -179,7 +183,7 @@ class Silo:
         released = generators.decoder
         decoder_state = on_cpu(released.state_dict())
         state = SiloState(on_cpu(generators.state_dict()), session.carry(),
-                          [optimizer_on_cpu(o.state_dict()) for o in optimizers])
+                          [optimizer_on_cpu(o.state_dict()) for o in optimizers], session.ledger_anchor)
         desc = GeneratorDescriptor(
             silo=self.name, architecture=self.architecture, layout=self.layout, image_shape=self.cfg.data.image_shape,
             classes=tuple(cfg.data.class_names[c] for c in self.data.classes), round=server_round,
@@ -192,7 +196,7 @@ class Silo:
         if privacy.releases_record_figures:
             metrics = GeneratorTrainMetrics.model_validate(figures)
         else:
-            self.write_report(server_round, {**figures, **session.public_report()})
+            self.write_report(server_round, {**figures, **session.public_report(), **session.ledger_anchor.report()})
             metrics = PrivateTrainMetrics.model_validate({**session.public_report(),
                                                           "decoder-bytes": state_bytes(decoder_state)})
         return TrainOutcome(decoder_state, desc, state, metrics)
@@ -243,8 +247,9 @@ class Silo:
         return figures
 
     def write_report(self, server_round: int, figures: dict) -> None:
-        """The silo's own record of a private round (never sent): figures computed from its records."""
-        path = self.dir / "reports" / f"round-{server_round:03d}.json"
+        """The silo's own record of a private round (never sent): figures computed from its records, and the
+        ledger's anchor after the round."""
+        path = self.dir / REPORTS_DIR / f"round-{server_round:03d}.json"
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(path, json.dumps(figures, indent=1, sort_keys=True))
         # only the path: a simulation's ClientApp log is uploaded to the SuperLink
@@ -252,7 +257,7 @@ class Silo:
 
     def record_failure(self, server_round: int, text: str) -> None:
         """A failed private round's traceback, kept on the silo (its text may describe the records)."""
-        path = self.dir / "reports" / "failures.log"
+        path = self.dir / REPORTS_DIR / FAILURES_LOG
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(path, "a") as f:
             f.write(f"round {server_round}\n{text}\n")
@@ -293,13 +298,13 @@ class Silo:
                                 num_samples=self.cfg.privacy.audit_samples,
                                 seed=audit_seed(self.cfg.run.seed, server_round))
         save_audit_figure(generators, d.x_train, d.y_train, d.is_outlier, d.classes,
-                          self.dir / "audits" / f"round-{server_round:03d}.png")
+                          self.dir / AUDITS_DIR / f"round-{server_round:03d}.png")
         return result.metrics()
 
     def refuse_non_private_release(self, what: str) -> None:
         """PrivacyRefusal when the run asks for DP or the silo requires it: ``what`` would release figures of its
         records without DP."""
-        if self.cfg.privacy.enabled or requires_dp(load_silo_policy(self.dir), self.dir):
+        if self.cfg.privacy.enabled or requires_dp(load_silo_policy(self.dir), self.dir, self.name):
             raise PrivacyRefusal(f"silo '{self.name}' trains under DP: it {what}")
 
     def evaluate_global(self, kind: str, state: StateDict) -> EvaluateMetrics:

@@ -23,11 +23,11 @@ import torch
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from .files import atomic_write_bytes, atomic_write_text
+from .ledger import LedgerAnchor
 from .privacy import DPCarry
+from .silo_folder import STATE_DIR, STATE_HEADER as HEADER
 
 FORMAT = 1  # the newest state format this code reads and the one it writes
-STATE_DIR = "state"
-HEADER = "state.json"
 StateDict = dict[str, torch.Tensor]
 log = logging.getLogger("flwr.alignfl")
 
@@ -62,6 +62,7 @@ class StateHeader(BaseModel):
     dp: DPCarry | None = None
     flower_run: str = ""  # the Flower run that wrote it: a new run reusing the run-name does not continue it
     origin: str = ""  # the Flower run that started the run it belongs to (kept across resumes)
+    ledger: LedgerAnchor | None = None  # the privacy ledger after this round (private rounds): checked on booking
 
 
 @dataclass
@@ -73,6 +74,7 @@ class StoredState:
     optimizers: list[dict[str, Any]] = field(default_factory=list)
     dp: DPCarry | None = None
     origin: str = ""  # the Flower run that started this run (a resumed run keeps it): the ledger's run
+    ledger: LedgerAnchor | None = None  # the privacy ledger after this round, recorded outside it
 
 
 def run_key(run_name: str, run_id: int | str) -> str:
@@ -136,7 +138,7 @@ class SiloStateStore:
             generators, optimizers = dict(payload["generators"]), list(payload["optimizers"])
         except Exception as exc:  # torch raises several kinds for a bad file
             raise self._refuse(tensors, f"is unreadable ({type(exc).__name__})") from exc
-        return StoredState(header.round, generators, optimizers, header.dp, header.origin)
+        return StoredState(header.round, generators, optimizers, header.dp, header.origin, header.ledger)
 
     def save(self, server_round: int, identity: StateIdentity, state: StoredState) -> Path:
         """Write the round's state: tensors, then the header (atomic), then drop older tensor files."""
@@ -148,7 +150,7 @@ class SiloStateStore:
         atomic_write_bytes(self.dir / name, data)
         header = StateHeader(format=FORMAT, run=self.run, round=server_round, identity=identity, tensors=name,
                              sha256=hashlib.sha256(data).hexdigest(), dp=state.dp, flower_run=self.flower_run,
-                             origin=state.origin)
+                             origin=state.origin, ledger=state.ledger)
         atomic_write_text(self.header_path, header.model_dump_json(indent=1))
         for old in self.dir.glob("round-*.pt"):
             if old.name != name:

@@ -15,10 +15,11 @@ from flwr.common import log as flwr_log
 from alignfl_app import protocol as P
 from alignfl_app.protocol import (PRIVACY_REFUSAL_ERROR, PRIVATE_FAILURE_ERROR, SILO_DATA_ERROR,
                                   STRATEGY_MISMATCH_ERROR)
-from alignfl_app.config import ConfigError, parse_node_config, parse_run_config
+from alignfl_app.config import ConfigError, parse_run_config
 from alignfl_app.folders import DataFolderError
 from alignfl_app.privacy import PrivacyRefusal
 from alignfl_app.silo import Silo
+from alignfl_app.silo_setup import silo_node_config
 from alignfl_app.silo_state import SiloStateError, run_key
 
 
@@ -27,8 +28,9 @@ app = ClientApp()
 
 @lru_cache(maxsize=4)
 def _silo(run_config_json: str, node_config_json: str) -> Silo:
-    """One Silo (data partition loaded once) per run and node, reused across rounds in this process."""
-    return Silo(parse_run_config(json.loads(run_config_json)), parse_node_config(json.loads(node_config_json)))
+    """One Silo (data partition loaded once) per run and node, reused across rounds in this process; its name,
+    folder and data come from its own side (silo_setup.py), never from the run config."""
+    return Silo(parse_run_config(json.loads(run_config_json)), silo_node_config(json.loads(node_config_json)))
 
 
 def silo_for(context: Context) -> Silo:

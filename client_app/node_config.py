@@ -15,8 +15,9 @@ from pathlib import Path
 
 from flwr.common.config import parse_config_args
 
-from alignfl_app.config import ConfigError, SiloNodeConfig, load_architecture, parse_node_config
+from alignfl_app.config import ConfigError, SiloNodeConfig, load_architecture
 from alignfl_app.resources import conf_dir
+from alignfl_app.silo_setup import silo_node_config
 
 
 def check_node_config(text: str) -> SiloNodeConfig:
@@ -27,7 +28,7 @@ def check_node_config(text: str) -> SiloNodeConfig:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ConfigError(f"node config: not 'key=value ...' or a .toml file ({first}); "
                           "quote strings, e.g. silo-name=\"hospital-a\"") from exc
-    node = parse_node_config(raw)
+    node = silo_node_config(raw)
     if node.architecture:
         load_architecture(node.architecture, conf_dir() / "architectures")
     if node.data_root and not Path(node.data_root).expanduser().is_dir():

@@ -16,6 +16,8 @@ from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
 
 from alignfl_app import protocol as P
+from alignfl_app.config import ConfigError, parse_run_config, silos_root
+from alignfl_app.silo_setup import provision_simulated_silos
 from client_app.app import app as client_app
 from server_app.app import main as server_main
 from tests.conftest import make_context, make_message
@@ -27,6 +29,10 @@ class LocalGrid(Grid):
     def __init__(self, run_config: dict, num_silos: int, faults: dict[tuple[int, int], str] | None = None,
                  kill_at_round: int | None = None, node_base: int = NODE_BASE) -> None:
         self.node_base = node_base  # node ids are node_base + partition id (a new run may get new ids)
+        try:  # the silos' own setup, as alignfl run makes it (an invalid run config is the server's to refuse)
+            provision_simulated_silos(silos_root(), parse_run_config(run_config))
+        except ConfigError:
+            pass
         self.contexts = {node_base + p: make_context(run_config, p, node_id=node_base + p) for p in range(num_silos)}
         self.faults = faults or {}  # (round, partition) -> "timeout" | "error", train messages only
         self.kill_at_round = kill_at_round

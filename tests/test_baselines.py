@@ -10,7 +10,7 @@ from flwr.app import ArrayRecord, ConfigRecord, MessageType, RecordDict
 
 from alignfl_app import protocol as P
 from alignfl_app.config import ConfigError, parse_run_config
-from alignfl_app.data import build_silo_data
+from alignfl_app.data import federation_silo_data
 from alignfl_app.experiments import EXPERIMENTS_DIR, load_experiment
 from alignfl_app.global_model import GlobalModel
 from alignfl_app.models import Classifier
@@ -89,7 +89,7 @@ def test_fedprox_over_the_vae_trains_the_whole_global_vae(tiny_config):
 
 def test_vae_proximal_term_keeps_weights_near_the_global_model(tiny_config):
     cfg = parse_run_config(tiny_config)
-    data = build_silo_data(cfg, 0)
+    data = federation_silo_data(cfg, 0)
 
     def drift(mu: float) -> float:
         model = GlobalModel("vae", 10, seed=5)
@@ -138,7 +138,7 @@ def test_slices_layout_splits_shared_classes(tiny_config):
     with pytest.raises(ConfigError, match="disjoint.*silo-layout='slices'"):
         parse_run_config({**raw, "silo-layout": "disjoint"})
     cfg = parse_run_config({**raw, "max-per-class": 100000})
-    xs = [build_silo_data(cfg, k).x_train for k in range(3)]
+    xs = [federation_silo_data(cfg, k).x_train for k in range(3)]
     flat = torch.cat(xs).flatten(1)
     assert len(torch.unique(flat, dim=0)) == len(flat)  # no record in two silos
     assert abs(len(xs[0]) - len(xs[2])) <= 2

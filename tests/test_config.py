@@ -69,10 +69,12 @@ def test_node_config_check_is_one_line_and_strict():
     node = check_node_config('partition-id=3 silo-name="lab-c" architecture="conv" classes="6,7"')
     assert node.classes == (6, 7) and node.silo_name == "lab-c"
     for text, needle in [('partition-id=0 silo-nam="a"', "silo-nam"),
-                         ('partition-id=0 classes="6,6"', "distinct"),
-                         ('partition-id=0 architecture="resnet"', "unknown architecture"),
-                         ('partition-id=0 data-root="/no/such/dir"', "not a folder"),
-                         ('partition-id=0 data-dir="/no/such/dir"', "data-dir '/no/such/dir' is not a folder"),
+                         ('partition-id=0 silo-name="a" classes="6,6"', "distinct"),
+                         ('partition-id=0 silo-name="a" architecture="resnet"', "unknown architecture"),
+                         ('partition-id=0 silo-name="a" data-root="/no/such/dir"', "not a folder"),
+                         ('partition-id=0 silo-name="a" data-dir="/no/such/dir"',
+                          "data-dir '/no/such/dir' is not a folder"),
+                         ('partition-id=0 architecture="conv"', "silo-name is missing"),
                          ("partition-id=0 silo-name=a b", "quote strings")]:
         with pytest.raises(ConfigError, match=needle) as info:
             check_node_config(text)

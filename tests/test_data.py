@@ -4,12 +4,12 @@ import pytest
 import torch
 
 from alignfl_app.config import parse_run_config
-from alignfl_app.data import DataMissingError, build_silo_data, global_test_set, load_split, verify
+from alignfl_app.data import DataMissingError, federation_silo_data, global_test_set, load_split, verify
 
 
 def test_silos_hold_disjoint_classes_and_only_their_own_labels(tiny_config):
     cfg = parse_run_config(tiny_config)
-    silos = [build_silo_data(cfg, s) for s in range(cfg.data.num_silos)]
+    silos = [federation_silo_data(cfg, s) for s in range(cfg.data.num_silos)]
     label_sets = [set(d.classes) for d in silos]
     for i, a in enumerate(label_sets):
         for b in label_sets[i + 1:]:
@@ -24,7 +24,7 @@ def test_silos_hold_disjoint_classes_and_only_their_own_labels(tiny_config):
 
 def test_outliers_come_from_the_other_dataset_and_only_in_chosen_silos(tiny_config):
     cfg = parse_run_config({**tiny_config, "outlier-silos": "0,2", "outliers-per-silo": 15})
-    d0, d1, d2 = (build_silo_data(cfg, s) for s in range(3))
+    d0, d1, d2 = (federation_silo_data(cfg, s) for s in range(3))
     assert (d0.num_outliers, d1.num_outliers, d2.num_outliers) == (15, 0, 15)
     fashion, _ = load_split(str(cfg.data.resolved_data_root()), "fashion-mnist", True)
     flat = fashion.flatten(1)
@@ -41,9 +41,9 @@ def test_outliers_come_from_the_other_dataset_and_only_in_chosen_silos(tiny_conf
 
 def test_partition_is_deterministic_and_seed_dependent(tiny_config):
     cfg = parse_run_config(tiny_config)
-    a, b = build_silo_data(cfg, 1), build_silo_data(cfg, 1)
+    a, b = federation_silo_data(cfg, 1), federation_silo_data(cfg, 1)
     assert torch.equal(a.x_train, b.x_train)
-    c = build_silo_data(parse_run_config({**tiny_config, "seed": 7}), 1)
+    c = federation_silo_data(parse_run_config({**tiny_config, "seed": 7}), 1)
     assert not torch.equal(a.x_train, c.x_train)
 
 
@@ -61,12 +61,12 @@ def test_fetched_files_pass_their_checksums(tiny_config):
 def test_missing_data_names_the_fetch_command(tmp_path, tiny_config):
     cfg = parse_run_config({**tiny_config, "data-root": str(tmp_path / "empty")})
     with pytest.raises(DataMissingError, match="alignfl fetch --root"):
-        build_silo_data(cfg, 0)
+        federation_silo_data(cfg, 0)
 
 
 def test_too_many_silos_is_a_clear_error(tiny_config):
     with pytest.raises(ValueError, match="num-supernodes=3"):
-        build_silo_data(parse_run_config(tiny_config), 3)
+        federation_silo_data(parse_run_config(tiny_config), 3)
 
 
 def test_fetch_materialises_both_datasets_from_the_registries(tmp_path, monkeypatch):

@@ -33,7 +33,7 @@ def test_deployed_silos_train_on_their_own_folders(tmp_path):
         for k, (silo, folder) in enumerate(zip(names, folders, strict=True)):
             key = fed.make_key(silo)
             node_ids[silo] = fed.register(key)
-            fed.start_supernode(silo, f'partition-id={k} data-dir="{folder}"', key)  # its name: silo-names
+            fed.start_supernode(silo, f'partition-id={k} silo-name="{silo}" data-dir="{folder}"', key)
         fed.wait_online(3)
         run_config += " silo-nodes='" + ",".join(f"{s}={n}" for s, n in node_ids.items()) + "'"
         fed.sign_app()

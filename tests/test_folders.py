@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from alignfl_app.config import ConfigError, parse_node_config, parse_run_config
-from alignfl_app.data import build_silo_data
+from alignfl_app.data import federation_silo_data
 from alignfl_app.folders import DataFolderError, load_image_folder
 
 
@@ -71,7 +71,7 @@ def test_a_folder_that_cannot_serve_its_silo_stops_it_with_one_line_naming_the_f
         root = tmp_path / "nowhere"
     cfg = parse_run_config(folder_config([root], "cat,dog"))
     with pytest.raises(DataFolderError, match=needle) as err:
-        build_silo_data(cfg, 0)
+        federation_silo_data(cfg, 0)
     assert "\n" not in str(err.value) and str(root) in str(err.value)
 
 
@@ -81,7 +81,7 @@ def test_the_label_space_is_the_sorted_union_of_declared_names_and_a_shared_clas
     make_folder(b, {"cat": 4, "ant": 2})
     cfg = parse_run_config(folder_config([a, b], "zebra,cat;cat,ant", **{"test-fraction": 0.0}))
     assert cfg.data.class_names == ("ant", "cat", "zebra")
-    silos = [build_silo_data(cfg, k) for k in range(2)]
+    silos = [federation_silo_data(cfg, k) for k in range(2)]
     assert silos[0].classes == (2, 1) and silos[1].classes == (1, 0)
     assert torch.bincount(silos[0].y_train, minlength=3).tolist() == [0, 3, 3]
     assert torch.bincount(silos[1].y_train, minlength=3).tolist() == [2, 4, 0]
@@ -95,12 +95,12 @@ def test_held_out_images_come_from_test_or_a_seeded_fraction(tmp_path):
     root = tmp_path / "silo"
     make_folder(root, {"cat": 10, "dog": 5})
     cfg = parse_run_config(folder_config([root], "cat,dog", **{"test-fraction": 0.2}))
-    d = build_silo_data(cfg, 0)
+    d = federation_silo_data(cfg, 0)
     assert (len(d.y_train), len(d.y_test)) == (12, 3)
     train, test = ({tuple(r.flatten()[:8].tolist()) for r in x} for x in (d.x_train, d.x_test))
-    assert not train & test and torch.equal(build_silo_data(cfg, 0).x_test, d.x_test)
+    assert not train & test and torch.equal(federation_silo_data(cfg, 0).x_test, d.x_test)
     make_folder(root / "test", {"cat": 1, "dog": 2})
-    d = build_silo_data(cfg, 0)
+    d = federation_silo_data(cfg, 0)
     assert (len(d.y_train), torch.bincount(d.y_test).tolist()) == (15, [1, 2])
 
 
@@ -137,7 +137,7 @@ def test_export_round_trip_loads_the_built_in_provider_s_tensors(tmp_path):
         "max-per-class": 25, "global-test-dir": str(out / "global-test")}))
     assert folder.data.class_names == ("1", "2", "3")
     for k in range(2):
-        a, b = build_silo_data(built_in, k), build_silo_data(folder, k)
+        a, b = federation_silo_data(built_in, k), federation_silo_data(folder, k)
         names_a = [built_in.data.class_names[c] for c in a.y_train]
         names_b = [folder.data.class_names[c] for c in b.y_train]
         assert names_a == names_b and torch.equal(a.x_train, b.x_train)
@@ -165,8 +165,12 @@ def test_a_silo_whose_folder_is_unusable_replies_with_one_line_error(tmp_path):
     from client_app.app import train
     from tests.conftest import default_run_config, make_context, make_message
 
+    from alignfl_app.config import silos_root
+    from alignfl_app.silo_setup import provision_simulated_silos
+
     (tmp_path / "empty").mkdir()
     run_config = {**default_run_config(), **folder_config([tmp_path / "empty"], "cat")}
+    provision_simulated_silos(silos_root(), parse_run_config(run_config))  # as alignfl run sets the silo up
     msg = make_message(RecordDict({P.CONFIG: ConfigRecord({P.SERVER_ROUND: 1})}), MessageType.TRAIN, 0, 100)
     reply = train(msg, make_context(run_config, 0))
     assert reply.has_error() and reply.error.code == P.SILO_DATA_ERROR
@@ -252,14 +256,14 @@ def test_a_deployed_silo_reads_the_data_dir_and_classes_of_its_node_config(tmp_p
                               "data-dir": str(tmp_path / "mine"), "silo-dir": str(tmp_path / "zoo")})
     silo = Silo(cfg, node)
     assert silo.data.classes == (1,) and (len(silo.data.x_train), len(silo.data.x_test)) == (3, 1)
-    with pytest.raises(DataFolderError, match="no data folder: set its node config's data-dir"):
+    with pytest.raises(DataFolderError, match="no data folder: set data-dir in its node config"):
         Silo(cfg, parse_node_config({"partition-id": 1, "silo-dir": str(tmp_path / "other")}))
 
 
 def test_built_in_images_take_the_declared_shape_and_stay_untouched_at_the_default(tiny_config):
     default = parse_run_config(tiny_config)
     rgb = parse_run_config({**tiny_config, "image-size": "32x32", "channels": 3})
-    a, b = build_silo_data(default, 1), build_silo_data(rgb, 1)
+    a, b = federation_silo_data(default, 1), federation_silo_data(rgb, 1)
     assert a.x_train.shape[1:] == (1, 28, 28) and b.x_train.shape[1:] == (3, 32, 32)
     assert torch.equal(a.y_train, b.y_train) and torch.equal(b.x_train[:, 0], b.x_train[:, 2])
     from alignfl_app.data import load_split, to_image_shape

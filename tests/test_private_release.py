@@ -13,7 +13,8 @@ from flwr.app import ArrayRecord, ConfigRecord, MessageType, RecordDict
 from alignfl_app import protocol as P
 from alignfl_app.config import ConfigError, SiloPrivacyPolicy, parse_node_config, parse_run_config
 from alignfl_app.global_model import GlobalModel
-from alignfl_app.privacy import PrivacyLedger, RandomSource, calibrate
+from alignfl_app.ledger import PrivacyLedger
+from alignfl_app.privacy import RandomSource, calibrate
 from alignfl_app.replies import PrivateTrainMetrics
 from alignfl_app.silo import Silo
 from client_app import app as client_module
@@ -119,7 +120,8 @@ def train(run_config: dict, server_round: int = 1, run: str = "run-a"):
 
 def test_the_run_config_cannot_raise_reset_or_disable_a_silos_budget(tmp_path):
     """Tried as a server would: more epsilon, DP off, another results-dir or run, a budget or ledger key."""
-    from alignfl_app.privacy import PolicyRefusal, PrivacyBudgetExceeded, PrivacyRefusal
+    from alignfl_app.ledger import PrivacyBudgetExceeded, PrivacyRefusal
+    from alignfl_app.privacy import PolicyRefusal
 
     base = dp_run(tmp_path, **{"num-server-rounds": 1})
     first = calibrate(parse_run_config(base).privacy, 1).planned_epsilon
@@ -146,7 +148,7 @@ def test_the_run_config_cannot_raise_reset_or_disable_a_silos_budget(tmp_path):
 
 def test_a_run_cannot_spend_past_its_plan_by_asking_rounds_again_or_beyond(tmp_path):
     """The server asks round 1 twice, then a round the plan does not have: refused, nothing booked."""
-    from alignfl_app.privacy import PrivacyBudgetExceeded
+    from alignfl_app.ledger import PrivacyBudgetExceeded
 
     policy(tmp_path, "budget-epsilon = 100.0\nmax-epsilon = 4.0\n")
     run_config = dp_run(tmp_path, **{"num-server-rounds": 2, "dp-epsilon": 4.0})
@@ -218,7 +220,7 @@ def test_the_models_own_draws_under_dp_come_from_a_secret_seed(tmp_path):
 def test_without_a_policy_the_first_dp_run_sets_the_lifetime_cap(tmp_path):
     base = dp_run(tmp_path, **{"num-server-rounds": 1})
     train(base)
-    from alignfl_app.privacy import PrivacyBudgetExceeded
+    from alignfl_app.ledger import PrivacyBudgetExceeded
     with pytest.raises(PrivacyBudgetExceeded, match="budget-epsilon in"):
         train({**base, "dp-epsilon": 4.0}, run="run-b")
 

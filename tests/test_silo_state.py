@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from alignfl_app.config import parse_node_config, parse_run_config
-from alignfl_app.privacy import PrivacyBudgetExceeded, PrivacyLedger
+from alignfl_app.ledger import PrivacyBudgetExceeded, PrivacyLedger
 from alignfl_app.silo import Silo
 from alignfl_app.silo_state import SiloStateError
 from tests.conftest import PROJECT, tiny_run_config
@@ -108,14 +108,14 @@ def test_a_ledger_of_a_newer_format_is_refused_and_the_current_one_read(tmp_path
     silo(cfg).continue_round("study", 1)
     path = tmp_path / "silos" / "silo-0" / "privacy-ledger.json"
     raw = json.loads(path.read_text())
-    assert raw["format"] == 1
+    assert raw["format"] == 2
     del raw["format"]  # written before the format field: read as format 1
     path.write_text(json.dumps(raw))
     assert PrivacyLedger(path.parent, "silo-0").read().format == 1
-    path.write_text(json.dumps({**raw, "format": 2}))
+    path.write_text(json.dumps({**raw, "format": 3}))
     with pytest.raises(PrivacyBudgetExceeded) as err:
         PrivacyLedger(path.parent, "silo-0").read()
-    assert "format 2" in str(err.value) and "upgrade alignfl" in str(err.value) and "\n" not in str(err.value)
+    assert "format 3" in str(err.value) and "upgrade alignfl" in str(err.value) and "\n" not in str(err.value)
 
 
 def test_a_resumed_run_continues_the_silos_losses(tmp_path):

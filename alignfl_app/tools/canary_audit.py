@@ -39,6 +39,7 @@ from alignfl_app.canary import (AuditReport, DecoderLike, GradientCanaryInjectio
                                 run_gradient_canary_audit, save_audit_plot)
 from alignfl_app.config import RunConfig, parse_node_config, parse_run_config
 from alignfl_app.data import SiloData, load_split
+from alignfl_app.ledger import LedgerAnchor
 from alignfl_app.models import GeneratorSet, one_hot
 from alignfl_app.privacy import DifferentialPrivacy, DPCarry, DPRound, NoPrivacy, PlainRound
 from alignfl_app.replies import GeneratorTrainMetrics, PrivateTrainMetrics
@@ -68,6 +69,10 @@ class CanarySession:
 
     def public_report(self) -> dict[str, float]:
         return self.session.public_report()
+
+    @property
+    def ledger_anchor(self) -> LedgerAnchor | None:
+        return self.session.ledger_anchor
 
 
 class CanaryPrivacy:

@@ -88,7 +88,8 @@ def run_federation(app: Path, work: Path, mode: str, device: str, args) -> dict:
     started = time.perf_counter()
     with local_deployment(work / name / "flower", app) as link:
         for i in range(args.silos):
-            link.start_supernode(f"silo-{i}", f"partition-id={i} silo-dir='{silos / f'silo-{i}'}'")
+            link.start_supernode(f"silo-{i}", f"partition-id={i} silo-name='silo-{i}' "
+                                               f"silo-dir='{silos / f'silo-{i}'}'")
         entry, out = link.run_app(run_config, num_supernodes=None, timeout=args.timeout)
     wall = time.perf_counter() - started
     if entry.get("status") != "finished:completed":

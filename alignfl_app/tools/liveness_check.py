@@ -103,7 +103,8 @@ def round_times(summary: dict, after_round: int = 0) -> dict[int, float]:
 
 def start_silos(link: LocalDeployment, silos_dir: Path, n: int) -> None:
     for i in range(n):
-        link.start_supernode(f"silo-{i}", f"partition-id={i} silo-dir='{silos_dir / f'silo-{i}'}'")
+        link.start_supernode(f"silo-{i}", f"partition-id={i} silo-name='silo-{i}' "
+                                               f"silo-dir='{silos_dir / f'silo-{i}'}'")
 
 
 def run_watched(link: LocalDeployment, config: str, summary: Path, timeout: float,
