@@ -12,12 +12,12 @@ from collections.abc import Callable
 # subcommand -> (module whose ``main(argv) -> int`` runs it, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "run": ("alignfl_app.tools.local_superlink", "flwr run the app on a private local SuperLink"),
-    "fetch": ("alignfl_app.data", "fetch and verify MNIST / Fashion-MNIST"),
-    "export": ("alignfl_app.export", "write MNIST / Fashion-MNIST silos as ImageFolders (folder datasets)"),
+    "fetch": ("alignfl_app.data.datasets", "fetch and verify MNIST / Fashion-MNIST"),
+    "export": ("alignfl_app.data.export", "write MNIST / Fashion-MNIST silos as ImageFolders (folder datasets)"),
     "compare": ("alignfl_app.tools.compare", "run every method on one experiment, write the tables"),
     "benchmark": ("alignfl_app.tools.benchmark", "time, bytes and memory per method; silo scaling"),
     "sweep": ("alignfl_app.tools.privacy_sweep", "privacy-utility sweep: epsilon x Lipschitz x dataset"),
-    "audit": ("alignfl_app.audit", "recompute a run's decoder-only outlier audit"),
+    "audit": ("alignfl_app.audit.outliers", "recompute a run's decoder-only outlier audit"),
     "reference": ("alignfl_app.reference", "train the local-only and centralised references"),
     "check-node-config": ("client_app.node_config", "check a silo's --node-config before it starts"),
     "canary-audit": ("alignfl_app.tools.canary_audit", "epsilon lower bound of a silo's decoder from canaries"),
@@ -27,7 +27,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
                        "resumed: round times, losses"),
     "load-test": ("alignfl_app.tools.load_test", "many-silo simulation: wall time and peak memory"),
     "fleet-front": ("alignfl_app.tools.fleet_front", "the coordinator's silo-facing port: Fleet API only"),
-    "withdraw": ("alignfl_app.operator", "withdraw a silo from a run: out of the store from the next round"),
+    "withdraw": ("alignfl_app.server.operator", "withdraw a silo from a run: out of the store from the next round"),
     "app-signing": ("alignfl_app.tools.app_signing", "the operator's app signing key; sign the app silos run"),
 }
 

@@ -12,7 +12,7 @@ from typing import TypeVar
 import torch
 from torch import nn
 
-from .config import ConfigError, DeviceChoice
+from alignfl_app.config import ConfigError, DeviceChoice
 
 
 def resolve_device(choice: DeviceChoice, key: str) -> torch.device:
@@ -44,3 +44,10 @@ def tensors_to(data: T, device: torch.device) -> T:
     """A (frozen) dataclass with every tensor field moved to ``device`` once, so batches are cut where they train."""
     return dataclasses.replace(data, **{f.name: value.to(device) for f in dataclasses.fields(data)
                                         if isinstance(value := getattr(data, f.name), torch.Tensor)})
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory so far (MiB; Linux reports ru_maxrss in KiB)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0

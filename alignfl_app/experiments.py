@@ -11,8 +11,8 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-from .config import ConfigError, RunConfig, parse_run_config
-from .resources import conf_dir
+from alignfl_app.config import ConfigError, RunConfig, parse_run_config
+from alignfl_app.resources import conf_dir
 
 EXPERIMENTS_DIR = conf_dir() / "experiments"
 

@@ -20,12 +20,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .config import HEADLINE_METRIC, ConfigError, RunConfig
-from .data import SiloData, evaluation_plan, federation_silo_data, global_test_set
-from .experiments import add_overrides_option, load_experiment, parse_assignments
-from .global_model import GlobalModel
-from .metrics import RunRecorder, peak_rss_mb
-from .training import ShuffledBatches, set_threads
+from alignfl_app.config import HEADLINE_METRIC, ConfigError, RunConfig
+from alignfl_app.data.datasets import SiloData, evaluation_plan, federation_silo_data, global_test_set
+from alignfl_app.devices import peak_rss_mb
+from alignfl_app.experiments import add_overrides_option, load_experiment, parse_assignments
+from alignfl_app.models.global_model import GlobalModel
+from alignfl_app.server.metrics import RunRecorder
+from alignfl_app.training import ShuffledBatches, set_threads
 
 METHODS = ("local-only", "centralised")
 

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .models import one_hot, vae_loss
+from alignfl_app.models.vae import one_hot, vae_loss
 
 
 def set_threads(n: int) -> None:

@@ -1,1 +1,1 @@
-"""ClientApp: translates Flower messages into calls on ``alignfl_app.silo.Silo``."""
+"""ClientApp: translates Flower messages into calls on ``alignfl_app.silo.core.Silo``."""

@@ -12,16 +12,19 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricR
 from flwr.clientapp import ClientApp
 from flwr.common import log as flwr_log
 
-from alignfl_app import protocol as P
-from alignfl_app.protocol import (PRIVACY_REFUSAL_ERROR, PRIVATE_FAILURE_ERROR, SILO_DATA_ERROR,
-                                  STRATEGY_MISMATCH_ERROR)
 from alignfl_app.config import ConfigError, parse_run_config
-from alignfl_app.folders import DataFolderError
-from alignfl_app.privacy import PrivacyRefusal
-from alignfl_app.silo import Silo
-from alignfl_app.silo_setup import silo_node_config
-from alignfl_app.silo_state import SiloStateError, run_key
-
+from alignfl_app.contract import records as P
+from alignfl_app.contract.records import (
+    PRIVACY_REFUSAL_ERROR,
+    PRIVATE_FAILURE_ERROR,
+    SILO_DATA_ERROR,
+    STRATEGY_MISMATCH_ERROR,
+)
+from alignfl_app.data.folders import DataFolderError
+from alignfl_app.privacy.errors import PrivacyRefusal
+from alignfl_app.silo.core import Silo
+from alignfl_app.silo.setup import silo_node_config
+from alignfl_app.silo.state import SiloStateError, run_key
 
 app = ClientApp()
 

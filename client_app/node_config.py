@@ -17,7 +17,7 @@ from flwr.common.config import parse_config_args
 
 from alignfl_app.config import ConfigError, SiloNodeConfig, load_architecture
 from alignfl_app.resources import conf_dir
-from alignfl_app.silo_setup import silo_node_config
+from alignfl_app.silo.setup import silo_node_config
 
 
 def check_node_config(text: str) -> SiloNodeConfig:

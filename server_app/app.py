@@ -9,15 +9,15 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
 
-from alignfl_app.checkpoint import Checkpoint
 from alignfl_app.config import ConfigError, RunConfig, parse_run_config
-from alignfl_app.data import evaluation_plan, global_test_set
+from alignfl_app.data.datasets import evaluation_plan, global_test_set
+from alignfl_app.data.folders import DataFolderError
 from alignfl_app.devices import resolve_device
-from alignfl_app.folders import DataFolderError
-from alignfl_app.global_model import GlobalModel
-from alignfl_app.metrics import RunRecorder
-from alignfl_app.server import AlignFLServer
-from alignfl_app.store import GeneratorStore
+from alignfl_app.models.global_model import GlobalModel
+from alignfl_app.server.checkpoint import Checkpoint
+from alignfl_app.server.core import AlignFLServer
+from alignfl_app.server.metrics import RunRecorder
+from alignfl_app.server.store import GeneratorStore
 from alignfl_app.training import set_threads
 
 from .baselines import averaging_strategy

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable
-
 from logging import WARNING
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
@@ -18,10 +17,11 @@ from flwr.common import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, FedProx
 
-from alignfl_app import protocol as P
 from alignfl_app.config import RunConfig
-from alignfl_app.metrics import RunRecorder, peak_rss_mb
-from alignfl_app.replies import AveragedTrainMetrics, ReplyRejected
+from alignfl_app.contract import records as P
+from alignfl_app.contract.replies import AveragedTrainMetrics, ReplyRejected
+from alignfl_app.devices import peak_rss_mb
+from alignfl_app.server.metrics import RunRecorder
 
 from .messages import as_metric_record, evaluate_results
 

@@ -8,9 +8,9 @@ from logging import WARNING
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.common import log
 
-from alignfl_app import protocol as P
-from alignfl_app.replies import EvaluateMetrics, ReplyRejected
-from alignfl_app.server import TrainReply
+from alignfl_app.contract import records as P
+from alignfl_app.contract.replies import EvaluateMetrics, ReplyRejected
+from alignfl_app.server.core import TrainReply
 
 
 def train_reply(msg: Message, max_bytes: int) -> TrainReply:

@@ -1,7 +1,7 @@
 """AlignFLStrategy: a Flower Strategy that never averages weights; it only translates messages.
 
 Each round: ask every connected silo to train; hand each reply to the Flower-free server core
-(``alignfl_app.server``), which checks it (decoder tensors only, descriptor, shapes, finiteness, size),
+(``alignfl_app.server.core``), which checks it (decoder tensors only, descriptor, shapes, finiteness, size),
 stores its generator, and trains the global model on samples from *every* stored generator (silos
 that missed the round included). Silos may use different architectures: decoders are rebuilt from
 their descriptors.
@@ -20,12 +20,12 @@ from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result, Strategy
 
-from alignfl_app import protocol as P
-from alignfl_app.protocol import PRIVACY_REFUSAL_ERROR
 from alignfl_app.config import ConfigError
-from alignfl_app.liveness import ReplyDeadline
-from alignfl_app.server import AlignFLServer
-from alignfl_app.replies import ReplyRejected
+from alignfl_app.contract import records as P
+from alignfl_app.contract.records import PRIVACY_REFUSAL_ERROR
+from alignfl_app.contract.replies import ReplyRejected
+from alignfl_app.server.core import AlignFLServer
+from alignfl_app.server.liveness import ReplyDeadline
 
 from .messages import as_metric_record, evaluate_results, train_reply
 
@@ -33,7 +33,7 @@ from .messages import as_metric_record, evaluate_results, train_reply
 def collect_replies(grid: Grid, messages: Iterable[Message], deadline: ReplyDeadline, poll: float = 0.5,
                     required: int = 0) -> list[Message]:
     """Push ``messages`` and pull their replies until all are in or ``deadline`` gives up on the rest: once
-    ``required`` replies are in, the rest get only a grace period (see ``alignfl_app.liveness``). Replies to an
+    ``required`` replies are in, the rest get only a grace period (see ``alignfl_app.server.liveness``). Replies to an
     earlier phase that came too late are pulled too, to learn their nodes' pace, and discarded."""
     messages = list(messages)
     if not messages:

@@ -61,7 +61,7 @@ def trained(tmp_path_factory):
     """One round of real local training for each of the 3 tiny silos (descriptor, decoder state): real decoders
     that forged replies are built from."""
     from alignfl_app.config import parse_node_config, parse_run_config
-    from alignfl_app.silo import Silo
+    from alignfl_app.silo.core import Silo
 
     cfg = parse_run_config(tiny_run_config(tmp_path_factory.mktemp("results")))
     outs = {}

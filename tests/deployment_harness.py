@@ -10,8 +10,15 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from alignfl_app.tools.local_superlink import (BIN, SimulationLink, flower_env, free_port, start_logged,
-                                               stop_process, wait_for_port)
+from alignfl_app.tools.local_superlink import (
+    BIN,
+    SimulationLink,
+    flower_env,
+    free_port,
+    start_logged,
+    stop_process,
+    wait_for_port,
+)
 from tests.conftest import PROJECT
 
 DEPLOY = PROJECT / "deploy"

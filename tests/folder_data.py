@@ -13,8 +13,8 @@ import torch
 from torch.nn import functional as F
 
 from alignfl_app.config import CLASS_NAMES, resolve_data_root
-from alignfl_app.data import load_split
-from alignfl_app.folders import TEST_FOLDER, save_image_folder
+from alignfl_app.data.datasets import load_split
+from alignfl_app.data.folders import TEST_FOLDER, save_image_folder
 
 SILO_CLASSES = (("tshirt", "trouser"), ("sandal", "bag"), ("trouser", "boot"))
 

@@ -15,9 +15,9 @@ from flwr.app import Context, Error, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
 
-from alignfl_app import protocol as P
 from alignfl_app.config import ConfigError, parse_run_config, silos_root
-from alignfl_app.silo_setup import provision_simulated_silos
+from alignfl_app.contract import records as P
+from alignfl_app.silo.setup import provision_simulated_silos
 from client_app.app import app as client_app
 from server_app.app import main as server_main
 from tests.conftest import make_context, make_message

@@ -49,3 +49,9 @@ def test_every_command_is_listed_and_has_a_main(capsys):
     for name in COMMANDS:
         assert name in listing
         assert callable(command_main(name))
+
+
+def test_the_wheel_lists_every_python_package():
+    setuptools = tomllib.loads((PROJECT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    packages = {".".join(p.parent.relative_to(PROJECT).parts) for p in PROJECT.glob("*_app/**/__init__.py")}
+    assert packages and packages <= set(setuptools["packages"]), packages - set(setuptools["packages"])

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from alignfl_app.config import parse_node_config, parse_run_config
-from alignfl_app.silo import Silo
+from alignfl_app.silo.core import Silo
 from alignfl_app.training import set_threads
 
 

@@ -13,7 +13,7 @@ For each kind and level, one class of silo ``--silo`` (its first class) is train
 * ``image``: out-of-domain images (the other dataset) added to the records. The released decoder alone is attacked
   (reconstruction by optimising its latent input), and the whole VAE (ELBO).
 
-``alignfl_app.canary`` turns the scores into a one-run epsilon lower bound (Steinke, Nasr, Jagielski 2023, 95%
+``alignfl_app.audit.canary`` turns the scores into a one-run epsilon lower bound (Steinke, Nasr, Jagielski 2023, 95%
 confidence), AUC and TPR at 1% / 0.1% FPR with bootstrap intervals (and, for images, a hubness-normalised leakage
 AUC). Writes ``<out>/<kind>-<level>[-whole-vae].json`` and ``.png``, ``table.json``, and prints one table; the bound
 must never exceed the accountant's epsilon (the tool exits 1 if it does).
@@ -34,16 +34,26 @@ import torch
 from flwr.common.config import parse_config_args
 from torch import nn
 
-from alignfl_app.canary import (AuditReport, DecoderLike, GradientCanaryInjection, elbo_scores, epsilon_lower_bound,
-                                make_canaries, membership_report, normalised_leakage, run_canary_audit,
-                                run_gradient_canary_audit, save_audit_plot)
+from alignfl_app.audit.canary import (
+    AuditReport,
+    DecoderLike,
+    GradientCanaryInjection,
+    elbo_scores,
+    epsilon_lower_bound,
+    make_canaries,
+    membership_report,
+    normalised_leakage,
+    run_canary_audit,
+    run_gradient_canary_audit,
+    save_audit_plot,
+)
 from alignfl_app.config import RunConfig, parse_node_config, parse_run_config
-from alignfl_app.data import SiloData, load_split
-from alignfl_app.ledger import LedgerAnchor
-from alignfl_app.models import GeneratorSet, one_hot
-from alignfl_app.privacy import DifferentialPrivacy, DPCarry, DPRound, NoPrivacy, PlainRound
-from alignfl_app.replies import GeneratorTrainMetrics, PrivateTrainMetrics
-from alignfl_app.silo import Silo, SiloState
+from alignfl_app.contract.replies import GeneratorTrainMetrics, PrivateTrainMetrics
+from alignfl_app.data.datasets import SiloData, load_split
+from alignfl_app.models.vae import GeneratorSet, one_hot
+from alignfl_app.privacy.dpsgd import DifferentialPrivacy, DPCarry, DPRound, NoPrivacy, PlainRound
+from alignfl_app.privacy.ledger import LedgerAnchor
+from alignfl_app.silo.core import Silo, SiloState
 from alignfl_app.training import GradientRule
 
 

@@ -24,8 +24,13 @@ from pathlib import Path
 from typing import Any
 
 from alignfl_app.config import HEADLINE_METRIC, ConfigError, RunConfig, headline_metric
-from alignfl_app.experiments import (add_overrides_option, experiment_overrides, load_experiment, parse_assignments,
-                                     run_config_string)
+from alignfl_app.experiments import (
+    add_overrides_option,
+    experiment_overrides,
+    load_experiment,
+    parse_assignments,
+    run_config_string,
+)
 from alignfl_app.reference import RUNNERS
 from alignfl_app.tools.local_superlink import SimulationLink, simulation_superlink
 from alignfl_app.training import set_threads

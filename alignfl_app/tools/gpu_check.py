@@ -25,8 +25,15 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from alignfl_app.tools.local_superlink import (SimulationLink, flower_command, flower_env, free_port, start_logged,
-                                               stop_process, wait_for_port)
+from alignfl_app.tools.local_superlink import (
+    SimulationLink,
+    flower_command,
+    flower_env,
+    free_port,
+    start_logged,
+    stop_process,
+    wait_for_port,
+)
 
 MODES = {
     "plain": "local-epochs=2 server-epochs=2",

@@ -35,7 +35,7 @@ import psutil
 from flwr.common.config import parse_config_args
 
 from alignfl_app.config import ConfigError, RunConfig, parse_run_config
-from alignfl_app.silo_setup import provision_simulated_silos
+from alignfl_app.silo.setup import provision_simulated_silos
 
 BIN = Path(sys.executable).parent
 

@@ -22,7 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from alignfl_app.audit import audit_run
+from alignfl_app.audit.outliers import audit_run
 from alignfl_app.tools.local_superlink import simulation_superlink
 
 COLUMNS = ["dataset", "epsilon", "lipschitz_weight", "status", "global_accuracy", "mapping_rate", "leakage_rate",

@@ -1,0 +1,74 @@
+"""The generator descriptor: what a silo's decoder is, sent beside its tensors, and nothing about its records."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from torch import nn
+
+from alignfl_app.config import CLASS_NAME_PATTERN, MAX_LATENT_COMPONENTS, NAME_PATTERN, ArchitectureSpec, one_line
+from alignfl_app.contract.replies import ReplyRejected
+from alignfl_app.models.vae import Decoder, build_decoder
+
+DESCRIPTOR_FORMAT = 2
+
+
+class GeneratorDescriptor(BaseModel):
+    """Everything the server needs to rebuild and use a silo's decoder, and nothing about the silo's records:
+    every field is public configuration (under DP it travels beside the DP-trained decoder)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    format: Literal[2] = DESCRIPTOR_FORMAT
+    silo: str = Field(pattern=NAME_PATTERN)
+    architecture: ArchitectureSpec
+    layout: Literal["conditional", "per-class", "unconditional"]
+    classes: tuple[Annotated[str, Field(pattern=CLASS_NAME_PATTERN)], ...] = Field(min_length=1, max_length=1000)
+    """The class names the decoder generates, in the order of its label input."""
+    image_shape: tuple[int, int, int]
+    round: int = Field(ge=0)
+    latent_components: int = Field(default=0, ge=0, le=MAX_LATENT_COMPONENTS)
+    """Components per class of the mixture layer in front of the decoder (0: none): run configuration, while the
+    layer's weights, fitted to the records, travel with the decoder's tensors."""
+
+    @model_validator(mode="after")
+    def _sane(self) -> GeneratorDescriptor:
+        if len(set(self.classes)) != len(self.classes):
+            raise ValueError("classes must be distinct names")
+        if self.latent_components == 1:
+            raise ValueError("latent_components must be 0 (no mixture layer) or at least 2")
+        if any(not 1 <= s <= 512 for s in self.image_shape):
+            raise ValueError("image_shape sides must be in 1..512")
+        return self
+
+    @property
+    def conditional(self) -> bool:
+        """Every sample carries a class (a classifier can learn from it)."""
+        return self.layout != "unconditional"
+
+    @property
+    def cond_dim(self) -> int:
+        return len(self.classes) if self.conditional else 0
+
+    def build_decoder(self) -> nn.Module:
+        return build_decoder(self.architecture, self.layout, len(self.classes), self.image_shape,
+                             self.latent_components)
+
+    def sampling_bytes_per_sample(self) -> int:
+        """Memory one sample's draw needs (float32 activations), from the descriptor alone."""
+        return 4 * Decoder.activations_per_sample(self.architecture, 0 if self.layout == "per-class" else
+                                                  self.cond_dim, self.image_shape, self.latent_components)
+
+    def empty_decoder(self) -> nn.Module:
+        """The decoder's shapes on the meta device: nothing allocated, nothing initialised."""
+        with torch.device("meta"):
+            return self.build_decoder()
+
+
+def parse_descriptor(text: str) -> GeneratorDescriptor:
+    try:
+        return GeneratorDescriptor.model_validate_json(text)
+    except ValidationError as exc:
+        raise ReplyRejected(one_line(exc, "descriptor")) from exc
