@@ -23,8 +23,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "canary-audit": ("alignfl_app.tools.canary_audit", "epsilon lower bound of a silo's decoder from canaries"),
     "bench-dp": ("alignfl_app.tools.bench_dp", "time DP vs non-DP local training"),
     "gpu-check": ("alignfl_app.tools.gpu_check", "a short federation on CUDA beside the CPU: samples/s"),
-    "liveness-check": ("alignfl_app.tools.liveness_check", "5 real SuperNodes: one killed, then all killed and "
-                       "resumed: round times, losses"),
+    "liveness-check": (
+        "alignfl_app.tools.liveness_check",
+        "5 real SuperNodes: one killed, then all killed and resumed: round times, losses",
+    ),
     "load-test": ("alignfl_app.tools.load_test", "many-silo simulation: wall time and peak memory"),
     "fleet-front": ("alignfl_app.tools.fleet_front", "the coordinator's silo-facing port: Fleet API only"),
     "withdraw": ("alignfl_app.server.operator", "withdraw a silo from a run: out of the store from the next round"),
@@ -38,8 +40,11 @@ def command_main(name: str) -> Callable[[list[str]], int]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="alignfl", description="ALIGN-FL: run, compare and check the Flower app.",
-                                     epilog="'alignfl COMMAND --help' shows a command's options.")
+    parser = argparse.ArgumentParser(
+        prog="alignfl",
+        description="ALIGN-FL: run, compare and check the Flower app.",
+        epilog="'alignfl COMMAND --help' shows a command's options.",
+    )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (_, help_line) in COMMANDS.items():
         # no options of its own: every argument after the command goes to the command's parser

@@ -91,8 +91,9 @@ class ArchitectureSpec(BaseModel):
     @model_validator(mode="after")
     def _refine_needs_conv(self) -> ArchitectureSpec:
         if self.refine and self.kind != "conv":
-            raise ValueError(f"refine = {self.refine} applies to conv architectures only: remove it or set "
-                             "kind = 'conv'")
+            raise ValueError(
+                f"refine = {self.refine} applies to conv architectures only: remove it or set kind = 'conv'"
+            )
         return self
 
     def check_fits(self, image_shape: tuple[int, int, int]) -> None:
@@ -101,9 +102,11 @@ class ArchitectureSpec(BaseModel):
         _, h, w = image_shape
         down = 2 ** len(self.hidden)
         if self.kind == "conv" and (h % down or w % down):
-            raise ConfigError(f"architecture '{self.name}' ({len(self.hidden)} stride-2 stages) needs image sides "
-                              f"divisible by {down}, but image-size is {h}x{w}: choose an image-size like "
-                              f"'{-(-h // down) * down}x{-(-w // down) * down}' or another architecture")
+            raise ConfigError(
+                f"architecture '{self.name}' ({len(self.hidden)} stride-2 stages) needs image sides "
+                f"divisible by {down}, but image-size is {h}x{w}: choose an image-size like "
+                f"'{-(-h // down) * down}x{-(-w // down) * down}' or another architecture"
+            )
 
 
 def check_name(name: str) -> str:
@@ -186,8 +189,9 @@ def resolve_data_root(data_root: str = "") -> Path:
 class Section(BaseModel):
     """A group of flat run-config keys: each field's alias is its key in ``[tool.flwr.app.config]``."""
 
-    model_config = ConfigDict(extra="forbid", alias_generator=_dashed, populate_by_name=True, frozen=True,
-                              allow_inf_nan=False)
+    model_config = ConfigDict(
+        extra="forbid", alias_generator=_dashed, populate_by_name=True, frozen=True, allow_inf_nan=False
+    )
 
 
 class RunSection(Section):
@@ -293,8 +297,9 @@ class DataSection(Section):
 
     @field_validator("silo_classes")
     @classmethod
-    def _classes_valid(cls, v: tuple[tuple[int | str, ...], ...],
-                       info: ValidationInfo) -> tuple[tuple[int | str, ...], ...]:
+    def _classes_valid(
+        cls, v: tuple[tuple[int | str, ...], ...], info: ValidationInfo
+    ) -> tuple[tuple[int | str, ...], ...]:
         if not v or any(not g for g in v):
             raise ValueError("every silo needs at least one class, e.g. '0,1;2,3'")
         if any(len(g) != len(set(g)) for g in v):
@@ -370,8 +375,10 @@ class DataSection(Section):
                     "(or set silo-layout='slices' to split a shared class's records between its silos)"
                 )
         if self.silo_names and len(self.silo_names) != n:
-            raise ValueError(f"silo-names names {len(self.silo_names)} silos but silo-classes has {n} groups: give "
-                             "one name per group, separated by ','")
+            raise ValueError(
+                f"silo-names names {len(self.silo_names)} silos but silo-classes has {n} groups: give "
+                "one name per group, separated by ','"
+            )
         bad = [s for s in self.outlier_silos if s < 0 or s >= n]
         if bad:
             raise ValueError(f"outlier-silos {bad} out of range for {n} silos (0..{n - 1})")
@@ -381,11 +388,14 @@ class DataSection(Section):
 
     def _check_folder_keys(self) -> None:
         if self.silo_data_dirs and len(self.silo_data_dirs) != self.num_silos:
-            raise ValueError(f"silo-data-dirs names {len(self.silo_data_dirs)} folders for the {self.num_silos} "
-                             "silos of silo-classes: give one folder per silo, separated by ';'")
+            raise ValueError(
+                f"silo-data-dirs names {len(self.silo_data_dirs)} folders for the {self.num_silos} "
+                "silos of silo-classes: give one folder per silo, separated by ';'"
+            )
         if self.outlier_dataset not in ("auto", "none"):
-            raise ValueError("outliers come from the built-in datasets: set outlier-dataset='none' (or 'auto') "
-                             "with dataset='folder'")
+            raise ValueError(
+                "outliers come from the built-in datasets: set outlier-dataset='none' (or 'auto') with dataset='folder'"
+            )
 
     @property
     def is_folder(self) -> bool:
@@ -431,14 +441,18 @@ class DataSection(Section):
             except ValueError:
                 ids = ()
             if not ids or any(not 0 <= c < self.num_classes for c in ids):
-                raise ConfigError(f"classes {list(classes)} must be class ids 0..{self.num_classes - 1} of "
-                                  f"{self.dataset}: fix the node config's classes")
+                raise ConfigError(
+                    f"classes {list(classes)} must be class ids 0..{self.num_classes - 1} of "
+                    f"{self.dataset}: fix the node config's classes"
+                )
             return ids
         index = {name: i for i, name in enumerate(self.class_names)}
         unknown = [str(c) for c in classes if str(c) not in index]
         if unknown:
-            raise ConfigError(f"class '{unknown[0]}' is not in the run's label space {list(self.class_names)} "
-                              "(the names of silo-classes): fix the node config's classes or the run's silo-classes")
+            raise ConfigError(
+                f"class '{unknown[0]}' is not in the run's label space {list(self.class_names)} "
+                "(the names of silo-classes): fix the node config's classes or the run's silo-classes"
+            )
         return tuple(index[str(c)] for c in classes)
 
     def silo_class_ids(self, silo: int) -> tuple[int, ...]:
@@ -607,8 +621,9 @@ class ServerSection(Section):
     """The server's memory for drawing one chunk of samples from one decoder (its activations, computed from the
     descriptor before anything is built); a decoder that cannot draw a chunk of 64 within it is refused."""
     sample_grid_per_silo: int = Field(default=10, ge=0, le=64)
-    augment: tuple[Literal["affine", "crop", "blur", "noise"], ...] = Field(default=("affine", "crop"),
-                                                                          alias="server-augment")
+    augment: tuple[Literal["affine", "crop", "blur", "noise"], ...] = Field(
+        default=("affine", "crop"), alias="server-augment"
+    )
     """Random transforms of every synthetic batch, in order, flat form ``"affine,crop"`` (empty: none): affine
     (rotate, shift, scale), crop (pad 2, crop), blur (Gaussian, sigma up to 1 pixel), noise (Gaussian, std 0.2).
     Free of privacy cost: they act on samples, not on records."""
@@ -638,8 +653,13 @@ class RunConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
     SECTIONS: ClassVar[dict[str, type[Section]]] = {
-        "run": RunSection, "data": DataSection, "local": LocalTrainingSection, "privacy": PrivacySection,
-        "lipschitz": LipschitzSection, "server": ServerSection, "baselines": BaselinesSection,
+        "run": RunSection,
+        "data": DataSection,
+        "local": LocalTrainingSection,
+        "privacy": PrivacySection,
+        "lipschitz": LipschitzSection,
+        "server": ServerSection,
+        "baselines": BaselinesSection,
     }
 
     run: RunSection = RunSection()
@@ -655,8 +675,11 @@ class RunConfig(BaseModel):
     def _sections_from_flat_keys(cls, raw: Any) -> Any:
         if not isinstance(raw, dict) or set(raw) <= set(cls.SECTIONS):
             return raw
-        owner = {field.alias or name: section for section, model in cls.SECTIONS.items()
-                 for name, field in model.model_fields.items()}
+        owner = {
+            field.alias or name: section
+            for section, model in cls.SECTIONS.items()
+            for name, field in model.model_fields.items()
+        }
         unknown = sorted(k for k in raw if k not in owner)
         if unknown:
             raise ValueError(f"unknown key '{unknown[0]}': use the keys of [tool.flwr.app.config] in pyproject.toml")
@@ -669,32 +692,39 @@ class RunConfig(BaseModel):
     def _consistent(self) -> RunConfig:
         strategy = self.baselines.strategy
         if strategy != "alignfl" and self.privacy.enabled:
-            raise ValueError(f"DP applies to ALIGN-FL's silos only; strategy='{strategy}' trains without it: "
-                             "set dp-epsilon=0 and dp-noise-multiplier=0")
+            raise ValueError(
+                f"DP applies to ALIGN-FL's silos only; strategy='{strategy}' trains without it: "
+                "set dp-epsilon=0 and dp-noise-multiplier=0"
+            )
         if strategy != "alignfl" and self.lipschitz.method != "none":
-            raise ValueError(f"lipschitz applies to ALIGN-FL's silo decoders only: set lipschitz='none' for "
-                             f"strategy='{strategy}'")
+            raise ValueError(
+                f"lipschitz applies to ALIGN-FL's silo decoders only: set lipschitz='none' for strategy='{strategy}'"
+            )
         if not self.local.conditional and self.local.generator_layout == "per-class":
             raise ValueError("generator-layout='per-class' labels every sample by its class: set conditional=true")
         if not self.local.conditional and self.server.global_model == "classifier":
-            raise ValueError("an unconditional decoder yields unlabelled samples: set global-model='vae' or "
-                             "conditional=true")
+            raise ValueError(
+                "an unconditional decoder yields unlabelled samples: set global-model='vae' or conditional=true"
+            )
         for name in dict.fromkeys(self.local.silo_architectures):
             load_architecture(name).check_fits(self.data.image_shape)
         if self.run.resume and not self.run.run_name:
             raise ValueError("resume=true needs the run-name of the run to continue, e.g. run-name='study-1'")
         unknown = [name for name in self.run.silo_nodes if name not in self.data.names]
         if unknown:
-            raise ValueError(f"silo-nodes names '{unknown[0]}', which is not one of the run's silo-names "
-                             f"{list(self.data.names)}")
+            raise ValueError(
+                f"silo-nodes names '{unknown[0]}', which is not one of the run's silo-names {list(self.data.names)}"
+            )
         if self.run.min_silos > self.data.num_silos:
             raise ValueError(f"min-silos={self.run.min_silos} exceeds the {self.data.num_silos} silos of silo-classes")
         if self.run.resume and strategy != "alignfl":
             raise ValueError(f"resume=true is supported for strategy='alignfl' only, not '{strategy}'")
         planned = self.run.num_server_rounds * self.privacy.steps
         if self.privacy.enabled and planned > MAX_DP_STEPS:
-            raise ValueError(f"num-server-rounds x dp-steps = {planned} DP-SGD steps; at most {MAX_DP_STEPS} per run "
-                             "(the silos' accountant must stay fast): lower them or raise dp-sample-rate")
+            raise ValueError(
+                f"num-server-rounds x dp-steps = {planned} DP-SGD steps; at most {MAX_DP_STEPS} per run "
+                "(the silos' accountant must stay fast): lower them or raise dp-sample-rate"
+            )
         return self
 
     @property
@@ -715,9 +745,7 @@ def parse_run_config(raw: dict[str, Any]) -> RunConfig:
     try:
         return RunConfig.model_validate(dict(raw))
     except ValidationError as exc:
-        raise ConfigError(
-            one_line(exc, "run config") + " (fix it in [tool.flwr.app.config] or --run-config)"
-        ) from exc
+        raise ConfigError(one_line(exc, "run config") + " (fix it in [tool.flwr.app.config] or --run-config)") from exc
 
 
 def silos_root() -> Path:
@@ -732,8 +760,9 @@ class SiloNodeConfig(BaseModel):
     back to the run's data root.
     """
 
-    model_config = ConfigDict(extra="forbid", alias_generator=_dashed, populate_by_name=True, frozen=True,
-                              allow_inf_nan=False)
+    model_config = ConfigDict(
+        extra="forbid", alias_generator=_dashed, populate_by_name=True, frozen=True, allow_inf_nan=False
+    )
 
     partition_id: int = Field(ge=0)
     num_partitions: int | None = Field(default=None, ge=1)
@@ -789,6 +818,5 @@ def parse_node_config(raw: dict[str, Any]) -> SiloNodeConfig:
         return SiloNodeConfig.model_validate(dict(raw))
     except ValidationError as exc:
         raise ConfigError(
-            one_line(exc, "node config")
-            + " (set it with flower-supernode --node-config 'partition-id=0 ...')"
+            one_line(exc, "node config") + " (set it with flower-supernode --node-config 'partition-id=0 ...')"
         ) from exc

@@ -22,8 +22,10 @@ def resolve_device(choice: DeviceChoice, key: str) -> torch.device:
     if torch.cuda.is_available():
         return torch.device("cuda")
     if choice == "cuda":
-        raise ConfigError(f"{key}='cuda' but torch sees no CUDA GPU on this machine: set {key}='auto' or 'cpu' "
-                          "(or install a CUDA build of torch)")
+        raise ConfigError(
+            f"{key}='cuda' but torch sees no CUDA GPU on this machine: set {key}='auto' or 'cpu' "
+            "(or install a CUDA build of torch)"
+        )
     return torch.device("cpu")
 
 
@@ -42,8 +44,14 @@ T = TypeVar("T")
 
 def tensors_to(data: T, device: torch.device) -> T:
     """A (frozen) dataclass with every tensor field moved to ``device`` once, so batches are cut where they train."""
-    return dataclasses.replace(data, **{f.name: value.to(device) for f in dataclasses.fields(data)
-                                        if isinstance(value := getattr(data, f.name), torch.Tensor)})
+    return dataclasses.replace(
+        data,
+        **{
+            f.name: value.to(device)
+            for f in dataclasses.fields(data)
+            if isinstance(value := getattr(data, f.name), torch.Tensor)
+        },
+    )
 
 
 def peak_rss_mb() -> float:

@@ -32,12 +32,21 @@ METHODS = ("local-only", "centralised")
 
 
 def _fit(cfg: RunConfig, x: torch.Tensor, y: torch.Tensor, seed: int) -> tuple[GlobalModel, dict[str, float]]:
-    model = GlobalModel(cfg.server.global_model, cfg.data.num_classes, seed=seed, conditional=cfg.local.conditional,
-                        image_shape=cfg.data.image_shape)
+    model = GlobalModel(
+        cfg.server.global_model,
+        cfg.data.num_classes,
+        seed=seed,
+        conditional=cfg.local.conditional,
+        image_shape=cfg.data.image_shape,
+    )
     batches = ShuffledBatches(cfg.local.batch_size, cfg.baselines.reference_epochs)
     report = model.fit((x, y), batches(len(x), torch.Generator().manual_seed(seed)), cfg.local.learning_rate)
-    return model, {"train-loss": report.loss, "train-seconds": report.seconds,
-                   "samples-per-second": report.examples_seen / max(report.seconds, 1e-9), "num-examples": len(x)}
+    return model, {
+        "train-loss": report.loss,
+        "train-seconds": report.seconds,
+        "samples-per-second": report.examples_seen / max(report.seconds, 1e-9),
+        "num-examples": len(x),
+    }
 
 
 def reference_test_set(cfg: RunConfig, silos: list[SiloData], rec: RunRecorder) -> tuple[torch.Tensor, torch.Tensor]:
@@ -63,14 +72,24 @@ def local_only(cfg: RunConfig, run_dir: Path) -> dict:
         glob = model.evaluate(x_test, y_test)
         local = model.evaluate(data.x_test, data.y_test)
         silo = rec.silo(1, f"silo-{k}")
-        silo.update({**fit, "num-outliers": data.num_outliers, f"global-{key}": glob[key],
-                     f"eval-{key}": local[key], "eval-num-examples": len(data.y_test)})
+        silo.update(
+            {
+                **fit,
+                "num-outliers": data.num_outliers,
+                f"global-{key}": glob[key],
+                f"eval-{key}": local[key],
+                "eval-num-examples": len(data.y_test),
+            }
+        )
         values.append(glob[key])
         if "per-class-accuracy" in glob:
             silo["global-per-class-accuracy"] = glob["per-class-accuracy"]
             per_class.append(glob["per-class-accuracy"])
-    rec.round(1)["global"] = {key: float(np.mean(values)), f"{key}-std-over-silos": float(np.std(values)),
-                              "num-examples": len(y_test)}
+    rec.round(1)["global"] = {
+        key: float(np.mean(values)),
+        f"{key}-std-over-silos": float(np.std(values)),
+        "num-examples": len(y_test),
+    }
     if per_class:
         rec.round(1)["global"]["per-class-accuracy"] = np.nanmean(np.array(per_class, dtype=float), axis=0).tolist()
     rec.round(1)["server"] = {"peak-rss-mb": peak_rss_mb()}
@@ -102,10 +121,14 @@ RUNNERS = {"local-only": local_only, "centralised": centralised}
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="alignfl reference", description=__doc__.splitlines()[0])
-    parser.add_argument("--experiment", default="", help="name in conf/experiments/ or a TOML file (default: pyproject)")
+    parser.add_argument(
+        "--experiment", default="", help="name in conf/experiments/ or a TOML file (default: pyproject)"
+    )
     parser.add_argument("--method", nargs="+", default=list(METHODS), choices=METHODS)
     add_overrides_option(parser)
-    parser.add_argument("--out", default="", help="results folder (default: <results-dir>/<run-name or experiment>-<method>)")
+    parser.add_argument(
+        "--out", default="", help="results folder (default: <results-dir>/<run-name or experiment>-<method>)"
+    )
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
     try:

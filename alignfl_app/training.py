@@ -81,7 +81,7 @@ class ShuffledBatches:
         for _ in range(self.epochs):
             perm = torch.randperm(n, generator=generator)
             for i in range(0, n, self.batch_size):
-                yield perm[i:i + self.batch_size]
+                yield perm[i : i + self.batch_size]
 
 
 # --- gradient rules ---------------------------------------------------------------------------
@@ -183,8 +183,13 @@ class Trainer:
     rule: GradientRule = field(default_factory=PlainGradient)
     hooks: Sequence[StepHook] = ()
 
-    def fit(self, model: nn.Module, data: tuple[torch.Tensor, torch.Tensor], batches: Iterable[torch.Tensor],
-            optimizer: torch.optim.Optimizer) -> TrainReport:
+    def fit(
+        self,
+        model: nn.Module,
+        data: tuple[torch.Tensor, torch.Tensor],
+        batches: Iterable[torch.Tensor],
+        optimizer: torch.optim.Optimizer,
+    ) -> TrainReport:
         """Train ``model`` in place on ``data = (x, y)``; the rule is closed at the end, then the hooks finish."""
         x, y = data
         t0 = time.perf_counter()
@@ -223,8 +228,8 @@ def vae_test_loss(vae: nn.Module, x: torch.Tensor, y_local: torch.Tensor, batch_
     vae.eval()
     total = 0.0
     for i in range(0, len(x), batch_size):
-        xb = x[i:i + batch_size]
-        logits, mu, logvar = vae(xb, one_hot(y_local[i:i + batch_size], vae.decoder.cond_dim))
+        xb = x[i : i + batch_size]
+        logits, mu, logvar = vae(xb, one_hot(y_local[i : i + batch_size], vae.decoder.cond_dim))
         total += float(vae_loss(logits, xb, mu, logvar, reduction="none").sum())
     return total / max(len(x), 1)
 
@@ -238,13 +243,14 @@ class ClassifierEval:
 
 
 @torch.no_grad()
-def evaluate_classifier(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_classes: int,
-                        batch_size: int = 1000) -> ClassifierEval:
+def evaluate_classifier(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_classes: int, batch_size: int = 1000
+) -> ClassifierEval:
     model.eval()
     preds, loss = [], 0.0
     for i in range(0, len(x), batch_size):
-        out = model(x[i:i + batch_size])
-        loss += float(F.cross_entropy(out, y[i:i + batch_size], reduction="sum"))
+        out = model(x[i : i + batch_size])
+        loss += float(F.cross_entropy(out, y[i : i + batch_size], reduction="sum"))
         preds.append(out.argmax(1))
     pred = torch.cat(preds) if preds else torch.empty(0, dtype=torch.long)
     correct = pred == y

@@ -37,8 +37,9 @@ def _silo(run_config_json: str, node_config_json: str) -> Silo:
 
 
 def silo_for(context: Context) -> Silo:
-    return _silo(json.dumps(dict(context.run_config), sort_keys=True),
-                 json.dumps(dict(context.node_config), sort_keys=True))
+    return _silo(
+        json.dumps(dict(context.run_config), sort_keys=True), json.dumps(dict(context.node_config), sort_keys=True)
+    )
 
 
 def unusable_silo(msg: Message, context: Context) -> Message | None:
@@ -61,8 +62,13 @@ def train(msg: Message, context: Context) -> Message:
     strategy = str(msg.content[P.CONFIG].get(P.STRATEGY, "alignfl"))
     configured = silo_for(context).cfg.baselines.strategy
     if strategy != configured:  # the run config decides what a silo trains, not a message
-        return Message(error=Error(code=STRATEGY_MISMATCH_ERROR, reason=(
-            f"the train message asks for strategy '{strategy}' but the run config says '{configured}'")), reply_to=msg)
+        return Message(
+            error=Error(
+                code=STRATEGY_MISMATCH_ERROR,
+                reason=(f"the train message asks for strategy '{strategy}' but the run config says '{configured}'"),
+            ),
+            reply_to=msg,
+        )
     if strategy in ("fedavg", "fedprox"):
         return train_averaged_model(msg, context)
     return train_generator(msg, context)
@@ -75,12 +81,18 @@ def train_averaged_model(msg: Message, context: Context) -> Message:
     config = msg.content[P.CONFIG]
     mu = float(config.get(P.PROXIMAL_MU, 0.0)) if config.get(P.STRATEGY) == "fedprox" else 0.0
     try:
-        state, metrics = silo.train_global_model(int(config[P.SERVER_ROUND]),
-                                                 msg.content[P.GLOBAL_MODEL].to_torch_state_dict(), mu)
+        state, metrics = silo.train_global_model(
+            int(config[P.SERVER_ROUND]), msg.content[P.GLOBAL_MODEL].to_torch_state_dict(), mu
+        )
     except PrivacyRefusal as exc:
         return Message(error=Error(code=PRIVACY_REFUSAL_ERROR, reason=str(exc)), reply_to=msg)
-    content = RecordDict({P.GLOBAL_MODEL: ArrayRecord(torch_state_dict=state),
-                          P.METRICS: MetricRecord(metrics.record()), P.SILO: ConfigRecord({"name": silo.name})})
+    content = RecordDict(
+        {
+            P.GLOBAL_MODEL: ArrayRecord(torch_state_dict=state),
+            P.METRICS: MetricRecord(metrics.record()),
+            P.SILO: ConfigRecord({"name": silo.name}),
+        }
+    )
     return Message(content=content, reply_to=msg)
 
 
@@ -102,14 +114,20 @@ def train_generator(msg: Message, context: Context) -> Message:
             raise  # Flower's error reply carries the reason
         # under DP an exception's text could describe the records: the details stay on the silo
         silo.record_failure(server_round, traceback.format_exc())
-        return Message(error=Error(code=PRIVATE_FAILURE_ERROR, reason=(
-            f"silo '{silo.name}' failed in private round {server_round}; the details stay in its silo-dir")),
-            reply_to=msg)
-    content = RecordDict({
-        P.DECODER: ArrayRecord(torch_state_dict=out.decoder_state),
-        P.DESCRIPTOR: ConfigRecord({P.DESCRIPTOR_JSON: out.descriptor.model_dump_json()}),
-        P.METRICS: MetricRecord(out.metrics.record()),
-    })
+        return Message(
+            error=Error(
+                code=PRIVATE_FAILURE_ERROR,
+                reason=(f"silo '{silo.name}' failed in private round {server_round}; the details stay in its silo-dir"),
+            ),
+            reply_to=msg,
+        )
+    content = RecordDict(
+        {
+            P.DECODER: ArrayRecord(torch_state_dict=out.decoder_state),
+            P.DESCRIPTOR: ConfigRecord({P.DESCRIPTOR_JSON: out.descriptor.model_dump_json()}),
+            P.METRICS: MetricRecord(out.metrics.record()),
+        }
+    )
     return Message(content=content, reply_to=msg)
 
 

@@ -26,17 +26,22 @@ def check_node_config(text: str) -> SiloNodeConfig:
         raw = parse_config_args([text])
     except Exception as exc:  # flwr raises click/TOML errors with multi-line text
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ConfigError(f"node config: not 'key=value ...' or a .toml file ({first}); "
-                          "quote strings, e.g. silo-name=\"hospital-a\"") from exc
+        raise ConfigError(
+            f"node config: not 'key=value ...' or a .toml file ({first}); quote strings, e.g. silo-name=\"hospital-a\""
+        ) from exc
     node = silo_node_config(raw)
     if node.architecture:
         load_architecture(node.architecture, conf_dir() / "architectures")
     if node.data_root and not Path(node.data_root).expanduser().is_dir():
-        raise ConfigError(f"node config: data-root '{node.data_root}' is not a folder on this machine; "
-                          "fetch the data there (alignfl fetch --root ...) or fix the path")
+        raise ConfigError(
+            f"node config: data-root '{node.data_root}' is not a folder on this machine; "
+            "fetch the data there (alignfl fetch --root ...) or fix the path"
+        )
     if node.data_dir and not Path(node.data_dir).expanduser().is_dir():
-        raise ConfigError(f"node config: data-dir '{node.data_dir}' is not a folder on this machine; "
-                          "point it at the silo's ImageFolder (one sub-folder of images per class)")
+        raise ConfigError(
+            f"node config: data-dir '{node.data_dir}' is not a folder on this machine; "
+            "point it at the silo's ImageFolder (one sub-folder of images per class)"
+        )
     return node
 
 

@@ -54,8 +54,13 @@ def make_global_evaluator(cfg: RunConfig, model: GlobalModel, recorder: RunRecor
         else:
             recorder.summary["initial-eval-elapsed-seconds"] = time.time() - recorder.started
         if "accuracy" in metrics:
-            log(INFO, "Round %d: global accuracy on the real %s test set: %.4f", server_round, where,
-                metrics["accuracy"])
+            log(
+                INFO,
+                "Round %d: global accuracy on the real %s test set: %.4f",
+                server_round,
+                where,
+                metrics["accuracy"],
+            )
         return MetricRecord({k: v for k, v in metrics.items() if k != "per-class-accuracy"})
 
     return evaluate
@@ -95,9 +100,14 @@ def main(grid: Grid, context: Context) -> None:
         raise
     try:
         result = strategy.start(
-            grid=grid, initial_arrays=ArrayRecord(torch_state_dict=model.state()), num_rounds=cfg.run.num_server_rounds,
-            timeout=cfg.run.round_timeout, train_config=ConfigRecord(), evaluate_config=ConfigRecord(),
-            evaluate_fn=evaluate, **resumable,
+            grid=grid,
+            initial_arrays=ArrayRecord(torch_state_dict=model.state()),
+            num_rounds=cfg.run.num_server_rounds,
+            timeout=cfg.run.round_timeout,
+            train_config=ConfigRecord(),
+            evaluate_config=ConfigRecord(),
+            evaluate_fn=evaluate,
+            **resumable,
         )
     except ConfigError as exc:
         log(ERROR, "alignfl: %s", exc)
@@ -112,5 +122,12 @@ def main(grid: Grid, context: Context) -> None:
     path = recorder.finish("completed")
     metric, by = recorder.metric, recorder.summary["evaluation"]["by"]
     final = recorder.summary.get(f"final-silo-mean-{metric}" if by == "silos" else f"final-global-{metric}")
-    log(INFO, "%s finished: final global %s %s (judged by: %s); summary in %s", cfg.baselines.strategy, metric,
-        final, by, path)
+    log(
+        INFO,
+        "%s finished: final global %s %s (judged by: %s); summary in %s",
+        cfg.baselines.strategy,
+        metric,
+        final,
+        by,
+        path,
+    )

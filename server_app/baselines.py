@@ -31,21 +31,29 @@ class RecordedAveraging:
 
     def __init__(self, cfg: RunConfig, recorder: RunRecorder, **kwargs) -> None:
         n = cfg.data.num_silos
-        super().__init__(min_train_nodes=n, min_evaluate_nodes=n, min_available_nodes=n,
-                         weighted_by_key="num-examples", arrayrecord_key=P.GLOBAL_MODEL,
-                         configrecord_key=P.CONFIG, **kwargs)
+        super().__init__(
+            min_train_nodes=n,
+            min_evaluate_nodes=n,
+            min_available_nodes=n,
+            weighted_by_key="num-examples",
+            arrayrecord_key=P.GLOBAL_MODEL,
+            configrecord_key=P.CONFIG,
+            **kwargs,
+        )
         self.cfg, self.recorder = cfg, recorder
         self.silo_of_node: dict[int, str] = {}
         self.bytes_down = 0
 
-    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
-                        grid: Grid) -> Iterable[Message]:
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
         config[P.STRATEGY] = self.cfg.baselines.strategy
         self.bytes_down = arrays.count_bytes()
         return super().configure_train(server_round, arrays, config, grid)
 
-    def aggregate_train(self, server_round: int,
-                        replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Record and aggregate the replies whose metrics pass the schema; the others are logged and left out."""
         replies = list(replies)
         usable = []
@@ -64,7 +72,8 @@ class RecordedAveraging:
             usable.append(msg)
             self.silo_of_node[msg.metadata.src_node_id] = name
             self.recorder.silo(server_round, name).update(
-                {**metrics, "bytes-up": size, "bytes-down-train": self.bytes_down})
+                {**metrics, "bytes-up": size, "bytes-down-train": self.bytes_down}
+            )
         t0 = time.perf_counter()
         arrays, metrics = super().aggregate_train(server_round, [m for m in replies if m.has_error()] + usable)
         rnd = self.recorder.round(server_round)
@@ -73,8 +82,9 @@ class RecordedAveraging:
         self.recorder.write()
         return arrays, metrics
 
-    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
-                           grid: Grid) -> Iterable[Message]:
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
         config[P.GLOBAL_MODEL_KIND] = self.cfg.server.global_model
         messages = list(super().configure_evaluate(server_round, arrays, config, grid))
         size = arrays.count_bytes()

@@ -30,8 +30,9 @@ from alignfl_app.server.liveness import ReplyDeadline
 from .messages import as_metric_record, evaluate_results, train_reply
 
 
-def collect_replies(grid: Grid, messages: Iterable[Message], deadline: ReplyDeadline, poll: float = 0.5,
-                    required: int = 0) -> list[Message]:
+def collect_replies(
+    grid: Grid, messages: Iterable[Message], deadline: ReplyDeadline, poll: float = 0.5, required: int = 0
+) -> list[Message]:
     """Push ``messages`` and pull their replies until all are in or ``deadline`` gives up on the rest: once
     ``required`` replies are in, the rest get only a grace period (see ``alignfl_app.server.liveness``). Replies to an
     earlier phase that came too late are pulled too, to learn their nodes' pace, and discarded."""
@@ -61,10 +62,15 @@ def collect_replies(grid: Grid, messages: Iterable[Message], deadline: ReplyDead
         elapsed = time.monotonic() - t0
         limit = deadline.limit((node_of[m] for m in pending), arrived, required)
         if elapsed >= limit:
-            log(WARNING, "Stopped waiting for nodes %s after %.1f s (%s)", sorted(node_of[m] for m in pending), elapsed,
+            log(
+                WARNING,
+                "Stopped waiting for nodes %s after %.1f s (%s)",
+                sorted(node_of[m] for m in pending),
+                elapsed,
                 f"{len(arrived)} replies in, the rest get {deadline.grace_factor:g}x the usual reply time"
-                if required and len(arrived) >= required else
-                f"their usual reply time x {deadline.factor:g}, at most round-timeout")
+                if required and len(arrived) >= required
+                else f"their usual reply time x {deadline.factor:g}, at most round-timeout",
+            )
             for m in pending:
                 deadline.expect_late(m, node_of[m], t0, wall0)
             break
@@ -74,8 +80,7 @@ def collect_replies(grid: Grid, messages: Iterable[Message], deadline: ReplyDead
 
 
 # Flower's own error replies: the node was offline or the message expired; no reply time to learn
-UNANSWERED = frozenset({ErrorCode.MESSAGE_UNAVAILABLE, ErrorCode.REPLY_MESSAGE_UNAVAILABLE,
-                        ErrorCode.NODE_UNAVAILABLE})
+UNANSWERED = frozenset({ErrorCode.MESSAGE_UNAVAILABLE, ErrorCode.REPLY_MESSAGE_UNAVAILABLE, ErrorCode.NODE_UNAVAILABLE})
 
 
 def wait_for_nodes(grid: Grid, wanted: int, timeout: float) -> list[int]:
@@ -97,10 +102,19 @@ class AlignFLStrategy(Strategy):
         self.core, self.cfg = core, core.cfg
         self.first_round = 1
 
-    def start(self, grid: Grid, initial_arrays: ArrayRecord, num_rounds: int = 3, timeout: float = 3600,
-              train_config: ConfigRecord | None = None, evaluate_config: ConfigRecord | None = None,
-              evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None = None, *,
-              first_round: int = 1, after_round: Callable[[int], None] | None = None) -> Result:
+    def start(
+        self,
+        grid: Grid,
+        initial_arrays: ArrayRecord,
+        num_rounds: int = 3,
+        timeout: float = 3600,
+        train_config: ConfigRecord | None = None,
+        evaluate_config: ConfigRecord | None = None,
+        evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None = None,
+        *,
+        first_round: int = 1,
+        after_round: Callable[[int], None] | None = None,
+    ) -> Result:
         """Flower's round loop, able to start at ``first_round`` (resume) and to checkpoint via ``after_round``,
         and waiting for each phase's replies only as long as ``ReplyDeadline`` allows (``timeout`` at most).
 
@@ -122,16 +136,18 @@ class AlignFLStrategy(Strategy):
             log(INFO, "")
             log(INFO, "[ROUND %s/%s]", rnd, num_rounds)
             required = self.cfg.required_silos
-            replies = collect_replies(grid, self.configure_train(rnd, arrays, train_config, grid), train_deadline,
-                                      required=required)
+            replies = collect_replies(
+                grid, self.configure_train(rnd, arrays, train_config, grid), train_deadline, required=required
+            )
             agg_arrays, train_metrics = self.aggregate_train(rnd, replies)
             if agg_arrays is not None:
                 result.arrays = arrays = agg_arrays
             if train_metrics is not None:
                 log(INFO, "\t└──> Aggregated MetricRecord: %s", train_metrics)
                 result.train_metrics_clientapp[rnd] = train_metrics
-            replies = collect_replies(grid, self.configure_evaluate(rnd, arrays, evaluate_config, grid),
-                                      evaluate_deadline, required=required)
+            replies = collect_replies(
+                grid, self.configure_evaluate(rnd, arrays, evaluate_config, grid), evaluate_deadline, required=required
+            )
             eval_metrics = self.aggregate_evaluate(rnd, replies)
             if eval_metrics is not None:
                 log(INFO, "\t└──> Aggregated MetricRecord: %s", eval_metrics)
@@ -150,15 +166,24 @@ class AlignFLStrategy(Strategy):
     # --- Strategy interface -------------------------------------------------------------
     def summary(self) -> None:
         c = self.cfg
-        log(INFO, "\t├──> ALIGN-FL: %d silos, classes %s, architectures %s", c.data.num_silos,
-            c.flat()["silo-classes"], [c.local.architecture_for(i) for i in range(c.data.num_silos)])
-        budget = (f"{c.server.synthetic_total} synthetic samples in all" if c.server.synthetic_total
-                  else f"{c.server.synthetic_per_silo} synthetic samples per silo")
+        log(
+            INFO,
+            "\t├──> ALIGN-FL: %d silos, classes %s, architectures %s",
+            c.data.num_silos,
+            c.flat()["silo-classes"],
+            [c.local.architecture_for(i) for i in range(c.data.num_silos)],
+        )
+        budget = (
+            f"{c.server.synthetic_total} synthetic samples in all"
+            if c.server.synthetic_total
+            else f"{c.server.synthetic_per_silo} synthetic samples per silo"
+        )
         log(INFO, "\t├──> global model: %s, %s, %d server epochs", c.server.global_model, budget, c.server.epochs)
         log(INFO, "\t└──> generator store: %s (%d stored)", self.core.store.root, len(self.core.store))
 
-    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
-                        grid: Grid) -> Iterable[Message]:
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
         """Train instructions carry no weights: a silo's VAE never depends on others'. The run's first round
         waits (bounded) for the silos and stops, naming the fix, if fewer than ``min-silos`` came."""
         starting = server_round == self.first_round
@@ -170,13 +195,15 @@ class AlignFLStrategy(Strategy):
                 f"only {len(nodes)} of the {configured} configured silos connected within {wait:.0f} s (min-silos="
                 f"{self.cfg.required_silos}): start the missing SuperNodes; in a simulation give Flower "
                 f"num-supernodes={configured} (flwr run . --federation-config 'num-supernodes={configured}'); "
-                "or lower min-silos")
+                "or lower min-silos"
+            )
         log(INFO, "configure_train: asking %d silos to train their VAEs", len(nodes))
         cfg = ConfigRecord({**dict(config), P.SERVER_ROUND: server_round})
         return [Message(RecordDict({P.CONFIG: cfg}), dst_node_id=n, message_type=MessageType.TRAIN) for n in nodes]
 
-    def aggregate_train(self, server_round: int,
-                        replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Hand every reply to the server core; the global model it then trains is the round's result."""
         accepted, rejected, refused, replied = 0, [], [], set()
         max_bytes = self.core.terms.max_bytes
@@ -204,26 +231,34 @@ class AlignFLStrategy(Strategy):
             return None, MetricRecord(counts)
         figures = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
         return ArrayRecord(torch_state_dict=self.core.model.state()), MetricRecord(
-            {**figures, **counts, "generators": len(self.core.store)})
+            {**figures, **counts, "generators": len(self.core.store)}
+        )
 
-    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
-                           grid: Grid) -> Iterable[Message]:
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
         """Ask every silo to judge the global model on its own test set; none in a DP run (a silo's evaluation
         is a figure of its records: it would not be private)."""
         if self.cfg.privacy.enabled:
             return []
         registry = self.core.registry
-        nodes = [n for n in registry.to_ask(list(grid.get_node_ids()), self.core.standing.excluded())
-                 if registry.name_of(n)]  # only nodes bound to a silo: an evaluation is recorded under its name
-        cfg = ConfigRecord({**dict(config), P.SERVER_ROUND: server_round,
-                            P.GLOBAL_MODEL_KIND: self.cfg.server.global_model})
+        nodes = [
+            n for n in registry.to_ask(list(grid.get_node_ids()), self.core.standing.excluded()) if registry.name_of(n)
+        ]  # only nodes bound to a silo: an evaluation is recorded under its name
+        cfg = ConfigRecord(
+            {**dict(config), P.SERVER_ROUND: server_round, P.GLOBAL_MODEL_KIND: self.cfg.server.global_model}
+        )
         size = arrays.count_bytes()
         for node in nodes:
             silo = self.core.registry.name_of(node)
             if silo:
                 self.core.recorder.silo(server_round, silo)["bytes-down-eval"] = size
-        return [Message(RecordDict({P.GLOBAL_MODEL: arrays, P.CONFIG: cfg}), dst_node_id=n,
-                        message_type=MessageType.EVALUATE) for n in nodes]
+        return [
+            Message(
+                RecordDict({P.GLOBAL_MODEL: arrays, P.CONFIG: cfg}), dst_node_id=n, message_type=MessageType.EVALUATE
+            )
+            for n in nodes
+        ]
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         """Per-silo accuracy of the global model on each silo's own real test set: one reply per node, and only
@@ -232,8 +267,12 @@ class AlignFLStrategy(Strategy):
         for msg in replies:
             node = msg.metadata.src_node_id
             if registry.name_of(node) is None or node in seen:
-                log(WARNING, "Evaluate reply from node %d left out: %s", node,
-                    "a second reply this round" if node in seen else "the node serves no silo of this run")
+                log(
+                    WARNING,
+                    "Evaluate reply from node %d left out: %s",
+                    node,
+                    "a second reply this round" if node in seen else "the node serves no silo of this run",
+                )
                 continue
             seen.add(node)
             kept.append(msg)

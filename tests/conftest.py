@@ -18,9 +18,16 @@ def default_run_config() -> dict:
 
 
 TINY = {
-    "max-per-class": 60, "outliers-per-silo": 12, "local-epochs": 1, "batch-size": 32,
-    "synthetic-per-silo": 40, "server-epochs": 1, "server-batch-size": 32, "sample-grid-per-silo": 4,
-    "silo-classes": "0,1;2,3;4,5", "silo-architectures": "mlp-small;conv",
+    "max-per-class": 60,
+    "outliers-per-silo": 12,
+    "local-epochs": 1,
+    "batch-size": 32,
+    "synthetic-per-silo": 40,
+    "server-epochs": 1,
+    "server-batch-size": 32,
+    "sample-grid-per-silo": 4,
+    "silo-classes": "0,1;2,3;4,5",
+    "silo-architectures": "mlp-small;conv",
 }
 
 
@@ -42,9 +49,17 @@ def tiny_config(tmp_path) -> dict:
 
 def make_message(content: RecordDict | None, message_type: str, src: int, dst: int, error=None) -> Message:
     """A Message as it arrives outside a run (explicit Metadata, like flwr's own tests)."""
-    md = Metadata(run_id=1, message_id=f"m-{src}-{dst}-{time.time_ns()}", src_node_id=src, dst_node_id=dst,
-                  reply_to_message_id="", group_id="1", created_at=time.time(), ttl=3600.0,
-                  message_type=message_type)
+    md = Metadata(
+        run_id=1,
+        message_id=f"m-{src}-{dst}-{time.time_ns()}",
+        src_node_id=src,
+        dst_node_id=dst,
+        reply_to_message_id="",
+        group_id="1",
+        created_at=time.time(),
+        ttl=3600.0,
+        message_type=message_type,
+    )
     if error is not None:
         return Message(error=error, metadata=md)
     return Message(content=content, metadata=md)
@@ -52,8 +67,13 @@ def make_message(content: RecordDict | None, message_type: str, src: int, dst: i
 
 def make_context(run_config: dict, partition_id: int, node_id: int | None = None, **node_extra) -> Context:
     node_config = {"partition-id": partition_id, "num-partitions": 3, **node_extra}
-    return Context(run_id=1, node_id=node_id or 100 + partition_id, node_config=node_config,
-                   state=RecordDict(), run_config=dict(run_config))
+    return Context(
+        run_id=1,
+        node_id=node_id or 100 + partition_id,
+        node_config=node_config,
+        state=RecordDict(),
+        run_config=dict(run_config),
+    )
 
 
 @pytest.fixture(scope="module")

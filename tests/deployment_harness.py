@@ -27,8 +27,14 @@ OPERATOR_KEY = "operator"
 
 def deploy_script(name: str, *args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
     """Run one of ``deploy/*.sh`` (the scripts the deployment guide tells users to run); raise on failure."""
-    res = subprocess.run([str(DEPLOY / name), *args], cwd=PROJECT, env={**env, "ALIGNFL_BIN": str(BIN)},
-                         capture_output=True, text=True, timeout=120)
+    res = subprocess.run(
+        [str(DEPLOY / name), *args],
+        cwd=PROJECT,
+        env={**env, "ALIGNFL_BIN": str(BIN)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     if res.returncode != 0:
         raise RuntimeError(f"deploy/{name} {' '.join(args)} failed ({res.returncode}): {res.stderr.strip()}")
     return res
@@ -56,14 +62,25 @@ class DeploymentFederation(SimulationLink):
         self.supernodes: dict[str, subprocess.Popen] = {}
 
     def start_front(self) -> None:
-        self.front = start_logged([str(DEPLOY / "start-fleet-front.sh"), str(self.certs), str(self.signatures),
-                                   "127.0.0.1", str(self.front_port), str(self.port)],
-                                  self.front_log, self.env, cwd=PROJECT)
+        self.front = start_logged(
+            [
+                str(DEPLOY / "start-fleet-front.sh"),
+                str(self.certs),
+                str(self.signatures),
+                "127.0.0.1",
+                str(self.front_port),
+                str(self.port),
+            ],
+            self.front_log,
+            self.env,
+            cwd=PROJECT,
+        )
         wait_for_port(self.front, self.front_port, self.front_log, "fleet front")
 
     def sign_app(self) -> None:
-        deploy_script("sign-app.sh", str(self.operator_keys / OPERATOR_KEY), str(self.signatures), str(PROJECT),
-                      env=self.env)
+        deploy_script(
+            "sign-app.sh", str(self.operator_keys / OPERATOR_KEY), str(self.signatures), str(PROJECT), env=self.env
+        )
 
     def make_key(self, silo: str) -> Path:
         keys = self.tmp / "silo-keys"
@@ -81,8 +98,15 @@ class DeploymentFederation(SimulationLink):
         home = self.tmp / f"supernode-{silo}"
         home.mkdir(parents=True, exist_ok=True)
         env = {**flower_env(home, PROJECT), "ALIGNFL_BIN": str(BIN), "SUPERNODE_MAX_RETRIES": "3"}
-        cmd = [str(DEPLOY / "start-supernode.sh"), f"127.0.0.1:{self.front_port}", str(self.certs / "ca.crt"),
-               str(private_key), str(self.operator_keys / "trusted-entities.yaml"), node_config, str(free_port())]
+        cmd = [
+            str(DEPLOY / "start-supernode.sh"),
+            f"127.0.0.1:{self.front_port}",
+            str(self.certs / "ca.crt"),
+            str(private_key),
+            str(self.operator_keys / "trusted-entities.yaml"),
+            node_config,
+            str(free_port()),
+        ]
         proc = start_logged(cmd, home / "supernode.log", env, cwd=PROJECT)
         self.supernodes[silo] = proc
         return proc
@@ -115,8 +139,12 @@ def deployment_federation(tmp: Path) -> Iterator[DeploymentFederation]:
     deploy_script("make-certs.sh", str(tmp / "certs"), env=env)
     deploy_script("make-app-signing-key.sh", str(tmp / "operator-keys"), OPERATOR_KEY, env=env)
     log = tmp / "superlink.log"
-    proc = start_logged([str(DEPLOY / "start-superlink.sh"), str(tmp / "certs"), str(tmp / "superlink-state"),
-                         str(port)], log, env, cwd=PROJECT)
+    proc = start_logged(
+        [str(DEPLOY / "start-superlink.sh"), str(tmp / "certs"), str(tmp / "superlink-state"), str(port)],
+        log,
+        env,
+        cwd=PROJECT,
+    )
     fed = DeploymentFederation(tmp, proc, port, log)
     try:
         wait_for_port(proc, port, log, "flower-superlink (TLS, SuperNode auth, loopback)")

@@ -25,8 +25,14 @@ def tinted(x: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
     return F.interpolate(x, size=(32, 32), mode="bilinear", align_corners=False).clamp(0, 1) * colours
 
 
-def write_split(folder: Path, x: torch.Tensor, y: torch.Tensor, names: tuple[str, ...], picks: dict[str, np.ndarray],
-                rng: np.random.Generator) -> None:
+def write_split(
+    folder: Path,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    names: tuple[str, ...],
+    picks: dict[str, np.ndarray],
+    rng: np.random.Generator,
+) -> None:
     ids = {name: CLASS_NAMES["fashion-mnist"].index(name) for name in names}
     images = torch.cat([tinted(x[torch.from_numpy(picks[n])], rng) for n in names])
     labels = torch.cat([torch.full((len(picks[n]),), i) for i, n in enumerate(names)])
@@ -49,16 +55,22 @@ def tinted_federation(root: Path, per_class: int, test_per_class: int = 40, seed
     for k, classes in enumerate(SILO_CLASSES):
         picks = {}
         for n in classes:
-            picks[n] = pools[n][taken[n]:taken[n] + per_class]
+            picks[n] = pools[n][taken[n] : taken[n] + per_class]
             taken[n] += per_class
         folder = root / f"silo-{k}"
         write_split(folder, x, y, classes, picks, rng)
         if k != 1:
-            write_split(folder / TEST_FOLDER, xt, yt, classes, {n: test_pools[n][:test_per_class] for n in classes},
-                        rng)
+            write_split(
+                folder / TEST_FOLDER, xt, yt, classes, {n: test_pools[n][:test_per_class] for n in classes}, rng
+            )
         dirs.append(str(folder))
     union = tuple(sorted({n for g in SILO_CLASSES for n in g}))
     write_split(root / "global-test", xt, yt, union, {n: test_pools[n][-test_per_class:] for n in union}, rng)
-    return {"dataset": "folder", "silo-classes": ";".join(",".join(g) for g in SILO_CLASSES),
-            "silo-data-dirs": ";".join(dirs), "global-test-dir": str(root / "global-test"), "image-size": "32x32",
-            "channels": 3}
+    return {
+        "dataset": "folder",
+        "silo-classes": ";".join(",".join(g) for g in SILO_CLASSES),
+        "silo-data-dirs": ";".join(dirs),
+        "global-test-dir": str(root / "global-test"),
+        "image-size": "32x32",
+        "channels": 3,
+    }

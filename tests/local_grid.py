@@ -26,8 +26,14 @@ NODE_BASE = 1000
 
 
 class LocalGrid(Grid):
-    def __init__(self, run_config: dict, num_silos: int, faults: dict[tuple[int, int], str] | None = None,
-                 kill_at_round: int | None = None, node_base: int = NODE_BASE) -> None:
+    def __init__(
+        self,
+        run_config: dict,
+        num_silos: int,
+        faults: dict[tuple[int, int], str] | None = None,
+        kill_at_round: int | None = None,
+        node_base: int = NODE_BASE,
+    ) -> None:
         self.node_base = node_base  # node ids are node_base + partition id (a new run may get new ids)
         try:  # the silos' own setup, as alignfl run makes it (an invalid run config is the server's to refuse)
             provision_simulated_silos(silos_root(), parse_run_config(run_config))
@@ -59,7 +65,9 @@ class LocalGrid(Grid):
             if fault == "timeout":
                 continue
             if fault == "error":
-                reply = Message(error=Error(code=0, reason="ClientApp raised RuntimeError: disk full"), reply_to=inbound)
+                reply = Message(
+                    error=Error(code=0, reason="ClientApp raised RuntimeError: disk full"), reply_to=inbound
+                )
             else:
                 reply = client_app(inbound, self.contexts[node])
             self.outbox[reply.metadata.reply_to_message_id] = reply

@@ -6,25 +6,28 @@ from alignfl_app.config import ConfigError, load_architecture, parse_node_config
 from alignfl_app.resources import conf_dir
 
 
-@pytest.mark.parametrize("override, fragment", [
-    ({"silo-classes": "0,1;1,2"}, "disjoint"),
-    ({"silo-classes": "0,1;;2"}, "at least one class"),
-    ({"silo-classes": "0,a"}, "integers"),
-    ({"outlier-silos": "7"}, "out of range"),
-    ({"global-model": "gan"}, "global-model"),
-    ({"conditional": False}, "global-model='vae'"),
-    ({"outlier-dataset": "mnist"}, "must differ"),
-    ({"local-epochs": 0}, "local-epochs"),
-    ({"no-such-key": 1}, "no-such-key"),
-    ({"seed": -1}, "seed"),
-    ({"min-silos": 4}, "min-silos"),
-    ({"run-name": ".."}, "not a name"),
-    ({"run-name": "a/b"}, "not a name"),
-    ({"silo-architectures": "mlp;../../etc/x"}, "not a name"),
-    ({"learning-rate": float("inf")}, "finite"),
-    ({"sample-temperature": float("nan")}, "finite"),
-    ({"seed": 2**63}, "seed"),
-])
+@pytest.mark.parametrize(
+    "override, fragment",
+    [
+        ({"silo-classes": "0,1;1,2"}, "disjoint"),
+        ({"silo-classes": "0,1;;2"}, "at least one class"),
+        ({"silo-classes": "0,a"}, "integers"),
+        ({"outlier-silos": "7"}, "out of range"),
+        ({"global-model": "gan"}, "global-model"),
+        ({"conditional": False}, "global-model='vae'"),
+        ({"outlier-dataset": "mnist"}, "must differ"),
+        ({"local-epochs": 0}, "local-epochs"),
+        ({"no-such-key": 1}, "no-such-key"),
+        ({"seed": -1}, "seed"),
+        ({"min-silos": 4}, "min-silos"),
+        ({"run-name": ".."}, "not a name"),
+        ({"run-name": "a/b"}, "not a name"),
+        ({"silo-architectures": "mlp;../../etc/x"}, "not a name"),
+        ({"learning-rate": float("inf")}, "finite"),
+        ({"sample-temperature": float("nan")}, "finite"),
+        ({"seed": 2**63}, "seed"),
+    ],
+)
 def test_bad_run_config_is_one_line(override, fragment, tiny_config):
     with pytest.raises(ConfigError) as err:
         parse_run_config({**tiny_config, **override})
@@ -68,14 +71,15 @@ def test_node_config_check_is_one_line_and_strict():
 
     node = check_node_config('partition-id=3 silo-name="lab-c" architecture="conv" classes="6,7"')
     assert node.classes == (6, 7) and node.silo_name == "lab-c"
-    for text, needle in [('partition-id=0 silo-nam="a"', "silo-nam"),
-                         ('partition-id=0 silo-name="a" classes="6,6"', "distinct"),
-                         ('partition-id=0 silo-name="a" architecture="resnet"', "unknown architecture"),
-                         ('partition-id=0 silo-name="a" data-root="/no/such/dir"', "not a folder"),
-                         ('partition-id=0 silo-name="a" data-dir="/no/such/dir"',
-                          "data-dir '/no/such/dir' is not a folder"),
-                         ('partition-id=0 architecture="conv"', "silo-name is missing"),
-                         ("partition-id=0 silo-name=a b", "quote strings")]:
+    for text, needle in [
+        ('partition-id=0 silo-nam="a"', "silo-nam"),
+        ('partition-id=0 silo-name="a" classes="6,6"', "distinct"),
+        ('partition-id=0 silo-name="a" architecture="resnet"', "unknown architecture"),
+        ('partition-id=0 silo-name="a" data-root="/no/such/dir"', "not a folder"),
+        ('partition-id=0 silo-name="a" data-dir="/no/such/dir"', "data-dir '/no/such/dir' is not a folder"),
+        ('partition-id=0 architecture="conv"', "silo-name is missing"),
+        ("partition-id=0 silo-name=a b", "quote strings"),
+    ]:
         with pytest.raises(ConfigError, match=needle) as info:
             check_node_config(text)
         assert "\n" not in str(info.value)

@@ -36,8 +36,12 @@ def test_flwr_run_fab_carries_conf_and_the_tools():
     from flwr.cli.build import build_fab_from_disk
 
     names = set(zipfile.ZipFile(io.BytesIO(build_fab_from_disk(PROJECT))).namelist())
-    assert {"conf/architectures/conv.toml", "conf/experiments/mnist-fast.toml",
-            "alignfl_app/resources.py", "alignfl_app/tools/local_superlink.py"} <= names
+    assert {
+        "conf/architectures/conv.toml",
+        "conf/experiments/mnist-fast.toml",
+        "alignfl_app/resources.py",
+        "alignfl_app/tools/local_superlink.py",
+    } <= names
     assert not any(n.startswith(("build/", ".venv/")) for n in names)
 
 

@@ -95,8 +95,7 @@ def make_canaries(pool: torch.Tensor, k: int, seed: int) -> CanarySet:
     indices = np.sort(rng.choice(len(pool), size=k, replace=False))
     included = rng.integers(0, 2, size=k).astype(bool)
     pool_indices = torch.from_numpy(indices)
-    return CanarySet(images=pool[pool_indices].clone(), included=torch.from_numpy(included),
-                     pool_indices=pool_indices)
+    return CanarySet(images=pool[pool_indices].clone(), included=torch.from_numpy(included), pool_indices=pool_indices)
 
 
 # ----------------------------------------------------------------------------------------- attack score
@@ -107,9 +106,16 @@ def _binary_entropy_sum(x: torch.Tensor) -> torch.Tensor:
     return -(torch.special.xlogy(x, x) + torch.special.xlogy(1 - x, 1 - x)).sum(dim=1)
 
 
-def reconstruction_scores(decoder: DecoderLike, latent_dim: int, x: torch.Tensor, steps: int = 100,
-                          restarts: int = 4, seed: int = 0, lr: float = 0.1,
-                          distance: Distance = "squared") -> torch.Tensor:
+def reconstruction_scores(
+    decoder: DecoderLike,
+    latent_dim: int,
+    x: torch.Tensor,
+    steps: int = 100,
+    restarts: int = 4,
+    seed: int = 0,
+    lr: float = 0.1,
+    distance: Distance = "squared",
+) -> torch.Tensor:
     """Membership score of each candidate: minus how closely the decoder can reproduce it.
 
     For every candidate and restart a latent z starts from N(0, I) and Adam minimises the distance
@@ -142,8 +148,9 @@ def reconstruction_scores(decoder: DecoderLike, latent_dim: int, x: torch.Tensor
     def losses() -> torch.Tensor:
         logits = decoder(z).flatten(1)
         if logits.shape != batch_target.shape:
-            raise ValueError(f"decoder output {tuple(logits.shape)} does not match the candidates' "
-                             f"{dim} values per image")
+            raise ValueError(
+                f"decoder output {tuple(logits.shape)} does not match the candidates' {dim} values per image"
+            )
         if distance == "bce":
             return F.binary_cross_entropy_with_logits(logits, batch_target, reduction="none").sum(dim=1)
         return (torch.sigmoid(logits) - batch_target).pow(2).sum(dim=1)
@@ -179,7 +186,7 @@ def elbo_scores(vae: nn.Module, x: torch.Tensor, samples: int = 16, seed: int = 
     vae.eval()
     out = []
     for i in range(0, len(x), batch):
-        xb = x[i:i + batch]
+        xb = x[i : i + batch]
         mu, logvar = vae.encoder(xb)
         total = torch.zeros(len(xb))
         for _ in range(samples):
@@ -281,8 +288,13 @@ def guess_grid(num_canaries: int, fractions: Sequence[float] = GUESS_FRACTIONS) 
     return [(kp, km) for kp in counts for km in counts if kp + km <= num_canaries]
 
 
-def epsilon_lower_bound(scores: torch.Tensor | np.ndarray, included: torch.Tensor | np.ndarray, delta: float,
-                        beta: float = 0.05, fractions: Sequence[float] = GUESS_FRACTIONS) -> EpsilonLowerBound:
+def epsilon_lower_bound(
+    scores: torch.Tensor | np.ndarray,
+    included: torch.Tensor | np.ndarray,
+    delta: float,
+    beta: float = 0.05,
+    fractions: Sequence[float] = GUESS_FRACTIONS,
+) -> EpsilonLowerBound:
     """One-run epsilon lower bound from canary scores and their true inclusion coins.
 
     For each (k_plus, k_minus) of ``guess_grid``: guess "in" for the k_plus highest scores, "out" for
@@ -324,9 +336,17 @@ def epsilon_lower_bound(scores: torch.Tensor | np.ndarray, included: torch.Tenso
             best_eps, best_idx = eps, int(idx)
     if best_idx is None:  # nothing refuted: report the pair with the most significant count at epsilon 0
         best_idx = int(np.argmin(stats.binom.sf(v - 1, r, 0.5)))
-    return EpsilonLowerBound(epsilon=best_eps, guesses=int(r[best_idx]), correct=int(v[best_idx]),
-                             k_plus=int(kp[best_idx]), k_minus=int(km[best_idx]), num_canaries=m, delta=delta,
-                             beta=beta, grid_size=len(grid))
+    return EpsilonLowerBound(
+        epsilon=best_eps,
+        guesses=int(r[best_idx]),
+        correct=int(v[best_idx]),
+        k_plus=int(kp[best_idx]),
+        k_minus=int(km[best_idx]),
+        num_canaries=m,
+        delta=delta,
+        beta=beta,
+        grid_size=len(grid),
+    )
 
 
 # --------------------------------------------------------------------------------- membership inference
@@ -379,8 +399,9 @@ def _interval(values: np.ndarray) -> tuple[float, float]:
     return float(low), float(high)
 
 
-def membership_report(member_scores: torch.Tensor | np.ndarray, nonmember_scores: torch.Tensor | np.ndarray,
-                      seed: int, n_boot: int = 1000) -> MembershipReport:
+def membership_report(
+    member_scores: torch.Tensor | np.ndarray, nonmember_scores: torch.Tensor | np.ndarray, seed: int, n_boot: int = 1000
+) -> MembershipReport:
     """Membership-inference statistics of a score (higher: more likely a member) with percentile CIs."""
     mem = np.asarray(torch.as_tensor(member_scores).detach().cpu(), dtype=np.float64).ravel()
     non = np.asarray(torch.as_tensor(nonmember_scores).detach().cpu(), dtype=np.float64).ravel()
@@ -408,14 +429,22 @@ def membership_report(member_scores: torch.Tensor | np.ndarray, nonmember_scores
     def ci(f: float) -> tuple[float, float] | None:
         return None if tpr[f] is None else _interval(np.concatenate(boot_tpr[f]))
 
-    return MembershipReport(auc=auc, auc_ci=_interval(np.concatenate(boot_auc)),
-                            tpr_at_fpr_1e_2=point(1e-2), tpr_at_fpr_1e_2_ci=ci(1e-2),
-                            tpr_at_fpr_1e_3=point(1e-3), tpr_at_fpr_1e_3_ci=ci(1e-3),
-                            num_members=len(mem), num_nonmembers=len(non), n_boot=n_boot)
+    return MembershipReport(
+        auc=auc,
+        auc_ci=_interval(np.concatenate(boot_auc)),
+        tpr_at_fpr_1e_2=point(1e-2),
+        tpr_at_fpr_1e_2_ci=ci(1e-2),
+        tpr_at_fpr_1e_3=point(1e-3),
+        tpr_at_fpr_1e_3_ci=ci(1e-3),
+        num_members=len(mem),
+        num_nonmembers=len(non),
+        n_boot=n_boot,
+    )
 
 
-def roc_curve(member_scores: Sequence[float] | np.ndarray,
-              nonmember_scores: Sequence[float] | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def roc_curve(
+    member_scores: Sequence[float] | np.ndarray, nonmember_scores: Sequence[float] | np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
     """(FPR, TPR) at every distinct threshold, "member" meaning score >= threshold; starts at (0, 0)."""
     mem = np.asarray(member_scores, dtype=np.float64)
     non = np.asarray(nonmember_scores, dtype=np.float64)
@@ -450,14 +479,21 @@ def _nearest_distances(queries: torch.Tensor, refs: torch.Tensor, k: int, chunk:
         raise ValueError(f"need at least {k} reference rows, got {len(r)}")
     out = []
     for start in range(0, len(q), chunk):
-        d = torch.cdist(q[start:start + chunk], r)
+        d = torch.cdist(q[start : start + chunk], r)
         out.append(torch.topk(d, k, dim=1, largest=False).values[:, k - 1])
     return torch.cat(out) if out else torch.empty(0)
 
 
-def normalised_leakage(samples: torch.Tensor, members: torch.Tensor, nonmembers: torch.Tensor,
-                       typical: torch.Tensor, neighbours: int = 5, seed: int = 0, n_boot: int = 1000,
-                       chunk: int = 1024) -> NormalisedLeakage:
+def normalised_leakage(
+    samples: torch.Tensor,
+    members: torch.Tensor,
+    nonmembers: torch.Tensor,
+    typical: torch.Tensor,
+    neighbours: int = 5,
+    seed: int = 0,
+    n_boot: int = 1000,
+    chunk: int = 1024,
+) -> NormalisedLeakage:
     """Hubness-robust leakage: does the decoder sit nearer to its own outliers than to fresh ones?
 
     Why: blurry samples of a DP decoder are hubs, near every outlier whether trained on or not, so
@@ -475,11 +511,15 @@ def normalised_leakage(samples: torch.Tensor, members: torch.Tensor, nonmembers:
 
     with torch.no_grad():
         ratio = ratios()
-    member_ratio, nonmember_ratio = ratio[:len(members)], ratio[len(members):]
+    member_ratio, nonmember_ratio = ratio[: len(members)], ratio[len(members) :]
     report = membership_report(-member_ratio, -nonmember_ratio, seed=seed, n_boot=n_boot)
-    return NormalisedLeakage(membership=report, neighbours=neighbours,
-                             member_median_ratio=float(member_ratio.median()),
-                             nonmember_median_ratio=float(nonmember_ratio.median()), num_samples=len(samples))
+    return NormalisedLeakage(
+        membership=report,
+        neighbours=neighbours,
+        member_median_ratio=float(member_ratio.median()),
+        nonmember_median_ratio=float(nonmember_ratio.median()),
+        num_samples=len(samples),
+    )
 
 
 # ------------------------------------------------------------------------------------- report and plot
@@ -566,8 +606,9 @@ class GradientCanarySet:
         return int(self.included.sum())
 
 
-def make_gradient_canaries(candidates: torch.Tensor, k: int, seed: int,
-                           drift: torch.Tensor | None = None) -> GradientCanarySet:
+def make_gradient_canaries(
+    candidates: torch.Tensor, k: int, seed: int, drift: torch.Tensor | None = None
+) -> GradientCanarySet:
     """k distinct coordinates drawn from ``candidates``, each with a direction and an independent fair coin (from
     their own seeded generator, as ``make_canaries``: the bound needs coins independent of everything else).
 
@@ -606,8 +647,9 @@ def last_layer_weights(decoder: nn.Module) -> torch.Tensor:
     return torch.arange(int(offsets[last]), int(offsets[last + 1]))
 
 
-def gradient_canary_scores(canaries: GradientCanarySet, initial: torch.Tensor, released: torch.Tensor,
-                           reference: torch.Tensor | None = None) -> torch.Tensor:
+def gradient_canary_scores(
+    canaries: GradientCanarySet, initial: torch.Tensor, released: torch.Tensor, reference: torch.Tensor | None = None
+) -> torch.Tensor:
     """Membership score of each canary: how far the released decoder moved its coordinate in its direction, minus
     how far a ``reference`` run without canaries moved it (flat vectors, as ``flat_parameters``).
 
@@ -668,8 +710,9 @@ class CanaryGradient:
       ``magnitude`` along its coordinate.
     """
 
-    def __init__(self, rule: GradientRule, injection: GradientCanaryInjection, model: nn.Module,
-                 decoder: nn.Module) -> None:
+    def __init__(
+        self, rule: GradientRule, injection: GradientCanaryInjection, model: nn.Module, decoder: nn.Module
+    ) -> None:
         if not isinstance(rule, (AdaptiveClipDP, PlainGradient)):
             raise TypeError(f"gradient canaries know AdaptiveClipDP and PlainGradient, not {type(rule).__name__}")
         self.inner, self.injection, self.private = rule, injection, isinstance(rule, AdaptiveClipDP)
@@ -728,9 +771,21 @@ class CanaryGradient:
 # -------------------------------------------------------------------------------------------- the audit
 
 
-def run_canary_audit(train: Trainer, records: torch.Tensor, pool: torch.Tensor, k: int, latent_dim: int,
-                     delta: float, seed: int, beta: float = 0.05, steps: int = 100, restarts: int = 4,
-                     distance: Distance = "squared", n_boot: int = 1000, calibrate: bool = True) -> AuditReport:
+def run_canary_audit(
+    train: Trainer,
+    records: torch.Tensor,
+    pool: torch.Tensor,
+    k: int,
+    latent_dim: int,
+    delta: float,
+    seed: int,
+    beta: float = 0.05,
+    steps: int = 100,
+    restarts: int = 4,
+    distance: Distance = "squared",
+    n_boot: int = 1000,
+    calibrate: bool = True,
+) -> AuditReport:
     """Canaries -> one training run through ``train`` -> decoder attack -> bound and membership report.
 
     The included canaries are shuffled into the records (seeded) so that a trainer that does not shuffle
@@ -744,19 +799,27 @@ def run_canary_audit(train: Trainer, records: torch.Tensor, pool: torch.Tensor, 
     training_images = torch.cat([records, canaries.included_images])
     order = torch.randperm(len(training_images), generator=torch.Generator().manual_seed(seed))
     decoder = train(training_images[order])
-    scores = reconstruction_scores(decoder, latent_dim, canaries.images, steps=steps, restarts=restarts,
-                                   seed=seed, distance=distance)
+    scores = reconstruction_scores(
+        decoder, latent_dim, canaries.images, steps=steps, restarts=restarts, seed=seed, distance=distance
+    )
     attack = f"decoder reconstruction ({distance}, {restarts} restarts x {steps} Adam steps)"
     if calibrate:
         reference = train(records[torch.randperm(len(records), generator=torch.Generator().manual_seed(seed + 1))])
-        scores = scores - reconstruction_scores(reference, latent_dim, canaries.images, steps=steps,
-                                                restarts=restarts, seed=seed, distance=distance)
+        scores = scores - reconstruction_scores(
+            reference, latent_dim, canaries.images, steps=steps, restarts=restarts, seed=seed, distance=distance
+        )
         attack += ", minus a reference decoder's trained without canaries"
     bound = epsilon_lower_bound(scores, canaries.included, delta, beta=beta)
     member, nonmember = scores[canaries.included], scores[~canaries.included]
     report = membership_report(member, nonmember, seed=seed, n_boot=n_boot)
-    return AuditReport(epsilon_bound=bound, membership=report, member_scores=member.tolist(),
-                       nonmember_scores=nonmember.tolist(), seed=seed, attack=attack)
+    return AuditReport(
+        epsilon_bound=bound,
+        membership=report,
+        member_scores=member.tolist(),
+        nonmember_scores=nonmember.tolist(),
+        seed=seed,
+        attack=attack,
+    )
 
 
 GradientTrainer = Callable[[GradientCanaryInjection | None], nn.Module]
@@ -764,9 +827,18 @@ GradientTrainer = Callable[[GradientCanaryInjection | None], nn.Module]
 decoder it releases."""
 
 
-def run_gradient_canary_audit(train: GradientTrainer, initial: nn.Module, num_records: int, k: int, delta: float,
-                              seed: int, magnitude: float, calibrate: bool, beta: float = 0.05,
-                              n_boot: int = 1000) -> AuditReport:
+def run_gradient_canary_audit(
+    train: GradientTrainer,
+    initial: nn.Module,
+    num_records: int,
+    k: int,
+    delta: float,
+    seed: int,
+    magnitude: float,
+    calibrate: bool,
+    beta: float = 0.05,
+    n_boot: int = 1000,
+) -> AuditReport:
     """Gradient canaries -> one training run -> coordinate displacements -> bound and membership report.
 
     ``initial``: the decoder every run starts from. ``calibrate``: first train a reference run without canaries;
@@ -776,8 +848,9 @@ def run_gradient_canary_audit(train: GradientTrainer, initial: nn.Module, num_re
     """
     start = flat_parameters(initial)
     reference = flat_parameters(train(None)) if calibrate else None
-    canaries = make_gradient_canaries(last_layer_weights(initial), k, seed,
-                                      drift=None if reference is None else reference - start)
+    canaries = make_gradient_canaries(
+        last_layer_weights(initial), k, seed, drift=None if reference is None else reference - start
+    )
     released = flat_parameters(train(GradientCanaryInjection(canaries, num_records, magnitude)))
     scores = gradient_canary_scores(canaries, start, released, reference)
     bound = epsilon_lower_bound(scores, canaries.included, delta, beta=beta)
@@ -785,5 +858,11 @@ def run_gradient_canary_audit(train: GradientTrainer, initial: nn.Module, num_re
     attack = "gradient canaries (Dirac, last decoder layer): coordinate displacement"
     if calibrate:
         attack += " minus a reference run's without canaries"
-    return AuditReport(epsilon_bound=bound, membership=membership_report(member, nonmember, seed=seed, n_boot=n_boot),
-                       member_scores=member.tolist(), nonmember_scores=nonmember.tolist(), seed=seed, attack=attack)
+    return AuditReport(
+        epsilon_bound=bound,
+        membership=membership_report(member, nonmember, seed=seed, n_boot=n_boot),
+        member_scores=member.tolist(),
+        nonmember_scores=nonmember.tolist(),
+        seed=seed,
+        attack=attack,
+    )

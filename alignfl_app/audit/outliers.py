@@ -54,9 +54,14 @@ class OutlierAudit:
     num_samples: int
 
     def metrics(self) -> dict[str, float | int]:
-        m = {"audit-leakage-rate": self.leakage_rate, "audit-member-nearer-rate": self.member_nearer_rate,
-             "audit-outlier-share": self.outlier_share, "audit-mia-auc": self.mia_auc,
-             "audit-num-outliers": self.num_outliers, "audit-num-samples": self.num_samples}
+        m = {
+            "audit-leakage-rate": self.leakage_rate,
+            "audit-member-nearer-rate": self.member_nearer_rate,
+            "audit-outlier-share": self.outlier_share,
+            "audit-mia-auc": self.mia_auc,
+            "audit-num-outliers": self.num_outliers,
+            "audit-num-samples": self.num_samples,
+        }
         if self.mapping_rate is not None:
             m["audit-mapping-rate"] = self.mapping_rate
         return {k: v for k, v in m.items() if not (isinstance(v, float) and math.isnan(v))}  # NaN: not measurable
@@ -67,7 +72,7 @@ def _nearest(queries: torch.Tensor, refs: torch.Tensor, chunk: int = 1024) -> tu
     q, r = queries.flatten(1), refs.flatten(1)
     dists, idx = [], []
     for i in range(0, len(q), chunk):
-        d = torch.cdist(q[i:i + chunk], r)
+        d = torch.cdist(q[i : i + chunk], r)
         m = d.min(dim=1)
         dists.append(m.values)
         idx.append(m.indices)
@@ -100,8 +105,15 @@ def decoder_samples(decoder: nn.Module, label_set: tuple[int, ...], n: int, seed
     return torch.sigmoid(decoder(z.to(device), one_hot(local.to(device), cond) if cond else None))
 
 
-def audit_decoder(decoder: nn.Module, x: torch.Tensor, is_outlier: torch.Tensor, heldout: torch.Tensor,
-                  label_set: tuple[int, ...], num_samples: int = 2000, seed: int = 0) -> OutlierAudit:
+def audit_decoder(
+    decoder: nn.Module,
+    x: torch.Tensor,
+    is_outlier: torch.Tensor,
+    heldout: torch.Tensor,
+    label_set: tuple[int, ...],
+    num_samples: int = 2000,
+    seed: int = 0,
+) -> OutlierAudit:
     """The numbers that need only the shared decoder and the silo's records (no mapping rate)."""
     out_x, typical = x[is_outlier], x[~is_outlier]
     if len(out_x) == 0 or len(typical) == 0:
@@ -116,14 +128,26 @@ def audit_decoder(decoder: nn.Module, x: torch.Tensor, is_outlier: torch.Tensor,
     member_score = -_nearest(out_x, samples)[0]
     nonmember_score = -_nearest(heldout, samples)[0]
     return OutlierAudit(
-        mapping_rate=None, leakage_rate=leakage, member_nearer_rate=nearer,
-        outlier_share=float(is_outlier.float().mean()), mia_auc=auc(member_score, nonmember_score),
-        num_outliers=len(out_x), num_samples=num_samples,
+        mapping_rate=None,
+        leakage_rate=leakage,
+        member_nearer_rate=nearer,
+        outlier_share=float(is_outlier.float().mean()),
+        mia_auc=auc(member_score, nonmember_score),
+        num_outliers=len(out_x),
+        num_samples=num_samples,
     )
 
 
-def audit_outliers(vae: GeneratorSet, x: torch.Tensor, y: torch.Tensor, is_outlier: torch.Tensor, heldout: torch.Tensor,
-                   label_set: tuple[int, ...], num_samples: int = 2000, seed: int = 0) -> OutlierAudit:
+def audit_outliers(
+    vae: GeneratorSet,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    is_outlier: torch.Tensor,
+    heldout: torch.Tensor,
+    label_set: tuple[int, ...],
+    num_samples: int = 2000,
+    seed: int = 0,
+) -> OutlierAudit:
     """Every number above for one silo (needs at least one outlier and one typical record)."""
     result = audit_decoder(vae.decoder, x, is_outlier, heldout, label_set, num_samples, seed)
     out_x, out_y, typical = x[is_outlier], y[is_outlier], x[~is_outlier]
@@ -134,8 +158,16 @@ def audit_outliers(vae: GeneratorSet, x: torch.Tensor, y: torch.Tensor, is_outli
     return result
 
 
-def save_audit_figure(vae: GeneratorSet, x: torch.Tensor, y: torch.Tensor, is_outlier: torch.Tensor,
-                      label_set: tuple[int, ...], path: Path, k: int = 8, seed: int = 0) -> Path:
+def save_audit_figure(
+    vae: GeneratorSet,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    is_outlier: torch.Tensor,
+    label_set: tuple[int, ...],
+    path: Path,
+    k: int = 8,
+    seed: int = 0,
+) -> Path:
     """Rows: outliers; their encode-decode; the decoder sample nearest to each outlier (silo-side file)."""
     import matplotlib
 
@@ -183,9 +215,15 @@ def audit_run(run_dir: Path, data_root: str = "") -> dict[str, dict[str, float |
             continue
         desc, decoder = store.load_decoder(name)
         data = federation_silo_data(cfg, k)
-        result = audit_decoder(decoder, data.x_train, data.is_outlier, data.heldout_outliers, tuple(data.classes),
-                               num_samples=cfg.privacy.audit_samples,
-                               seed=audit_seed(cfg.run.seed, cfg.run.num_server_rounds))
+        result = audit_decoder(
+            decoder,
+            data.x_train,
+            data.is_outlier,
+            data.heldout_outliers,
+            tuple(data.classes),
+            num_samples=cfg.privacy.audit_samples,
+            seed=audit_seed(cfg.run.seed, cfg.run.num_server_rounds),
+        )
         out[name] = result.metrics()
     return out
 
@@ -198,8 +236,10 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     run = Path(args.run)
     if not (run / "summary.json").is_file() or not (run / "generators").is_dir():
-        print(f"error: {run} is not a run folder (needs summary.json and generators/): pass --run results/<run-name>",
-              file=sys.stderr)
+        print(
+            f"error: {run} is not a run folder (needs summary.json and generators/): pass --run results/<run-name>",
+            file=sys.stderr,
+        )
         return 2
     result = audit_run(run, args.data_root)
     text = json.dumps(result, indent=2)

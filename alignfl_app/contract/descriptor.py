@@ -53,13 +53,18 @@ class GeneratorDescriptor(BaseModel):
         return len(self.classes) if self.conditional else 0
 
     def build_decoder(self) -> nn.Module:
-        return build_decoder(self.architecture, self.layout, len(self.classes), self.image_shape,
-                             self.latent_components)
+        return build_decoder(
+            self.architecture, self.layout, len(self.classes), self.image_shape, self.latent_components
+        )
 
     def sampling_bytes_per_sample(self) -> int:
         """Memory one sample's draw needs (float32 activations), from the descriptor alone."""
-        return 4 * Decoder.activations_per_sample(self.architecture, 0 if self.layout == "per-class" else
-                                                  self.cond_dim, self.image_shape, self.latent_components)
+        return 4 * Decoder.activations_per_sample(
+            self.architecture,
+            0 if self.layout == "per-class" else self.cond_dim,
+            self.image_shape,
+            self.latent_components,
+        )
 
     def empty_decoder(self) -> nn.Module:
         """The decoder's shapes on the meta device: nothing allocated, nothing initialised."""

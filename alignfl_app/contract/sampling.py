@@ -37,8 +37,14 @@ class SamplingStyle:
 
 @torch.no_grad()
 def sample_generator(
-    desc: GeneratorDescriptor, decoder: nn.Module, n: int, class_ids: torch.Tensor,
-    style: SamplingStyle = SamplingStyle(), seed: int = 0, per_class: Sequence[int] | None = None, chunk: int = 1024,
+    desc: GeneratorDescriptor,
+    decoder: nn.Module,
+    n: int,
+    class_ids: torch.Tensor,
+    style: SamplingStyle = SamplingStyle(),
+    seed: int = 0,
+    per_class: Sequence[int] | None = None,
+    chunk: int = 1024,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``n`` images in [0, 1] and their run-wide labels (``class_ids[k]`` for the descriptor's k-th class),
     classes balanced over the silo's classes, or ``per_class[k]`` of class k (then ``n`` is their sum).

@@ -2,7 +2,10 @@
 
 from alignfl_app.exports import lazy_exports
 
-__all__, __getattr__ = lazy_exports(__name__, {
-    "global_model": ["GlobalModel", "load_saved_model"],
-    "vae": ["VAE", "GeneratorSet", "build_decoder"],
-})
+__all__, __getattr__ = lazy_exports(
+    __name__,
+    {
+        "global_model": ["GlobalModel", "load_saved_model"],
+        "vae": ["VAE", "GeneratorSet", "build_decoder"],
+    },
+)

@@ -35,8 +35,15 @@ StateDict = dict[str, torch.Tensor]
 class GlobalModel:
     """A classifier over all classes (default) or a conditional VAE over all classes (the paper's option)."""
 
-    def __init__(self, kind: str, num_classes: int, seed: int = 0, conditional: bool = True,
-                 device: torch.device = torch.device("cpu"), image_shape: tuple[int, int, int] = IMAGE_SHAPE) -> None:
+    def __init__(
+        self,
+        kind: str,
+        num_classes: int,
+        seed: int = 0,
+        conditional: bool = True,
+        device: torch.device = torch.device("cpu"),
+        image_shape: tuple[int, int, int] = IMAGE_SHAPE,
+    ) -> None:
         self.kind, self.num_classes, self.device = kind, num_classes, device
         self.image_shape = tuple(image_shape)
         torch.manual_seed(seed)
@@ -45,8 +52,9 @@ class GlobalModel:
             self.model: torch.nn.Module = Classifier(num_classes, self.image_shape)
             self.objective = CrossEntropy()
         elif kind == "vae":
-            self.model = VAE(load_architecture(GLOBAL_VAE_ARCHITECTURE), num_classes if conditional else 0,
-                             self.image_shape)
+            self.model = VAE(
+                load_architecture(GLOBAL_VAE_ARCHITECTURE), num_classes if conditional else 0, self.image_shape
+            )
             self.objective = NegativeELBO()
         else:
             raise ValueError(f"unknown global model '{kind}': use 'classifier' or 'vae'")
@@ -57,15 +65,26 @@ class GlobalModel:
 
     @classmethod
     def from_config(cls, cfg: RunConfig, device: torch.device = torch.device("cpu")) -> GlobalModel:
-        return cls(cfg.server.global_model, cfg.data.num_classes, cfg.run.seed, cfg.local.conditional, device,
-                   cfg.data.image_shape)
+        return cls(
+            cfg.server.global_model,
+            cfg.data.num_classes,
+            cfg.run.seed,
+            cfg.local.conditional,
+            device,
+            cfg.data.image_shape,
+        )
 
     def saved(self, class_names: Sequence[str]) -> dict:
         """The model as ``global_model_<kind>.pt`` holds it: weights, class names and input transform, enough to
         use it without the run config (``load_saved_model``)."""
-        return {"kind": self.kind, "class-names": list(class_names), "image-shape": list(self.image_shape),
-                "conditional": self.kind == "classifier" or bool(self.model.decoder.cond_dim),
-                "input": describe_transform(self.image_shape), "state-dict": self.state()}
+        return {
+            "kind": self.kind,
+            "class-names": list(class_names),
+            "image-shape": list(self.image_shape),
+            "conditional": self.kind == "classifier" or bool(self.model.decoder.cond_dim),
+            "input": describe_transform(self.image_shape),
+            "state-dict": self.state(),
+        }
 
     def state(self) -> StateDict:
         """The weights as CPU tensors (what is sent, checkpointed and saved)."""
@@ -76,8 +95,10 @@ class GlobalModel:
 
     def snapshot(self) -> dict[str, Any]:
         """Copies of the weights and the optimiser state: what a rolled-back round returns to."""
-        return {"model": copy.deepcopy(self.model.state_dict()),
-                "optimizer": None if self.optimizer is None else copy.deepcopy(self.optimizer.state_dict())}
+        return {
+            "model": copy.deepcopy(self.model.state_dict()),
+            "optimizer": None if self.optimizer is None else copy.deepcopy(self.optimizer.state_dict()),
+        }
 
     def restore(self, snapshot: dict[str, Any]) -> None:
         self.model.load_state_dict(snapshot["model"])
@@ -102,23 +123,34 @@ class GlobalModel:
             return torch.zeros(len(y), dtype=torch.long, device=y.device)
         return y
 
-    def fit(self, data: tuple[torch.Tensor, torch.Tensor], batches: Iterable[torch.Tensor], lr: float,
-            hooks: Sequence[StepHook] = (), objective: Objective | None = None) -> TrainReport:
+    def fit(
+        self,
+        data: tuple[torch.Tensor, torch.Tensor],
+        batches: Iterable[torch.Tensor],
+        lr: float,
+        hooks: Sequence[StepHook] = (),
+        objective: Objective | None = None,
+    ) -> TrainReport:
         """Train on (synthetic or a silo's real) data, warm-starting from the current weights and optimiser
         state. ``lr`` is used when the optimiser is made; a schedule may change it in between. ``objective``:
         instead of the model's own (the server's label-smoothed cross-entropy)."""
         x = data[0].to(self.device, memory_format=self.memory_format)  # once per call: batches are cut on the device
         y = data[1].to(self.device)
-        return Trainer(objective or self.objective, hooks=hooks).fit(self.model, (x, self._targets(y)), batches,
-                                                         self.optimizer_for(lr))
+        return Trainer(objective or self.objective, hooks=hooks).fit(
+            self.model, (x, self._targets(y)), batches, self.optimizer_for(lr)
+        )
 
     def evaluate(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, float | list[float]]:
         """Real-data metrics. Classifier: accuracy + per-class accuracy. VAE: negative ELBO."""
         x, y = x.to(self.device), y.to(self.device)
         if self.kind == "classifier":
             ev = evaluate_classifier(self.model, x, y, self.num_classes)
-            return {"accuracy": ev.accuracy, "loss": ev.loss, "per-class-accuracy": ev.per_class_accuracy,
-                    "num-examples": ev.num_examples}
+            return {
+                "accuracy": ev.accuracy,
+                "loss": ev.loss,
+                "per-class-accuracy": ev.per_class_accuracy,
+                "num-examples": ev.num_examples,
+            }
         nelbo = vae_test_loss(self.model, x, self._targets(y))
         return {"neg-elbo": nelbo, "loss": nelbo, "num-examples": len(x)}
 
@@ -126,7 +158,11 @@ class GlobalModel:
 def load_saved_model(path: Path) -> tuple[GlobalModel, dict]:
     """A saved global model (``GlobalModel.saved``) and what was saved with it (class names, input transform)."""
     saved = torch.load(path, weights_only=True)
-    model = GlobalModel(saved["kind"], len(saved["class-names"]), conditional=saved["conditional"],
-                        image_shape=tuple(saved["image-shape"]))
+    model = GlobalModel(
+        saved["kind"],
+        len(saved["class-names"]),
+        conditional=saved["conditional"],
+        image_shape=tuple(saved["image-shape"]),
+    )
     model.load_state(saved["state-dict"])
     return model, saved

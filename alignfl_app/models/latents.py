@@ -75,16 +75,19 @@ class MixtureFit:
 
     @classmethod
     @torch.no_grad()
-    def of(cls, vae: VAE, x: torch.Tensor, y_local: torch.Tensor, components: int, seed: int,
-           batch_size: int = 1000) -> MixtureFit:
+    def of(
+        cls, vae: VAE, x: torch.Tensor, y_local: torch.Tensor, components: int, seed: int, batch_size: int = 1000
+    ) -> MixtureFit:
         """The fit of ``vae`` on records ``x`` with decoder conditions ``y_local`` (all 0 when unconditional); one
         posterior sample per record, drawn from ``seed``."""
         cond = vae.decoder.cond_dim
         g = torch.Generator().manual_seed(seed)
         codes = []
         for mu, logvar in posterior_batches(vae, x, y_local, batch_size):
-            codes.append(mu.cpu().double() + torch.randn(mu.shape, generator=g, dtype=torch.float64)
-                         * (0.5 * logvar.cpu().double()).exp())
+            codes.append(
+                mu.cpu().double()
+                + torch.randn(mu.shape, generator=g, dtype=torch.float64) * (0.5 * logvar.cpu().double()).exp()
+            )
         z = torch.cat(codes)
         labels = (y_local if cond else torch.zeros_like(y_local)).cpu()
         fits = [fit_gaussian_mixture(z[labels == k], components, g) for k in range(max(cond, 1))]
@@ -103,17 +106,19 @@ class MixtureFit:
         return folded
 
 
-def posterior_batches(vae: VAE, x: torch.Tensor, y_local: torch.Tensor,
-                      batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def posterior_batches(
+    vae: VAE, x: torch.Tensor, y_local: torch.Tensor, batch_size: int
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """The encoder's posterior (mean, log-variance) of the records, ``batch_size`` at a time (bounded memory)."""
     vae.eval()
     cond = vae.decoder.cond_dim
     for i in range(0, len(x), batch_size):
-        yield vae.encoder(x[i:i + batch_size], one_hot(y_local[i:i + batch_size], cond))
+        yield vae.encoder(x[i : i + batch_size], one_hot(y_local[i : i + batch_size], cond))
 
 
-def fit_gaussian_mixture(z: torch.Tensor, components: int, generator: torch.Generator, iterations: int = 50,
-                         jitter: float = 1e-4) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def fit_gaussian_mixture(
+    z: torch.Tensor, components: int, generator: torch.Generator, iterations: int = 50, jitter: float = 1e-4
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """EM for a full-covariance Gaussian mixture of ``z`` (float64): log-weights, means and Cholesky factors of
     ``components`` components. With too few points for that many (under 2 (d + 1) per component), fewer are
     fitted and copies share their weight, so the shapes stay fixed and the distribution is the fitted one. No

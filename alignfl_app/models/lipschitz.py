@@ -56,8 +56,9 @@ class SpectralProjection(StepHook):
 
     def __init__(self, decoder: Decoder, cap: float, generator: torch.Generator) -> None:
         self.layers, self.cap = _layers(decoder), cap
-        self.u = [torch.randn(_matrix_and_factor(m)[0].shape[0], generator=generator).to(m.weight.device)
-                  for m in self.layers]
+        self.u = [
+            torch.randn(_matrix_and_factor(m)[0].shape[0], generator=generator).to(m.weight.device) for m in self.layers
+        ]
 
     @torch.no_grad()
     def after_step(self, iterations: int = 2) -> None:
@@ -91,8 +92,9 @@ class GradientPenalty(StepHook):
 
     def after_backward(self, rule: GradientRule) -> None:
         with rule.data_free():
-            pen = gradient_penalty(self.decoder, self.n, self.section.target, self.section.method == "gp-one-sided",
-                                   self.g)
+            pen = gradient_penalty(
+                self.decoder, self.n, self.section.target, self.section.method == "gp-one-sided", self.g
+            )
             (self.section.weight * pen).backward()
         self.last = float(pen.detach())
 
@@ -108,15 +110,18 @@ class LipschitzMeter(StepHook):
         self.values: dict[str, float] = {}
 
     def finish(self) -> None:
-        self.values = {"lipschitz-upper-bound": upper_bound(self.decoder),
-                       "lipschitz-empirical": empirical_lipschitz(self.decoder, seed=self.seed)}
+        self.values = {
+            "lipschitz-upper-bound": upper_bound(self.decoder),
+            "lipschitz-empirical": empirical_lipschitz(self.decoder, seed=self.seed),
+        }
 
     def report(self) -> dict[str, float]:
         return self.values
 
 
-def lipschitz_hooks(section: LipschitzSection, decoder: Decoder, batch_size: int, generator: torch.Generator,
-                    measure_seed: int) -> list[StepHook]:
+def lipschitz_hooks(
+    section: LipschitzSection, decoder: Decoder, batch_size: int, generator: torch.Generator, measure_seed: int
+) -> list[StepHook]:
     """The step hooks of the run's Lipschitz method (none, a penalty, or a projection), then the meter."""
     hooks: list[StepHook] = []
     if section.method == "spectral":
@@ -137,11 +142,12 @@ def _prior_points(decoder: Decoder, n: int, g: torch.Generator, temperature: flo
     return z.to(device), v.to(device), None if y is None else y.to(device)
 
 
-def secant_slopes(decoder: Decoder, z: torch.Tensor, v: torch.Tensor, y: torch.Tensor | None,
-                  step: float = SECANT_STEP) -> torch.Tensor:
+def secant_slopes(
+    decoder: Decoder, z: torch.Tensor, v: torch.Tensor, y: torch.Tensor | None, step: float = SECANT_STEP
+) -> torch.Tensor:
     """``|D(z + step v) - D(z)| / step`` per row (differentiable; every value is <= the Lipschitz constant)."""
     out = decoder(torch.cat([z, z + step * v]), None if y is None else torch.cat([y, y]))
-    a, b = out[: len(z)], out[len(z):]
+    a, b = out[: len(z)], out[len(z) :]
     return (b - a).flatten(1).norm(dim=1) / step
 
 

@@ -61,8 +61,13 @@ class Decoder(nn.Module):
     """p(x | z, y): latent (+ one-hot label over the silo's own classes) -> image logits; with
     ``latent_components`` > 0, a ``LatentMixture`` first maps the N(0, I) latent into the fitted mixture."""
 
-    def __init__(self, spec: ArchitectureSpec, cond_dim: int, image_shape: tuple[int, ...] = IMAGE_SHAPE,
-                 latent_components: int = 0) -> None:
+    def __init__(
+        self,
+        spec: ArchitectureSpec,
+        cond_dim: int,
+        image_shape: tuple[int, ...] = IMAGE_SHAPE,
+        latent_components: int = 0,
+    ) -> None:
         super().__init__()
         self.spec, self.cond_dim, self.image_shape = spec, cond_dim, tuple(image_shape)
         self.prior = LatentMixture(max(cond_dim, 1), latent_components, spec.latent_dim) if latent_components else None
@@ -92,8 +97,9 @@ class Decoder(nn.Module):
             self.net = nn.Sequential(*layers[:-1])
 
     @staticmethod
-    def activations_per_sample(spec: ArchitectureSpec, cond_dim: int, image_shape: tuple[int, ...],
-                               latent_components: int = 0) -> int:
+    def activations_per_sample(
+        spec: ArchitectureSpec, cond_dim: int, image_shape: tuple[int, ...], latent_components: int = 0
+    ) -> int:
         """Values one sample's forward pass holds (input, every layer's output), from the spec alone: what bounds
         the server's memory when it draws samples, computed before anything is built."""
         c, h, w = image_shape
@@ -187,12 +193,21 @@ class VAE(nn.Module):
 class PerClassDecoders(nn.Module):
     """One unconditional decoder per class; the one-hot label only picks which decoder draws the sample."""
 
-    def __init__(self, spec: ArchitectureSpec, num_classes: int, image_shape: tuple[int, ...] = IMAGE_SHAPE,
-                 decoders: list[Decoder] | None = None, latent_components: int = 0) -> None:
+    def __init__(
+        self,
+        spec: ArchitectureSpec,
+        num_classes: int,
+        image_shape: tuple[int, ...] = IMAGE_SHAPE,
+        decoders: list[Decoder] | None = None,
+        latent_components: int = 0,
+    ) -> None:
         super().__init__()
         self.spec, self.cond_dim, self.image_shape = spec, num_classes, tuple(image_shape)
-        self.decoders = nn.ModuleList(decoders if decoders is not None else
-                                      [Decoder(spec, 0, image_shape, latent_components) for _ in range(num_classes)])
+        self.decoders = nn.ModuleList(
+            decoders
+            if decoders is not None
+            else [Decoder(spec, 0, image_shape, latent_components) for _ in range(num_classes)]
+        )
 
     def forward(self, z: torch.Tensor, y_onehot: torch.Tensor | None = None) -> torch.Tensor:
         if y_onehot is None:
@@ -206,8 +221,13 @@ class PerClassDecoders(nn.Module):
         return out
 
 
-def build_decoder(spec: ArchitectureSpec, layout: str, num_classes: int,
-                  image_shape: tuple[int, ...] = IMAGE_SHAPE, latent_components: int = 0) -> nn.Module:
+def build_decoder(
+    spec: ArchitectureSpec,
+    layout: str,
+    num_classes: int,
+    image_shape: tuple[int, ...] = IMAGE_SHAPE,
+    latent_components: int = 0,
+) -> nn.Module:
     """The decoder a descriptor describes (what the server rebuilds from a reply)."""
     if layout == "per-class":
         return PerClassDecoders(spec, num_classes, image_shape, latent_components=latent_components)
@@ -229,8 +249,9 @@ class GeneratorSet(nn.Module):
     """A silo's VAEs: one (conditional or unconditional) VAE over all its classes, or one unconditional VAE per
     class. ``decoder`` is the part that leaves the silo: the same parameters, keyed as ``build_decoder`` keys them."""
 
-    def __init__(self, spec: ArchitectureSpec, layout: str, num_classes: int,
-                 image_shape: tuple[int, ...] = IMAGE_SHAPE) -> None:
+    def __init__(
+        self, spec: ArchitectureSpec, layout: str, num_classes: int, image_shape: tuple[int, ...] = IMAGE_SHAPE
+    ) -> None:
         super().__init__()
         self.layout, self.num_classes = layout, num_classes
         if layout == "per-class":
@@ -272,8 +293,14 @@ class GeneratorSet(nn.Module):
         return out
 
 
-def vae_loss(logits: torch.Tensor, x: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor,
-             kl_weight: float = 1.0, reduction: str = "mean") -> torch.Tensor:
+def vae_loss(
+    logits: torch.Tensor,
+    x: torch.Tensor,
+    mu: torch.Tensor,
+    logvar: torch.Tensor,
+    kl_weight: float = 1.0,
+    reduction: str = "mean",
+) -> torch.Tensor:
     """Negative ELBO per image (Bernoulli likelihood), averaged (or per-sample with reduction='none')."""
     rec = F.binary_cross_entropy_with_logits(logits, x, reduction="none").flatten(1).sum(1)
     kl = -0.5 * (1 + logvar - mu.pow(2) - logvar.exp()).sum(1)
@@ -288,11 +315,17 @@ class Classifier(nn.Module):
         super().__init__()
         c, h, w = image_shape
         self.features = nn.Sequential(
-            nn.Conv2d(c, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+            nn.Conv2d(c, 16, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(16, 32, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Flatten(),
         )
-        self.head = nn.Sequential(nn.Linear(32 * (h // 4) * (w // 4), 128), nn.ReLU(), nn.Dropout(0.2),
-                                  nn.Linear(128, num_classes))
+        self.head = nn.Sequential(
+            nn.Linear(32 * (h // 4) * (w // 4), 128), nn.ReLU(), nn.Dropout(0.2), nn.Linear(128, num_classes)
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x))

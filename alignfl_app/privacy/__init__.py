@@ -10,14 +10,17 @@ from alignfl_app.exports import lazy_exports
 _handlers = list(_logging.getLogger().handlers)
 import opacus  # noqa: E402, F401
 
-for _handler in _logging.getLogger().handlers[len(_handlers):]:
+for _handler in _logging.getLogger().handlers[len(_handlers) :]:
     _logging.getLogger().removeHandler(_handler)
 
-__all__, __getattr__ = lazy_exports(__name__, {
-    "accounting": ["epsilon_of"],
-    "admission": ["admit", "requires_dp"],
-    "dpsgd": ["DPCarry", "DPPlan", "DifferentialPrivacy", "NoPrivacy", "calibrate"],
-    "errors": ["PolicyRefusal", "PrivacyBudgetExceeded", "PrivacyRefusal"],
-    "ledger": ["LedgerAnchor", "PrivacyLedger"],
-    "policy": ["POLICY_FILE", "SiloPrivacyPolicy", "load_silo_policy"],
-})
+__all__, __getattr__ = lazy_exports(
+    __name__,
+    {
+        "accounting": ["epsilon_of"],
+        "admission": ["admit", "requires_dp"],
+        "dpsgd": ["DPCarry", "DPPlan", "DifferentialPrivacy", "NoPrivacy", "calibrate"],
+        "errors": ["PolicyRefusal", "PrivacyBudgetExceeded", "PrivacyRefusal"],
+        "ledger": ["LedgerAnchor", "PrivacyLedger"],
+        "policy": ["POLICY_FILE", "SiloPrivacyPolicy", "load_silo_policy"],
+    },
+)

@@ -75,8 +75,10 @@ class DPPlan(BaseModel):
     @property
     def planned_mechanisms(self) -> list[Mechanism]:
         """Everything the planned run releases per group: the counts once, every round's steps."""
-        return [(self.count_noise_std, 1.0, 1),
-                (self.noise_multiplier, self.sample_rate, self.steps_per_round * self.planned_rounds)]
+        return [
+            (self.count_noise_std, 1.0, 1),
+            (self.noise_multiplier, self.sample_rate, self.steps_per_round * self.planned_rounds),
+        ]
 
     @functools.cached_property
     def planned_epsilon(self) -> float:
@@ -87,25 +89,41 @@ class DPPlan(BaseModel):
 def calibrate(privacy: PrivacySection, rounds: int) -> DPPlan:
     """The run's plan: ``sigma`` from dp-noise-multiplier, or the smallest (within 0.5%) that keeps the planned
     run (counts + ``rounds x dp-steps`` steps) at dp-epsilon; one line when the target is unreachable."""
+
     def plan(sigma: float) -> DPPlan:
-        return DPPlan(accountant=privacy.accountant, noise_multiplier=sigma, sample_rate=privacy.sample_rate,
-                      steps_per_round=privacy.steps, planned_rounds=rounds, delta=privacy.delta,
-                      count_noise_std=privacy.count_noise_std, unclipped_std=privacy.unclipped_std,
-                      clip_init=privacy.clip_init, clip_quantile=privacy.clip_quantile, clip_lr=privacy.clip_lr,
-                      learning_rate=privacy.learning_rate, secure_noise=privacy.secure_noise)
+        return DPPlan(
+            accountant=privacy.accountant,
+            noise_multiplier=sigma,
+            sample_rate=privacy.sample_rate,
+            steps_per_round=privacy.steps,
+            planned_rounds=rounds,
+            delta=privacy.delta,
+            count_noise_std=privacy.count_noise_std,
+            unclipped_std=privacy.unclipped_std,
+            clip_init=privacy.clip_init,
+            clip_quantile=privacy.clip_quantile,
+            clip_lr=privacy.clip_lr,
+            learning_rate=privacy.learning_rate,
+            secure_noise=privacy.secure_noise,
+        )
+
     if privacy.noise_multiplier > 0:
         return plan(privacy.noise_multiplier)
     target = privacy.epsilon
     floor = epsilon_of([(privacy.count_noise_std, 1.0, 1)], privacy.delta, privacy.accountant)
     if floor >= target:
-        raise ConfigError(f"dp-epsilon={target} is unreachable: the record counts alone spend {floor:.3f}; "
-                          "raise dp-epsilon or dp-count-noise-std")
+        raise ConfigError(
+            f"dp-epsilon={target} is unreachable: the record counts alone spend {floor:.3f}; "
+            "raise dp-epsilon or dp-count-noise-std"
+        )
     lo, hi = 0.1, 1.0
     while plan(hi).planned_epsilon > target:
         lo, hi = hi, hi * 2
         if hi > 1e4:
-            raise ConfigError(f"dp-epsilon={target} is unreachable for {rounds} x {privacy.steps} steps at "
-                              f"dp-sample-rate={privacy.sample_rate}: raise dp-epsilon or lower the steps or rate")
+            raise ConfigError(
+                f"dp-epsilon={target} is unreachable for {rounds} x {privacy.steps} steps at "
+                f"dp-sample-rate={privacy.sample_rate}: raise dp-epsilon or lower the steps or rate"
+            )
     while hi - lo > 0.005 * hi:
         mid = (lo + hi) / 2
         lo, hi = (lo, mid) if plan(mid).planned_epsilon <= target else (mid, hi)
@@ -131,7 +149,7 @@ class RandomSource:
     def _uniform64(self, n: int) -> torch.Tensor:
         """n uniforms in (0, 1) with 53 random bits each, straight from os.urandom."""
         bits = np.frombuffer(os.urandom(8 * n), dtype=np.uint64) >> np.uint64(11)
-        return (torch.from_numpy(bits.astype(np.float64)) + 0.5) * 2.0 ** -53
+        return (torch.from_numpy(bits.astype(np.float64)) + 0.5) * 2.0**-53
 
     def uniform(self, n: int) -> torch.Tensor:
         return self._uniform64(n).to(torch.float32) if self.secure else torch.rand(n, generator=self.g)
@@ -161,10 +179,12 @@ class GroupNoise:
         sigma = plan.noise_multiplier
         count_std = plan.unclipped_std if plan.unclipped_std > 0 else max(expected / 20.0, sigma)
         if 2 * count_std <= sigma:
-            raise ConfigError(f"dp-unclipped-std={count_std:.3f} must exceed half the noise multiplier {sigma:.3f} "
-                              f"(the clip-bound query takes its share of the noise): set it above {sigma / 2:.3f} "
-                              "or 0 (automatic)")
-        return cls(expected, (sigma ** -2 - (2 * count_std) ** -2) ** -0.5, count_std)
+            raise ConfigError(
+                f"dp-unclipped-std={count_std:.3f} must exceed half the noise multiplier {sigma:.3f} "
+                f"(the clip-bound query takes its share of the noise): set it above {sigma / 2:.3f} "
+                "or 0 (automatic)"
+            )
+        return cls(expected, (sigma**-2 - (2 * count_std) ** -2) ** -0.5, count_std)
 
 
 class AdaptiveClipDP:
@@ -175,13 +195,15 @@ class AdaptiveClipDP:
     ``backward(per_record_loss)`` leaves the noisy mean of clipped gradients in ``p.grad``.
     """
 
-    def __init__(self, module: nn.Module, plan: DPPlan, noise: GroupNoise, clip_bound: float,
-                 source: RandomSource) -> None:
+    def __init__(
+        self, module: nn.Module, plan: DPPlan, noise: GroupNoise, clip_bound: float, source: RandomSource
+    ) -> None:
         torch.set_flush_denormal(True)  # per-sample gradients of sparse images underflow: 1.5x slower otherwise
         self.module, self.plan, self.noise, self.clip, self.source = module, plan, noise, float(clip_bound), source
         self.steps = 0
-        self.gsm = GradSampleModuleFastGradientClipping(module, loss_reduction="sum", max_grad_norm=self.clip,
-                                                        use_ghost_clipping=True, strict=True)
+        self.gsm = GradSampleModuleFastGradientClipping(
+            module, loss_reduction="sum", max_grad_norm=self.clip, use_ghost_clipping=True, strict=True
+        )
         self.params = [p for p in module.parameters() if p.requires_grad]
         self.unclipped_fraction: list[float] = []
 
@@ -207,8 +229,11 @@ class AdaptiveClipDP:
     def report(self) -> dict[str, float]:
         """How the bound moved: private outputs of the mechanism, kept in the silo's own report."""
         fractions = self.unclipped_fraction
-        return {"dp-steps": self.steps, "dp-clip-bound": self.clip,
-                "dp-unclipped-fraction": sum(fractions) / max(len(fractions), 1)}
+        return {
+            "dp-steps": self.steps,
+            "dp-clip-bound": self.clip,
+            "dp-unclipped-fraction": sum(fractions) / max(len(fractions), 1),
+        }
 
     def clipped_sum(self, per_sample_loss: torch.Tensor) -> torch.Tensor:
         """Leave sum_i clip_C(grad L_i) in ``p.grad``; return the per-sample gradient norms."""
@@ -292,8 +317,7 @@ class NoPrivacy:
     def __init__(self, local: LocalTrainingSection) -> None:
         self.local = local
 
-    def open_round(self, run: str, server_round: int, group_sizes: list[int],
-                   carry: DPCarry | None) -> PlainRound:
+    def open_round(self, run: str, server_round: int, group_sizes: list[int], carry: DPCarry | None) -> PlainRound:
         return PlainRound(self.local)
 
 
@@ -335,16 +359,20 @@ class DifferentialPrivacy:
         plan, source = self.plan, RandomSource(self.plan.secure_noise)
         fresh = carry is None or carry.run != run or len(carry.noisy_counts) != len(group_sizes)
         if fresh:
-            carry = DPCarry(run=run, noisy_counts=[n + float(source.normal((1,))[0]) * plan.count_noise_std
-                                                   for n in group_sizes],
-                            clip_bounds=[plan.clip_init] * len(group_sizes))
+            carry = DPCarry(
+                run=run,
+                noisy_counts=[n + float(source.normal((1,))[0]) * plan.count_noise_std for n in group_sizes],
+                clip_bounds=[plan.clip_init] * len(group_sizes),
+            )
         run_spent, _, anchor = self.ledger.book(run, server_round, plan.round_mechanisms(fresh), plan, self.policy)
         # the model's own draws (the VAE's reparameterisation) from a secret stream too: one the server could
         # replay would tie every record's gradient to the batch before it
         torch.manual_seed(secure_seed())
         if plan.delta * max(sum(carry.noisy_counts), 1.0) >= 1.0:  # on the booked noisy counts: leaks nothing more
-            raise PolicyRefusal(f"silo '{self.silo}' holds too many records for dp-delta={plan.delta:g} (delta must "
-                                "stay below 1 / records): lower dp-delta")
+            raise PolicyRefusal(
+                f"silo '{self.silo}' holds too many records for dp-delta={plan.delta:g} (delta must "
+                "stay below 1 / records): lower dp-delta"
+            )
         return DPRound(plan, carry, source, run_spent, anchor)
 
 
@@ -377,5 +405,11 @@ class DPRound:
         """The run's public recipe and what this run has spent (a function of it and of the rounds trained):
         identical for neighbouring datasets, and silent about the silo's other runs."""
         plan = self.plan
-        return {"dp-epsilon": plan.planned_epsilon, "dp-delta": plan.delta, "dp-noise-multiplier": plan.noise_multiplier,
-                "dp-sample-rate": plan.sample_rate, "dp-steps": plan.steps_per_round, "dp-epsilon-spent": self.run_spent}
+        return {
+            "dp-epsilon": plan.planned_epsilon,
+            "dp-delta": plan.delta,
+            "dp-noise-multiplier": plan.noise_multiplier,
+            "dp-sample-rate": plan.sample_rate,
+            "dp-steps": plan.steps_per_round,
+            "dp-epsilon-spent": self.run_spent,
+        }

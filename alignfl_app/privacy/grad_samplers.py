@@ -8,8 +8,9 @@ from torch import nn
 
 
 @register_grad_sampler(nn.ConvTranspose2d)
-def conv_transpose2d_grad_sample(layer: nn.ConvTranspose2d, activations: list[torch.Tensor],
-                                 backprops: torch.Tensor) -> dict[nn.Parameter, torch.Tensor]:
+def conv_transpose2d_grad_sample(
+    layer: nn.ConvTranspose2d, activations: list[torch.Tensor], backprops: torch.Tensor
+) -> dict[nn.Parameter, torch.Tensor]:
     """Per-sample gradients of a ConvTranspose2d (Opacus has none; its functorch fallback is slow).
 
     ``dW[ci, co, a, b] = sum_p x[ci, p] * g[co, s p - pad + (a, b)]``: unfold the output gradient with the

@@ -78,8 +78,12 @@ class LedgerState(BaseModel):
 
     def genesis(self) -> str:
         """The chain's start: a hash of the silo's identity and the ledger's terms."""
-        terms = {"silo": self.silo, "accountant": self.accountant, "delta": self.delta,
-                 "first_run_epsilon": self.first_run_epsilon}
+        terms = {
+            "silo": self.silo,
+            "accountant": self.accountant,
+            "delta": self.delta,
+            "first_run_epsilon": self.first_run_epsilon,
+        }
         return _sha256("alignfl-ledger", terms)
 
     def chain(self) -> list[str]:
@@ -129,17 +133,18 @@ class PrivacyLedger:
         self.records = SiloRecords(self.dir)
 
     def _blocked(self, why: str) -> PrivacyBudgetExceeded:
-        return PrivacyBudgetExceeded(f"silo '{self.silo}': its privacy ledger {WHERE} {why}; its operator must "
-                                     "restore the newest copy from a backup (training stays blocked: a lost or "
-                                     "changed ledger must not reset the budget)")
+        return PrivacyBudgetExceeded(
+            f"silo '{self.silo}': its privacy ledger {WHERE} {why}; its operator must "
+            "restore the newest copy from a backup (training stays blocked: a lost or "
+            "changed ledger must not reset the budget)"
+        )
 
     def read(self) -> LedgerState | None:
         """The checked ledger, or None for a silo without one and without private history."""
         if not self.path.is_file():
             evidence = self.records.private_evidence()
             if evidence is not None:
-                raise self._blocked(f"is missing although {self.records.relative(evidence)} shows private "
-                                    "training")
+                raise self._blocked(f"is missing although {self.records.relative(evidence)} shows private training")
             return None
         try:
             text = self.path.read_text()
@@ -150,14 +155,17 @@ class PrivacyLedger:
             raise PrivacyBudgetExceeded(
                 f"silo '{self.silo}': its privacy ledger {WHERE} has format {version}, newer than "
                 f"this alignfl reads ({LEDGER_FORMAT}): upgrade alignfl on this silo (training stays blocked until "
-                "then)")
+                "then)"
+            )
         try:
             state = LedgerState.model_validate_json(text)
         except ValueError as exc:
             raise self._blocked(f"is unreadable ({type(exc).__name__})") from exc
         if state.silo != self.silo:
-            raise PrivacyBudgetExceeded(f"silo '{self.silo}': its ledger {WHERE} belongs to silo "
-                                        f"'{state.silo}': give each silo its own silo-dir")
+            raise PrivacyBudgetExceeded(
+                f"silo '{self.silo}': its ledger {WHERE} belongs to silo "
+                f"'{state.silo}': give each silo its own silo-dir"
+            )
         self.check(state)
         return state
 
@@ -167,8 +175,9 @@ class PrivacyLedger:
         if state.format >= 2:
             broken = next((i for i, e in enumerate(state.entries) if e.hash != hashes[i + 1]), None)
             if broken is not None:
-                raise self._blocked(f"was edited (entry {broken + 1} of {len(state.entries)} does not match its hash "
-                                    "chain)")
+                raise self._blocked(
+                    f"was edited (entry {broken + 1} of {len(state.entries)} does not match its hash chain)"
+                )
         for path, raw in self.records.anchors():
             where = self.records.relative(path)
             try:
@@ -176,35 +185,45 @@ class PrivacyLedger:
             except ValueError as exc:
                 raise self._blocked(f"cannot be checked: {where} records a malformed anchor") from exc
             if anchor.entries > len(state.entries):
-                raise self._blocked(f"holds {len(state.entries)} entries but {where} recorded {anchor.entries}: it "
-                                    "was rolled back or replaced")
+                raise self._blocked(
+                    f"holds {len(state.entries)} entries but {where} recorded {anchor.entries}: it "
+                    "was rolled back or replaced"
+                )
             if hashes[anchor.entries] != anchor.head:
-                raise self._blocked(f"does not match the head hash {where} recorded after entry {anchor.entries}: it "
-                                    "was edited or replaced")
+                raise self._blocked(
+                    f"does not match the head hash {where} recorded after entry {anchor.entries}: it "
+                    "was edited or replaced"
+                )
 
-    def book(self, run: str, server_round: int, mechanisms: list[Mechanism], plan: DPPlan,
-             policy: SiloPrivacyPolicy) -> tuple[float, float, LedgerAnchor]:
+    def book(
+        self, run: str, server_round: int, mechanisms: list[Mechanism], plan: DPPlan, policy: SiloPrivacyPolicy
+    ) -> tuple[float, float, LedgerAnchor]:
         """Book a round before it trains (conservative if training then fails): (this run's epsilon after it, the
         lifetime epsilon after it, the ledger's anchor after it). Refused: a round outside the run's plan or
         booked before, a run passing its planned epsilon or the policy's max-epsilon, a lifetime past the budget,
         a ledger that fails its checks."""
         with locked(self.lock):
-            state = self.read() or LedgerState(silo=self.silo, accountant=plan.accountant, delta=policy.max_delta,
-                                               first_run_epsilon=epsilon_of(plan.planned_mechanisms, policy.max_delta,
-                                                                            plan.accountant))
+            state = self.read() or LedgerState(
+                silo=self.silo,
+                accountant=plan.accountant,
+                delta=policy.max_delta,
+                first_run_epsilon=epsilon_of(plan.planned_mechanisms, policy.max_delta, plan.accountant),
+            )
             booked = [e for e in state.entries if e.run == run]
             if not 1 <= server_round <= plan.planned_rounds or any(e.round == server_round for e in booked):
                 raise PrivacyBudgetExceeded(
                     f"silo '{self.silo}' refuses round {server_round} of run {run}: it plans rounds 1.."
                     f"{plan.planned_rounds} and trains each once (booked: {sorted(e.round for e in booked)}; a new run "
-                    "needs its own run-name)")
+                    "needs its own run-name)"
+                )
             run_history = [tuple(m) for e in booked for m in e.mechanisms] + list(mechanisms)
             run_after = epsilon_of(run_history, plan.delta, plan.accountant)
             run_cap = min(plan.planned_epsilon, policy.max_epsilon)
             if run_after > run_cap * (1 + 1e-6):
                 raise PrivacyBudgetExceeded(
                     f"silo '{self.silo}' refuses round {server_round}: run {run} would spend epsilon {run_after:.3f} > "
-                    f"{run_cap:.3f} (its plan, or max-epsilon in <silo-dir>/{POLICY_FILE}; ledger {WHERE})")
+                    f"{run_cap:.3f} (its plan, or max-epsilon in <silo-dir>/{POLICY_FILE}; ledger {WHERE})"
+                )
             cap = policy.budget_epsilon if policy.budget_epsilon is not None else state.first_run_epsilon
             after = epsilon_of([*state.history, *mechanisms], state.delta, state.accountant)
             if after > cap * (1 + 1e-9):
@@ -212,8 +231,12 @@ class PrivacyLedger:
                 raise PrivacyBudgetExceeded(
                     f"silo '{self.silo}' refuses round {server_round}: it would spend epsilon {after:.3f} > its "
                     f"lifetime budget {cap:.3f} (spent {before:.3f}; ledger {WHERE}); only the silo's operator "
-                    f"can allow more, with budget-epsilon in <silo-dir>/{POLICY_FILE}")
-            state.append(LedgerEntry(run=run, round=server_round, mechanisms=list(mechanisms), epsilon_after=after,
-                                     booked_at=time.time()))
+                    f"can allow more, with budget-epsilon in <silo-dir>/{POLICY_FILE}"
+                )
+            state.append(
+                LedgerEntry(
+                    run=run, round=server_round, mechanisms=list(mechanisms), epsilon_after=after, booked_at=time.time()
+                )
+            )
             atomic_write_text(self.path, state.model_dump_json(indent=1))
             return run_after, after, state.anchor

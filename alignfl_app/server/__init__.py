@@ -2,7 +2,10 @@
 
 from alignfl_app.exports import lazy_exports
 
-__all__, __getattr__ = lazy_exports(__name__, {
-    "core": ["AlignFLServer", "SilosRefused"],
-    "store": ["GeneratorStore", "GeneratorTerms"],
-})
+__all__, __getattr__ = lazy_exports(
+    __name__,
+    {
+        "core": ["AlignFLServer", "SilosRefused"],
+        "store": ["GeneratorStore", "GeneratorTerms"],
+    },
+)

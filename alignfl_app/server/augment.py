@@ -19,8 +19,9 @@ import torch
 from torch.nn import functional as F
 
 
-def random_affine(x: torch.Tensor, g: torch.Generator, degrees: float = 10.0, translate: float = 0.1,
-                  scale: float = 0.1) -> torch.Tensor:
+def random_affine(
+    x: torch.Tensor, g: torch.Generator, degrees: float = 10.0, translate: float = 0.1, scale: float = 0.1
+) -> torch.Tensor:
     """Each image rotated by up to ``degrees``, shifted by up to ``translate`` of its side and scaled by up to
     ``1 +- scale``, with zeros (background) where the transform reaches outside the image."""
     n = len(x)
@@ -40,7 +41,8 @@ def random_crop(x: torch.Tensor, g: torch.Generator, padding: int = 2) -> torch.
     dy = torch.randint(0, 2 * padding + 1, (n,), generator=g).to(x.device)
     dx = torch.randint(0, 2 * padding + 1, (n,), generator=g).to(x.device)
     rows = (dy[:, None] + torch.arange(h, device=x.device)[None, :])[:, None, :, None].expand(
-        n, x.shape[1], h, padded.shape[3])
+        n, x.shape[1], h, padded.shape[3]
+    )
     out = padded.gather(2, rows)
     cols = (dx[:, None] + torch.arange(w, device=x.device)[None, :])[:, None, None, :].expand(n, x.shape[1], h, w)
     return out.gather(3, cols)

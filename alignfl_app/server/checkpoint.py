@@ -21,9 +21,22 @@ from alignfl_app.config import ConfigError, RunConfig, one_line
 from alignfl_app.files import atomic_write_bytes, atomic_write_text
 
 # Keys a resumed run may change: how long and where it runs, not what it learns.
-RESUMABLE_CHANGES = frozenset({"silo-nodes", "num-server-rounds", "round-timeout", "resume", "results-dir", "data-root",
-                               "silo-data-dirs", "server-threads", "client-threads", "sample-grid-per-silo",
-                               "server-device", "client-device"})
+RESUMABLE_CHANGES = frozenset(
+    {
+        "silo-nodes",
+        "num-server-rounds",
+        "round-timeout",
+        "resume",
+        "results-dir",
+        "data-root",
+        "silo-data-dirs",
+        "server-threads",
+        "client-threads",
+        "sample-grid-per-silo",
+        "server-device",
+        "client-device",
+    }
+)
 
 
 def model_file_name(completed_round: int) -> str:
@@ -56,17 +69,29 @@ class Checkpoint:
     def exists(self) -> bool:
         return self.state_path.is_file()
 
-    def save(self, completed_round: int, model_state: dict[str, torch.Tensor], silo_of_node: dict[int, str],
-             cfg: RunConfig, withdrawn: dict[str, int] | None = None,
-             quarantined: dict[str, dict[str, Any]] | None = None) -> None:
+    def save(
+        self,
+        completed_round: int,
+        model_state: dict[str, torch.Tensor],
+        silo_of_node: dict[int, str],
+        cfg: RunConfig,
+        withdrawn: dict[str, int] | None = None,
+        quarantined: dict[str, dict[str, Any]] | None = None,
+    ) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
         model_file = model_file_name(completed_round)
         buf = io.BytesIO()
         np.savez(buf, **{k: v.detach().cpu().numpy() for k, v in model_state.items()})
         atomic_write_bytes(self.dir / model_file, buf.getvalue())
-        state = CheckpointState(format=CHECKPOINT_FORMAT, completed_round=completed_round, model_file=model_file,
-                                silo_of_node={str(k): v for k, v in silo_of_node.items()},
-                                config=cfg.flat(), withdrawn=withdrawn or {}, quarantined=quarantined or {})
+        state = CheckpointState(
+            format=CHECKPOINT_FORMAT,
+            completed_round=completed_round,
+            model_file=model_file,
+            silo_of_node={str(k): v for k, v in silo_of_node.items()},
+            config=cfg.flat(),
+            withdrawn=withdrawn or {},
+            quarantined=quarantined or {},
+        )
         atomic_write_text(self.state_path, state.model_dump_json(indent=1))
         for old in self.dir.glob("global-model-round-*.npz"):
             if old.name != model_file:
@@ -76,13 +101,17 @@ class Checkpoint:
         try:
             state = CheckpointState.model_validate_json(self.state_path.read_text())
         except FileNotFoundError as exc:
-            raise ConfigError(f"resume: no checkpoint at {self.state_path}; the run never completed a round "
-                              "there: start it without resume=true") from exc
+            raise ConfigError(
+                f"resume: no checkpoint at {self.state_path}; the run never completed a round "
+                "there: start it without resume=true"
+            ) from exc
         except ValidationError as exc:
             raise ConfigError(one_line(exc, str(self.state_path)) + "; restore the file or start a new run") from exc
         if state.format > CHECKPOINT_FORMAT:
-            raise ConfigError(f"resume: {self.state_path} has format {state.format}; this version reads formats "
-                              f"1-{CHECKPOINT_FORMAT}: upgrade alignfl or start a new run-name")
+            raise ConfigError(
+                f"resume: {self.state_path} has format {state.format}; this version reads formats "
+                f"1-{CHECKPOINT_FORMAT}: upgrade alignfl or start a new run-name"
+            )
         return state
 
     def load_model(self, state: CheckpointState) -> dict[str, torch.Tensor]:

@@ -81,8 +81,10 @@ class SiloRegistry:
         if self.operator:
             bound = self.operator.get(node)
             if bound != silo:
-                raise ReplyRejected(f"node {node} is not bound to silo '{silo}' by silo-nodes"
-                                    + (f" (it serves '{bound}')" if bound else ""))
+                raise ReplyRejected(
+                    f"node {node} is not bound to silo '{silo}' by silo-nodes"
+                    + (f" (it serves '{bound}')" if bound else "")
+                )
             return
         bindings = {**self.checkpointed, **self.silo_of_node}  # a resume's bindings hold until nodes are asked
         current = bindings.get(node)
@@ -90,8 +92,10 @@ class SiloRegistry:
             raise ReplyRejected(f"node {node} serves silo '{current}' and cannot switch to '{silo}'")
         owner = next((n for n, s in bindings.items() if s == silo and n != node), None)
         if owner is not None:
-            raise ReplyRejected(f"silo name '{silo}' is bound to node {owner} for this run (names never move; the "
-                                "operator binds nodes with silo-nodes)")
+            raise ReplyRejected(
+                f"silo name '{silo}' is bound to node {owner} for this run (names never move; the "
+                "operator binds nodes with silo-nodes)"
+            )
 
     def bind(self, server_round: int, node: int, silo: str) -> None:
         self.silo_of_node[node] = silo
@@ -111,11 +115,15 @@ class SiloRegistry:
         if self.checkpointed:
             if set(self.checkpointed) & set(connected):
                 self.silo_of_node = {**self.checkpointed, **self.silo_of_node}
-                log.info("Resumed: silo names stay bound to their checkpointed nodes %s",
-                         {s: n for n, s in self.checkpointed.items()})
+                log.info(
+                    "Resumed: silo names stay bound to their checkpointed nodes %s",
+                    {s: n for n, s in self.checkpointed.items()},
+                )
             else:
-                log.warning("Resumed without silo-nodes and none of the checkpointed nodes is connected (a new "
-                            "simulation): silo names are bound again by the first valid generators")
+                log.warning(
+                    "Resumed without silo-nodes and none of the checkpointed nodes is connected (a new "
+                    "simulation): silo names are bound again by the first valid generators"
+                )
             self.checkpointed = {}
         nodes = [n for n in connected if n in self.operator] if self.operator else list(connected)
         return [n for n in nodes if self.silo_of_node.get(n) not in excluded]
@@ -180,9 +188,15 @@ class GlobalLearner:
         rolled_back = None
         for epoch in range(c.server.epochs):
             schedule = self._schedule((server_round - 1) * c.server.epochs + epoch)
-            synthetic = synthesize(store, self.terms, self.budget, self.style,
-                                   seed=lambda i, e=epoch: synthesis_seed(c.run.seed, server_round, e, i),
-                                   device=self.model.device, exclude=frozenset(failed))
+            synthetic = synthesize(
+                store,
+                self.terms,
+                self.budget,
+                self.style,
+                seed=lambda i, e=epoch: synthesis_seed(c.run.seed, server_round, e, i),
+                device=self.model.device,
+                exclude=frozenset(failed),
+            )
             failed.update(synthetic.failed)
             if not len(synthetic.x):
                 schedule.step()
@@ -191,8 +205,12 @@ class GlobalLearner:
             n += len(x)
             generator = torch.Generator().manual_seed(server_batches_seed(c.run.seed, server_round, epoch))
             torch.manual_seed(server_training_seed(c.run.seed, server_round, epoch))
-            report = self.model.fit((x, synthetic.y), ShuffledBatches(c.server.batch_size, 1)(len(x), generator),
-                                    c.server.learning_rate, objective=self.objective)
+            report = self.model.fit(
+                (x, synthetic.y),
+                ShuffledBatches(c.server.batch_size, 1)(len(x), generator),
+                c.server.learning_rate,
+                objective=self.objective,
+            )
             loss = report.loss
             schedule.step()
             if not math.isfinite(loss) or not self.model.finite():
@@ -202,13 +220,26 @@ class GlobalLearner:
                 break
         seconds = time.perf_counter() - t0
         if rolled_back:
-            log.warning("Round %d rolled back (%s): the global model and its optimiser are as before the round",
-                        server_round, rolled_back)
+            log.warning(
+                "Round %d rolled back (%s): the global model and its optimiser are as before the round",
+                server_round,
+                rolled_back,
+            )
         else:
-            log.info("Global %s trained on %d synthetic samples from %d generators in %.1fs (loss %.4f)",
-                     c.server.global_model, n, len(store) - len(failed), seconds, loss)
-        metrics = {"server-train-loss": loss if math.isfinite(loss) else None, "synthetic-samples": n,
-                   "server-seconds": seconds, "server-peak-rss-mb": peak_rss_mb()}
+            log.info(
+                "Global %s trained on %d synthetic samples from %d generators in %.1fs (loss %.4f)",
+                c.server.global_model,
+                n,
+                len(store) - len(failed),
+                seconds,
+                loss,
+            )
+        metrics = {
+            "server-train-loss": loss if math.isfinite(loss) else None,
+            "synthetic-samples": n,
+            "server-seconds": seconds,
+            "server-peak-rss-mb": peak_rss_mb(),
+        }
         return RoundLearning(metrics, failed, rolled_back)
 
 
@@ -248,8 +279,10 @@ class AlignFLServer:
         cfg = self.cfg
         if not cfg.run.resume:
             if checkpoint.exists() or len(self.store):
-                raise ConfigError(f"run-name '{cfg.run.run_name}' already holds a run ({checkpoint.dir.parent}): "
-                                  "set resume=true to continue it, or choose another run-name")
+                raise ConfigError(
+                    f"run-name '{cfg.run.run_name}' already holds a run ({checkpoint.dir.parent}): "
+                    "set resume=true to continue it, or choose another run-name"
+                )
             return 1
         state = checkpoint.load()
         checkpoint.check_compatible(state, cfg)
@@ -258,13 +291,23 @@ class AlignFLServer:
         self.standing = SiloStanding(dict(state.withdrawn), {k: dict(v) for k, v in state.quarantined.items()})
         self.recorder.resume(state.completed_round)
         self.record_standing()
-        log.info("Resuming after round %d: global model from the checkpoint, %d stored generators %s",
-                 state.completed_round, len(self.store), self.store.silos())
+        log.info(
+            "Resuming after round %d: global model from the checkpoint, %d stored generators %s",
+            state.completed_round,
+            len(self.store),
+            self.store.silos(),
+        )
         return state.completed_round + 1
 
     def save_checkpoint(self, checkpoint: Checkpoint, completed_round: int) -> None:
-        checkpoint.save(completed_round, self.model.state(), self.registry.silo_of_node, self.cfg,
-                        self.standing.withdrawn, self.standing.quarantined)
+        checkpoint.save(
+            completed_round,
+            self.model.state(),
+            self.registry.silo_of_node,
+            self.cfg,
+            self.standing.withdrawn,
+            self.standing.quarantined,
+        )
 
     def nodes_to_ask(self, server_round: int, connected: list[int]) -> list[int]:
         """Apply the operator's withdrawals, then the nodes this round's instructions go to."""
@@ -300,12 +343,20 @@ class AlignFLServer:
         self.store.put(desc, reply.decoder, server_round)
         self.registry.bind(server_round, node, desc.silo)
         self.recorder.silo(server_round, desc.silo).update(
-            {**metrics, "bytes-up": reply.nbytes, "bytes-down-train": 0,
-             "architecture": desc.architecture.name, "layout": desc.layout, "classes": list(desc.classes)})
+            {
+                **metrics,
+                "bytes-up": reply.nbytes,
+                "bytes-down-train": 0,
+                "architecture": desc.architecture.name,
+                "layout": desc.layout,
+                "classes": list(desc.classes),
+            }
+        )
         return desc.silo
 
-    def finish_train_round(self, server_round: int, accepted: int, rejected: list[str], replied: set[int],
-                           refused: list[str] | None = None) -> dict[str, float] | None:
+    def finish_train_round(
+        self, server_round: int, accepted: int, rejected: list[str], replied: set[int], refused: list[str] | None = None
+    ) -> dict[str, float] | None:
         """Record the round; train the global model on samples from every stored generator (None: none yet).
 
         ``refused``: the silos' own refusals (privacy policy or ledger). When every silo asked refused, no silo
@@ -322,13 +373,23 @@ class AlignFLServer:
             raise SilosRefused("every silo refused to train, so the run stops: " + " | ".join(bounded(refused)))
         missing = [self.registry.name_of(n) or f"node-{n}" for n in asked if n not in replied]
         if missing:
-            log.warning("No train reply within round-timeout from %s (silo died or timed out); the round goes on", missing)
+            log.warning(
+                "No train reply within round-timeout from %s (silo died or timed out); the round goes on", missing
+            )
         stale = [s for s in self.store.silos() if self.store.entry(s)["stored_round"] != server_round]
         if stale:
             log.info("Silos without a new generator this round (their stored one is used): %s", stale)
         rnd = self.recorder.round(server_round)
-        rnd.update({"accepted-replies": accepted, "rejected-replies": bounded(rejected), "refused": bounded(refused),
-                    "missing-replies": missing, "stale-silos": stale, "generators-used": self.store.silos()})
+        rnd.update(
+            {
+                "accepted-replies": accepted,
+                "rejected-replies": bounded(rejected),
+                "refused": bounded(refused),
+                "missing-replies": missing,
+                "stale-silos": stale,
+                "generators-used": self.store.silos(),
+            }
+        )
         if len(self.store) == 0:
             log.warning("No generator stored yet; the global model is unchanged")
             self.recorder.write()
@@ -353,11 +414,20 @@ class AlignFLServer:
         for silo in self.store.silos():
             try:
                 desc, decoder = self.store.load_decoder(silo)
-                grid[silo] = sample_generator(desc, decoder, c.sample_grid_per_silo, self.terms.class_ids(desc),
-                                              self.learner.style, seed=server_round,
-                                              chunk=self.terms.sampling_chunk(desc))
+                grid[silo] = sample_generator(
+                    desc,
+                    decoder,
+                    c.sample_grid_per_silo,
+                    self.terms.class_ids(desc),
+                    self.learner.style,
+                    seed=server_round,
+                    chunk=self.terms.sampling_chunk(desc),
+                )
             except Exception as exc:  # a figure never stops the round; the generator already drew for training
-                log.warning("No sample grid for silo '%s': %s", silo, str(exc).splitlines()[0][:300] if str(exc)
-                            else type(exc).__name__)
+                log.warning(
+                    "No sample grid for silo '%s': %s",
+                    silo,
+                    str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__,
+                )
         if grid:
             self.recorder.save_sample_grid(server_round, grid)

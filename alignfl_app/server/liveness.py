@@ -65,8 +65,8 @@ class ReplyDeadline:
     def learn(self, arrived: dict[int, float]) -> None:
         """Remember the reply times (seconds since the phase started) of the nodes that answered."""
         for node, seconds in arrived.items():
-            self.seen[node] = [*self.seen.get(node, []), seconds][-self.history:]
-        self.recent = [*self.recent, *arrived.values()][-self.pooled:]
+            self.seen[node] = [*self.seen.get(node, []), seconds][-self.history :]
+        self.recent = [*self.recent, *arrived.values()][-self.pooled :]
 
     def expect_late(self, message_id: str, node: int, started: float, started_wall: float) -> None:
         """A message whose reply the phase stopped waiting for: pulled later to learn the node's pace."""

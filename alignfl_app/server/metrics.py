@@ -34,8 +34,9 @@ def _jsonable(v: Any) -> Any:
 class RunRecorder:
     """Collects per-round metrics and writes every artefact of a run into one folder."""
 
-    def __init__(self, run_dir: Path, config: dict[str, Any], method: str = "alignfl",
-                 class_names: tuple[str, ...] = ()) -> None:
+    def __init__(
+        self, run_dir: Path, config: dict[str, Any], method: str = "alignfl", class_names: tuple[str, ...] = ()
+    ) -> None:
         self.run_dir = Path(run_dir)
         self.class_names = tuple(class_names)
         (self.run_dir / "samples").mkdir(parents=True, exist_ok=True)
@@ -107,16 +108,20 @@ class RunRecorder:
         import matplotlib.pyplot as plt
 
         key = self.metric
-        rounds = [r for r in self.summary["rounds"] if r.get("global", {}).get(key) is not None
-                  or any(f"eval-{key}" in m for m in r["silos"].values())]
+        rounds = [
+            r
+            for r in self.summary["rounds"]
+            if r.get("global", {}).get(key) is not None or any(f"eval-{key}" in m for m in r["silos"].values())
+        ]
         if not rounds:
             return None
         fig, ax = plt.subplots(figsize=(6, 4))
         xs = [r["round"] for r in rounds]
         judged = [r for r in rounds if r.get("global", {}).get(key) is not None]
         if judged:
-            ax.plot([r["round"] for r in judged], [r["global"][key] for r in judged], "o-", label="global test set",
-                    lw=2)
+            ax.plot(
+                [r["round"] for r in judged], [r["global"][key] for r in judged], "o-", label="global test set", lw=2
+            )
         silos = sorted({s for r in rounds for s in r["silos"] if f"eval-{key}" in r["silos"][s]})
         for s in silos:
             pts = [(r["round"], r["silos"][s][f"eval-{key}"]) for r in rounds if f"eval-{key}" in r["silos"].get(s, {})]
@@ -156,8 +161,9 @@ class RunRecorder:
                     else:
                         ax.imshow(x[j, 0].numpy(), cmap="gray", vmin=0, vmax=1)
                     label = int(y[j])
-                    ax.set_title(self.class_names[label] if 0 <= label < len(self.class_names) else str(label),
-                                 fontsize=7, pad=1)
+                    ax.set_title(
+                        self.class_names[label] if 0 <= label < len(self.class_names) else str(label), fontsize=7, pad=1
+                    )
             axes[i][0].text(-0.3, 0.5, silo, transform=axes[i][0].transAxes, ha="right", va="center", fontsize=8)
         fig.suptitle(f"synthetic samples per silo, round {server_round}", fontsize=9)
         path = self.run_dir / "samples" / f"round-{server_round:03d}.png"
@@ -171,8 +177,9 @@ class RunRecorder:
         torch.save(saved, path)
         return path
 
-    def record_evaluations(self, server_round: int,
-                           results: list[tuple[str, dict[str, Any]]]) -> dict[str, float] | None:
+    def record_evaluations(
+        self, server_round: int, results: list[tuple[str, dict[str, Any]]]
+    ) -> dict[str, float] | None:
         """Each silo's evaluation of the global model on its own real test set; the mean weighted by examples.
 
         Shared by every strategy, so ALIGN-FL and the baselines are judged and named the same way. A silo's weight
@@ -189,7 +196,8 @@ class RunRecorder:
                 record["eval-per-class-accuracy"] = list(m["per-class-accuracy"])
                 if self.class_names:
                     record["eval-accuracy-by-class"] = {
-                        name: v for name, v in zip(self.class_names, m["per-class-accuracy"]) if not math.isnan(v)}
+                        name: v for name, v in zip(self.class_names, m["per-class-accuracy"]) if not math.isnan(v)
+                    }
             total += n
             weighted += value * n
         if total == 0:

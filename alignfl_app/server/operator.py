@@ -67,17 +67,22 @@ def withdraw(run_dir: Path, silo: str, reason: str = "") -> Path:
     current = requests.read()
     if silo in {w.silo for w in current.withdrawals}:
         return requests.path
-    updated = WithdrawnFile(withdrawals=(*current.withdrawals, Withdrawal(silo=silo, reason=reason,
-                                                                          requested_at=time.time())))
+    updated = WithdrawnFile(
+        withdrawals=(*current.withdrawals, Withdrawal(silo=silo, reason=reason, requested_at=time.time()))
+    )
     requests.path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(requests.path, updated.model_dump_json(indent=1))
     return requests.path
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="alignfl withdraw", description=(
-        "Withdraw a silo from a run: at the next round its generator leaves the store and the synthesis and its "
-        "node is no longer asked; summary.json records the round."))
+    parser = argparse.ArgumentParser(
+        prog="alignfl withdraw",
+        description=(
+            "Withdraw a silo from a run: at the next round its generator leaves the store and the synthesis and its "
+            "node is no longer asked; summary.json records the round."
+        ),
+    )
     parser.add_argument("run_dir", type=Path, help="the run's results folder, e.g. results/study-1")
     parser.add_argument("silo", help="the silo's name (one of the run's silo-names)")
     parser.add_argument("--reason", default="", help="recorded beside the withdrawal")

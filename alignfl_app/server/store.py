@@ -49,9 +49,14 @@ class GeneratorTerms:
 
     @classmethod
     def from_config(cls, cfg: RunConfig) -> GeneratorTerms:
-        return cls(cfg.data.image_shape, cfg.local.conditional, cfg.data.class_names,
-                   int(cfg.server.max_decoder_mb * 2**20), cfg.data.assigned_classes(),
-                   int(cfg.server.max_sampling_mb * 2**20))
+        return cls(
+            cfg.data.image_shape,
+            cfg.local.conditional,
+            cfg.data.class_names,
+            int(cfg.server.max_decoder_mb * 2**20),
+            cfg.data.assigned_classes(),
+            int(cfg.server.max_sampling_mb * 2**20),
+        )
 
     def sampling_chunk(self, desc: GeneratorDescriptor) -> int:
         """How many samples one forward pass of ``desc``'s decoder may draw within max-sampling-mb."""
@@ -70,20 +75,23 @@ def check_decoder_state(desc: GeneratorDescriptor, state: dict[str, np.ndarray],
     the descriptor must match the run's terms, the decoder is first built on the meta device (shapes only),
     and a loaded decoder must draw finite samples before it is accepted."""
     if desc.silo not in terms.assigned:
-        raise ReplyRejected(f"silo '{desc.silo}' is not one of this run's silos {sorted(terms.assigned)} "
-                            "(silo-names)")
+        raise ReplyRejected(f"silo '{desc.silo}' is not one of this run's silos {sorted(terms.assigned)} (silo-names)")
     if desc.image_shape != terms.image_shape:
         raise ReplyRejected(f"image_shape {list(desc.image_shape)} is not this run's {list(terms.image_shape)}")
     if desc.conditional != terms.conditional:
         raise ReplyRejected(f"layout '{desc.layout}' but this run needs conditional={terms.conditional}")
     assigned = terms.assigned[desc.silo]
     if set(desc.classes) != assigned:
-        raise ReplyRejected(f"classes {sorted(desc.classes)[:12]} are not the classes this run assigned to silo "
-                            f"'{desc.silo}' {sorted(assigned)}")
+        raise ReplyRejected(
+            f"classes {sorted(desc.classes)[:12]} are not the classes this run assigned to silo "
+            f"'{desc.silo}' {sorted(assigned)}"
+        )
     if terms.sampling_chunk(desc) < MIN_SAMPLING_CHUNK:
-        raise ReplyRejected(f"decoder needs {desc.sampling_bytes_per_sample() / 2**20:.1f} MiB per sample to draw, "
-                            f"over max-sampling-mb={terms.max_sampling_bytes / 2**20:.0f} MiB for "
-                            f"{MIN_SAMPLING_CHUNK} samples")
+        raise ReplyRejected(
+            f"decoder needs {desc.sampling_bytes_per_sample() / 2**20:.1f} MiB per sample to draw, "
+            f"over max-sampling-mb={terms.max_sampling_bytes / 2**20:.0f} MiB for "
+            f"{MIN_SAMPLING_CHUNK} samples"
+        )
     total = sum(int(a.nbytes) for a in state.values())
     if total > terms.max_bytes:
         raise ReplyRejected(f"decoder is {total / 2**20:.1f} MiB, over the {terms.max_bytes / 2**20:.1f} MiB limit")
@@ -93,8 +101,10 @@ def check_decoder_state(desc: GeneratorDescriptor, state: dict[str, np.ndarray],
         raise ReplyRejected(f"descriptor does not describe a buildable decoder: {exc}") from exc
     declared = 4 * sum(t.numel() for t in shapes.state_dict().values())  # buffers (a mixture layer) too
     if declared > terms.max_bytes:
-        raise ReplyRejected(f"descriptor declares a {declared / 2**20:.1f} MiB decoder, over the "
-                            f"{terms.max_bytes / 2**20:.1f} MiB limit")
+        raise ReplyRejected(
+            f"descriptor declares a {declared / 2**20:.1f} MiB decoder, over the "
+            f"{terms.max_bytes / 2**20:.1f} MiB limit"
+        )
     expected = shapes.state_dict()
     extra = sorted(set(state) - set(expected))
     missing = sorted(set(expected) - set(state))
@@ -149,16 +159,19 @@ class GeneratorStore:
         elif raw.get("format") == STORE_FORMAT and isinstance(raw.get("generators"), dict):
             entries = raw["generators"]
         else:
-            raise StoreFormatError(f"{self._index_path} has format {raw.get('format')!r}; this version reads formats "
-                                   f"1-{STORE_FORMAT}: upgrade alignfl or start another run-name")
+            raise StoreFormatError(
+                f"{self._index_path} has format {raw.get('format')!r}; this version reads formats "
+                f"1-{STORE_FORMAT}: upgrade alignfl or start another run-name"
+            )
         for silo, entry in entries.items():
             try:
                 check_name(silo)
                 if GeneratorDescriptor.model_validate(entry["descriptor"]).silo != silo:
                     raise ValueError("descriptor names another silo")
             except (ValueError, KeyError, TypeError) as exc:
-                raise StoreFormatError(f"{self._index_path}: entry '{str(silo)[:64]}' is invalid "
-                                       f"({str(exc).splitlines()[0][:200]}): {fix}") from exc
+                raise StoreFormatError(
+                    f"{self._index_path}: entry '{str(silo)[:64]}' is invalid ({str(exc).splitlines()[0][:200]}): {fix}"
+                ) from exc
         return dict(entries)
 
     def _write_index(self) -> None:

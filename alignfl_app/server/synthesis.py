@@ -21,8 +21,9 @@ class SyntheticBudget:
     per_silo: int
     total: int = 0
 
-    def allocation(self, descriptors: dict[str, GeneratorDescriptor],
-                   terms: GeneratorTerms) -> dict[str, list[int] | None]:
+    def allocation(
+        self, descriptors: dict[str, GeneratorDescriptor], terms: GeneratorTerms
+    ) -> dict[str, list[int] | None]:
         """silo -> samples per class of its descriptor, in the descriptor's order (None: ``per_silo``, balanced)."""
         if not self.total:
             return {silo: None for silo in descriptors}
@@ -57,8 +58,13 @@ class SyntheticSet:
 
 
 def synthesize(
-    store: GeneratorStore, terms: GeneratorTerms, budget: SyntheticBudget, style: SamplingStyle,
-    seed: Callable[[int], int], device: torch.device = torch.device("cpu"), exclude: frozenset[str] = frozenset(),
+    store: GeneratorStore,
+    terms: GeneratorTerms,
+    budget: SyntheticBudget,
+    style: SamplingStyle,
+    seed: Callable[[int], int],
+    device: torch.device = torch.device("cpu"),
+    exclude: frozenset[str] = frozenset(),
 ) -> SyntheticSet:
     """The union of every stored generator's samples under ``budget`` (one decoder in memory at a time), on
     ``device``; ``seed(i)`` seeds the i-th generator's draw. A generator that fails is left out (``failed``
@@ -76,9 +82,16 @@ def synthesize(
         try:
             desc, decoder = store.load_decoder(silo)
             decoder.to(device)
-            x, y = sample_generator(desc, decoder, n, terms.class_ids(desc), style, seed=seed(i),
-                                    per_class=per_class if desc.conditional else None,
-                                    chunk=terms.sampling_chunk(desc))
+            x, y = sample_generator(
+                desc,
+                decoder,
+                n,
+                terms.class_ids(desc),
+                style,
+                seed=seed(i),
+                per_class=per_class if desc.conditional else None,
+                chunk=terms.sampling_chunk(desc),
+            )
         except Exception as exc:  # one generator never stops the round: it is left out and reported
             failed[silo] = str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__
             continue

@@ -100,8 +100,9 @@ class Silo:
         self.device = resolve_device(node.client_device or cfg.local.client_device, "client-device")
         root = resolve_data_root(node.data_root or "")
         classes = cfg.data.class_ids(node.classes) if node.classes is not None else None
-        self.data: SiloData = tensors_to(build_silo_data(cfg, self.index, root, classes, node.resolved_data_dir()),
-                                         self.device)
+        self.data: SiloData = tensors_to(
+            build_silo_data(cfg, self.index, root, classes, node.resolved_data_dir()), self.device
+        )
         set_threads(cfg.local.client_threads)
         self.layout = cfg.local.generator_layout if cfg.local.conditional else "unconditional"
         self.groups = self.generator_groups()
@@ -111,17 +112,28 @@ class Silo:
         condition is its index in the silo's classes (conditional) or 0 (one decoder per group)."""
         d = self.data
         if self.layout == "per-class":
-            return [GeneratorGroup(_unconditional(d.x_train[d.y_train == c]), _unconditional(d.x_test[d.y_test == c]))
-                    for c in d.classes]
+            return [
+                GeneratorGroup(_unconditional(d.x_train[d.y_train == c]), _unconditional(d.x_test[d.y_test == c]))
+                for c in d.classes
+            ]
         if self.layout == "conditional":
-            return [GeneratorGroup((d.x_train, to_local_labels(d.y_train, d.classes)),
-                                   (d.x_test, to_local_labels(d.y_test, d.classes)))]
+            return [
+                GeneratorGroup(
+                    (d.x_train, to_local_labels(d.y_train, d.classes)), (d.x_test, to_local_labels(d.y_test, d.classes))
+                )
+            ]
         return [GeneratorGroup(_unconditional(d.x_train), _unconditional(d.x_test))]
 
     def privacy(self) -> NoPrivacy | DifferentialPrivacy:
         """What the run asks, if this silo's policy (read each time: its operator may change it) allows it."""
-        return admit(self.cfg.privacy, load_silo_policy(self.dir), self.cfg.run.num_server_rounds, self.name,
-                     self.dir, self.cfg.local)
+        return admit(
+            self.cfg.privacy,
+            load_silo_policy(self.dir),
+            self.cfg.run.num_server_rounds,
+            self.name,
+            self.dir,
+            self.cfg.local,
+        )
 
     def new_generators(self) -> GeneratorSet:
         torch.manual_seed(vae_init_seed(self.cfg.run.seed, self.index))
@@ -141,8 +153,12 @@ class Silo:
 
     def identity(self) -> StateIdentity:
         """What the silo's stored state must match to be continued."""
-        return StateIdentity(architecture=self.architecture.model_dump(mode="json"), layout=self.layout,
-                             image_shape=tuple(self.cfg.data.image_shape), classes=tuple(self.data.classes))
+        return StateIdentity(
+            architecture=self.architecture.model_dump(mode="json"),
+            layout=self.layout,
+            image_shape=tuple(self.cfg.data.image_shape),
+            classes=tuple(self.data.classes),
+        )
 
     def state_store(self, run: str, flower_run: str = "") -> SiloStateStore:
         return SiloStateStore(self.dir, run, self.name, flower_run)
@@ -159,14 +175,23 @@ class Silo:
         previous, origin = None, flower_run or run
         if stored is not None:
             if stored.round >= server_round:
-                log.info("Silo '%s': asked for round %d, its stored state is from round %d (a resumed server); it "
-                         "continues from that state", self.name, server_round, stored.round)
+                log.info(
+                    "Silo '%s': asked for round %d, its stored state is from round %d (a resumed server); it "
+                    "continues from that state",
+                    self.name,
+                    server_round,
+                    stored.round,
+                )
             previous = SiloState(stored.generators, stored.dp, stored.optimizers)
             origin = stored.origin or origin
         out = self.train_round(origin, server_round, previous)
-        store.save(server_round, identity, StoredState(server_round, out.state.generators,
-                                                       out.state.optimizers or [], out.state.dp, origin,
-                                                       out.state.ledger))
+        store.save(
+            server_round,
+            identity,
+            StoredState(
+                server_round, out.state.generators, out.state.optimizers or [], out.state.dp, origin, out.state.ledger
+            ),
+        )
         return out
 
     def train_round(self, run: str, server_round: int, previous: SiloState | None = None) -> TrainOutcome:
@@ -183,26 +208,40 @@ class Silo:
             tags = (i,) if self.layout == "per-class" else ()
             seed = local_batches_seed(cfg.run.seed, self.index, server_round, *tags)
             generator = torch.Generator().manual_seed(seed)
-            hooks = lipschitz_hooks(cfg.lipschitz, vae.decoder, cfg.local.batch_size, generator,
-                                    measure_seed=server_round)
+            hooks = lipschitz_hooks(
+                cfg.lipschitz, vae.decoder, cfg.local.batch_size, generator, measure_seed=server_round
+            )
             if privacy.releases_record_figures:
                 hooks.append(HeldOutLoss(vae, group.test))
-            optimizer = self.optimizer(vae, session.learning_rate,
-                                       saved_optimizers[i] if len(saved_optimizers) == len(self.groups) else None)
+            optimizer = self.optimizer(
+                vae, session.learning_rate, saved_optimizers[i] if len(saved_optimizers) == len(self.groups) else None
+            )
             optimizers.append(optimizer)
-            reports.append(Trainer(NegativeELBO(cfg.local.kl_weight), session.rule(i, vae), hooks).fit(
-                vae, group.train, session.batches(i, len(group.train[0]), seed), optimizer))
+            reports.append(
+                Trainer(NegativeELBO(cfg.local.kl_weight), session.rule(i, vae), hooks).fit(
+                    vae, group.train, session.batches(i, len(group.train[0]), seed), optimizer
+                )
+            )
         fitter = self.latent_fitter(server_round)
         if fitter is not None and privacy.releases_record_figures:
             generators.fit_latents([group.train for group in self.groups], fitter)
         released = generators.decoder
         decoder_state = on_cpu(released.state_dict())
-        state = SiloState(on_cpu(generators.state_dict()), session.carry(),
-                          [optimizer_on_cpu(o.state_dict()) for o in optimizers], session.ledger_anchor)
+        state = SiloState(
+            on_cpu(generators.state_dict()),
+            session.carry(),
+            [optimizer_on_cpu(o.state_dict()) for o in optimizers],
+            session.ledger_anchor,
+        )
         desc = GeneratorDescriptor(
-            silo=self.name, architecture=self.architecture, layout=self.layout, image_shape=self.cfg.data.image_shape,
-            classes=tuple(cfg.data.class_names[c] for c in self.data.classes), round=server_round,
-            latent_components=generators.latent_components)
+            silo=self.name,
+            architecture=self.architecture,
+            layout=self.layout,
+            image_shape=self.cfg.data.image_shape,
+            classes=tuple(cfg.data.class_names[c] for c in self.data.classes),
+            round=server_round,
+            latent_components=generators.latent_components,
+        )
         figures = self.record_figures(reports, decoder_state, state.generators)
         if cfg.local.label_fidelity_samples and privacy.releases_record_figures:
             figures["label-fidelity"] = self.label_fidelity(desc, released, server_round)
@@ -212,8 +251,9 @@ class Silo:
             metrics = GeneratorTrainMetrics.model_validate(figures)
         else:
             self.write_report(server_round, {**figures, **session.public_report(), **session.ledger_anchor.report()})
-            metrics = PrivateTrainMetrics.model_validate({**session.public_report(),
-                                                          "decoder-bytes": state_bytes(decoder_state)})
+            metrics = PrivateTrainMetrics.model_validate(
+                {**session.public_report(), "decoder-bytes": state_bytes(decoder_state)}
+            )
         return TrainOutcome(decoder_state, desc, state, metrics)
 
     def latent_fitter(self, server_round: int) -> LatentFitter | None:
@@ -239,16 +279,21 @@ class Silo:
                 group["lr"] = learning_rate
         return optimizer
 
-    def record_figures(self, reports: list[TrainReport], decoder_state: StateDict,
-                       vae_state: StateDict) -> dict[str, float | int]:
+    def record_figures(
+        self, reports: list[TrainReport], decoder_state: StateDict, vae_state: StateDict
+    ) -> dict[str, float | int]:
         """The round's figures over every group: counts, costs, losses, the decoders' Lipschitz numbers."""
         seen = sum(r.examples_seen for r in reports)
         seconds = sum(r.seconds for r in reports)
         figures: dict[str, float | int] = {
-            "num-examples": len(self.data.x_train), "num-outliers": self.data.num_outliers,
-            "train-seconds": seconds, "samples-per-second": seen / max(seconds, 1e-9),
-            "decoder-bytes": state_bytes(decoder_state), "vae-bytes": state_bytes(vae_state),
-            "peak-rss-mb": peak_rss_mb(), "train-loss": sum(r.loss * r.examples_seen for r in reports) / max(seen, 1),
+            "num-examples": len(self.data.x_train),
+            "num-outliers": self.data.num_outliers,
+            "train-seconds": seconds,
+            "samples-per-second": seen / max(seconds, 1e-9),
+            "decoder-bytes": state_bytes(decoder_state),
+            "vae-bytes": state_bytes(vae_state),
+            "peak-rss-mb": peak_rss_mb(),
+            "train-loss": sum(r.loss * r.examples_seen for r in reports) / max(seen, 1),
         }
         for key in ("lipschitz-upper-bound", "lipschitz-empirical", "dp-clip-bound"):  # the worst group
             values = [r.details[key] for r in reports if key in r.details]
@@ -277,8 +322,9 @@ class Silo:
         with open(path, "a") as f:
             f.write(f"round {server_round}\n{text}\n")
 
-    def train_global_model(self, server_round: int, global_state: StateDict,
-                           proximal_mu: float = 0.0) -> tuple[StateDict, AveragedTrainMetrics]:
+    def train_global_model(
+        self, server_round: int, global_state: StateDict, proximal_mu: float = 0.0
+    ) -> tuple[StateDict, AveragedTrainMetrics]:
         """FedAvg / FedProx round: the received global model (``global-model``: the classifier, or the VAE over
         all classes), trained on this silo's real data with the settings the ALIGN-FL silos use for their VAEs
         (outliers included, local-epochs / batch-size / learning-rate)."""
@@ -289,31 +335,56 @@ class Silo:
         hooks = [ProximalTerm(model.model, proximal_mu)] if proximal_mu > 0 else []
         batches = ShuffledBatches(cfg.local.batch_size, cfg.local.local_epochs)
         generator = torch.Generator().manual_seed(local_batches_seed(cfg.run.seed, self.index, server_round))
-        report = model.fit((self.data.x_train, self.data.y_train), batches(len(self.data.x_train), generator),
-                           cfg.local.learning_rate, hooks)
+        report = model.fit(
+            (self.data.x_train, self.data.y_train),
+            batches(len(self.data.x_train), generator),
+            cfg.local.learning_rate,
+            hooks,
+        )
         state = model.state()
         return state, AveragedTrainMetrics(
-            num_examples=len(self.data.x_train), num_outliers=self.data.num_outliers, train_loss=report.loss,
-            train_seconds=report.seconds, samples_per_second=report.examples_seen / max(report.seconds, 1e-9),
-            model_bytes=state_bytes(state), peak_rss_mb=peak_rss_mb())
+            num_examples=len(self.data.x_train),
+            num_outliers=self.data.num_outliers,
+            train_loss=report.loss,
+            train_seconds=report.seconds,
+            samples_per_second=report.examples_seen / max(report.seconds, 1e-9),
+            model_bytes=state_bytes(state),
+            peak_rss_mb=peak_rss_mb(),
+        )
 
     def label_fidelity(self, desc: GeneratorDescriptor, decoder: torch.nn.Module, server_round: int) -> float | None:
         """The released decoder's label fidelity, judged on the silo's training records, drawn in the server's
         sampling style."""
         d, c = self.data, self.cfg
         return LabelFidelity(c.local.label_fidelity_samples).measure(
-            desc, decoder, (d.x_train, to_local_labels(d.y_train, d.classes)),
+            desc,
+            decoder,
+            (d.x_train, to_local_labels(d.y_train, d.classes)),
             SamplingStyle.of(c.server),
-            fidelity_seed(c.run.seed, self.index, server_round))
+            fidelity_seed(c.run.seed, self.index, server_round),
+        )
 
     def audit(self, generators: GeneratorSet, server_round: int) -> dict[str, float | int]:
         """The outlier audit; its figure shows raw outliers, so it stays in the silo's own folder."""
         d = self.data
-        result = audit_outliers(generators, d.x_train, d.y_train, d.is_outlier, d.heldout_outliers, d.classes,
-                                num_samples=self.cfg.privacy.audit_samples,
-                                seed=audit_seed(self.cfg.run.seed, server_round))
-        save_audit_figure(generators, d.x_train, d.y_train, d.is_outlier, d.classes,
-                          self.dir / AUDITS_DIR / f"round-{server_round:03d}.png")
+        result = audit_outliers(
+            generators,
+            d.x_train,
+            d.y_train,
+            d.is_outlier,
+            d.heldout_outliers,
+            d.classes,
+            num_samples=self.cfg.privacy.audit_samples,
+            seed=audit_seed(self.cfg.run.seed, server_round),
+        )
+        save_audit_figure(
+            generators,
+            d.x_train,
+            d.y_train,
+            d.is_outlier,
+            d.classes,
+            self.dir / AUDITS_DIR / f"round-{server_round:03d}.png",
+        )
         return result.metrics()
 
     def refuse_non_private_release(self, what: str) -> None:
@@ -324,13 +395,20 @@ class Silo:
 
     def evaluate_global(self, kind: str, state: StateDict) -> EvaluateMetrics:
         """Judge the global model on this silo's real held-out test set; a silo under DP does not release it."""
-        self.refuse_non_private_release("does not release evaluations on its records (evaluate on the server's "
-                                        "test set)")
-        model = GlobalModel(kind, self.cfg.data.num_classes, conditional=self.cfg.local.conditional,
-                            device=self.device, image_shape=self.cfg.data.image_shape)
+        self.refuse_non_private_release(
+            "does not release evaluations on its records (evaluate on the server's test set)"
+        )
+        model = GlobalModel(
+            kind,
+            self.cfg.data.num_classes,
+            conditional=self.cfg.local.conditional,
+            device=self.device,
+            image_shape=self.cfg.data.image_shape,
+        )
         model.load_state(state)
-        return EvaluateMetrics.model_validate({**model.evaluate(self.data.x_test, self.data.y_test),
-                                               "silo-index": self.index})
+        return EvaluateMetrics.model_validate(
+            {**model.evaluate(self.data.x_test, self.data.y_test), "silo-index": self.index}
+        )
 
 
 def _unconditional(x: torch.Tensor) -> Tensors:
@@ -340,9 +418,13 @@ def _unconditional(x: torch.Tensor) -> Tensors:
 
 def optimizer_on_cpu(state: dict) -> dict:
     """An optimizer's state dict with CPU tensors (what is stored is a CPU copy)."""
-    return {"state": {k: {n: v.detach().cpu().clone() if torch.is_tensor(v) else v for n, v in s.items()}
-                      for k, s in state["state"].items()},
-            "param_groups": state["param_groups"]}
+    return {
+        "state": {
+            k: {n: v.detach().cpu().clone() if torch.is_tensor(v) else v for n, v in s.items()}
+            for k, s in state["state"].items()
+        },
+        "param_groups": state["param_groups"],
+    }
 
 
 def state_bytes(state: StateDict) -> int:

@@ -28,8 +28,14 @@ class LabelFidelity:
     batch_size: int = 128
     learning_rate: float = 1e-3
 
-    def measure(self, desc: GeneratorDescriptor, decoder: nn.Module, records: tuple[torch.Tensor, torch.Tensor],
-                style: SamplingStyle, seed: int) -> float | None:
+    def measure(
+        self,
+        desc: GeneratorDescriptor,
+        decoder: nn.Module,
+        records: tuple[torch.Tensor, torch.Tensor],
+        style: SamplingStyle,
+        seed: int,
+    ) -> float | None:
         """Fidelity of ``decoder`` (drawn as the server draws it, ``style``) judged on ``records`` = (images,
         index of each image's class in the descriptor); None where there is nothing to tell apart (one class,
         or an unconditional decoder)."""

@@ -47,12 +47,15 @@ def read_own_node_config(folder: Path) -> dict[str, Any]:
     try:
         raw = tomllib.loads(path.read_text())
     except (OSError, tomllib.TOMLDecodeError) as exc:
-        raise ConfigError(f"{path}: not a readable TOML file ({type(exc).__name__}); fix the silo's node "
-                          "config") from exc
+        raise ConfigError(
+            f"{path}: not a readable TOML file ({type(exc).__name__}); fix the silo's node config"
+        ) from exc
     fixed = [k for k in MACHINE_KEYS if k in raw]
     if fixed:
-        raise ConfigError(f"{path}: '{fixed[0]}' comes from the machine (the folder and Flower's partition), not "
-                          "from the silo's file: remove it")
+        raise ConfigError(
+            f"{path}: '{fixed[0]}' comes from the machine (the folder and Flower's partition), not "
+            "from the silo's file: remove it"
+        )
     return raw
 
 
@@ -64,8 +67,10 @@ def silo_node_config(node_config: Mapping[str, Any]) -> SiloNodeConfig:
         return parse_node_config({**read_own_node_config(folder), **raw, "silo-dir": str(folder)})
     node = parse_node_config(raw)
     if not node.silo_name:
-        raise ConfigError("node config: silo-name is missing: a deployed silo names itself, e.g. flower-supernode "
-                          "--node-config 'partition-id=0 silo-name=\"hospital-a\" ...'")
+        raise ConfigError(
+            "node config: silo-name is missing: a deployed silo names itself, e.g. flower-supernode "
+            "--node-config 'partition-id=0 silo-name=\"hospital-a\" ...'"
+        )
     return node
 
 
@@ -108,6 +113,7 @@ def provision_simulated_silos(root: Path, cfg: RunConfig, project_dir: Path | No
                 key = differs[0]
                 raise ConfigError(
                     f"simulated silo {folder} is set up with {key}={own.get(key)!r} (its {NODE_CONFIG_FILE}), not "
-                    f"{wanted[key]!r}: start from fresh silos (another --silos folder) or change that file")
+                    f"{wanted[key]!r}: start from fresh silos (another --silos folder) or change that file"
+                )
         folders.append(folder)
     return folders

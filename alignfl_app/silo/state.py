@@ -82,8 +82,9 @@ def run_key(run_name: str, run_id: int | str) -> str:
     """The folder of a run's state: its run-name (kept by a resumed run), else Flower's run id."""
     key = run_name or str(run_id)
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", key):
-        raise SiloStateError(f"run '{key}' is not usable as a folder name: choose a run-name of letters, digits, "
-                             "'.', '_' and '-'")
+        raise SiloStateError(
+            f"run '{key}' is not usable as a folder name: choose a run-name of letters, digits, '.', '_' and '-'"
+        )
     return key
 
 
@@ -96,8 +97,10 @@ class SiloStateStore:
         self.header_path = self.dir / HEADER
 
     def _refuse(self, path: Path, why: str, fix: str = "") -> SiloStateError:
-        return SiloStateError(f"silo '{self.silo}': its stored state {path} {why}: {fix}delete {self.dir} (the "
-                              "silo restarts its VAEs) or start another run-name")
+        return SiloStateError(
+            f"silo '{self.silo}': its stored state {path} {why}: {fix}delete {self.dir} (the "
+            "silo restarts its VAEs) or start another run-name"
+        )
 
     def load(self, identity: StateIdentity, resuming: bool = True) -> StoredState | None:
         """The stored state; None when there is none, it belongs to another setup, or (``resuming`` false) to an
@@ -113,20 +116,32 @@ class SiloStateStore:
         if not isinstance(version, int) or version < 1:
             raise self._refuse(self.header_path, "has no valid format version")
         if version > FORMAT:
-            raise self._refuse(self.header_path, f"has format {version}, newer than this alignfl reads ({FORMAT})",
-                               "upgrade alignfl on this silo, ")
+            raise self._refuse(
+                self.header_path,
+                f"has format {version}, newer than this alignfl reads ({FORMAT})",
+                "upgrade alignfl on this silo, ",
+            )
         try:
             header = StateHeader.model_validate(raw)
         except ValidationError as exc:
             raise self._refuse(self.header_path, f"is corrupt ({exc.error_count()} invalid fields)") from exc
         if not resuming and header.flower_run and self.flower_run and header.flower_run != self.flower_run:
-            log.info("Silo '%s': its stored state in %s is from an earlier run named '%s' and this run does not "
-                     "resume it; its VAEs start fresh", self.silo, self.dir, self.run)
+            log.info(
+                "Silo '%s': its stored state in %s is from an earlier run named '%s' and this run does not "
+                "resume it; its VAEs start fresh",
+                self.silo,
+                self.dir,
+                self.run,
+            )
             return None
         changed = header.identity.differences(identity)
         if changed:
-            log.info("Silo '%s': its stored state in %s belongs to another %s; its VAEs start fresh", self.silo,
-                     self.dir, ", ".join(changed))
+            log.info(
+                "Silo '%s': its stored state in %s belongs to another %s; its VAEs start fresh",
+                self.silo,
+                self.dir,
+                ", ".join(changed),
+            )
             return None
         tensors = self.dir / header.tensors
         if Path(header.tensors).name != header.tensors or not tensors.is_file():
@@ -149,9 +164,18 @@ class SiloStateStore:
         data = buffer.getvalue()
         name = f"round-{server_round:03d}.pt"
         atomic_write_bytes(self.dir / name, data)
-        header = StateHeader(format=FORMAT, run=self.run, round=server_round, identity=identity, tensors=name,
-                             sha256=hashlib.sha256(data).hexdigest(), dp=state.dp, flower_run=self.flower_run,
-                             origin=state.origin, ledger=state.ledger)
+        header = StateHeader(
+            format=FORMAT,
+            run=self.run,
+            round=server_round,
+            identity=identity,
+            tensors=name,
+            sha256=hashlib.sha256(data).hexdigest(),
+            dp=state.dp,
+            flower_run=self.flower_run,
+            origin=state.origin,
+            ledger=state.ledger,
+        )
         atomic_write_text(self.header_path, header.model_dump_json(indent=1))
         for old in self.dir.glob("round-*.pt"):
             if old.name != name:

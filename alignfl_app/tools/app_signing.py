@@ -61,8 +61,10 @@ def make_signing_key(out: Path, name: str) -> tuple[Path, Path]:
         if path.exists():
             if path == key_path:
                 key_path.chmod(0o600)
-            raise FileExistsError(f"{path} exists and is never overwritten; keep using it, or move it away to make a "
-                                  "new key (then every silo needs the new trusted-entities.yaml)")
+            raise FileExistsError(
+                f"{path} exists and is never overwritten; keep using it, or move it away to make a "
+                "new key (then every silo needs the new trusted-entities.yaml)"
+            )
     key = ed25519.Ed25519PrivateKey.generate()
     public = key.public_key().public_bytes(ser.Encoding.OpenSSH, ser.PublicFormat.OpenSSH).decode()
     write_new(key_path, key.private_bytes(ser.Encoding.PEM, ser.PrivateFormat.OpenSSH, ser.NoEncryption()), 0o600)
@@ -90,15 +92,18 @@ def sign_fab(fab: bytes, private_key: Path, signatures: Path) -> Path:
     try:
         key = load_private_key(private_key)
     except (OSError, ValueError) as err:
-        raise ValueError(f"cannot load the Ed25519 signing key {private_key} ({err}); make one with "
-                         "deploy/make-app-signing-key.sh") from None
+        raise ValueError(
+            f"cannot load the Ed25519 signing key {private_key} ({err}); make one with deploy/make-app-signing-key.sh"
+        ) from None
     signed_at = int(time.time())
     signature = sign_message(key, create_message_to_sign(hashlib.sha256(fab).digest(), signed_at))
     signatures.mkdir(parents=True, exist_ok=True)
     path = signature_file(signatures, fab)
     entries = json.loads(path.read_text()) if path.exists() else {}
-    entries[private_key.name] = {"signature": urlsafe_b64encode(signature).rstrip(b"=").decode(),
-                                 "signed_at": signed_at}
+    entries[private_key.name] = {
+        "signature": urlsafe_b64encode(signature).rstrip(b"=").decode(),
+        "signed_at": signed_at,
+    }
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(entries, indent=1) + "\n")
     tmp.replace(path)
@@ -126,7 +131,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "key":
             key, trusted = make_signing_key(args.out, args.name)
-            print(f"signing key: {key} (keep it with the operator)  trusted entities: {trusted} (install on every silo)")
+            print(
+                f"signing key: {key} (keep it with the operator)  trusted entities: {trusted} (install on every silo)"
+            )
         else:
             fab = fab_of(args.app.resolve())
             path = sign_fab(fab, args.private_key, args.signatures)

@@ -35,8 +35,15 @@ def main(argv: list[str] | None = None) -> int:
     set_threads(args.threads)
     torch.set_flush_denormal(True)  # private training flushes denormals; time the non-DP baseline the same way
     steps = max(1, round(args.epochs / args.sample_rate))
-    common = {"local-epochs": args.epochs, "num-server-rounds": 1, "client-threads": args.threads, "audit": False,
-              "generator-layout": args.layout, "dp-sample-rate": args.sample_rate, "dp-steps": steps}
+    common = {
+        "local-epochs": args.epochs,
+        "num-server-rounds": 1,
+        "client-threads": args.threads,
+        "audit": False,
+        "generator-layout": args.layout,
+        "dp-sample-rate": args.sample_rate,
+        "dp-steps": steps,
+    }
     private = {**common, "dp-epsilon": args.epsilon}
     modes = {"non-DP": common, "DP": private, "DP-secure": {**private, "dp-secure-noise": True}}
     with tempfile.TemporaryDirectory() as tmp:
@@ -44,8 +51,10 @@ def main(argv: list[str] | None = None) -> int:
             times = {}
             for mode, raw in modes.items():
                 silo_dir = Path(tmp) / f"{name}-{mode}"
-                silo = Silo(parse_run_config(raw), parse_node_config({"partition-id": args.silo, "architecture": name,
-                                                                      "silo-dir": str(silo_dir)}))
+                silo = Silo(
+                    parse_run_config(raw),
+                    parse_node_config({"partition-id": args.silo, "architecture": name, "silo-dir": str(silo_dir)}),
+                )
                 silo.privacy()  # noise calibration is done once per run: not part of the epoch time
                 t0 = time.perf_counter()
                 out = silo.train_round("bench", 1)
@@ -53,9 +62,14 @@ def main(argv: list[str] | None = None) -> int:
                 report = silo_dir / "reports" / "round-001.json"  # a DP silo's figures stay in its own report
                 figures = json.loads(report.read_text()) if report.is_file() else out.metrics.record()
                 times[mode] = figures["train-seconds"] / args.epochs
-                print(f"{name:7s} {mode:9s} {figures['samples-per-second']:9.0f} samples/s  {times[mode]:7.2f} s/epoch"
-                      f"  ({wall:.1f} s wall, {len(silo.data.x_train)} records, {len(silo.groups)} group(s))",
-                      flush=True)
-            print(f"{name:7s} DP/non-DP {times['DP'] / times['non-DP']:.2f}x, secure/fast noise "
-                  f"{times['DP-secure'] / times['DP']:.2f}x", flush=True)
+                print(
+                    f"{name:7s} {mode:9s} {figures['samples-per-second']:9.0f} samples/s  {times[mode]:7.2f} s/epoch"
+                    f"  ({wall:.1f} s wall, {len(silo.data.x_train)} records, {len(silo.groups)} group(s))",
+                    flush=True,
+                )
+            print(
+                f"{name:7s} DP/non-DP {times['DP'] / times['non-DP']:.2f}x, secure/fast noise "
+                f"{times['DP-secure'] / times['DP']:.2f}x",
+                flush=True,
+            )
     return 0

@@ -48,12 +48,18 @@ def _mean(xs: list[float]) -> float | None:
 def time_to_accuracy(summary: dict, target: float | None) -> dict[str, Any]:
     """Seconds from the ServerApp's start until the global model first reached ``target`` on the real test data
     (None: never), and until it first reached its own best accuracy, from the rounds' evaluation times."""
-    judged = [(r["global"]["accuracy"], r["elapsed-seconds"]) for r in summary["rounds"]
-              if isinstance(r.get("global", {}).get("accuracy"), (int, float)) and "elapsed-seconds" in r]
+    judged = [
+        (r["global"]["accuracy"], r["elapsed-seconds"])
+        for r in summary["rounds"]
+        if isinstance(r.get("global", {}).get("accuracy"), (int, float)) and "elapsed-seconds" in r
+    ]
     best = max((a for a, _ in judged), default=None)
-    return {"target-accuracy": target,
-            "seconds-to-target": next((t for a, t in judged if target is not None and a >= target), None),
-            "best-accuracy": best, "seconds-to-best": next((t for a, t in judged if a == best), None)}
+    return {
+        "target-accuracy": target,
+        "seconds-to-target": next((t for a, t in judged if target is not None and a >= target), None),
+        "best-accuracy": best,
+        "seconds-to-best": next((t for a, t in judged if a == best), None),
+    }
 
 
 def costs(summary: dict, target: float | None = None) -> dict[str, Any]:
@@ -68,8 +74,12 @@ def costs(summary: dict, target: float | None = None) -> dict[str, Any]:
             walls.append(r["elapsed-seconds"] - prev)
         prev = r["elapsed-seconds"]
     server = [r.get("server", {}) for r in summary["rounds"]]
-    down = [m.get("bytes-down-train", 0) + m.get("bytes-down-eval", 0)
-            for r in summary["rounds"] for m in r.get("silos", {}).values() if "bytes-up" in m]
+    down = [
+        m.get("bytes-down-train", 0) + m.get("bytes-down-eval", 0)
+        for r in summary["rounds"]
+        for m in r.get("silos", {}).values()
+        if "bytes-up" in m
+    ]
     return {
         "method": method,
         "silos": len(summary["config"]["silo-classes"].split(";")),
@@ -77,8 +87,10 @@ def costs(summary: dict, target: float | None = None) -> dict[str, Any]:
         "total-wall-seconds": summary.get("flwr-wall-seconds", summary.get("elapsed-seconds")),
         "wall-seconds-per-round": _mean(walls),
         "client-train-seconds-per-round": _mean(_silo_values(summary, "train-seconds")),
-        "client-samples-per-second": _mean(_silo_values(summary, "samples-per-second")
-                                           or [s["samples-per-second"] for s in server if "samples-per-second" in s]),
+        "client-samples-per-second": _mean(
+            _silo_values(summary, "samples-per-second")
+            or [s["samples-per-second"] for s in server if "samples-per-second" in s]
+        ),
         "server-seconds-per-round": _mean([s["server-seconds"] for s in server if "server-seconds" in s]),
         "synthetic-samples-per-round": _mean([s["synthetic-samples"] for s in server if "synthetic-samples" in s]),
         "bytes-up-per-silo-round": _mean(_silo_values(summary, "bytes-up")),
@@ -94,19 +106,31 @@ def costs(summary: dict, target: float | None = None) -> dict[str, Any]:
 
 def from_folder(folder: Path, target: float | None = None) -> list[dict[str, Any]]:
     runs = folder / "runs"
-    return [costs(json.loads((runs / m / "summary.json").read_text()), target)
-            for m in METHODS if (runs / m / "summary.json").is_file()]
+    return [
+        costs(json.loads((runs / m / "summary.json").read_text()), target)
+        for m in METHODS
+        if (runs / m / "summary.json").is_file()
+    ]
 
 
 def scaling_overrides(num_silos: int) -> dict[str, Any]:
     """``num_silos`` silos over MNIST's 10 classes: silo k holds pair k mod 5, shared pairs are sliced."""
     pairs = ";".join(f"{2 * (k % 5)},{2 * (k % 5) + 1}" for k in range(num_silos))
-    return {"silo-classes": pairs, "silo-layout": "slices", "max-per-class": 200, "outliers-per-silo": 60,
-            "local-epochs": 1, "num-server-rounds": 2, "synthetic-per-silo": 200, "server-epochs": 2,
-            "reference-epochs": 1, "sample-grid-per-silo": 0}
+    return {
+        "silo-classes": pairs,
+        "silo-layout": "slices",
+        "max-per-class": 200,
+        "outliers-per-silo": 60,
+        "local-epochs": 1,
+        "num-server-rounds": 2,
+        "synthetic-per-silo": 200,
+        "server-epochs": 2,
+        "reference-epochs": 1,
+        "sample-grid-per-silo": 0,
+    }
 
 
-MB = 2 ** 20
+MB = 2**20
 
 
 def _f(v: Any, scale: float = 1.0, digits: int = 1) -> str:
@@ -116,32 +140,50 @@ def _f(v: Any, scale: float = 1.0, digits: int = 1) -> str:
 def markdown(rows: list[dict], scaling: list[dict]) -> str:
     out = []
     if rows:
-        out += ["## Cost per method", "",
-                "| method | silos | wall s / round | client train s / round | client samples/s | "
-                "server s / round | up MiB / silo / round | down MiB / silo / round | full VAE MiB | "
-                "server peak RSS MiB | client peak RSS MiB | final accuracy |",
-                "|" + "---|" * 12]
+        out += [
+            "## Cost per method",
+            "",
+            "| method | silos | wall s / round | client train s / round | client samples/s | "
+            "server s / round | up MiB / silo / round | down MiB / silo / round | full VAE MiB | "
+            "server peak RSS MiB | client peak RSS MiB | final accuracy |",
+            "|" + "---|" * 12,
+        ]
         for r in rows:
-            out.append(f"| {r['method']} | {r['silos']} | {_f(r['wall-seconds-per-round'])} | "
-                       f"{_f(r['client-train-seconds-per-round'], digits=2)} | {_f(r['client-samples-per-second'], digits=0)} | "
-                       f"{_f(r['server-seconds-per-round'], digits=2)} | {_f(r['bytes-up-per-silo-round'], MB, 3)} | "
-                       f"{_f(r['bytes-down-per-silo-round'], MB, 3)} | {_f(r['full-vae-bytes'], MB, 3)} | "
-                       f"{_f(r['server-peak-rss-mb'], digits=0)} | {_f(r['client-peak-rss-mb'], digits=0)} | "
-                       f"{_f(r['final-global-accuracy'], digits=4)} |")
-        out += ["", "## Time to accuracy (seconds from the ServerApp's start, at the evaluation of a round)", "",
-                "| method | target | s to target | best accuracy | s to best |", "|" + "---|" * 5]
+            out.append(
+                f"| {r['method']} | {r['silos']} | {_f(r['wall-seconds-per-round'])} | "
+                f"{_f(r['client-train-seconds-per-round'], digits=2)} | {_f(r['client-samples-per-second'], digits=0)} | "
+                f"{_f(r['server-seconds-per-round'], digits=2)} | {_f(r['bytes-up-per-silo-round'], MB, 3)} | "
+                f"{_f(r['bytes-down-per-silo-round'], MB, 3)} | {_f(r['full-vae-bytes'], MB, 3)} | "
+                f"{_f(r['server-peak-rss-mb'], digits=0)} | {_f(r['client-peak-rss-mb'], digits=0)} | "
+                f"{_f(r['final-global-accuracy'], digits=4)} |"
+            )
+        out += [
+            "",
+            "## Time to accuracy (seconds from the ServerApp's start, at the evaluation of a round)",
+            "",
+            "| method | target | s to target | best accuracy | s to best |",
+            "|" + "---|" * 5,
+        ]
         for r in rows:
-            out.append(f"| {r['method']} | {_f(r['target-accuracy'], digits=2)} | {_f(r['seconds-to-target'])} | "
-                       f"{_f(r['best-accuracy'], digits=4)} | {_f(r['seconds-to-best'])} |")
+            out.append(
+                f"| {r['method']} | {_f(r['target-accuracy'], digits=2)} | {_f(r['seconds-to-target'])} | "
+                f"{_f(r['best-accuracy'], digits=4)} | {_f(r['seconds-to-best'])} |"
+            )
         out.append("")
     if scaling:
-        out += ["## Scaling with the number of silos", "",
-                "| method | silos | wall s / round | server s / round | synthetic samples / round | "
-                "server peak RSS MiB | up MiB / silo / round |", "|" + "---|" * 7]
+        out += [
+            "## Scaling with the number of silos",
+            "",
+            "| method | silos | wall s / round | server s / round | synthetic samples / round | "
+            "server peak RSS MiB | up MiB / silo / round |",
+            "|" + "---|" * 7,
+        ]
         for r in scaling:
-            out.append(f"| {r['method']} | {r['silos']} | {_f(r['wall-seconds-per-round'])} | "
-                       f"{_f(r['server-seconds-per-round'], digits=2)} | {_f(r['synthetic-samples-per-round'], digits=0)} | "
-                       f"{_f(r['server-peak-rss-mb'], digits=0)} | {_f(r['bytes-up-per-silo-round'], MB, 3)} |")
+            out.append(
+                f"| {r['method']} | {r['silos']} | {_f(r['wall-seconds-per-round'])} | "
+                f"{_f(r['server-seconds-per-round'], digits=2)} | {_f(r['synthetic-samples-per-round'], digits=0)} | "
+                f"{_f(r['server-peak-rss-mb'], digits=0)} | {_f(r['bytes-up-per-silo-round'], MB, 3)} |"
+            )
         out.append("")
     return "\n".join(out)
 
@@ -154,8 +196,9 @@ def main(argv: list[str] | None = None) -> int:
     add_overrides_option(parser)
     parser.add_argument("--scaling", nargs="*", type=int, default=[], metavar="SILOS")
     parser.add_argument("--scaling-methods", nargs="+", default=["alignfl"], choices=FEDERATED)
-    parser.add_argument("--target", type=float, default=None,
-                        help="accuracy to time (default: 0.95 MNIST, 0.80 Fashion-MNIST)")
+    parser.add_argument(
+        "--target", type=float, default=None, help="accuracy to time (default: 0.95 MNIST, 0.80 Fashion-MNIST)"
+    )
     parser.add_argument("--out", default="results/benchmark")
     parser.add_argument("--app", default=".", help="the Flower app's folder (the checkout with pyproject.toml)")
     args = parser.parse_args(argv)
@@ -172,8 +215,9 @@ def main(argv: list[str] | None = None) -> int:
         scaling = []
         for n in args.scaling:
             folder = out / f"scaling-{n}"
-            summaries = run_methods(SCALING_EXPERIMENT, args.scaling_methods, {**scaling_overrides(n), **overrides},
-                                    folder, app)
+            summaries = run_methods(
+                SCALING_EXPERIMENT, args.scaling_methods, {**scaling_overrides(n), **overrides}, folder, app
+            )
             scaling += [costs(s) for s in summaries.values()]
             (out / "benchmark.json").write_text(json.dumps({"methods": rows, "scaling": scaling}, indent=2))
     except ConfigError as exc:

@@ -112,13 +112,22 @@ class AuditedSilo(Silo):
 def one_class_silo(cfg: RunConfig, partition: int, silo_dir: Path, records: int) -> AuditedSilo:
     """Silo ``partition`` reduced to ``records`` records of its first class (the class the canaries go into), on
     the CPU (the canaries and scores are built there)."""
-    silo = AuditedSilo(cfg, parse_node_config({"partition-id": partition, "silo-dir": str(silo_dir),
-                                               "client-device": "cpu"}))
+    silo = AuditedSilo(
+        cfg, parse_node_config({"partition-id": partition, "silo-dir": str(silo_dir), "client-device": "cpu"})
+    )
     d, c = silo.data, silo.data.classes[0]
     keep, keep_test = (d.y_train == c) & ~d.is_outlier, d.y_test == c
     keep &= torch.cumsum(keep.long(), 0) <= records
-    silo.data = SiloData(d.silo, (c,), d.x_train[keep], d.y_train[keep], torch.zeros(int(keep.sum()), dtype=torch.bool),
-                         d.x_test[keep_test], d.y_test[keep_test], d.heldout_outliers[:0])
+    silo.data = SiloData(
+        d.silo,
+        (c,),
+        d.x_train[keep],
+        d.y_train[keep],
+        torch.zeros(int(keep.sum()), dtype=torch.bool),
+        d.x_test[keep_test],
+        d.y_test[keep_test],
+        d.heldout_outliers[:0],
+    )
     silo.groups = silo.generator_groups()
     return silo
 
@@ -149,8 +158,12 @@ class SiloTrainer:
         """One run on ``images`` (and the injection's gradient canaries, if any)."""
         silo = one_class_silo(self.cfg, self.partition, self.workdir / f"silo-{len(self.released)}", self.records)
         c = silo.data.classes[0]
-        silo.data = dataclasses.replace(silo.data, x_train=images, y_train=torch.full((len(images),), c),
-                                        is_outlier=torch.zeros(len(images), dtype=torch.bool))
+        silo.data = dataclasses.replace(
+            silo.data,
+            x_train=images,
+            y_train=torch.full((len(images),), c),
+            is_outlier=torch.zeros(len(images), dtype=torch.bool),
+        )
         silo.groups = silo.generator_groups()
         silo.injection = injection
         state: SiloState | None = None
@@ -164,6 +177,7 @@ class SiloTrainer:
 
         def release(z: torch.Tensor) -> torch.Tensor:
             return decoder(z, None if label is None else label.expand(len(z), -1))
+
         vae = GeneratorSet(silo.architecture, silo.layout, 1)
         vae.load_state_dict(out.state.generators)
         self.released.append(Release(release, vae.vaes[0], out.metrics))
@@ -181,8 +195,9 @@ Adam's running RMS of that weight, and a larger norm moves it no further (one ru
 
 def level_config(base: dict, level: str) -> RunConfig:
     """The recipe at one privacy level: dp-epsilon ``level`` (its noise calibrated by the accountant), or no DP."""
-    return parse_run_config({**base, "audit": False, "dp-epsilon": 0.0 if level == "none" else float(level),
-                             "dp-noise-multiplier": 0.0})
+    return parse_run_config(
+        {**base, "audit": False, "dp-epsilon": 0.0 if level == "none" else float(level), "dp-noise-multiplier": 0.0}
+    )
 
 
 def accountant_epsilon(release: Release) -> float:
@@ -197,25 +212,45 @@ def image_audit(cfg: RunConfig, args: argparse.Namespace, workdir: Path) -> tupl
     latent = train.template.architecture.latent_dim
     other = "fashion-mnist" if cfg.data.dataset == "mnist" else "mnist"
     pool, _ = load_split(str(cfg.data.resolved_data_root()), other, True)
-    report = run_canary_audit(train, records, pool, args.canaries, latent, cfg.privacy.delta, seed=args.seed,
-                              steps=args.attack_steps, restarts=args.restarts)
+    report = run_canary_audit(
+        train,
+        records,
+        pool,
+        args.canaries,
+        latent,
+        cfg.privacy.delta,
+        seed=args.seed,
+        steps=args.attack_steps,
+        restarts=args.restarts,
+    )
     target, reference = train.released  # with the canaries, without
     canaries = make_canaries(pool, args.canaries, args.seed)  # the same draw as inside the audit
     white_box = elbo_scores(target.vae, canaries.images, seed=args.seed) - elbo_scores(
-        reference.vae, canaries.images, seed=args.seed)
+        reference.vae, canaries.images, seed=args.seed
+    )
     member, nonmember = white_box[canaries.included], white_box[~canaries.included]
-    whole_vae = AuditReport(epsilon_bound=epsilon_lower_bound(white_box, canaries.included, cfg.privacy.delta),
-                            membership=membership_report(member, nonmember, seed=args.seed),
-                            member_scores=member.tolist(), nonmember_scores=nonmember.tolist(), seed=args.seed,
-                            attack="whole-VAE ELBO (16 posterior draws), minus a reference VAE's trained without "
-                                   "canaries")
+    whole_vae = AuditReport(
+        epsilon_bound=epsilon_lower_bound(white_box, canaries.included, cfg.privacy.delta),
+        membership=membership_report(member, nonmember, seed=args.seed),
+        member_scores=member.tolist(),
+        nonmember_scores=nonmember.tolist(),
+        seed=args.seed,
+        attack="whole-VAE ELBO (16 posterior draws), minus a reference VAE's trained without canaries",
+    )
     with torch.no_grad():
         z = torch.randn(2000, latent, generator=torch.Generator().manual_seed(args.seed))
         samples = torch.sigmoid(target.decoder(z))
-    leakage = normalised_leakage(samples.reshape(len(samples), *records.shape[1:]), canaries.included_images,
-                                 canaries.held_out_images, records, seed=args.seed)
-    return accountant_epsilon(target), {"decoder": report.model_copy(update={"leakage": leakage}),
-                                        "whole VAE": whole_vae}
+    leakage = normalised_leakage(
+        samples.reshape(len(samples), *records.shape[1:]),
+        canaries.included_images,
+        canaries.held_out_images,
+        records,
+        seed=args.seed,
+    )
+    return accountant_epsilon(target), {
+        "decoder": report.model_copy(update={"leakage": leakage}),
+        "whole VAE": whole_vae,
+    }
 
 
 def gradient_audit(cfg: RunConfig, args: argparse.Namespace, workdir: Path) -> tuple[float, dict[str, AuditReport]]:
@@ -223,10 +258,16 @@ def gradient_audit(cfg: RunConfig, args: argparse.Namespace, workdir: Path) -> t
     decoder and sees the released one); calibrated by a reference run without DP only."""
     train = SiloTrainer(cfg, args.silo, workdir, args.records)
     records = train.template.data.x_train
-    report = run_gradient_canary_audit(lambda injection: train.train(records, injection).vae.decoder,
-                                       train.initial_vae().decoder, len(records), args.canaries, cfg.privacy.delta,
-                                       seed=args.seed, magnitude=GRADIENT_CANARY_NORM,
-                                       calibrate=not cfg.privacy.enabled)
+    report = run_gradient_canary_audit(
+        lambda injection: train.train(records, injection).vae.decoder,
+        train.initial_vae().decoder,
+        len(records),
+        args.canaries,
+        cfg.privacy.delta,
+        seed=args.seed,
+        magnitude=GRADIENT_CANARY_NORM,
+        calibrate=not cfg.privacy.enabled,
+    )
     return accountant_epsilon(train.released[-1]), {"displacement": report}
 
 
@@ -235,16 +276,28 @@ AUDITS = {"gradient": gradient_audit, "image": image_audit}
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="alignfl canary-audit", description=__doc__.splitlines()[0])
-    ap.add_argument("--run-config", default="conf/experiments/mnist-dp-eps2.toml",
-                    help="a TOML file or 'k=v ...' (the recipe to audit)")
+    ap.add_argument(
+        "--run-config",
+        default="conf/experiments/mnist-dp-eps2.toml",
+        help="a TOML file or 'k=v ...' (the recipe to audit)",
+    )
     ap.add_argument("--epsilons", nargs="+", default=["1", "2", "8", "none"])
-    ap.add_argument("--canary-kind", nargs="+", choices=sorted(AUDITS), default=["gradient"],
-                    help="gradient: Dirac gradient canaries (white box); image: out-of-domain images (decoder and "
-                         "whole-VAE attacks)")
+    ap.add_argument(
+        "--canary-kind",
+        nargs="+",
+        choices=sorted(AUDITS),
+        default=["gradient"],
+        help="gradient: Dirac gradient canaries (white box); image: out-of-domain images (decoder and "
+        "whole-VAE attacks)",
+    )
     ap.add_argument("--silo", type=int, default=1)
     ap.add_argument("--canaries", type=int, default=2000)
-    ap.add_argument("--records", type=int, default=1000,
-                    help="records of the class beside the canaries (few: each canary weighs more)")
+    ap.add_argument(
+        "--records",
+        type=int,
+        default=1000,
+        help="records of the class beside the canaries (few: each canary weighs more)",
+    )
     ap.add_argument("--attack-steps", type=int, default=200, help="image canaries: Adam steps of the decoder attack")
     ap.add_argument("--restarts", type=int, default=4, help="image canaries: restarts of the decoder attack")
     ap.add_argument("--seed", type=int, default=0)
@@ -253,8 +306,11 @@ def main(argv: list[str] | None = None) -> int:
     base = {**RunConfig().flat(), **parse_config_args([args.run_config])}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    print(f"{'epsilon':>8} {'accountant':>10} | {'attack':>12} {'lower bound':>11} {'AUC [95% CI]':>22} "
-          f"{'TPR@1%FPR [95% CI]':>22} {'TPR@0.1%FPR [95% CI]':>22}", flush=True)
+    print(
+        f"{'epsilon':>8} {'accountant':>10} | {'attack':>12} {'lower bound':>11} {'AUC [95% CI]':>22} "
+        f"{'TPR@1%FPR [95% CI]':>22} {'TPR@0.1%FPR [95% CI]':>22}",
+        flush=True,
+    )
     table, broken = [], False
     for kind in args.canary_kind:
         for level in args.epsilons:
@@ -265,22 +321,41 @@ def main(argv: list[str] | None = None) -> int:
                 (out / f"{name}.json").write_text(report.model_dump_json(indent=1))
                 save_audit_plot(report, out / f"{name}.png")
                 m, b = report.membership, report.epsilon_bound
-                print(f"{level:>8} {epsilon:>10.3f} | {attack:>12} {b.epsilon:>11.3f} {_rate(m.auc, m.auc_ci):>22} "
-                      f"{_rate(m.tpr_at_fpr_1e_2, m.tpr_at_fpr_1e_2_ci):>22} "
-                      f"{_rate(m.tpr_at_fpr_1e_3, m.tpr_at_fpr_1e_3_ci):>22}", flush=True)
-                table.append({"kind": kind, "level": level, "accountant-epsilon": epsilon, "attack": attack,
-                              "lower-bound": b.epsilon, "auc": m.auc, "auc-ci": m.auc_ci,
-                              "tpr-at-1pct-fpr": m.tpr_at_fpr_1e_2, "tpr-at-1pct-fpr-ci": m.tpr_at_fpr_1e_2_ci,
-                              "tpr-at-0.1pct-fpr": m.tpr_at_fpr_1e_3, "tpr-at-0.1pct-fpr-ci": m.tpr_at_fpr_1e_3_ci,
-                              "leakage-auc": report.leakage.membership.auc if report.leakage else None})
+                print(
+                    f"{level:>8} {epsilon:>10.3f} | {attack:>12} {b.epsilon:>11.3f} {_rate(m.auc, m.auc_ci):>22} "
+                    f"{_rate(m.tpr_at_fpr_1e_2, m.tpr_at_fpr_1e_2_ci):>22} "
+                    f"{_rate(m.tpr_at_fpr_1e_3, m.tpr_at_fpr_1e_3_ci):>22}",
+                    flush=True,
+                )
+                table.append(
+                    {
+                        "kind": kind,
+                        "level": level,
+                        "accountant-epsilon": epsilon,
+                        "attack": attack,
+                        "lower-bound": b.epsilon,
+                        "auc": m.auc,
+                        "auc-ci": m.auc_ci,
+                        "tpr-at-1pct-fpr": m.tpr_at_fpr_1e_2,
+                        "tpr-at-1pct-fpr-ci": m.tpr_at_fpr_1e_2_ci,
+                        "tpr-at-0.1pct-fpr": m.tpr_at_fpr_1e_3,
+                        "tpr-at-0.1pct-fpr-ci": m.tpr_at_fpr_1e_3_ci,
+                        "leakage-auc": report.leakage.membership.auc if report.leakage else None,
+                    }
+                )
                 broken |= b.epsilon > epsilon
             if "decoder" in reports:
-                print(f"{'':>8} {'':>10} | hubness-normalised leakage AUC "
-                      f"{reports['decoder'].leakage.membership.auc:.3f}", flush=True)
+                print(
+                    f"{'':>8} {'':>10} | hubness-normalised leakage AUC "
+                    f"{reports['decoder'].leakage.membership.auc:.3f}",
+                    flush=True,
+                )
     (out / "table.json").write_text(json.dumps(table, indent=1, default=str))
     if broken:
-        print("error: a lower bound exceeds the accountant's epsilon: the accounting or the DP code is wrong",
-              file=sys.stderr)
+        print(
+            "error: a lower bound exceeds the accountant's epsilon: the accounting or the DP code is wrong",
+            file=sys.stderr,
+        )
     return 1 if broken else 0
 
 

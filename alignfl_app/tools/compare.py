@@ -39,13 +39,21 @@ FEDERATED = ("alignfl", "fedavg", "fedprox")
 METHODS = FEDERATED + tuple(RUNNERS)
 
 
-def run_federated(link: SimulationLink, method: str, values: dict[str, Any], cfg: RunConfig, runs_dir: Path,
-                  cpus_per_client: int, timeout: float) -> dict:
+def run_federated(
+    link: SimulationLink,
+    method: str,
+    values: dict[str, Any],
+    cfg: RunConfig,
+    runs_dir: Path,
+    cpus_per_client: int,
+    timeout: float,
+) -> dict:
     """One ``flwr run`` of ``method``; returns its summary.json plus the run's status and wall time."""
     values = {**values, "strategy": method, "results-dir": str(runs_dir), "run-name": method}
     t0 = time.perf_counter()
-    run, log = link.run_app(run_config_string(values), num_supernodes=cfg.data.num_silos,
-                            cpus_per_client=cpus_per_client, timeout=timeout)
+    run, log = link.run_app(
+        run_config_string(values), num_supernodes=cfg.data.num_silos, cpus_per_client=cpus_per_client, timeout=timeout
+    )
     wall = time.perf_counter() - t0
     path = runs_dir / method / "summary.json"
     if run["status"] != "finished:completed" or not path.is_file():
@@ -63,8 +71,15 @@ def run_reference(method: str, cfg: RunConfig, runs_dir: Path) -> dict:
     return summary
 
 
-def run_methods(experiment: str, methods: list[str], overrides: dict[str, Any], out: Path, app: Path,
-                cpus_per_client: int = 1, timeout: float = 7200) -> dict[str, dict]:
+def run_methods(
+    experiment: str,
+    methods: list[str],
+    overrides: dict[str, Any],
+    out: Path,
+    app: Path,
+    cpus_per_client: int = 1,
+    timeout: float = 7200,
+) -> dict[str, dict]:
     """Every method of ``methods`` on the experiment's settings (federated ones: ``flwr run`` of ``app``)."""
     cfg = load_experiment(experiment, overrides)
     key = HEADLINE_METRIC[cfg.server.global_model]
@@ -74,13 +89,16 @@ def run_methods(experiment: str, methods: list[str], overrides: dict[str, Any], 
     summaries = {}
     federated = [m for m in methods if m in FEDERATED]
     if federated:
-        with (tempfile.TemporaryDirectory(prefix="alignfl-compare-") as tmp,
-              simulation_superlink(Path(tmp), app) as link):
+        with (
+            tempfile.TemporaryDirectory(prefix="alignfl-compare-") as tmp,
+            simulation_superlink(Path(tmp), app) as link,
+        ):
             for method in federated:  # one SuperLink, one `flwr run` per method
                 print(f"[compare] {method} (flwr run) ...", flush=True)
                 summaries[method] = run_federated(link, method, values, cfg, runs_dir, cpus_per_client, timeout)
-                print(f"[compare] {method}: final global {key} {summaries[method][f'final-global-{key}']:.4f}",
-                      flush=True)
+                print(
+                    f"[compare] {method}: final global {key} {summaries[method][f'final-global-{key}']:.4f}", flush=True
+                )
     set_threads(1)
     for method in [m for m in methods if m not in FEDERATED]:
         print(f"[compare] {method} ...", flush=True)
@@ -111,8 +129,11 @@ def comparison_rows(summaries: dict[str, dict]) -> list[dict[str, Any]]:
     for method, s in summaries.items():
         key = _key(s)
         for r in _rounds(s):
-            row: dict[str, Any] = {"method": method, "round": r["round"] if method in FEDERATED else "final",
-                                   f"global-{key}": r["global"][key]}
+            row: dict[str, Any] = {
+                "method": method,
+                "round": r["round"] if method in FEDERATED else "final",
+                f"global-{key}": r["global"][key],
+            }
             for c, a in enumerate(r["global"].get("per-class-accuracy") or []):
                 row[f"class-{c}"] = a
             for silo, m in sorted(r["silos"].items()):
@@ -144,34 +165,58 @@ def markdown(experiment: str, summaries: dict[str, dict], cfg: RunConfig) -> str
     key = HEADLINE_METRIC[cfg.server.global_model]
     name = "accuracy" if key == "accuracy" else "negative ELBO (nats per image, lower is better)"
     finals = {m: _rounds(s)[-1] for m, s in summaries.items() if _rounds(s)}
-    out = [f"# Comparison: {experiment}", "",
-           f"{cfg.data.dataset}, {cfg.data.num_silos} silos (classes {cfg.data.silo_classes}), {cfg.data.outliers_per_silo} outliers "
-           f"in silos {cfg.data.outlier_silos}, {cfg.run.num_server_rounds} rounds x {cfg.local.local_epochs} local epochs; "
-           f"{name} of the final global {cfg.server.global_model} on the real global test set.", ""]
+    out = [
+        f"# Comparison: {experiment}",
+        "",
+        f"{cfg.data.dataset}, {cfg.data.num_silos} silos (classes {cfg.data.silo_classes}), {cfg.data.outliers_per_silo} outliers "
+        f"in silos {cfg.data.outlier_silos}, {cfg.run.num_server_rounds} rounds x {cfg.local.local_epochs} local epochs; "
+        f"{name} of the final global {cfg.server.global_model} on the real global test set.",
+        "",
+    ]
     rows = []
     for m, r in finals.items():
         local = [v[f"eval-{key}"] for v in r["silos"].values() if f"eval-{key}" in v]
-        rows.append([m, r["global"][key], sum(local) / len(local) if local else None,
-                     summaries[m].get("flwr-wall-seconds")])
-    out += [f"## Final {key}", "", _table(["method", f"global {key}", f"mean silo local-test {key}",
-                                           "wall s"], rows), ""]
+        rows.append(
+            [m, r["global"][key], sum(local) / len(local) if local else None, summaries[m].get("flwr-wall-seconds")]
+        )
+    out += [
+        f"## Final {key}",
+        "",
+        _table(["method", f"global {key}", f"mean silo local-test {key}", "wall s"], rows),
+        "",
+    ]
     n_rounds = max((len(_rounds(s)) for m, s in summaries.items() if m in FEDERATED), default=0)
     if n_rounds:
         rows = [[m] + [r["global"][key] for r in _rounds(s)] for m, s in summaries.items() if m in FEDERATED]
-        out += [f"## Global {key} per round", "", _table(["method"] + [f"round {i + 1}" for i in range(n_rounds)],
-                                                         rows), ""]
+        out += [
+            f"## Global {key} per round",
+            "",
+            _table(["method"] + [f"round {i + 1}" for i in range(n_rounds)], rows),
+            "",
+        ]
     if key == "accuracy":
         rows = [[m] + list(r["global"].get("per-class-accuracy") or []) for m, r in finals.items()]
-        out += ["## Per-class accuracy (final, global test set)", "",
-                _table(["method"] + list(cfg.data.class_names), rows), ""]
+        out += [
+            "## Per-class accuracy (final, global test set)",
+            "",
+            _table(["method"] + list(cfg.data.class_names), rows),
+            "",
+        ]
     silos = sorted({s for r in finals.values() for s in r["silos"]}, key=lambda s: int(s.rsplit("-", 1)[-1]))
     rows = [[m] + [r["silos"].get(s, {}).get(f"eval-{key}") for s in silos] for m, r in finals.items()]
-    out += [f"## Per-silo {key} (final global model on each silo's local test set; local-only: its own model)", "",
-            _table(["method"] + silos, rows), ""]
+    out += [
+        f"## Per-silo {key} (final global model on each silo's local test set; local-only: its own model)",
+        "",
+        _table(["method"] + silos, rows),
+        "",
+    ]
     if "local-only" in finals:
         r = finals["local-only"]
-        out += ["Local-only, each silo's own model on the global test set: "
-                + ", ".join(f"{s} {_fmt(r['silos'][s].get(f'global-{key}'))}" for s in silos if s in r["silos"]), ""]
+        out += [
+            "Local-only, each silo's own model on the global test set: "
+            + ", ".join(f"{s} {_fmt(r['silos'][s].get(f'global-{key}'))}" for s in silos if s in r["silos"]),
+            "",
+        ]
     return "\n".join(out)
 
 
@@ -190,8 +235,13 @@ def plot(summaries: dict[str, dict], path: Path, title: str, key: str) -> None:
             ax.plot(xs, [r["global"][key] for r in _rounds(s)], "o-", lw=2, label=m)
     for m, s in summaries.items():
         if m not in FEDERATED and _rounds(s):
-            ax.axhline(_rounds(s)[-1]["global"][key], ls="--", alpha=0.7,
-                       color="gray" if m == "local-only" else "black", label=f"{m} (reference)")
+            ax.axhline(
+                _rounds(s)[-1]["global"][key],
+                ls="--",
+                alpha=0.7,
+                color="gray" if m == "local-only" else "black",
+                label=f"{m} (reference)",
+            )
     ax.set_xlabel("round")
     if key == "accuracy":
         ax.set_ylabel("global test accuracy")
@@ -231,8 +281,9 @@ def main(argv: list[str] | None = None) -> int:
         overrides = parse_assignments(args.set)
         cfg = load_experiment(args.experiment, overrides)
         if cfg.data.is_folder and not cfg.data.global_test_dir:
-            raise ConfigError("compare judges every method on one global test set: set global-test-dir for "
-                              "dataset='folder'")
+            raise ConfigError(
+                "compare judges every method on one global test set: set global-test-dir for dataset='folder'"
+            )
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -40,8 +40,22 @@ log = logging.getLogger("alignfl.fleet_front")
 FLEET_PATHS = frozenset(route.path for route in fleet_router.routes)
 GET_FAB_PATH = "/v1/fleet/get-fab"
 # hop-by-hop or recomputed by the server that sends the message on
-DROPPED_HEADERS = frozenset({"host", "connection", "keep-alive", "transfer-encoding", "content-length",
-                             "content-encoding", "accept-encoding", "upgrade", "te", "trailer", "server", "date"})
+DROPPED_HEADERS = frozenset(
+    {
+        "host",
+        "connection",
+        "keep-alive",
+        "transfer-encoding",
+        "content-length",
+        "content-encoding",
+        "accept-encoding",
+        "upgrade",
+        "te",
+        "trailer",
+        "server",
+        "date",
+    }
+)
 UPSTREAM_TIMEOUT_S = 120.0
 
 
@@ -58,8 +72,12 @@ def sign_fab_reply(body: bytes, signatures: Path) -> bytes:
     if len(found) > 1:
         log.info("FAB %s goes out with the signatures of %s", digest, sorted(set(found) - {"valid_license"}))
     else:
-        log.warning("FAB %s has no operator signature in %s: SuperNodes will refuse it "
-                    "(sign the app with deploy/sign-app.sh, then start the run again)", digest, signatures)
+        log.warning(
+            "FAB %s has no operator signature in %s: SuperNodes will refuse it "
+            "(sign the app with deploy/sign-app.sh, then start the run again)",
+            digest,
+            signatures,
+        )
     reply.fab.verifications.clear()
     reply.fab.verifications.update(found)
     return reply.SerializeToString(deterministic=True)
@@ -73,8 +91,9 @@ def create_app(superlink: str, ca_cert: Path, signatures: Path) -> Starlette:
     @contextlib.asynccontextmanager
     async def lifespan(_app: Starlette) -> AsyncIterator[None]:
         context = ssl.create_default_context(cafile=str(ca_cert))
-        async with httpx.AsyncClient(base_url=f"https://{superlink}", verify=context,
-                                     timeout=UPSTREAM_TIMEOUT_S) as client:
+        async with httpx.AsyncClient(
+            base_url=f"https://{superlink}", verify=context, timeout=UPSTREAM_TIMEOUT_S
+        ) as client:
             state["client"] = client
             yield
 
@@ -85,8 +104,9 @@ def create_app(superlink: str, ca_cert: Path, signatures: Path) -> Starlette:
             log.warning("refused %s %s from %s: this port serves the Fleet API only", request.method, path, client)
             return PlainTextResponse("not found: this port serves Flower's Fleet API only\n", status_code=404)
         try:
-            upstream = await state["client"].post(path, content=await request.body(),
-                                                  headers=kept_headers(request.headers))
+            upstream = await state["client"].post(
+                path, content=await request.body(), headers=kept_headers(request.headers)
+            )
         except httpx.TransportError as err:
             log.warning("SuperLink unreachable for %s: %s", path, err)
             return PlainTextResponse("SuperLink unavailable\n", status_code=503)
@@ -101,24 +121,40 @@ def create_app(superlink: str, ca_cert: Path, signatures: Path) -> Starlette:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="alignfl fleet-front", description=__doc__.splitlines()[0])
-    parser.add_argument("--certs", type=Path, required=True,
-                        help="folder with ca.crt, server.pem and server.key (deploy/make-certs.sh)")
-    parser.add_argument("--signatures", type=Path, required=True,
-                        help="folder of the operator's app signatures (deploy/sign-app.sh)")
+    parser.add_argument(
+        "--certs", type=Path, required=True, help="folder with ca.crt, server.pem and server.key (deploy/make-certs.sh)"
+    )
+    parser.add_argument(
+        "--signatures", type=Path, required=True, help="folder of the operator's app signatures (deploy/sign-app.sh)"
+    )
     parser.add_argument("--host", default="0.0.0.0", help="address silos connect to")
     parser.add_argument("--port", type=int, default=9093)
     parser.add_argument("--superlink-port", type=int, default=9091, help="the SuperLink's port on 127.0.0.1")
     args = parser.parse_args(argv)
     for name in ("ca.crt", "server.pem", "server.key"):
         if not (args.certs / name).is_file():
-            parser.error(f"{args.certs / name} missing; make it with deploy/make-certs.sh {args.certs} <public host name>")
+            parser.error(
+                f"{args.certs / name} missing; make it with deploy/make-certs.sh {args.certs} <public host name>"
+            )
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per forwarded request otherwise
     app = create_app(f"127.0.0.1:{args.superlink_port}", args.certs / "ca.crt", args.signatures)
-    log.info("Fleet API on %s:%d -> SuperLink 127.0.0.1:%d; app signatures from %s",
-             args.host, args.port, args.superlink_port, args.signatures)
-    uvicorn.run(app, host=args.host, port=args.port, ssl_certfile=str(args.certs / "server.pem"),
-                ssl_keyfile=str(args.certs / "server.key"), log_level="warning", access_log=False)
+    log.info(
+        "Fleet API on %s:%d -> SuperLink 127.0.0.1:%d; app signatures from %s",
+        args.host,
+        args.port,
+        args.superlink_port,
+        args.signatures,
+    )
+    uvicorn.run(
+        app,
+        host=args.host,
+        port=args.port,
+        ssl_certfile=str(args.certs / "server.pem"),
+        ssl_keyfile=str(args.certs / "server.key"),
+        log_level="warning",
+        access_log=False,
+    )
     return 0
 
 

@@ -37,8 +37,10 @@ from alignfl_app.tools.local_superlink import (
 
 MODES = {
     "plain": "local-epochs=2 server-epochs=2",
-    "dp": ("generator-layout='per-class' silo-architectures='mlp-dp' dp-epsilon=4.0 dp-steps=40 "
-           "dp-sample-rate=0.25 dp-learning-rate=0.002 server-epochs=2"),
+    "dp": (
+        "generator-layout='per-class' silo-architectures='mlp-dp' dp-epsilon=4.0 dp-steps=40 "
+        "dp-sample-rate=0.25 dp-learning-rate=0.002 server-epochs=2"
+    ),
 }
 COMMON = "audit=false sample-grid-per-silo=0 outlier-dataset='none' round-timeout=1200"
 
@@ -54,8 +56,18 @@ class LocalDeployment(SimulationLink):
     def start_supernode(self, name: str, node_config: str) -> None:
         home = self.tmp / name
         home.mkdir(parents=True, exist_ok=True)
-        cmd = [flower_command("flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{self.port}",
-               "--node-config", node_config, "--port", str(free_port()), "--max-retries", "5"]
+        cmd = [
+            flower_command("flower-supernode"),
+            "--insecure",
+            "--superlink",
+            f"127.0.0.1:{self.port}",
+            "--node-config",
+            node_config,
+            "--port",
+            str(free_port()),
+            "--max-retries",
+            "5",
+        ]
         self.nodes.append(start_logged(cmd, home / "supernode.log", flower_env(home, self.app), cwd=self.app))
 
 
@@ -65,11 +77,21 @@ def local_deployment(tmp: Path, app: Path) -> Iterator[LocalDeployment]:
     home = tmp / "superlink-home"
     home.mkdir(parents=True, exist_ok=True)
     port = free_port()
-    (home / "config.toml").write_text(f'[superlink]\ndefault = "test"\n\n[superlink.test]\n'
-                                      f'address = "127.0.0.1:{port}"\ninsecure = true\n')
+    (home / "config.toml").write_text(
+        f'[superlink]\ndefault = "test"\n\n[superlink.test]\naddress = "127.0.0.1:{port}"\ninsecure = true\n'
+    )
     log = tmp / "superlink.log"
-    cmd = [flower_command("flower-superlink"), "--insecure", "--host", "127.0.0.1", "--port", str(port),
-           "--database", str(tmp / "state.db"), "--disable-runtime-dependency-installation"]
+    cmd = [
+        flower_command("flower-superlink"),
+        "--insecure",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--database",
+        str(tmp / "state.db"),
+        "--disable-runtime-dependency-installation",
+    ]
     proc = start_logged(cmd, log, flower_env(home, app), cwd=app)
     link = LocalDeployment(tmp, proc, port, log, app)
     try:
@@ -86,17 +108,26 @@ def run_federation(app: Path, work: Path, mode: str, device: str, args) -> dict:
     threads = 1 if device == "cuda" else max(1, (os.cpu_count() or 1) // args.silos)
     name = f"{mode}-{device}-{time.strftime('%H%M%S')}"
     silos = work / name / "silos"
-    run_config = " ".join([
-        MODES[mode], COMMON, args.run_config, f"num-server-rounds={args.rounds}", f"client-device='{device}'",
-        f"server-device='{device}'", f"client-threads={threads}", f"server-threads={os.cpu_count() or 1}",
-        f"results-dir='{work}'", f"run-name='{name}'",
-        f"silo-classes='{';'.join(f'{2 * i % 10},{(2 * i + 1) % 10}' for i in range(args.silos))}'",
-        "silo-layout='slices'" if args.silos > 5 else ""])
+    run_config = " ".join(
+        [
+            MODES[mode],
+            COMMON,
+            args.run_config,
+            f"num-server-rounds={args.rounds}",
+            f"client-device='{device}'",
+            f"server-device='{device}'",
+            f"client-threads={threads}",
+            f"server-threads={os.cpu_count() or 1}",
+            f"results-dir='{work}'",
+            f"run-name='{name}'",
+            f"silo-classes='{';'.join(f'{2 * i % 10},{(2 * i + 1) % 10}' for i in range(args.silos))}'",
+            "silo-layout='slices'" if args.silos > 5 else "",
+        ]
+    )
     started = time.perf_counter()
     with local_deployment(work / name / "flower", app) as link:
         for i in range(args.silos):
-            link.start_supernode(f"silo-{i}", f"partition-id={i} silo-name='silo-{i}' "
-                                               f"silo-dir='{silos / f'silo-{i}'}'")
+            link.start_supernode(f"silo-{i}", f"partition-id={i} silo-name='silo-{i}' silo-dir='{silos / f'silo-{i}'}'")
         entry, out = link.run_app(run_config, num_supernodes=None, timeout=args.timeout)
     wall = time.perf_counter() - started
     if entry.get("status") != "finished:completed":
@@ -109,11 +140,18 @@ def run_federation(app: Path, work: Path, mode: str, device: str, args) -> dict:
         reports = list(last.get("silos", {}).values())
     client = [r["samples-per-second"] for r in reports if "samples-per-second" in r]
     server = last.get("server", {})
-    return {"mode": mode, "device": device, "status": entry["status"], "wall-seconds": wall,
-            "silos-reporting": len(client), "client-samples-per-second-median": statistics.median(client) if client else None,
-            "client-samples-per-second-total": sum(client) if client else None,
-            "server-samples-per-second": server.get("synthetic-samples", 0) / max(server.get("server-seconds", 0), 1e-9),
-            "final-accuracy": summary.get("final-global-accuracy"), "run-config": run_config}
+    return {
+        "mode": mode,
+        "device": device,
+        "status": entry["status"],
+        "wall-seconds": wall,
+        "silos-reporting": len(client),
+        "client-samples-per-second-median": statistics.median(client) if client else None,
+        "client-samples-per-second-total": sum(client) if client else None,
+        "server-samples-per-second": server.get("synthetic-samples", 0) / max(server.get("server-seconds", 0), 1e-9),
+        "final-accuracy": summary.get("final-global-accuracy"),
+        "run-config": run_config,
+    }
 
 
 def describe_devices() -> dict[str, str]:
@@ -138,8 +176,10 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     info = describe_devices()
     if "cuda" in args.devices and "gpu" not in info:
-        print("error: torch sees no CUDA GPU on this machine: run gpu-check where one is, or pass --devices cpu",
-              file=sys.stderr)
+        print(
+            "error: torch sees no CUDA GPU on this machine: run gpu-check where one is, or pass --devices cpu",
+            file=sys.stderr,
+        )
         return 1
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -152,13 +192,17 @@ def main(argv: list[str] | None = None) -> int:
                 (out / "gpu-check.json").write_text(json.dumps({"machine": info, "runs": rows}, indent=1))
                 print(f"[alignfl] {mode} on {device}: {json.dumps(row)}", flush=True)
     print(f"machine: {info}")
-    print(f"{'mode':>6} {'device':>6} | {'client samples/s (median silo)':>30} {'server samples/s':>17} "
-          f"{'wall s':>7} {'accuracy':>9}")
+    print(
+        f"{'mode':>6} {'device':>6} | {'client samples/s (median silo)':>30} {'server samples/s':>17} "
+        f"{'wall s':>7} {'accuracy':>9}"
+    )
     for r in rows:
         if r["status"] != "finished:completed":
             print(f"{r['mode']:>6} {r['device']:>6} | run {r['status']}:\n{r.get('log', '')}")
             continue
-        print(f"{r['mode']:>6} {r['device']:>6} | {r['client-samples-per-second-median'] or 0:>30.0f} "
-              f"{r['server-samples-per-second']:>17.0f} {r['wall-seconds']:>7.1f} {r['final-accuracy'] or 0:>9.4f}")
+        print(
+            f"{r['mode']:>6} {r['device']:>6} | {r['client-samples-per-second-median'] or 0:>30.0f} "
+            f"{r['server-samples-per-second']:>17.0f} {r['wall-seconds']:>7.1f} {r['final-accuracy'] or 0:>9.4f}"
+        )
     print(f"[alignfl] figures in {out / 'gpu-check.json'}")
     return 0 if all(r["status"] == "finished:completed" for r in rows) else 1

@@ -39,9 +39,11 @@ from flwr.common.config import parse_config_args
 from alignfl_app.tools.gpu_check import LocalDeployment, local_deployment
 from alignfl_app.tools.local_superlink import flower_command
 
-FAST = ("max-per-class=200 outliers-per-silo=0 outlier-dataset='none' local-epochs=1 batch-size=64 "
-        "synthetic-per-silo=100 server-epochs=1 audit=false sample-grid-per-silo=0 client-threads=1 "
-        "server-threads=1 round-timeout=600")
+FAST = (
+    "max-per-class=200 outliers-per-silo=0 outlier-dataset='none' local-epochs=1 batch-size=64 "
+    "synthetic-per-silo=100 server-epochs=1 audit=false sample-grid-per-silo=0 client-threads=1 "
+    "server-threads=1 round-timeout=600"
+)
 
 
 def merge_config(*parts: str) -> str:
@@ -53,14 +55,20 @@ def merge_config(*parts: str) -> str:
 
     def value(v) -> str:
         return ("true" if v else "false") if isinstance(v, bool) else f"'{v}'" if isinstance(v, str) else repr(v)
+
     return " ".join(f"{k}={value(v)}" for k, v in merged.items())
 
 
 def run_config(args, results: Path, name: str, extra: str = "") -> str:
     classes = ";".join(f"{2 * i % 10},{(2 * i + 1) % 10}" for i in range(args.silos))
-    return merge_config(FAST, f"num-server-rounds={args.rounds} min-silos={args.min_silos} results-dir='{results}' "
-                        f"run-name='{name}' silo-classes='{classes}'",
-                        "silo-layout='slices'" if args.silos > 5 else "", args.run_config, extra)
+    return merge_config(
+        FAST,
+        f"num-server-rounds={args.rounds} min-silos={args.min_silos} results-dir='{results}' "
+        f"run-name='{name}' silo-classes='{classes}'",
+        "silo-layout='slices'" if args.silos > 5 else "",
+        args.run_config,
+        extra,
+    )
 
 
 def kill_tree(pid: int) -> None:
@@ -103,17 +111,23 @@ def round_times(summary: dict, after_round: int = 0) -> dict[int, float]:
 
 def start_silos(link: LocalDeployment, silos_dir: Path, n: int) -> None:
     for i in range(n):
-        link.start_supernode(f"silo-{i}", f"partition-id={i} silo-name='silo-{i}' "
-                                               f"silo-dir='{silos_dir / f'silo-{i}'}'")
+        link.start_supernode(f"silo-{i}", f"partition-id={i} silo-name='silo-{i}' silo-dir='{silos_dir / f'silo-{i}'}'")
 
 
-def run_watched(link: LocalDeployment, config: str, summary: Path, timeout: float,
-                on_round: Callable[[int], bool] | None = None) -> tuple[str, subprocess.Popen]:
+def run_watched(
+    link: LocalDeployment, config: str, summary: Path, timeout: float, on_round: Callable[[int], bool] | None = None
+) -> tuple[str, subprocess.Popen]:
     """``flwr run --stream`` in the background; ``on_round(completed)`` after each new completed round (True: stop
     watching, e.g. after killing the federation). Returns (the run's status, the flwr process)."""
     log = open(link.tmp / "flwr-run.log", "w")  # noqa: SIM115 (closed below)
-    proc = subprocess.Popen([flower_command("flwr"), "run", str(link.app), "test", "--stream", "--run-config", config],
-                            cwd=link.app, env=link.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(
+        [flower_command("flwr"), "run", str(link.app), "test", "--stream", "--run-config", config],
+        cwd=link.app,
+        env=link.env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     seen, deadline = 0, time.monotonic() + timeout
     try:
         while proc.poll() is None and time.monotonic() < deadline:
@@ -129,8 +143,11 @@ def run_watched(link: LocalDeployment, config: str, summary: Path, timeout: floa
         runs = sorted(link.runs(), key=lambda r: r.get("pending-at", ""))
         status = runs[-1]["status"] if runs else "unknown"
         if status != "finished:completed":
-            print(f"[alignfl] run {status}; the end of its log:\n{(link.tmp / 'flwr-run.log').read_text()[-3000:]}",
-                  file=sys.stderr, flush=True)
+            print(
+                f"[alignfl] run {status}; the end of its log:\n{(link.tmp / 'flwr-run.log').read_text()[-3000:]}",
+                file=sys.stderr,
+                flush=True,
+            )
         return status, proc
     finally:
         log.close()
@@ -146,15 +163,21 @@ def node_killed_run(app: Path, work: Path, args) -> dict:
             if completed == args.kill_round - 1 and not killed:  # the next round is starting
                 kill_tree(link.nodes[-1].pid)
                 killed["after-round"] = completed
-                print(f"[alignfl] SIGKILLed silo-{args.silos - 1}'s SuperNode as round {completed + 1} starts",
-                      flush=True)
+                print(
+                    f"[alignfl] SIGKILLed silo-{args.silos - 1}'s SuperNode as round {completed + 1} starts", flush=True
+                )
             return False
 
-        status, _ = run_watched(link, run_config(args, work, name), work / name / "summary.json", args.timeout,
-                                kill_one)
+        status, _ = run_watched(
+            link, run_config(args, work, name), work / name / "summary.json", args.timeout, kill_one
+        )
     summary = read_summary(work / name / "summary.json")
-    return {"status": status, "round-seconds": round_times(summary), "killed-after-round": killed.get("after-round"),
-            "missing-replies": {r["round"]: r.get("missing-replies", []) for r in summary.get("rounds", [])}}
+    return {
+        "status": status,
+        "round-seconds": round_times(summary),
+        "killed-after-round": killed.get("after-round"),
+        "missing-replies": {r["round"]: r.get("missing-replies", []) for r in summary.get("rounds", [])},
+    }
 
 
 def kill_and_resume_run(app: Path, work: Path, args) -> dict:
@@ -189,8 +212,13 @@ def kill_and_resume_run(app: Path, work: Path, args) -> dict:
         for silo, m in r.get("silos", {}).items():
             if "train-loss" in m:
                 losses.setdefault(silo, {})[r["round"]] = m["train-loss"]
-    return {"status": status, "round-seconds": times, "killed-after-round": resumed_after,
-            "resumed-after-rounds": after.get("resumed-after-rounds"), "train-loss": losses}
+    return {
+        "status": status,
+        "round-seconds": times,
+        "killed-after-round": resumed_after,
+        "resumed-after-rounds": after.get("resumed-after-rounds"),
+        "train-loss": losses,
+    }
 
 
 def verdict(clean: dict, killed: dict, resumed: dict, args) -> dict:
@@ -211,7 +239,8 @@ def verdict(clean: dict, killed: dict, resumed: dict, args) -> dict:
     rows = {s: (v.get(1), v.get(k), v.get(k + 1)) for s, v in loss.items()}
     out["resume-train-loss (round 1, kill round, next round)"] = rows
     out["resume-continues"] = bool(rows) and all(
-        None not in row and row[2] < row[0] and row[2] <= 1.1 * row[1] for row in rows.values())
+        None not in row and row[2] < row[0] and row[2] <= 1.1 * row[1] for row in rows.values()
+    )
     return out
 
 
@@ -220,8 +249,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--app", default=".", help="the Flower app's folder (the checkout with pyproject.toml)")
     ap.add_argument("--silos", type=int, default=5)
     ap.add_argument("--rounds", type=int, default=4)
-    ap.add_argument("--kill-round", type=int, default=2, help="the round a SuperNode dies in; the federation "
-                    "is killed after it")
+    ap.add_argument(
+        "--kill-round", type=int, default=2, help="the round a SuperNode dies in; the federation is killed after it"
+    )
     ap.add_argument("--min-silos", type=int, default=3, help="replies after which the rest get a grace period")
     ap.add_argument("--bound", type=float, default=2.0, help="rounds after the kill: at most this x clean median")
     ap.add_argument("--skip-node-kill", action="store_true", help="only the clean run, killed and resumed")

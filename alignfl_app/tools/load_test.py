@@ -59,6 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     peak = {"sum": 0, "max": 0}
     stop = threading.Event()
     with simulation_superlink(work, Path(args.app)) as link:
+
         def sample() -> None:
             while not stop.is_set():
                 total, biggest = tree_rss(link.proc.pid)
@@ -78,9 +79,13 @@ def main(argv: list[str] | None = None) -> int:
     last = (summary.get("rounds") or [{}])[-1]
     print(f"silos: {args.silos}  rounds: {args.rounds}  run status: {run['status']}")
     print(f"wall time (flwr run, incl. Ray start): {seconds:.0f} s")
-    print(f"peak memory, whole process tree: {peak['sum'] / 2**30:.2f} GiB; largest process: {peak['max'] / 2**30:.2f} GiB")
-    print(f"generators used in the last round: {len(last.get('generators-used', []))}; "
-          f"accepted replies: {last.get('accepted-replies')}; rejected: {len(last.get('rejected-replies', []))}")
+    print(
+        f"peak memory, whole process tree: {peak['sum'] / 2**30:.2f} GiB; largest process: {peak['max'] / 2**30:.2f} GiB"
+    )
+    print(
+        f"generators used in the last round: {len(last.get('generators-used', []))}; "
+        f"accepted replies: {last.get('accepted-replies')}; rejected: {len(last.get('rejected-replies', []))}"
+    )
     print(f"final global accuracy (real MNIST test set): {summary.get('final-global-accuracy')}")
     print(f"records per silo (silo-0, incl. outliers): {last.get('silos', {}).get('silo-0', {}).get('num-examples')}")
     print(f"results: {summary_path.parent}  logs: {work}")

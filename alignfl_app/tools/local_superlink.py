@@ -62,15 +62,17 @@ def flower_env(flwr_home: Path, project_dir: Path, silos: Path | None = None) ->
     simulated silos' own folders under ``silos``, else $ALIGNFL_SILOS_ROOT, else a fresh ``project_dir/silos/...``."""
     env = os.environ.copy()
     root = silos or env.get("ALIGNFL_SILOS_ROOT") or fresh_silos(project_dir)
-    env.update({
-        "FLWR_HOME": str(flwr_home),
-        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-        "FLWR_DISABLE_UPDATE_CHECK": "1",
-        "ALIGNFL_PROJECT_DIR": str(project_dir),
-        "ALIGNFL_SILOS_ROOT": str(Path(root).resolve()),
-        "PATH": f"{BIN}{os.pathsep}{env.get('PATH', '')}",
-        "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
-    })
+    env.update(
+        {
+            "FLWR_HOME": str(flwr_home),
+            "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+            "FLWR_DISABLE_UPDATE_CHECK": "1",
+            "ALIGNFL_PROJECT_DIR": str(project_dir),
+            "ALIGNFL_SILOS_ROOT": str(Path(root).resolve()),
+            "PATH": f"{BIN}{os.pathsep}{env.get('PATH', '')}",
+            "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
+        }
+    )
     return env
 
 
@@ -116,15 +118,15 @@ def stop_process(proc: subprocess.Popen, grace: float = 20) -> None:
 def start_logged(cmd: list[str], log: Path, env: dict[str, str], cwd: Path) -> subprocess.Popen:
     """Start ``cmd`` in its own session (so it can be stopped as a group), output into ``log``."""
     with open(log, "w") as logf:
-        return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=logf, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+        return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=logf, stderr=subprocess.STDOUT, start_new_session=True)
 
 
 class SimulationLink:
     """A running SuperLink and a ``flwr`` connection named ``test`` to it; ``app`` is the Flower app's folder."""
 
-    def __init__(self, home: Path, port: int, proc: subprocess.Popen, log: Path, app: Path,
-                 env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, home: Path, port: int, proc: subprocess.Popen, log: Path, app: Path, env: dict[str, str] | None = None
+    ) -> None:
         self.home, self.port, self.proc, self.log, self.app = home, port, proc, log, app
         self.env = env or flower_env(home, app)
 
@@ -140,11 +142,13 @@ class SimulationLink:
             provision_simulated_silos(self.silos, cfg, self.app)
 
     def flwr(self, *args: str, timeout: float = 900) -> subprocess.CompletedProcess:
-        return subprocess.run([flower_command("flwr"), *args], cwd=self.app, env=self.env, capture_output=True,
-                              text=True, timeout=timeout)
+        return subprocess.run(
+            [flower_command("flwr"), *args], cwd=self.app, env=self.env, capture_output=True, text=True, timeout=timeout
+        )
 
-    def run_app(self, run_config: str, num_supernodes: int | None, cpus_per_client: int = 1,
-                timeout: float = 900) -> tuple[dict, str]:
+    def run_app(
+        self, run_config: str, num_supernodes: int | None, cpus_per_client: int = 1, timeout: float = 900
+    ) -> tuple[dict, str]:
         """``flwr run <app> test --stream``; returns (this run's `flwr ls` entry, streamed log).
 
         ``num_supernodes=None``: a deployment SuperLink, whose SuperNodes are real processes.
@@ -152,10 +156,14 @@ class SimulationLink:
         before = {r["run-id"] for r in self.runs()}
         if num_supernodes is not None:
             self.provision(run_config)
-        federation = [] if num_supernodes is None else [
-            "--federation-config", f"num-supernodes={num_supernodes} client-resources-num-cpus={cpus_per_client}"]
-        res = self.flwr("run", str(self.app), "test", "--stream", "--run-config", run_config, *federation,
-                        timeout=timeout)
+        federation = (
+            []
+            if num_supernodes is None
+            else ["--federation-config", f"num-supernodes={num_supernodes} client-resources-num-cpus={cpus_per_client}"]
+        )
+        res = self.flwr(
+            "run", str(self.app), "test", "--stream", "--run-config", run_config, *federation, timeout=timeout
+        )
         out = res.stdout + res.stderr
         new = [r for r in self.runs() if r["run-id"] not in before]
         assert len(new) == 1, f"expected one new run, got {new}\n{out[-4000:]}"
@@ -178,13 +186,25 @@ def simulation_superlink(tmp: Path, app: Path, silos: Path | None = None) -> Ite
     home.mkdir(parents=True, exist_ok=True)
     port, health = free_port(), free_port()  # Flower 1.42 serves Control, Fleet and Runtime APIs on one HTTP port
     (home / "config.toml").write_text(
-        '[superlink]\ndefault = "test"\n\n'
-        f'[superlink.test]\naddress = "127.0.0.1:{port}"\ninsecure = true\n'
+        f'[superlink]\ndefault = "test"\n\n[superlink.test]\naddress = "127.0.0.1:{port}"\ninsecure = true\n'
     )
     log = tmp / "superlink.log"
-    cmd = [flower_command("flower-superlink"), "--insecure", "--simulation", "--isolation", "subprocess",
-           "--host", "127.0.0.1", "--port", str(port), "--health-server-address", f"127.0.0.1:{health}",
-           "--database", str(tmp / "state.db"), "--disable-runtime-dependency-installation"]
+    cmd = [
+        flower_command("flower-superlink"),
+        "--insecure",
+        "--simulation",
+        "--isolation",
+        "subprocess",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--health-server-address",
+        f"127.0.0.1:{health}",
+        "--database",
+        str(tmp / "state.db"),
+        "--disable-runtime-dependency-installation",
+    ]
     env = flower_env(home, app, silos)
     proc = start_logged(cmd, log, env, cwd=app)
     try:
@@ -235,26 +255,42 @@ def launch_silos(app: Path, run_config: str, chosen: str = "") -> Path:
     run = cfg.run if cfg is not None else RunConfig().run
     folder = fresh_silos(app, run.run_name)
     if run.resume and not folder.is_dir():
-        raise ConfigError(f"resume=true: run '{run.run_name}' has no simulated silos in {folder}: pass the folder its "
-                          "silos used (alignfl run --silos DIR)")
+        raise ConfigError(
+            f"resume=true: run '{run.run_name}' has no simulated silos in {folder}: pass the folder its "
+            "silos used (alignfl run --silos DIR)"
+        )
     if not run.resume and run.run_name and folder.is_dir() and any(folder.iterdir()):
-        raise ConfigError(f"{folder} holds the simulated silos of an earlier run named '{run.run_name}': set "
-                          "resume=true to continue it, choose another run-name, or delete that folder to start afresh")
+        raise ConfigError(
+            f"{folder} holds the simulated silos of an earlier run named '{run.run_name}': set "
+            "resume=true to continue it, choose another run-name, or delete that folder to start afresh"
+        )
     return folder
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="alignfl run", description=__doc__.splitlines()[0])
     parser.add_argument("--app", default=".", help="the Flower app's folder (the checkout with pyproject.toml)")
-    parser.add_argument("--num-supernodes", type=int, default=None,
-                        help="simulated SuperNodes (default: one per silo of the run config's silo-classes)")
+    parser.add_argument(
+        "--num-supernodes",
+        type=int,
+        default=None,
+        help="simulated SuperNodes (default: one per silo of the run config's silo-classes)",
+    )
     parser.add_argument("--cpus-per-client", type=int, default=1)
-    parser.add_argument("--gpus-per-client", type=float, default=0.0,
-                        help="GPU share Ray reserves per simulated silo (e.g. 0.2: five silos on one GPU); "
-                             "with 0 every silo may still use a visible GPU (client-device='auto')")
+    parser.add_argument(
+        "--gpus-per-client",
+        type=float,
+        default=0.0,
+        help="GPU share Ray reserves per simulated silo (e.g. 0.2: five silos on one GPU); "
+        "with 0 every silo may still use a visible GPU (client-device='auto')",
+    )
     parser.add_argument("--run-config", default="", help="flwr --run-config overrides or a TOML file")
-    parser.add_argument("--silos", default="", help="keep the simulated silos in DIR across launches (default: "
-                        "$ALIGNFL_SILOS_ROOT, else fresh ones in <app>/silos/<run-name or timestamp>)")
+    parser.add_argument(
+        "--silos",
+        default="",
+        help="keep the simulated silos in DIR across launches (default: "
+        "$ALIGNFL_SILOS_ROOT, else fresh ones in <app>/silos/<run-name or timestamp>)",
+    )
     parser.add_argument("--keep", default=".flwr-local", help="folder for the SuperLink's state and log")
     args = parser.parse_args(argv)
     # turn `kill` into an exception so the SuperLink (its own process group) is always stopped
@@ -275,12 +311,23 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {exc}", file=sys.stderr)
             return 2
         print(f"[alignfl] simulated silos: {link.silos}", flush=True)
-        proc = subprocess.Popen([flower_command("flwr"), "run", str(link.app), "test", "--stream",
-                                 "--run-config", run_config,
-                                 "--federation-config", f"num-supernodes={num_supernodes} "
-                                 f"client-resources-num-cpus={args.cpus_per_client} "
-                                 f"client-resources-num-gpus={args.gpus_per_client}"],
-                                cwd=link.app, env=link.env)
+        proc = subprocess.Popen(
+            [
+                flower_command("flwr"),
+                "run",
+                str(link.app),
+                "test",
+                "--stream",
+                "--run-config",
+                run_config,
+                "--federation-config",
+                f"num-supernodes={num_supernodes} "
+                f"client-resources-num-cpus={args.cpus_per_client} "
+                f"client-resources-num-gpus={args.gpus_per_client}",
+            ],
+            cwd=link.app,
+            env=link.env,
+        )
         proc.wait()
         runs = sorted(link.runs(), key=lambda r: r.get("pending-at", ""))
         status = runs[-1]["status"] if runs else "unknown"

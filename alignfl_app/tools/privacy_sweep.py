@@ -25,11 +25,27 @@ from pathlib import Path
 from alignfl_app.audit.outliers import audit_run
 from alignfl_app.tools.local_superlink import simulation_superlink
 
-COLUMNS = ["dataset", "epsilon", "lipschitz_weight", "status", "global_accuracy", "mapping_rate", "leakage_rate",
-           "member_nearer_rate", "outlier_share", "mia_auc", "epsilon_spent_max", "run"]
-AUDIT_COLUMNS = (("mapping-rate", "mapping_rate"), ("leakage-rate", "leakage_rate"),
-                 ("member-nearer-rate", "member_nearer_rate"), ("outlier-share", "outlier_share"),
-                 ("mia-auc", "mia_auc"))
+COLUMNS = [
+    "dataset",
+    "epsilon",
+    "lipschitz_weight",
+    "status",
+    "global_accuracy",
+    "mapping_rate",
+    "leakage_rate",
+    "member_nearer_rate",
+    "outlier_share",
+    "mia_auc",
+    "epsilon_spent_max",
+    "run",
+]
+AUDIT_COLUMNS = (
+    ("mapping-rate", "mapping_rate"),
+    ("leakage-rate", "leakage_rate"),
+    ("member-nearer-rate", "member_nearer_rate"),
+    ("outlier-share", "outlier_share"),
+    ("mia-auc", "mia_auc"),
+)
 
 
 def run_name(dataset: str, eps: str, weight: str) -> str:
@@ -97,13 +113,20 @@ def write_report(rows: list[dict], out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = {"global_accuracy": "global accuracy", "mapping_rate": "outlier mapping rate",
-              "leakage_rate": "outlier leakage rate", "mia_auc": "outlier MIA AUC"}
+    panels = {
+        "global_accuracy": "global accuracy",
+        "mapping_rate": "outlier mapping rate",
+        "leakage_rate": "outlier leakage rate",
+        "mia_auc": "outlier MIA AUC",
+    }
     fig, axes = plt.subplots(1, len(panels), figsize=(17, 3.8))
     for ds in sorted({r["dataset"] for r in rows}):
         for wgt in sorted({r["lipschitz_weight"] for r in rows}, key=float):
-            pts = [r for r in rows if r["dataset"] == ds and r["lipschitz_weight"] == wgt
-                   and r.get("global_accuracy") is not None]
+            pts = [
+                r
+                for r in rows
+                if r["dataset"] == ds and r["lipschitz_weight"] == wgt and r.get("global_accuracy") is not None
+            ]
             pts.sort(key=lambda r: float("inf") if r["epsilon"] == "none" else float(r["epsilon"]))
             xs = [r["epsilon"] for r in pts]
             for ax, key in zip(axes, panels):
@@ -144,11 +167,14 @@ def main(argv: list[str] | None = None) -> int:
         for cell in todo:  # a SuperLink and a `flwr run` per cell; finished cells are kept (re-run resumes)
             print(f"[sweep] {run_name(*cell)}", flush=True)
             os.environ["ALIGNFL_SILOS_ROOT"] = str(out / "silos" / run_name(*cell))  # the cell's own silos
-            with (tempfile.TemporaryDirectory(prefix="alignfl-sweep-") as tmp,
-                  simulation_superlink(Path(tmp), Path(args.app)) as link):
+            with (
+                tempfile.TemporaryDirectory(prefix="alignfl-sweep-") as tmp,
+                simulation_superlink(Path(tmp), Path(args.app)) as link,
+            ):
                 t0 = time.perf_counter()
-                run, log = link.run_app(run_config(*cell, args.base, out), num_supernodes=args.num_supernodes,
-                                        timeout=args.timeout)
+                run, log = link.run_app(
+                    run_config(*cell, args.base, out), num_supernodes=args.num_supernodes, timeout=args.timeout
+                )
             print(f"[sweep] {run_name(*cell)}: {run['status']} in {time.perf_counter() - t0:.0f} s", flush=True)
             if run["status"] != "finished:completed":
                 print(log[-3000:], flush=True)

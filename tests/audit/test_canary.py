@@ -89,8 +89,7 @@ def ignoring_trainer(images: torch.Tensor) -> nn.Module:
     """A decoder that never looked at its data."""
     with torch.random.fork_rng():
         torch.manual_seed(123)
-        return nn.Sequential(nn.Linear(LATENT, 64), nn.ReLU(), nn.Linear(64, math.prod(IMAGE)),
-                             nn.Unflatten(1, IMAGE))
+        return nn.Sequential(nn.Linear(LATENT, 64), nn.ReLU(), nn.Linear(64, math.prod(IMAGE)), nn.Unflatten(1, IMAGE))
 
 
 # ------------------------------------------------------------------------------------------- canaries
@@ -165,8 +164,9 @@ def test_scores_unrelated_to_inclusion_give_no_bound():
 
 def test_perfect_scores_reach_the_ceiling_of_a_thousand_canaries():
     included = np.random.default_rng(0).integers(0, 2, 1000).astype(bool)
-    result = epsilon_lower_bound(included.astype(float) + 0.01 * np.random.default_rng(1).random(1000), included,
-                                 delta=1e-5)
+    result = epsilon_lower_bound(
+        included.astype(float) + 0.01 * np.random.default_rng(1).random(1000), included, delta=1e-5
+    )
     assert result.correct == result.guesses
     assert result.grid_size == 64
     # All 1,000 guessed right at level beta/64 with delta = 0 is the most any outcome can show.
@@ -177,8 +177,9 @@ def test_perfect_scores_reach_the_ceiling_of_a_thousand_canaries():
 
 @pytest.mark.parametrize("epsilon", [1.0, 2.0, 4.0])
 def test_bound_stays_below_the_true_epsilon_of_randomized_response(epsilon):
-    bounds = np.array([epsilon_lower_bound(*randomized_response(epsilon, 1000, seed), delta=1e-5).epsilon
-                       for seed in range(100)])
+    bounds = np.array(
+        [epsilon_lower_bound(*randomized_response(epsilon, 1000, seed), delta=1e-5).epsilon for seed in range(100)]
+    )
     assert (bounds > epsilon).mean() <= 0.05
     assert bounds.mean() >= 0.5 * epsilon  # and the audit does find most of it
 
@@ -271,8 +272,7 @@ def test_reconstruction_rejects_a_decoder_of_another_image_size():
 def test_normalised_leakage_separates_memorised_outliers_but_not_hubs():
     gen = torch.Generator().manual_seed(0)
     typical = torch.rand(500, 64, generator=gen) * 0.3
-    members, nonmembers = 0.5 + 0.5 * torch.rand(150, 64, generator=gen), 0.5 + 0.5 * torch.rand(150, 64,
-                                                                                               generator=gen)
+    members, nonmembers = 0.5 + 0.5 * torch.rand(150, 64, generator=gen), 0.5 + 0.5 * torch.rand(150, 64, generator=gen)
     hub = torch.cat([members, nonmembers]).mean(dim=0, keepdim=True)  # a blurry sample near every outlier
     blurry_samples = torch.cat([typical[:200], hub.repeat(50, 1) + 0.01 * torch.randn(50, 64, generator=gen)])
     hubs = normalised_leakage(blurry_samples, members, nonmembers, typical, seed=0, n_boot=300)
@@ -284,7 +284,6 @@ def test_normalised_leakage_separates_memorised_outliers_but_not_hubs():
     scaled = normalised_leakage(3 * copies, 3 * members, 3 * nonmembers, 3 * typical, seed=0, n_boot=300)
     assert scaled.member_median_ratio == pytest.approx(memory.member_median_ratio, rel=1e-4)
     assert scaled.membership.auc == pytest.approx(memory.membership.auc)
-
 
 
 # ---------------------------------------------------------------------------------------- gradient canaries
@@ -307,8 +306,9 @@ def test_gradient_canaries_are_distinct_seeded_fair_coins_that_push_against_the_
 
 
 def test_scores_are_displacements_in_the_canary_direction_minus_the_reference():
-    canaries = GradientCanarySet(coordinates=torch.tensor([1, 3]), directions=torch.tensor([1.0, -1.0]),
-                                 included=torch.tensor([True, False]))
+    canaries = GradientCanarySet(
+        coordinates=torch.tensor([1, 3]), directions=torch.tensor([1.0, -1.0]), included=torch.tensor([True, False])
+    )
     initial, released = torch.zeros(5), torch.tensor([0.0, 2.0, 0.0, 3.0, 0.0])
     assert torch.equal(gradient_canary_scores(canaries, initial, released), torch.tensor([2.0, -3.0]))
     reference = torch.tensor([0.0, 0.5, 0.0, 1.0, 0.0])
@@ -343,8 +343,9 @@ def test_an_injected_canary_trains_exactly_as_a_record_with_a_dirac_gradient(pri
     size = 1.0 if private else 7.0  # under DP: the clip bound, the norm a canary gets
     record_losses, real_losses = dirac_batch([(2, 4)], (5, 6), size, seed=1), dirac_batch([], (5, 6), size, seed=1)
     # the canary pushes W[2, 4] down, as a descent step on that record's gradient +size does
-    canaries = GradientCanarySet(coordinates=torch.tensor([2 * 6 + 4]), directions=torch.tensor([-1.0]),
-                                 included=torch.tensor([True]))
+    canaries = GradientCanarySet(
+        coordinates=torch.tensor([2 * 6 + 4]), directions=torch.tensor([-1.0]), included=torch.tensor([True])
+    )
     injection = GradientCanaryInjection(canaries, num_records=4, magnitude=size)
     plain_rule = private_rule(with_record, 3.0) if private else PlainGradient()
     wrapped = injection.rule(private_rule(with_canary, 3.0) if private else PlainGradient(), with_canary, with_canary)
@@ -375,10 +376,13 @@ def test_canaries_are_sampled_as_records_poisson_under_dp_once_per_epoch_without
     assert counts.mean() == pytest.approx(q * steps, rel=0.02)  # 100 per canary, sd 0.3 over 500 canaries
     assert counts.var() == pytest.approx(q * (1 - q) * steps, rel=0.2)  # each a Binomial(steps, q)
     assert np.mean(per_step) == pytest.approx(q * m, rel=0.03) and np.var(per_step) == pytest.approx(
-        q * (1 - q) * m, rel=0.2)  # each step a Binomial(m, q)
+        q * (1 - q) * m, rel=0.2
+    )  # each step a Binomial(m, q)
     shuffled = GradientCanaryInjection(canaries, num_records=n, magnitude=1.0)
-    sizes = [len(real) + len(shuffled.current)
-             for real in shuffled.batches(ShuffledBatches(64, 3)(n + m, torch.Generator().manual_seed(0)))]
+    sizes = [
+        len(real) + len(shuffled.current)
+        for real in shuffled.batches(ShuffledBatches(64, 3)(n + m, torch.Generator().manual_seed(0)))
+    ]
     assert torch.equal(shuffled.sampled, torch.full((m,), 3))
     assert sum(sizes) == 3 * (n + m) and set(sizes) == {64, (n + m) % 64}  # batches of records and canaries
 
@@ -388,9 +392,22 @@ TINY_VAE = ArchitectureSpec(name="tiny", kind="mlp", latent_dim=2, hidden=(32,))
 
 def tiny_vae_trainer(records: torch.Tensor, noise_multiplier: float | None):
     """Runs of a tiny VAE from one initialisation: shuffled epochs (None) or DP-SGD at a fixed noise multiplier."""
-    plan = None if noise_multiplier is None else calibrate(parse_run_config(
-        {**tiny_run_config("r"), "dp-noise-multiplier": noise_multiplier, "dp-sample-rate": 0.05, "dp-steps": 300,
-         "num-server-rounds": 1}).privacy, 1)
+    plan = (
+        None
+        if noise_multiplier is None
+        else calibrate(
+            parse_run_config(
+                {
+                    **tiny_run_config("r"),
+                    "dp-noise-multiplier": noise_multiplier,
+                    "dp-sample-rate": 0.05,
+                    "dp-steps": 300,
+                    "num-server-rounds": 1,
+                }
+            ).privacy,
+            1,
+        )
+    )
 
     def initial() -> VAE:
         torch.manual_seed(0)
@@ -408,8 +425,9 @@ def tiny_vae_trainer(records: torch.Tensor, noise_multiplier: float | None):
             batches = PoissonBatches(plan.sample_rate, plan.steps_per_round, source)(total)
         if injection is not None:
             rule, batches = injection.rule(rule, vae, vae.decoder), injection.batches(batches)
-        Trainer(NegativeELBO(), rule).fit(vae, (records, torch.zeros(n, dtype=torch.long)), batches,
-                                          torch.optim.Adam(vae.parameters(), lr=1e-3))
+        Trainer(NegativeELBO(), rule).fit(
+            vae, (records, torch.zeros(n, dtype=torch.long)), batches, torch.optim.Adam(vae.parameters(), lr=1e-3)
+        )
         return vae.decoder
 
     return initial().decoder, train, plan
@@ -419,12 +437,22 @@ def test_gradient_canaries_betray_a_non_private_decoder():
     records = binary_images(200, seed=20)
     initial, train, _ = tiny_vae_trainer(records, None)
     assert len(last_layer_weights(initial)) == 32 * 64
-    report = run_gradient_canary_audit(train, initial, len(records), 1000, delta=1e-5, seed=0, magnitude=100.0,
-                                       calibrate=True, n_boot=100)
+    report = run_gradient_canary_audit(
+        train, initial, len(records), 1000, delta=1e-5, seed=0, magnitude=100.0, calibrate=True, n_boot=100
+    )
     assert report.epsilon_bound.epsilon >= 1.0 and report.membership.auc > 0.9
     # the scores are the canaries' own: a decoder trained without any gives nothing
-    blind = run_gradient_canary_audit(lambda injection: train(None), initial, len(records), 1000, delta=1e-5,
-                                      seed=0, magnitude=100.0, calibrate=True, n_boot=100)
+    blind = run_gradient_canary_audit(
+        lambda injection: train(None),
+        initial,
+        len(records),
+        1000,
+        delta=1e-5,
+        seed=0,
+        magnitude=100.0,
+        calibrate=True,
+        n_boot=100,
+    )
     assert blind.epsilon_bound.epsilon == 0.0
 
 
@@ -433,8 +461,9 @@ def test_heavy_dp_noise_hides_gradient_canaries_and_the_bound_stays_below_the_ac
     bounds = {}
     for sigma in (1.0, 30.0):
         initial, train, plan = tiny_vae_trainer(records, sigma)
-        report = run_gradient_canary_audit(train, initial, len(records), 1000, delta=plan.delta, seed=0,
-                                           magnitude=100.0, calibrate=False, n_boot=100)
+        report = run_gradient_canary_audit(
+            train, initial, len(records), 1000, delta=plan.delta, seed=0, magnitude=100.0, calibrate=False, n_boot=100
+        )
         assert report.epsilon_bound.epsilon <= plan.planned_epsilon
         bounds[sigma] = report
     assert bounds[30.0].epsilon_bound.epsilon == 0.0 and abs(bounds[30.0].membership.auc - 0.5) < 0.07
@@ -446,8 +475,9 @@ def test_heavy_dp_noise_hides_gradient_canaries_and_the_bound_stays_below_the_ac
 
 def test_audit_of_a_memorising_trainer_refutes_small_epsilon(tmp_path):
     records, pool = binary_images(200, seed=10), binary_images(1500, seed=11)
-    report = run_canary_audit(memorising_trainer, records, pool, k=1000, latent_dim=LATENT, delta=1e-5, seed=0,
-                              steps=60, n_boot=200)
+    report = run_canary_audit(
+        memorising_trainer, records, pool, k=1000, latent_dim=LATENT, delta=1e-5, seed=0, steps=60, n_boot=200
+    )
     assert report.epsilon_bound.num_canaries == 1000
     assert report.epsilon_bound.epsilon >= 1.0
     assert report.membership.auc > 0.85
@@ -460,8 +490,9 @@ def test_audit_of_a_memorising_trainer_refutes_small_epsilon(tmp_path):
 
 def test_audit_of_a_trainer_that_ignores_its_data_finds_nothing():
     records, pool = binary_images(200, seed=10), binary_images(1500, seed=11)
-    report = run_canary_audit(ignoring_trainer, records, pool, k=1000, latent_dim=LATENT, delta=1e-5, seed=0,
-                              steps=30, restarts=2, n_boot=200)
+    report = run_canary_audit(
+        ignoring_trainer, records, pool, k=1000, latent_dim=LATENT, delta=1e-5, seed=0, steps=30, restarts=2, n_boot=200
+    )
     assert report.epsilon_bound.epsilon <= 0.3
     assert abs(report.membership.auc - 0.5) < 0.07  # about 5 standard errors with 500 of each
 
@@ -471,8 +502,11 @@ def test_roc_plot_has_honest_axes_and_the_chance_line():
     report = AuditReport(
         epsilon_bound=epsilon_lower_bound(np.arange(10.0), np.arange(10) % 2 == 0, delta=0.0),
         membership=membership_report(rng.normal(1, 1, 300), rng.normal(0, 1, 400), seed=0, n_boot=50),
-        member_scores=rng.normal(1, 1, 300).tolist(), nonmember_scores=rng.normal(0, 1, 400).tolist(),
-        attack="test", seed=0)
+        member_scores=rng.normal(1, 1, 300).tolist(),
+        nonmember_scores=rng.normal(0, 1, 400).tolist(),
+        attack="test",
+        seed=0,
+    )
     roc = audit_figure(report).axes[0]
     assert roc.get_xscale() == roc.get_yscale() == "log"
     assert roc.get_xlim() == pytest.approx((1 / 400, 1.0)) and roc.get_ylim() == pytest.approx((1 / 400, 1.0))
@@ -485,15 +519,43 @@ def test_canary_audit_command_trains_like_the_silo_and_never_bounds_above_the_ac
     epsilon), and gradient canaries found without DP."""
     from alignfl_app.tools.canary_audit import main
 
-    recipe = ("num-server-rounds=1 generator-layout='per-class' silo-architectures='mlp-small' dp-steps=20 "
-              "local-epochs=1")
-    assert main(["--run-config", recipe, "--epsilons", "2", "none", "--canary-kind", "gradient", "image",
-                 "--canaries", "200", "--records", "50", "--attack-steps", "5", "--restarts", "1",
-                 "--out", str(tmp_path)]) == 0
+    recipe = (
+        "num-server-rounds=1 generator-layout='per-class' silo-architectures='mlp-small' dp-steps=20 local-epochs=1"
+    )
+    assert (
+        main(
+            [
+                "--run-config",
+                recipe,
+                "--epsilons",
+                "2",
+                "none",
+                "--canary-kind",
+                "gradient",
+                "image",
+                "--canaries",
+                "200",
+                "--records",
+                "50",
+                "--attack-steps",
+                "5",
+                "--restarts",
+                "1",
+                "--out",
+                str(tmp_path),
+            ]
+        )
+        == 0
+    )
     table = json.loads((tmp_path / "table.json").read_text())
     assert [(r["kind"], r["level"], r["attack"]) for r in table] == [
-        ("gradient", "2", "displacement"), ("gradient", "none", "displacement"), ("image", "2", "decoder"),
-        ("image", "2", "whole VAE"), ("image", "none", "decoder"), ("image", "none", "whole VAE")]
+        ("gradient", "2", "displacement"),
+        ("gradient", "none", "displacement"),
+        ("image", "2", "decoder"),
+        ("image", "2", "whole VAE"),
+        ("image", "none", "decoder"),
+        ("image", "none", "whole VAE"),
+    ]
     assert all(r["lower-bound"] <= r["accountant-epsilon"] for r in table)
     assert table[0]["accountant-epsilon"] <= 2.0 and table[1]["auc"] > 0.8
     assert all((tmp_path / f"{name}.png").stat().st_size > 0 for name in ("gradient-2", "image-2", "image-2-whole-vae"))

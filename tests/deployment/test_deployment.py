@@ -64,8 +64,9 @@ def test_operator_only_federation_runs_signed_app_and_refuses_outsiders(tmp_path
         fed.wait_online(3)
         run_config += " silo-nodes='" + ",".join(f"{s}={n}" for s, n in node_ids.items()) + "'"
 
-        intruder = fed.start_supernode("intruder", f'partition-id=0 silo-name="intruder" data-root="{root}"',
-                                       fed.make_key("intruder"))  # key made but never registered
+        intruder = fed.start_supernode(
+            "intruder", f'partition-id=0 silo-name="intruder" data-root="{root}"', fed.make_key("intruder")
+        )  # key made but never registered
         try:
             intruder.wait(timeout=120)
         except subprocess.TimeoutExpired:
@@ -76,13 +77,24 @@ def test_operator_only_federation_runs_signed_app_and_refuses_outsiders(tmp_path
 
         # A machine with only ca.crt, pointed at the silo-facing port: no Control API there
         outsider = {**flower_env(tmp_path / "outsider-home", PROJECT), "ALIGNFL_BIN": str(BIN)}
-        subprocess.run([str(DEPLOY / "connect.sh"), "outside", f"127.0.0.1:{fed.front_port}",
-                        str(fed.certs / "ca.crt")], env=outsider, check=True, capture_output=True, timeout=60)
+        subprocess.run(
+            [str(DEPLOY / "connect.sh"), "outside", f"127.0.0.1:{fed.front_port}", str(fed.certs / "ca.crt")],
+            env=outsider,
+            check=True,
+            capture_output=True,
+            timeout=60,
+        )
 
         def outsider_flwr(*args: str) -> dict:
             """``flwr ... --format json`` as the outsider (flwr exits 0 on failure too; its JSON says success)."""
-            res = subprocess.run([flower_command("flwr"), *args, "--format", "json"], cwd=PROJECT, env=outsider,
-                                 capture_output=True, text=True, timeout=300)
+            res = subprocess.run(
+                [flower_command("flwr"), *args, "--format", "json"],
+                cwd=PROJECT,
+                env=outsider,
+                capture_output=True,
+                text=True,
+                timeout=300,
+            )
             return json.loads(res.stdout)
 
         runs_before = fed.runs()
@@ -97,11 +109,20 @@ def test_operator_only_federation_runs_signed_app_and_refuses_outsiders(tmp_path
         assert "refused POST /v1/control/" in fed.front_log.read_text()
 
         # The operator's app before it is signed: every SuperNode refuses it, no ClientApp runs
-        res = fed.flwr("run", str(PROJECT), "test", "--format", "json", "--run-config",
-                       run_config + " run-name='unsigned'", timeout=300)
+        res = fed.flwr(
+            "run",
+            str(PROJECT),
+            "test",
+            "--format",
+            "json",
+            "--run-config",
+            run_config + " run-name='unsigned'",
+            timeout=300,
+        )
         unsigned_run = json.loads(res.stdout)["run-id"]
-        wait_for(lambda: all(FAB_REFUSED in fed.supernode_log(s) for s in SILOS), 300,
-                 f"'{FAB_REFUSED}' on every SuperNode")
+        wait_for(
+            lambda: all(FAB_REFUSED in fed.supernode_log(s) for s in SILOS), 300, f"'{FAB_REFUSED}' on every SuperNode"
+        )
         fed.flwr("stop", str(unsigned_run), "test", timeout=60)
         assert "has no operator signature" in fed.front_log.read_text()
         generators = results / "unsigned" / "generators"
@@ -118,7 +139,10 @@ def test_operator_only_federation_runs_signed_app_and_refuses_outsiders(tmp_path
     last = summary["rounds"][-1]
     assert last["generators-used"] == ["hospital-a", "hospital-b", "lab-c"] and last["rejected-replies"] == []
     assert {s: m["architecture"] for s, m in last["silos"].items()} == {
-        "hospital-a": "mlp-small", "hospital-b": "conv", "lab-c": "mlp-small"}
+        "hospital-a": "mlp-small",
+        "hospital-b": "conv",
+        "lab-c": "mlp-small",
+    }
     assert last["silos"]["lab-c"]["classes"] == ["6", "7"]
     assert last["silos"]["hospital-a"]["num-outliers"] == 12
     assert 0.0 <= summary["final-global-accuracy"] <= 1.0
@@ -129,9 +153,20 @@ def test_start_supernode_rejects_a_bad_node_config_in_one_line(tmp_path):
     key, ca, trusted = tmp_path / "k", tmp_path / "ca.crt", tmp_path / "trusted-entities.yaml"
     for f in (key, ca, trusted):
         f.write_text("x")
-    res = subprocess.run([str(DEPLOY / "start-supernode.sh"), "127.0.0.1:1", str(ca), str(key), str(trusted),
-                          'partition-id=0 silo-nam="a"'], capture_output=True, text=True, timeout=60,
-                         env={"ALIGNFL_BIN": str(BIN), "PATH": "/usr/bin:/bin"})
+    res = subprocess.run(
+        [
+            str(DEPLOY / "start-supernode.sh"),
+            "127.0.0.1:1",
+            str(ca),
+            str(key),
+            str(trusted),
+            'partition-id=0 silo-nam="a"',
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={"ALIGNFL_BIN": str(BIN), "PATH": "/usr/bin:/bin"},
+    )
     assert res.returncode == 1
     lines = res.stderr.strip().splitlines()
     assert len(lines) == 1 and "silo-nam" in lines[0] and "node config" in lines[0], res.stderr
@@ -139,9 +174,15 @@ def test_start_supernode_rejects_a_bad_node_config_in_one_line(tmp_path):
 
 # --- the operator's keys: never overwritten, never readable by others -------------------------------------------
 
+
 def script(name: str, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([str(DEPLOY / name), *args], capture_output=True, text=True, timeout=120,
-                          env={**os.environ, "ALIGNFL_BIN": str(BIN)})
+    return subprocess.run(
+        [str(DEPLOY / name), *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "ALIGNFL_BIN": str(BIN)},
+    )
 
 
 def mode(path: Path) -> int:
@@ -170,8 +211,12 @@ def test_make_certs_never_replaces_the_ca_or_a_key_and_keeps_them_private(tmp_pa
     assert renewed.returncode == 0 and "existing CA kept" in renewed.stdout, renewed.stderr
     assert (certs / "ca.crt").read_bytes() == before["ca.crt"] and (certs / "ca.key").read_bytes() == before["ca.key"]
     assert (certs / "server.key").read_bytes() != before["server.key"] and mode(certs / "server.key") == 0o600
-    assert subprocess.run(["openssl", "verify", "-CAfile", str(certs / "ca.crt"), str(certs / "server.pem")],
-                          capture_output=True).returncode == 0
+    assert (
+        subprocess.run(
+            ["openssl", "verify", "-CAfile", str(certs / "ca.crt"), str(certs / "server.pem")], capture_output=True
+        ).returncode
+        == 0
+    )
 
     (certs / "ca.key").unlink()  # half a CA is refused, not silently replaced by a new one
     for name in ("server.pem", "server.key"):
@@ -185,13 +230,23 @@ def test_supernode_and_signing_keys_are_never_overwritten_and_private(tmp_path):
     silo_keys, operator = tmp_path / "silo-keys", tmp_path / "operator"
     assert script("make-supernode-key.sh", str(silo_keys), "hospital-a").returncode == 0
     assert script("make-app-signing-key.sh", str(operator), "operator").returncode == 0
-    assert (mode(silo_keys), mode(silo_keys / "hospital-a"), mode(silo_keys / "hospital-a.pub")) == (0o700, 0o600, 0o644)
-    assert (mode(operator), mode(operator / "operator"), mode(operator / "trusted-entities.yaml")) == (0o700, 0o600, 0o644)
+    assert (mode(silo_keys), mode(silo_keys / "hospital-a"), mode(silo_keys / "hospital-a.pub")) == (
+        0o700,
+        0o600,
+        0o644,
+    )
+    assert (mode(operator), mode(operator / "operator"), mode(operator / "trusted-entities.yaml")) == (
+        0o700,
+        0o600,
+        0o644,
+    )
     trusted = yaml.safe_load((operator / "trusted-entities.yaml").read_text())
     assert list(trusted) == ["operator"] and trusted["operator"].startswith("ssh-ed25519 ")
 
-    for folder, cmd, name in ((silo_keys, "make-supernode-key.sh", "hospital-a"),
-                              (operator, "make-app-signing-key.sh", "operator")):
+    for folder, cmd, name in (
+        (silo_keys, "make-supernode-key.sh", "hospital-a"),
+        (operator, "make-app-signing-key.sh", "operator"),
+    ):
         before = {f.name: f.read_bytes() for f in folder.iterdir()}
         (folder / name).chmod(0o644)
         again = script(cmd, str(folder), name)
@@ -202,6 +257,7 @@ def test_supernode_and_signing_keys_are_never_overwritten_and_private(tmp_path):
 
 
 # --- app signatures: what the front attaches, checked by Flower's own SuperNode code ----------------------------
+
 
 def fab_reply(content: bytes) -> bytes:
     reply = GetFabResponse()
@@ -235,8 +291,15 @@ def test_supernodes_accept_only_fabs_the_operator_signed(tmp_path):
 def test_fleet_front_serves_no_control_or_runtime_api(tmp_path):
     app = create_app("127.0.0.1:1", Path(certifi.where()), tmp_path)  # no SuperLink behind it
     with TestClient(app) as client:
-        for path in ("/v1/control/list-nodes", "/v1/control/start-run", "/v1/control/register-node",
-                     "/v1/runtime/pull-messages", "/health", "/docs", "/v1/fleet/../control/list-nodes"):
+        for path in (
+            "/v1/control/list-nodes",
+            "/v1/control/start-run",
+            "/v1/control/register-node",
+            "/v1/runtime/pull-messages",
+            "/health",
+            "/docs",
+            "/v1/fleet/../control/list-nodes",
+        ):
             assert client.post(path, content=b"").status_code == 404, path
         assert client.get("/v1/fleet/pull-messages").status_code == 404
         assert client.post("/v1/fleet/pull-messages", content=b"").status_code == 503  # forwarded: nobody there

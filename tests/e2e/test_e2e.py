@@ -58,9 +58,11 @@ def test_private_run_releases_only_public_constants_and_stops_when_every_ledger_
 
     silos = tmp_path / "silos"  # the conftest fixture points ALIGNFL_SILOS_ROOT here; the runs inherit it
     results = tmp_path / "results"
-    base = (f"results-dir='{results}' num-server-rounds=2 max-per-class=100 outliers-per-silo=20 "
-            "silo-classes='0,1;2,3;4,5' silo-architectures='mlp-small' generator-layout='per-class' "
-            "dp-epsilon=2.0 dp-steps=5 synthetic-per-silo=100 server-epochs=1 sample-grid-per-silo=2")
+    base = (
+        f"results-dir='{results}' num-server-rounds=2 max-per-class=100 outliers-per-silo=20 "
+        "silo-classes='0,1;2,3;4,5' silo-architectures='mlp-small' generator-layout='per-class' "
+        "dp-epsilon=2.0 dp-steps=5 synthetic-per-silo=100 server-epochs=1 sample-grid-per-silo=2"
+    )
     with simulation_superlink(tmp_path / "link", PROJECT) as link:
         run, log = link.run_app(base + " run-name='private'", num_supernodes=3)
         assert run["status"] == "finished:completed", log[-4000:]
@@ -89,7 +91,8 @@ def test_folder_federation_of_rgb_images_with_class_names_completes_above_chance
     folders = tinted_federation(tmp_path / "data", per_class=150)
     run_config = " ".join(f"{k}={v!r}" if isinstance(v, str) else f"{k}={v}" for k, v in folders.items()) + (
         f" results-dir='{results}' run-name='folders' num-server-rounds=2 local-epochs=8 batch-size=32 "
-        "synthetic-per-silo=500 server-epochs=4 silo-architectures='mlp-small;conv' sample-grid-per-silo=4")
+        "synthetic-per-silo=500 server-epochs=4 silo-architectures='mlp-small;conv' sample-grid-per-silo=4"
+    )
     with simulation_superlink(tmp_path, PROJECT) as link:
         run, log = link.run_app(run_config, num_supernodes=3)
     assert run["status"] == "finished:completed", log[-4000:]
@@ -99,7 +102,10 @@ def test_folder_federation_of_rgb_images_with_class_names_completes_above_chance
     last = summary["rounds"][-1]
     assert last["rejected-replies"] == [] and last["generators-used"] == ["silo-0", "silo-1", "silo-2"]
     assert {s: m["classes"] for s, m in last["silos"].items()} == {
-        "silo-0": ["tshirt", "trouser"], "silo-1": ["sandal", "bag"], "silo-2": ["trouser", "boot"]}
+        "silo-0": ["tshirt", "trouser"],
+        "silo-1": ["sandal", "bag"],
+        "silo-2": ["trouser", "boot"],
+    }
     assert set(summary["final-per-silo-accuracy"]) == {"silo-0", "silo-1", "silo-2"}
     # 5 balanced classes: chance is 0.2; the margin (0.2) is far above what a constant or random model reaches
     # on 200 test images, and far below what the run reaches (about 0.7 on a 2-core machine)

@@ -69,8 +69,9 @@ def test_a_silo_trains_where_it_is_told_and_sends_cpu_tensors(tiny_config, devic
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_the_server_samples_trains_and_judges_on_its_device(tiny_config, tmp_path, device):
-    cfg = parse_run_config({**tiny_config, "server-device": device, "server-augment": "affine,crop",
-                            "client-device": "cpu"})
+    cfg = parse_run_config(
+        {**tiny_config, "server-device": device, "server-augment": "affine,crop", "client-device": "cpu"}
+    )
     store = GeneratorStore(tmp_path / "generators")
     for partition in range(2):
         out = Silo(cfg, parse_node_config({"partition-id": partition})).train_round("run", 1)

@@ -18,9 +18,11 @@ from alignfl_app.server.store import GeneratorTerms, check_decoder_state
 from alignfl_app.silo.core import Silo
 from tests.conftest import tiny_run_config
 
-SPECS = [ArchitectureSpec(name="m", kind="mlp", latent_dim=4, hidden=[32, 16]),
-         ArchitectureSpec(name="c", kind="conv", latent_dim=3, hidden=[4, 8]),
-         ArchitectureSpec(name="r", kind="conv", latent_dim=3, hidden=[4, 8], refine=2)]
+SPECS = [
+    ArchitectureSpec(name="m", kind="mlp", latent_dim=4, hidden=[32, 16]),
+    ArchitectureSpec(name="c", kind="conv", latent_dim=3, hidden=[4, 8]),
+    ArchitectureSpec(name="r", kind="conv", latent_dim=3, hidden=[4, 8], refine=2),
+]
 
 
 @pytest.mark.parametrize("spec", SPECS, ids=lambda s: s.name)
@@ -68,8 +70,9 @@ def test_fit_matches_the_latent_codes_it_was_made_from():
 def released_and_trained(run_config: dict) -> tuple[dict, dict]:
     cfg = parse_run_config(run_config)
     out = Silo(cfg, parse_node_config({"partition-id": 0})).train_round("run", 1)
-    trained = {k.removeprefix("vaes.0.decoder."): v for k, v in out.state.generators.items()
-               if k.startswith("vaes.0.decoder.")}
+    trained = {
+        k.removeprefix("vaes.0.decoder."): v for k, v in out.state.generators.items() if k.startswith("vaes.0.decoder.")
+    }
     return out.decoder_state, trained
 
 
@@ -120,8 +123,9 @@ def test_mixture_fit_recovers_a_known_mixture_and_keeps_its_shapes_with_few_reco
     order = means[:, 0].argsort()
     assert torch.allclose(log_w[order].exp(), torch.tensor([0.25, 0.75], dtype=torch.float64), atol=0.01)
     assert torch.allclose(means[order], torch.tensor([[-3.0, 1.0], [3.0, 0.0]], dtype=torch.float64), atol=0.05)
-    assert torch.allclose(tril[order].diagonal(dim1=1, dim2=2),
-                          torch.tensor([[0.5, 0.5], [0.3, 0.3]], dtype=torch.float64), atol=0.03)
+    assert torch.allclose(
+        tril[order].diagonal(dim1=1, dim2=2), torch.tensor([[0.5, 0.5], [0.3, 0.3]], dtype=torch.float64), atol=0.03
+    )
     for n in (0, 1, 5):  # fewer records than components: fewer are fitted, the shapes and total weight stay
         log_w, means, tril = fit_gaussian_mixture(torch.randn(n, 4, dtype=torch.float64, generator=g), 10, g)
         assert log_w.shape == (10,) and means.shape == (10, 4) and tril.shape == (10, 4, 4)
@@ -132,8 +136,12 @@ def test_silo_releases_a_mixture_decoder_the_server_accepts_and_draws_from(tmp_p
     """latent-fit = "mixture": the descriptor declares the components, the decoder carries the layer's tensors
     (and the same network as the VAE's), the server's checks pass and it draws finite images; the same round is
     fitted the same way twice; a descriptor that misstates the layer is refused in one line."""
-    config = {**tiny_run_config(tmp_path), "latent-fit": "mixture", "latent-components": 3,
-              "generator-layout": "per-class"}
+    config = {
+        **tiny_run_config(tmp_path),
+        "latent-fit": "mixture",
+        "latent-components": 3,
+        "generator-layout": "per-class",
+    }
     cfg = parse_run_config(config)
     out = Silo(cfg, parse_node_config({"partition-id": 0})).train_round("run", 1)
     assert out.descriptor.latent_components == 3
@@ -141,8 +149,9 @@ def test_silo_releases_a_mixture_decoder_the_server_accepts_and_draws_from(tmp_p
     assert prior == {f"decoders.{i}.prior.{name}" for i in range(2) for name in ("log_weights", "means", "scale_tril")}
     for key, value in out.decoder_state.items():
         if key not in prior:
-            assert torch.equal(value, out.state.generators["vaes." + key.removeprefix("decoders.").replace(
-                ".", ".decoder.", 1)])
+            assert torch.equal(
+                value, out.state.generators["vaes." + key.removeprefix("decoders.").replace(".", ".decoder.", 1)]
+            )
     state = {k: v.numpy() for k, v in out.decoder_state.items()}
     terms = GeneratorTerms.from_config(cfg)
     decoder = check_decoder_state(out.descriptor, state, terms)
@@ -173,8 +182,9 @@ def test_dp_silo_makes_no_mixture_fit(tmp_path):
 
 def test_sharpness_scales_the_pixel_logits():
     torch.manual_seed(2)
-    desc = GeneratorDescriptor(silo="s", architecture=SPECS[0], layout="conditional", classes=("a", "b"),
-                               image_shape=(1, 28, 28), round=1)
+    desc = GeneratorDescriptor(
+        silo="s", architecture=SPECS[0], layout="conditional", classes=("a", "b"), image_shape=(1, 28, 28), round=1
+    )
     decoder = desc.build_decoder()
     ids = torch.tensor([3, 7])
     soft, labels = sample_generator(desc, decoder, 8, ids, SamplingStyle(1.0, 1.0), seed=5)
@@ -267,8 +277,9 @@ def test_label_fidelity_tells_a_faithful_decoder_from_one_that_swaps_its_labels(
     prototypes = torch.stack([left, left.flip(2)])
     y = torch.arange(200) % 2
     records = ((prototypes[y] + 0.2 * torch.randn(200, 1, 28, 28)).clamp(0, 1), y)
-    desc = GeneratorDescriptor(silo="s", architecture=SPECS[0], layout="conditional", classes=("a", "b"),
-                               image_shape=(1, 28, 28), round=1)
+    desc = GeneratorDescriptor(
+        silo="s", architecture=SPECS[0], layout="conditional", classes=("a", "b"), image_shape=(1, 28, 28), round=1
+    )
     fidelity = LabelFidelity(num_samples=100)
     assert fidelity.measure(desc, _PrototypeDecoder(prototypes), records, SamplingStyle(), seed=1) > 0.95
     assert fidelity.measure(desc, _PrototypeDecoder(prototypes, swap=True), records, SamplingStyle(), seed=1) < 0.05
@@ -281,10 +292,13 @@ def test_silo_reports_label_fidelity_only_where_record_figures_may_leave(tmp_pat
     out = Silo(parse_run_config(run), parse_node_config({"partition-id": 0})).train_round("run", 1)
     assert 0 <= out.metrics.label_fidelity <= 1
     assert "label-fidelity" in out.metrics.record()
-    private = Silo(parse_run_config({**run, "dp-epsilon": 2.0, "dp-steps": 2}),
-                   parse_node_config({"partition-id": 0})).train_round("run", 1)
+    private = Silo(
+        parse_run_config({**run, "dp-epsilon": 2.0, "dp-steps": 2}), parse_node_config({"partition-id": 0})
+    ).train_round("run", 1)
     assert "label-fidelity" not in private.metrics.record()
-    plain = Silo(parse_run_config(tiny_run_config(tmp_path)), parse_node_config({"partition-id": 1})).train_round("r", 1)
+    plain = Silo(parse_run_config(tiny_run_config(tmp_path)), parse_node_config({"partition-id": 1})).train_round(
+        "r", 1
+    )
     assert plain.metrics.label_fidelity is None
 
 
@@ -310,5 +324,6 @@ def test_activation_estimate_counts_every_value_a_draw_holds(spec):
             module.register_forward_hook(lambda m, args, out: counted.append(out[0].numel()))
     with_mixture(torch.randn(1, spec.latent_dim), torch.eye(2)[:1])
     # the mixture layer's output is counted like any layer's; its float64 pick is more than that
-    assert Decoder.activations_per_sample(spec, 2, (1, 28, 28), 5) > spec.latent_dim + 2 + sum(counted) + \
-        functional_relu
+    assert (
+        Decoder.activations_per_sample(spec, 2, (1, 28, 28), 5) > spec.latent_dim + 2 + sum(counted) + functional_relu
+    )

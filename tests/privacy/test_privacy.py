@@ -64,13 +64,13 @@ def test_every_gradient_is_clipped_to_the_current_bound(arch):
     ref_norms = []
     for i in range(len(x)):
         grads = torch.autograd.grad(per[i], params, retain_graph=True)
-        n = float(torch.sqrt(sum((g ** 2).sum() for g in grads)))
+        n = float(torch.sqrt(sum((g**2).sum() for g in grads)))
         ref_norms.append(n)
         for w, g in zip(want, grads):
             w += min(1.0, bound / n) * g
     assert min(ref_norms) < bound < max(ref_norms)
     assert torch.allclose(norms, torch.tensor(ref_norms), rtol=1e-4)
-    total = torch.sqrt(sum((g ** 2).sum() for g in got))
+    total = torch.sqrt(sum((g**2).sum() for g in got))
     assert total <= bound * len(x) + 1e-3
     for w, g in zip(want, got):
         assert torch.allclose(w, g, atol=1e-3 * max(1.0, float(w.abs().max())), rtol=1e-3)
@@ -81,8 +81,16 @@ def test_adaptive_bound_grows_when_everything_is_clipped():
     torch.manual_seed(0)
     vae = VAE(load_architecture("mlp-small"), 2)
     x, y = torch.rand(200, 1, 28, 28), torch.tensor([0, 1] * 100)
-    cfg = parse_run_config({**tiny_run_config("r"), "dp-noise-multiplier": 1.0, "dp-clip-init": 0.01,
-                            "dp-sample-rate": 0.25, "dp-steps": 4, "num-server-rounds": 1})
+    cfg = parse_run_config(
+        {
+            **tiny_run_config("r"),
+            "dp-noise-multiplier": 1.0,
+            "dp-clip-init": 0.01,
+            "dp-sample-rate": 0.25,
+            "dp-steps": 4,
+            "num-server-rounds": 1,
+        }
+    )
     plan = plan_for(cfg)
     rep = private_fit(vae, x, y, plan, lr=1e-3, batch_size=50)
     assert rep.steps == plan.steps_per_round == 4
@@ -100,6 +108,7 @@ def test_epsilon_matches_the_accountant_and_the_silo_stops_at_its_budget(tmp_pat
         spent.append(m["dp-epsilon-spent"])
         # independently: the counts once, then one DP-SGD step per step, by Opacus' PRV accountant
         from opacus.accountants import PRVAccountant
+
         acc = PRVAccountant()
         acc.step(noise_multiplier=10.0, sample_rate=1.0)  # dp-count-noise-std, released once per run
         for _ in range(rnd * m["dp-steps"]):
@@ -167,8 +176,11 @@ def test_unreachable_epsilon_fails_with_one_line(tmp_path):
 def test_penalty_is_active_and_finite_under_dp_and_spectral_cap_holds():
     torch.manual_seed(0)
     x, y = torch.rand(120, 1, 28, 28), torch.tensor([0, 1] * 60)
-    plan = plan_for(parse_run_config({**tiny_run_config("r"), "dp-epsilon": 4.0, "dp-sample-rate": 0.25,
-                                      "dp-steps": 8, "num-server-rounds": 1}))
+    plan = plan_for(
+        parse_run_config(
+            {**tiny_run_config("r"), "dp-epsilon": 4.0, "dp-sample-rate": 0.25, "dp-steps": 8, "num-server-rounds": 1}
+        )
+    )
     slopes = {}
     gp = LipschitzSection(lipschitz="gp", **{"lipschitz-weight": 10.0, "lipschitz-target": 0.5})
     for name, lip in {"none": LipschitzSection(), "gp": gp}.items():
@@ -188,7 +200,7 @@ def test_penalty_is_active_and_finite_under_dp_and_spectral_cap_holds():
     private_fit(vae, x, y, plan, lr=1e-2, lipschitz=LipschitzSection(lipschitz="spectral", **{"lipschitz-target": 1.5}))
     assert set(vae.decoder.state_dict()) == keys  # plain weights: the server rebuilds it from the descriptor
     assert max(layer_bounds(vae.decoder)) <= 1.5 * (1 + 1e-4)
-    assert empirical_lipschitz(vae.decoder) <= upper_bound(vae.decoder) <= 1.5 ** 3 * (1 + 1e-3)
+    assert empirical_lipschitz(vae.decoder) <= upper_bound(vae.decoder) <= 1.5**3 * (1 + 1e-3)
 
 
 def test_upper_bound_is_an_upper_bound_of_the_measured_slope():
@@ -196,7 +208,6 @@ def test_upper_bound_is_an_upper_bound_of_the_measured_slope():
     for arch in ("mlp-small", "conv", "conv-deep"):
         dec = VAE(load_architecture(arch), 2).decoder
         assert 0 < empirical_lipschitz(dec, n=256) <= upper_bound(dec)
-
 
 
 def _constant_decoder_vae(image: torch.Tensor) -> GeneratorSet:

@@ -26,8 +26,7 @@ PRIVATE_KEYS = {PrivateTrainMetrics.model_fields[k].alias for k in PrivateTrainM
 
 
 def dp_run(tmp_path, **extra) -> dict:
-    return {**tiny_run_config(tmp_path / "results"), "dp-epsilon": 2.0, "num-server-rounds": 2, "dp-steps": 3,
-            **extra}
+    return {**tiny_run_config(tmp_path / "results"), "dp-epsilon": 2.0, "num-server-rounds": 2, "dp-steps": 3, **extra}
 
 
 def without_one_record(silo: Silo) -> Silo:
@@ -49,13 +48,22 @@ def replies_of(silo: Silo, run_config: dict, monkeypatch, tmp_path, tag: str) ->
     ctx = make_context(run_config, 0)
     out = []
     for rnd in (1, 2):
-        msg = make_message(RecordDict({P.CONFIG: ConfigRecord({P.SERVER_ROUND: rnd})}), MessageType.TRAIN, 1,
-                           ctx.node_id)
+        msg = make_message(
+            RecordDict({P.CONFIG: ConfigRecord({P.SERVER_ROUND: rnd})}), MessageType.TRAIN, 1, ctx.node_id
+        )
         out.append(client_module.app(msg, ctx))
     model = GlobalModel("classifier", 10)
-    ask = make_message(RecordDict({P.GLOBAL_MODEL: ArrayRecord(torch_state_dict=model.state()),
-                                   P.CONFIG: ConfigRecord({P.GLOBAL_MODEL_KIND: "classifier", P.SERVER_ROUND: 1})}),
-                       MessageType.EVALUATE, 1, ctx.node_id)
+    ask = make_message(
+        RecordDict(
+            {
+                P.GLOBAL_MODEL: ArrayRecord(torch_state_dict=model.state()),
+                P.CONFIG: ConfigRecord({P.GLOBAL_MODEL_KIND: "classifier", P.SERVER_ROUND: 1}),
+            }
+        ),
+        MessageType.EVALUATE,
+        1,
+        ctx.node_id,
+    )
     out.append(client_module.app(ask, ctx))
     return tuple(out)
 
@@ -65,9 +73,12 @@ def non_decoder_fields(msg) -> dict:
     if msg.has_error():
         return {"error": (msg.error.code, msg.error.reason)}
     c = msg.content
-    return {"records": sorted(c.keys()),
-            "decoder-layout": sorted((k, tuple(a.shape), a.dtype) for k, a in c[P.DECODER].items()),
-            "descriptor": c[P.DESCRIPTOR][P.DESCRIPTOR_JSON], "metrics": dict(c[P.METRICS])}
+    return {
+        "records": sorted(c.keys()),
+        "decoder-layout": sorted((k, tuple(a.shape), a.dtype) for k, a in c[P.DECODER].items()),
+        "descriptor": c[P.DESCRIPTOR][P.DESCRIPTOR_JSON],
+        "metrics": dict(c[P.METRICS]),
+    }
 
 
 @pytest.mark.parametrize("layout", ["conditional", "per-class"])
@@ -97,8 +108,12 @@ def test_server_enforces_the_private_schema_on_receipt(tmp_path):
     state = {k: v.numpy() for k, v in out.decoder_state.items()}
     public = out.metrics.record()
     strategy = make_strategy(cfg, tmp_path)
-    for leaky in ({**public, "num-examples": 132}, {**public, "train-seconds": 1.0}, METRICS,
-                  {k: v for k, v in public.items() if k != "dp-epsilon-spent"}):
+    for leaky in (
+        {**public, "num-examples": 132},
+        {**public, "train-seconds": 1.0},
+        METRICS,
+        {k: v for k, v in public.items() if k != "dp-epsilon-spent"},
+    ):
         strategy.aggregate_train(1, [reply(1001, out.descriptor, state, metrics=leaky)])
         assert strategy.core.recorder.round(1)["rejected-replies"] and "silo-1" not in strategy.core.store
     strategy.aggregate_train(1, [reply(1001, out.descriptor, state, metrics=public)])
@@ -187,9 +202,17 @@ def test_a_train_message_cannot_switch_a_private_silo_to_weight_averaging(tmp_pa
     run_config = dp_run(tmp_path)
     ctx = make_context(run_config, 0)
     model = GlobalModel("classifier", 10)
-    msg = make_message(RecordDict({P.GLOBAL_MODEL: ArrayRecord(torch_state_dict=model.state()),
-                                   P.CONFIG: ConfigRecord({P.SERVER_ROUND: 1, P.STRATEGY: "fedavg"})}),
-                       MessageType.TRAIN, 1, ctx.node_id)
+    msg = make_message(
+        RecordDict(
+            {
+                P.GLOBAL_MODEL: ArrayRecord(torch_state_dict=model.state()),
+                P.CONFIG: ConfigRecord({P.SERVER_ROUND: 1, P.STRATEGY: "fedavg"}),
+            }
+        ),
+        MessageType.TRAIN,
+        1,
+        ctx.node_id,
+    )
     reply = client_module.app(msg, ctx)
     assert reply.has_error() and reply.error.code == P.STRATEGY_MISMATCH_ERROR
     silo = Silo(parse_run_config(run_config), parse_node_config({"partition-id": 0}))
@@ -201,7 +224,9 @@ def test_a_failing_private_round_sends_no_exception_text(tmp_path, monkeypatch):
     run_config = dp_run(tmp_path)
     ctx = make_context(run_config, 0)
     silo = client_module.silo_for(ctx)
-    monkeypatch.setattr(Silo, "record_figures", lambda *a: (_ for _ in ()).throw(ValueError("132 records, 12 outliers")))
+    monkeypatch.setattr(
+        Silo, "record_figures", lambda *a: (_ for _ in ()).throw(ValueError("132 records, 12 outliers"))
+    )
     msg = make_message(RecordDict({P.CONFIG: ConfigRecord({P.SERVER_ROUND: 1})}), MessageType.TRAIN, 1, ctx.node_id)
     reply = client_module.app(msg, ctx)
     assert reply.has_error() and reply.error.code == P.PRIVATE_FAILURE_ERROR and "132" not in reply.error.reason
@@ -221,6 +246,7 @@ def test_without_a_policy_the_first_dp_run_sets_the_lifetime_cap(tmp_path):
     base = dp_run(tmp_path, **{"num-server-rounds": 1})
     train(base)
     from alignfl_app.privacy.errors import PrivacyBudgetExceeded
+
     with pytest.raises(PrivacyBudgetExceeded, match="budget-epsilon in"):
         train({**base, "dp-epsilon": 4.0}, run="run-b")
 
@@ -239,7 +265,8 @@ def test_two_concurrent_runs_on_one_ledger_book_every_round(tmp_path):
         pool.map(_book_many, [(tmp_path, "run-a", 15), (tmp_path, "run-b", 15)])
     entries = PrivacyLedger(tmp_path, "silo-0").read().entries
     assert sorted((e.run, e.round) for e in entries) == sorted(
-        [(run, r) for run in ("run-a", "run-b") for r in range(1, 16)])
+        [(run, r) for run in ("run-a", "run-b") for r in range(1, 16)]
+    )
     spent = [e.epsilon_after for e in entries]
     assert spent == sorted(spent)  # each booking saw every earlier one
 

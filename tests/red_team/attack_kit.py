@@ -18,18 +18,32 @@ from server_app.strategy import AlignFLStrategy
 from tests.conftest import make_message
 
 NODE = {0: 1000, 1: 1001, 2: 1002}
-METRICS = {"num-examples": 10, "num-outliers": 0, "train-seconds": 1.0, "samples-per-second": 10.0,
-           "decoder-bytes": 100, "vae-bytes": 200, "peak-rss-mb": 100.0, "lipschitz-upper-bound": 5.0,
-           "lipschitz-empirical": 1.0, "train-loss": 1.0}
+METRICS = {
+    "num-examples": 10,
+    "num-outliers": 0,
+    "train-seconds": 1.0,
+    "samples-per-second": 10.0,
+    "decoder-bytes": 100,
+    "vae-bytes": 200,
+    "peak-rss-mb": 100.0,
+    "lipschitz-upper-bound": 5.0,
+    "lipschitz-empirical": 1.0,
+    "train-loss": 1.0,
+}
 
 
 def reply(node, desc, state, *, desc_json=None, extra_records=None, metrics=None, decoder_record=None):
-    content = RecordDict({
-        P.DECODER: decoder_record if decoder_record is not None else
-        ArrayRecord(array_dict={k: Array(np.asarray(v)) for k, v in state.items()}),
-        P.DESCRIPTOR: ConfigRecord({P.DESCRIPTOR_JSON: desc_json if desc_json is not None else desc.model_dump_json()}),
-        P.METRICS: MetricRecord(METRICS if metrics is None else metrics),
-    })
+    content = RecordDict(
+        {
+            P.DECODER: decoder_record
+            if decoder_record is not None
+            else ArrayRecord(array_dict={k: Array(np.asarray(v)) for k, v in state.items()}),
+            P.DESCRIPTOR: ConfigRecord(
+                {P.DESCRIPTOR_JSON: desc_json if desc_json is not None else desc.model_dump_json()}
+            ),
+            P.METRICS: MetricRecord(METRICS if metrics is None else metrics),
+        }
+    )
     for k, v in (extra_records or {}).items():
         content[k] = v
     return make_message(content, MessageType.TRAIN, src=node, dst=1)
@@ -43,8 +57,14 @@ def evaluate_msg(node, metrics, record_cls=MetricRecord, silo_name=None):
 
 
 def make_strategy(cfg, tmp_path: Path) -> AlignFLStrategy:
-    return AlignFLStrategy(AlignFLServer(cfg, GeneratorStore(tmp_path / "generators"), GlobalModel.from_config(cfg),
-                                         RunRecorder(tmp_path / "run", cfg.flat())))
+    return AlignFLStrategy(
+        AlignFLServer(
+            cfg,
+            GeneratorStore(tmp_path / "generators"),
+            GlobalModel.from_config(cfg),
+            RunRecorder(tmp_path / "run", cfg.flat()),
+        )
+    )
 
 
 def honest(outs, silos=(0, 1, 2)):
@@ -79,6 +99,7 @@ def rss_mb() -> float:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
     import resource
+
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
@@ -98,7 +119,9 @@ def assert_unharmed(s, tmp_path, before_npz, baseline, test_set, *, rejected_at_
     assert len(rejected) >= rejected_at_least, rnd
     one_line_reasons(rejected)
     if keyword:
-        assert any(k.lower() in " ".join(rejected).lower() for k in ([keyword] if isinstance(keyword, str) else keyword)), rejected
+        assert any(
+            k.lower() in " ".join(rejected).lower() for k in ([keyword] if isinstance(keyword, str) else keyword)
+        ), rejected
     assert s.core.store.silos() == ["silo-0", "silo-1", "silo-2"]
     # the honest round-2 replies were stored; nothing else changed
     assert set(store_snapshot(tmp_path)) == {"silo-0.npz", "silo-1.npz", "silo-2.npz"}

@@ -16,16 +16,33 @@ from tests.conftest import tiny_run_config
 from tests.red_team.attack_kit import honest, make_strategy, store_snapshot
 
 
-@pytest.mark.parametrize("override", [
-    {"run-name": ".."}, {"run-name": "a/b"}, {"run-name": "/etc"}, {"run-name": "."},
-    {"silo-architectures": "../../x;conv"}, {"silo-architectures": "/etc/passwd;conv"},
-    {"seed": 2**63 - 1 + 1}, {"seed": 2**70}, {"seed": -1},
-    {"server-learning-rate": float("inf")}, {"server-learning-rate": float("nan")},
-    {"sample-temperature": float("inf")}, {"sample-temperature": float("nan")},
-    {"max-sampling-mb": float("nan")}, {"max-sampling-mb": float("inf")}, {"max-sampling-mb": 0.0},
-    {"silo-names": "a,b"}, {"silo-names": "../x,b,c"}, {"silo-names": "a,A,b"},
-    {"silo-nodes": "silo-0=1,silo-1=1"}, {"silo-nodes": "silo-9=1"}, {"silo-nodes": "silo-0=99999999999999999999999"},
-])
+@pytest.mark.parametrize(
+    "override",
+    [
+        {"run-name": ".."},
+        {"run-name": "a/b"},
+        {"run-name": "/etc"},
+        {"run-name": "."},
+        {"silo-architectures": "../../x;conv"},
+        {"silo-architectures": "/etc/passwd;conv"},
+        {"seed": 2**63 - 1 + 1},
+        {"seed": 2**70},
+        {"seed": -1},
+        {"server-learning-rate": float("inf")},
+        {"server-learning-rate": float("nan")},
+        {"sample-temperature": float("inf")},
+        {"sample-temperature": float("nan")},
+        {"max-sampling-mb": float("nan")},
+        {"max-sampling-mb": float("inf")},
+        {"max-sampling-mb": 0.0},
+        {"silo-names": "a,b"},
+        {"silo-names": "../x,b,c"},
+        {"silo-names": "a,A,b"},
+        {"silo-nodes": "silo-0=1,silo-1=1"},
+        {"silo-nodes": "silo-9=1"},
+        {"silo-nodes": "silo-0=99999999999999999999999"},
+    ],
+)
 def test_6_config_refused_in_one_line(tmp_path, override):
     raw = {**tiny_run_config(tmp_path / "results"), **override}
     with pytest.raises(ConfigError) as exc:
@@ -44,6 +61,7 @@ def test_6_seed_at_the_limit_is_usable(tmp_path):
     """2**63-1 is allowed by the schema: it must not crash anything derived from it (seeds are mixed)."""
     cfg = parse_run_config({**tiny_run_config(tmp_path / "results"), "seed": 2**63 - 1})
     from alignfl_app.seeds import server_training_seed, synthesis_seed
+
     torch.Generator().manual_seed(synthesis_seed(cfg.run.seed, 10**6, 10**3, 100))
     torch.manual_seed(server_training_seed(cfg.run.seed, 10**6, 10**3))
 

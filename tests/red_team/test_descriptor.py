@@ -24,6 +24,7 @@ def _desc_variants(desc):
 
     def with_(**kw):
         return json.dumps({**d, **kw})
+
     return {
         "image 1x32x32": (with_(image_shape=[1, 32, 32]), "image_shape"),
         "image 3x28x28": (with_(image_shape=[3, 28, 28]), "image_shape"),
@@ -38,8 +39,18 @@ def _desc_variants(desc):
     }
 
 
-DESC_VARIANTS = ["image 1x32x32", "image 3x28x28", "unconditional", "all ten classes", "another silo's classes",
-                 "superset", "subset", "fullwidth look-alike class", "duplicate classes", "trailing-space class"]
+DESC_VARIANTS = [
+    "image 1x32x32",
+    "image 3x28x28",
+    "unconditional",
+    "all ten classes",
+    "another silo's classes",
+    "superset",
+    "subset",
+    "fullwidth look-alike class",
+    "duplicate classes",
+    "trailing-space class",
+]
 
 
 @pytest.mark.parametrize("variant", DESC_VARIANTS)

@@ -26,8 +26,16 @@ def test_4_bound_silo_cannot_dominate_the_silo_mean_with_a_huge_count(trained, t
     s = make_strategy(cfg, tmp_path)
     s.aggregate_train(1, honest(outs))
     good = {"accuracy": 0.5, "loss": 1.0, "num-examples": 100}
-    result = dict(s.aggregate_evaluate(1, [evaluate_msg(NODE[0], good), evaluate_msg(NODE[1], good),
-                                           evaluate_msg(NODE[2], {**good, "accuracy": 1.0, "num-examples": 10**9})]))
+    result = dict(
+        s.aggregate_evaluate(
+            1,
+            [
+                evaluate_msg(NODE[0], good),
+                evaluate_msg(NODE[1], good),
+                evaluate_msg(NODE[2], {**good, "accuracy": 1.0, "num-examples": 10**9}),
+            ],
+        )
+    )
     # one silo of three may move a mean of silos by at most its own share
     assert result["silo-mean-eval"] <= 0.5 + 0.5 / 3 + 1e-6, result
 
@@ -53,8 +61,13 @@ def test_5a_custom_silo_names_pin_identity(trained, tmp_path):
     named = parse_run_config({**cfg.flat(), "silo-names": "hospital-a,hospital-b,hospital-c"})
     s = make_strategy(named, tmp_path)
     desc, state = outs[0]
-    s.aggregate_train(1, [reply(NODE[0], desc, state),  # 'silo-0' is not a name of this run
-                          reply(NODE[1], desc.model_copy(update={"silo": "hospital-a"}), state)])
+    s.aggregate_train(
+        1,
+        [
+            reply(NODE[0], desc, state),  # 'silo-0' is not a name of this run
+            reply(NODE[1], desc.model_copy(update={"silo": "hospital-a"}), state),
+        ],
+    )
     rnd = s.core.recorder.round(1)
     assert s.core.store.silos() == ["hospital-a"] and rnd["accepted-replies"] == 1
     assert len(rnd["rejected-replies"]) == 1 and "silo" in rnd["rejected-replies"][0]
@@ -104,8 +117,10 @@ def test_5d_operator_mapping_binds_nodes(trained, tmp_path):
     s = make_strategy(mapped, tmp_path)
     asked = s.core.nodes_to_ask(1, [1000, 1001, 1002, 7777])
     assert 7777 not in asked and sorted(asked) == [1000, 1001, 1002]
-    before_round = [reply(7777, *outs[0]),  # a node outside the mapping, first to reply
-                    reply(NODE[0], *outs[1])]  # a listed node claiming another listed name
+    before_round = [
+        reply(7777, *outs[0]),  # a node outside the mapping, first to reply
+        reply(NODE[0], *outs[1]),
+    ]  # a listed node claiming another listed name
     s.aggregate_train(1, [*before_round, *honest(outs)])
     rnd = s.core.recorder.round(1)
     assert rnd["accepted-replies"] == 3 and len(rnd["rejected-replies"]) == 2, rnd
@@ -160,8 +175,13 @@ def test_5_evaluate_reply_claiming_a_bound_silo_name_is_not_recorded_under_it(tr
     cfg, outs = trained
     s = make_strategy(cfg, tmp_path)
     s.aggregate_train(1, honest(outs))
-    s.aggregate_evaluate(1, [evaluate_msg(NODE[0], {"accuracy": 0.4, "num-examples": 10}),
-                             evaluate_msg(9999, {"accuracy": 1.0, "num-examples": 10}, silo_name="silo-0")])
+    s.aggregate_evaluate(
+        1,
+        [
+            evaluate_msg(NODE[0], {"accuracy": 0.4, "num-examples": 10}),
+            evaluate_msg(9999, {"accuracy": 1.0, "num-examples": 10}, silo_name="silo-0"),
+        ],
+    )
     silos = s.core.recorder.round(1)["silos"]
     assert silos["silo-0"]["eval-accuracy"] == pytest.approx(0.4)
     assert not any(k.startswith("silo-0") and k != "silo-0" for k in silos), sorted(silos)

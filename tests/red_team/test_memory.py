@@ -11,12 +11,15 @@ from alignfl_app.config import ArchitectureSpec, parse_run_config
 from tests.red_team.attack_kit import NODE, honest, make_strategy, one_line_reasons, reply, rss_mb, store_snapshot
 
 
-@pytest.mark.parametrize("arch", [
-    dict(kind="mlp", latent_dim=256, hidden=(4096, 4096, 4096, 4096)),
-    dict(kind="conv", latent_dim=256, hidden=(4096, 4096)),
-    dict(kind="mlp", latent_dim=10**7, hidden=(10**7,) * 4),
-    dict(kind="conv", latent_dim=2**31, hidden=(2**31, 2**31)),
-])
+@pytest.mark.parametrize(
+    "arch",
+    [
+        dict(kind="mlp", latent_dim=256, hidden=(4096, 4096, 4096, 4096)),
+        dict(kind="conv", latent_dim=256, hidden=(4096, 4096)),
+        dict(kind="mlp", latent_dim=10**7, hidden=(10**7,) * 4),
+        dict(kind="conv", latent_dim=2**31, hidden=(2**31, 2**31)),
+    ],
+)
 def test_2_tiny_reply_declaring_huge_decoder_is_rejected_without_allocating(trained, tmp_path, arch):
     cfg, outs = trained
     desc, state = outs[0]
@@ -29,6 +32,7 @@ def test_2_tiny_reply_declaring_huge_decoder_is_rejected_without_allocating(trai
     rss0 = rss_mb()  # memory only: speed belongs in benchmarks, not in tests
     from alignfl_app.contract.replies import ReplyRejected
     from server_app.messages import train_reply
+
     with pytest.raises(ReplyRejected) as exc:
         s.core.accept(2, NODE[0], train_reply(reply(NODE[0], desc, tiny, desc_json=json.dumps(d)), 1 << 26))
     grown = rss_mb() - rss0
@@ -44,8 +48,10 @@ def test_2_decoder_within_byte_limit_but_huge_activations_exceeds_max_sampling_m
     # few parameters, 4096 channels at 14x14: ~6 MiB of activations per sample, 64 samples > 64 MiB
     arch = ArchitectureSpec(name="wide", kind="conv", latent_dim=desc.architecture.latent_dim, hidden=(4096, 8))
     attack = desc.model_copy(update={"architecture": arch})
-    state = {k: (np.random.default_rng(0).standard_normal(v.shape) * 0.01).astype(np.float32)
-             for k, v in attack.empty_decoder().state_dict().items()}
+    state = {
+        k: (np.random.default_rng(0).standard_normal(v.shape) * 0.01).astype(np.float32)
+        for k, v in attack.empty_decoder().state_dict().items()
+    }
     assert sum(a.nbytes for a in state.values()) < small.server.max_decoder_mb * 2**20  # within the byte limit
     s = make_strategy(small, tmp_path)
     s.aggregate_train(1, honest(outs))  # honest silos fit the bound

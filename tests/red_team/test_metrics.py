@@ -39,16 +39,30 @@ def _metric_attacks(outs):
         "list for a number": dict(metrics={**METRICS, "num-examples": [1, 2, 3]}),
         "200k metric keys": dict(metrics={**METRICS, **{f"k{i}": 1.0 for i in range(200_000)}}),
         "ConfigRecord for metrics": dict(extra_records={P.METRICS: ConfigRecord({"num-examples": "10"})}),
-        "extra ArrayRecord": dict(extra_records={"encoder": ArrayRecord(array_dict={"w": Array(np.zeros(3, np.float32))})}),
+        "extra ArrayRecord": dict(
+            extra_records={"encoder": ArrayRecord(array_dict={"w": Array(np.zeros(3, np.float32))})}
+        ),
         "1 MB string in descriptor": dict(desc_json=json.dumps(huge_string)),
         "1 MB unknown descriptor field": dict(desc_json=json.dumps(pad)),
     }
 
 
-@pytest.mark.parametrize("variant", ["NaN count", "inf count", "1e18 count", "1e18 float count", "negative count",
-                                     "list for a number", "200k metric keys", "ConfigRecord for metrics",
-                                     "extra ArrayRecord", "1 MB string in descriptor",
-                                     "1 MB unknown descriptor field"])
+@pytest.mark.parametrize(
+    "variant",
+    [
+        "NaN count",
+        "inf count",
+        "1e18 count",
+        "1e18 float count",
+        "negative count",
+        "list for a number",
+        "200k metric keys",
+        "ConfigRecord for metrics",
+        "extra ArrayRecord",
+        "1 MB string in descriptor",
+        "1 MB unknown descriptor field",
+    ],
+)
 def test_4_bad_train_metrics_rejected_in_one_line_summary_small(trained, test_set, baseline, tmp_path, variant):
     cfg, outs = trained
     desc, state = outs[0]
@@ -75,16 +89,19 @@ def test_4_evaluate_floods_do_not_hijack_silo_mean(trained, tmp_path):
     s = make_strategy(cfg, tmp_path)
     s.aggregate_train(1, honest(outs))
     good = {"accuracy": 0.5, "loss": 1.0, "num-examples": 4}
-    result = s.aggregate_evaluate(1, [
-        evaluate_msg(NODE[0], good),
-        evaluate_msg(NODE[1], {**good, "num-examples": float("nan"), "accuracy": 1.0}),
-        evaluate_msg(NODE[2], {**good, "num-examples": 1e18, "accuracy": 1.0}),
-        evaluate_msg(NODE[2], {**good, "accuracy": 1.0, **{f"k{i}": 1.0 for i in range(200_000)}}),
-        evaluate_msg(NODE[1], {"accuracy": "1.0", "num-examples": "4"}, record_cls=ConfigRecord),
-        # a stranger (never bound to a silo) with the largest allowed count, claiming silo-1's name
-        evaluate_msg(4242, {**good, "accuracy": 1.0, "num-examples": 10**9}, silo_name="silo-1"),
-        evaluate_msg(4243, {**good, "accuracy": 1.0, "num-examples": 10**9}),
-    ])
+    result = s.aggregate_evaluate(
+        1,
+        [
+            evaluate_msg(NODE[0], good),
+            evaluate_msg(NODE[1], {**good, "num-examples": float("nan"), "accuracy": 1.0}),
+            evaluate_msg(NODE[2], {**good, "num-examples": 1e18, "accuracy": 1.0}),
+            evaluate_msg(NODE[2], {**good, "accuracy": 1.0, **{f"k{i}": 1.0 for i in range(200_000)}}),
+            evaluate_msg(NODE[1], {"accuracy": "1.0", "num-examples": "4"}, record_cls=ConfigRecord),
+            # a stranger (never bound to a silo) with the largest allowed count, claiming silo-1's name
+            evaluate_msg(4242, {**good, "accuracy": 1.0, "num-examples": 10**9}, silo_name="silo-1"),
+            evaluate_msg(4243, {**good, "accuracy": 1.0, "num-examples": 10**9}),
+        ],
+    )
     assert dict(result)["silo-mean-eval"] == pytest.approx(0.5), dict(result)
     silos = s.core.recorder.round(1)["silos"]
     assert set(silos) <= {"silo-0", "silo-1", "silo-2"}, sorted(silos)  # no 'silo-1?' or 'node-4243' entries

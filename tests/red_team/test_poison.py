@@ -24,8 +24,10 @@ from tests.red_team.attack_kit import (
 def test_3_overflowing_weights_rejected_at_trial_batch(trained, test_set, baseline, tmp_path):
     cfg, outs = trained
     desc, state = outs[0]
-    overflow = {k: np.where(np.arange(v.size).reshape(v.shape) % 2 == 0, 3e38, -3e38).astype(np.float32)
-                for k, v in state.items()}
+    overflow = {
+        k: np.where(np.arange(v.size).reshape(v.shape) % 2 == 0, 3e38, -3e38).astype(np.float32)
+        for k, v in state.items()
+    }
     s = make_strategy(cfg, tmp_path)
     s.aggregate_train(1, honest(outs))
     before = store_snapshot(tmp_path)
@@ -44,8 +46,10 @@ def test_3_poisoned_generator_in_store_is_skipped_and_quarantined(trained, test_
     s = make_strategy(cfg, tmp_path)
     s.aggregate_train(1, honest(outs))
     # +-3e38 alternating: inf - inf = NaN samples (all-positive 3e38 only saturates the sigmoid to finite 0/1)
-    poison = {k: np.where(np.arange(v.size).reshape(v.shape) % 2 == 0, 3e38, -3e38).astype(np.float32)
-              for k, v in state.items()}
+    poison = {
+        k: np.where(np.arange(v.size).reshape(v.shape) % 2 == 0, 3e38, -3e38).astype(np.float32)
+        for k, v in state.items()
+    }
     s.core.store.put(desc, poison, 1)  # bypasses check_decoder_state: the slipped-through case
     s.aggregate_train(2, honest(outs, (0, 1)))
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())

@@ -38,8 +38,14 @@ def fresh_processes():
 
 
 def dp_config(tmp_path, **extra) -> dict:
-    return {**tiny_run_config(tmp_path / "results"), "dp-epsilon": 2.0, "num-server-rounds": 2, "dp-steps": 3,
-            "audit": False, **extra}
+    return {
+        **tiny_run_config(tmp_path / "results"),
+        "dp-epsilon": 2.0,
+        "num-server-rounds": 2,
+        "dp-steps": 3,
+        "audit": False,
+        **extra,
+    }
 
 
 def silo0():
@@ -86,8 +92,14 @@ def test_silo_data_dirs_in_the_run_config_never_pick_a_silos_data(tmp_path):
     own, planted = tmp_path / "own", tmp_path / "planted"
     make_folder(own, {"cat": 6, "dog": 6})
     make_folder(planted, {"cat": 30, "dog": 30})
-    cfg = {**tiny_run_config(tmp_path / "results"), "dataset": "folder", "silo-classes": "cat,dog",
-           "outlier-dataset": "none", "silo-architectures": "mlp-small", "image-size": "28x28"}
+    cfg = {
+        **tiny_run_config(tmp_path / "results"),
+        "dataset": "folder",
+        "silo-classes": "cat,dog",
+        "outlier-dataset": "none",
+        "silo-architectures": "mlp-small",
+        "image-size": "28x28",
+    }
     provision_simulated_silos(silos_root(), parse_run_config({**cfg, "silo-data-dirs": str(own)}))
     reply, _ = train_reply({**cfg, "silo-data-dirs": str(planted)}, 0)
     assert reply.content[P.METRICS]["num-examples"] == 10  # its own 12 images less the held-out fifth
@@ -189,16 +201,19 @@ def test_an_intact_ledger_books_the_next_run(tmp_path):
     assert len(PrivacyLedger(silo0(), "silo-0").read().entries) == 3
 
 
-@pytest.mark.parametrize("attack, needles", [
-    ("delete", ("is missing although", "reports/round-002.json")),
-    ("dangling symlink", ("is missing although",)),
-    ("delete with reports gone", ("is missing although", "state/")),
-    ("older copy", ("holds 1 entries but", "recorded 2", "rolled back")),
-    ("less noise in an entry", ("was edited", "entry 2 of 2")),
-    ("larger first-run cap", ("was edited", "entry 1 of 2")),
-    ("edit and rehash", ("does not match the head hash", "recorded after entry 2")),
-    ("another silo's ledger", ("belongs to silo 'silo-1'",)),
-])
+@pytest.mark.parametrize(
+    "attack, needles",
+    [
+        ("delete", ("is missing although", "reports/round-002.json")),
+        ("dangling symlink", ("is missing although",)),
+        ("delete with reports gone", ("is missing although", "state/")),
+        ("older copy", ("holds 1 entries but", "recorded 2", "rolled back")),
+        ("less noise in an entry", ("was edited", "entry 2 of 2")),
+        ("larger first-run cap", ("was edited", "entry 1 of 2")),
+        ("edit and rehash", ("does not match the head hash", "recorded after entry 2")),
+        ("another silo's ledger", ("belongs to silo 'silo-1'",)),
+    ],
+)
 def test_a_lost_rolled_back_or_edited_ledger_refuses_training_in_one_line(tmp_path, attack, needles):
     cfg = trained_private_silo(tmp_path)
     ledger = silo0() / "privacy-ledger.json"
@@ -240,7 +255,9 @@ def test_a_private_silo_without_its_ledger_neither_evaluates(tmp_path):
     cfg = trained_private_silo(tmp_path)
     (silo0() / "privacy-ledger.json").unlink()
     _silo.cache_clear()
-    silo = _silo(json.dumps({**cfg, "dp-epsilon": 0.0}, sort_keys=True),
-                 json.dumps({"num-partitions": 3, "partition-id": 0}, sort_keys=True))
+    silo = _silo(
+        json.dumps({**cfg, "dp-epsilon": 0.0}, sort_keys=True),
+        json.dumps({"num-partitions": 3, "partition-id": 0}, sort_keys=True),
+    )
     with pytest.raises(PrivacyRefusal, match="is missing although"):
         silo.evaluate_global("classifier", GlobalModel("classifier", 10).state())

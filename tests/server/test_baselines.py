@@ -53,8 +53,12 @@ def test_averaging_reply_carries_the_trained_classifier(tiny_config, strategy):
     glob = GlobalModel("classifier", 10, seed=3)
     ctx = make_context({**tiny_config, "strategy": strategy}, 1)
     config = ConfigRecord({P.SERVER_ROUND: 1, P.STRATEGY: strategy, P.PROXIMAL_MU: 0.5})
-    msg = make_message(RecordDict({P.GLOBAL_MODEL: ArrayRecord(torch_state_dict=glob.state()), P.CONFIG: config}),
-                       MessageType.TRAIN, src=1, dst=ctx.node_id)
+    msg = make_message(
+        RecordDict({P.GLOBAL_MODEL: ArrayRecord(torch_state_dict=glob.state()), P.CONFIG: config}),
+        MessageType.TRAIN,
+        src=1,
+        dst=ctx.node_id,
+    )
     reply = client_app(msg, ctx).content
     assert set(reply.array_records) == {P.GLOBAL_MODEL} and len(reply.metric_records) == 1
     state = reply[P.GLOBAL_MODEL].to_torch_state_dict()
@@ -78,8 +82,12 @@ def test_fedprox_over_the_vae_trains_the_whole_global_vae(tiny_config):
     glob = GlobalModel("vae", 10, seed=3)
     ctx = make_context(cfg, 0)
     config = ConfigRecord({P.SERVER_ROUND: 1, P.STRATEGY: "fedprox", P.PROXIMAL_MU: 0.1})
-    msg = make_message(RecordDict({P.GLOBAL_MODEL: ArrayRecord(torch_state_dict=glob.state()), P.CONFIG: config}),
-                       MessageType.TRAIN, src=1, dst=ctx.node_id)
+    msg = make_message(
+        RecordDict({P.GLOBAL_MODEL: ArrayRecord(torch_state_dict=glob.state()), P.CONFIG: config}),
+        MessageType.TRAIN,
+        src=1,
+        dst=ctx.node_id,
+    )
     reply = client_app(msg, ctx).content
     state = reply[P.GLOBAL_MODEL].to_torch_state_dict()
     assert set(state) == set(glob.state()) and any(k.startswith("encoder.") for k in state)
@@ -121,10 +129,16 @@ def test_references_and_comparison_judge_a_global_vae_by_its_elbo(tmp_path, tiny
     from alignfl_app.tools.compare import write_comparison
 
     cfg = parse_run_config({**tiny_config, "reference-epochs": 1, "global-model": "vae"})
-    summaries = {"local-only": local_only(cfg, tmp_path / "runs" / "local-only"),
-                 "centralised": centralised(cfg, tmp_path / "runs" / "centralised")}
+    summaries = {
+        "local-only": local_only(cfg, tmp_path / "runs" / "local-only"),
+        "centralised": centralised(cfg, tmp_path / "runs" / "centralised"),
+    }
     local, central = summaries["local-only"], summaries["centralised"]
-    assert "final-global-accuracy" not in local and set(local["final-per-silo-neg-elbo"]) == {"silo-0", "silo-1", "silo-2"}
+    assert "final-global-accuracy" not in local and set(local["final-per-silo-neg-elbo"]) == {
+        "silo-0",
+        "silo-1",
+        "silo-2",
+    }
     # pooled data models every class better than the mean silo that saw two classes
     assert 0 < central["final-global-neg-elbo"] < local["final-global-neg-elbo"]
     write_comparison("tiny", summaries, cfg, tmp_path)
@@ -169,17 +183,42 @@ def test_averaging_names_evaluate_replies_like_alignfl(tmp_path, tiny_config):
     recorder = RunRecorder(tmp_path / "run", {}, method="fedavg")
     strategy = averaging_strategy(cfg, recorder)
     state = GlobalModel("classifier", 10, seed=0).state()
-    train = make_message(RecordDict({P.GLOBAL_MODEL: ArrayRecord(torch_state_dict=state),
-                                     P.METRICS: MetricRecord({"num-examples": 10, "num-outliers": 0, "train-loss": 1.0,
-                                                              "train-seconds": 1.0, "samples-per-second": 10.0,
-                                                              "model-bytes": 100, "peak-rss-mb": 100.0}),
-                                     P.SILO: ConfigRecord({"name": "silo-0"})}), MessageType.TRAIN, src=7, dst=0)
+    train = make_message(
+        RecordDict(
+            {
+                P.GLOBAL_MODEL: ArrayRecord(torch_state_dict=state),
+                P.METRICS: MetricRecord(
+                    {
+                        "num-examples": 10,
+                        "num-outliers": 0,
+                        "train-loss": 1.0,
+                        "train-seconds": 1.0,
+                        "samples-per-second": 10.0,
+                        "model-bytes": 100,
+                        "peak-rss-mb": 100.0,
+                    }
+                ),
+                P.SILO: ConfigRecord({"name": "silo-0"}),
+            }
+        ),
+        MessageType.TRAIN,
+        src=7,
+        dst=0,
+    )
     strategy.aggregate_train(1, [train])
 
     def evaluate(node: int, declared: str):
-        return make_message(RecordDict({P.METRICS: MetricRecord({"accuracy": 0.5, "num-examples": 4}),
-                                        P.SILO: ConfigRecord({"name": declared})}),
-                            MessageType.EVALUATE, src=node, dst=0)
+        return make_message(
+            RecordDict(
+                {
+                    P.METRICS: MetricRecord({"accuracy": 0.5, "num-examples": 4}),
+                    P.SILO: ConfigRecord({"name": declared}),
+                }
+            ),
+            MessageType.EVALUATE,
+            src=node,
+            dst=0,
+        )
 
     metrics = strategy.aggregate_evaluate(1, [evaluate(7, "silo-9"), evaluate(8, "silo-3")])
     assert set(recorder.round(1)["silos"]) == {"silo-0", "silo-3?"}

@@ -58,8 +58,12 @@ def in_a_server_app():
 def test_a_dead_node_costs_its_deadline_not_the_round_timeout(in_a_server_app):
     deadline = ReplyDeadline(timeout=3600.0, floor=0.5)
     deadline.learn({7: 0.1, 8: 0.1, 9: 0.2})  # earlier rounds: everyone answered within 0.2 s
-    messages = [Message(RecordDict({P.CONFIG: ConfigRecord({P.SERVER_ROUND: 2})}), dst_node_id=n,
-                        message_type=MessageType.TRAIN) for n in (7, 8, 9)]
+    messages = [
+        Message(
+            RecordDict({P.CONFIG: ConfigRecord({P.SERVER_ROUND: 2})}), dst_node_id=n, message_type=MessageType.TRAIN
+        )
+        for n in (7, 8, 9)
+    ]
     t0 = time.monotonic()
     replies = collect_replies(SilentNodeGrid(dead=8), messages, deadline, poll=0.05)
     waited = time.monotonic() - t0
@@ -125,8 +129,14 @@ class PacedGrid:
 
 
 def train_messages(nodes, server_round=1):
-    return [Message(RecordDict({P.CONFIG: ConfigRecord({P.SERVER_ROUND: server_round})}), dst_node_id=n,
-                    message_type=MessageType.TRAIN) for n in nodes]
+    return [
+        Message(
+            RecordDict({P.CONFIG: ConfigRecord({P.SERVER_ROUND: server_round})}),
+            dst_node_id=n,
+            message_type=MessageType.TRAIN,
+        )
+        for n in nodes
+    ]
 
 
 @pytest.fixture

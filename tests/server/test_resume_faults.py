@@ -40,8 +40,9 @@ def stored_rounds(tmp_path) -> dict[str, int]:
 
 def test_silo_that_dies_or_fails_mid_round_does_not_stop_it(tmp_path, flwr_log):
     # round 2: silo-1 never answers (dead / past round-timeout), silo-2's ClientApp raises
-    run_server(config(tmp_path, **{"num-server-rounds": 2, "round-timeout": 5.0}),
-               faults={(2, 1): "timeout", (2, 2): "error"})
+    run_server(
+        config(tmp_path, **{"num-server-rounds": 2, "round-timeout": 5.0}), faults={(2, 1): "timeout", (2, 2): "error"}
+    )
     s = summary(tmp_path)
     assert s["status"] == "completed"
     r2 = s["rounds"][1]
@@ -57,9 +58,18 @@ def test_silo_that_dies_or_fails_mid_round_does_not_stop_it(tmp_path, flwr_log):
 def test_killed_server_resumes_after_last_completed_round(tmp_path, flwr_log):
     cfg = config(tmp_path, **{"num-server-rounds": 3})
     killed = subprocess.run(
-        [sys.executable, "-c", "import json, sys; from tests.local_grid import run_server; "
-         "run_server(json.loads(sys.argv[1]), kill_at_round=3)", json.dumps(cfg)],
-        cwd=PROJECT, capture_output=True, text=True, timeout=300)
+        [
+            sys.executable,
+            "-c",
+            "import json, sys; from tests.local_grid import run_server; "
+            "run_server(json.loads(sys.argv[1]), kill_at_round=3)",
+            json.dumps(cfg),
+        ],
+        cwd=PROJECT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert killed.returncode == -9, killed.stderr[-3000:]  # SIGKILL while asking for round 3
     ckpt = tmp_path / "results" / "r" / "checkpoint"
     assert json.loads((ckpt / "state.json").read_text())["completed_round"] == 2
@@ -102,7 +112,9 @@ def test_too_few_silos_at_the_start_stop_the_run_with_the_fix(tmp_path, flwr_log
     assert "only 2 of the 3 configured silos" in message and "num-supernodes=3" in message and "\n" not in message
     assert summary(tmp_path)["status"] == "failed"
     # min-silos lets a run start with fewer silos on purpose; the missing one is named in every round
-    run_server(config(tmp_path, **{"round-timeout": 2.0, "min-silos": 2, "run-name": "partial",
-                                   "num-server-rounds": 1}), num_silos=2)
+    run_server(
+        config(tmp_path, **{"round-timeout": 2.0, "min-silos": 2, "run-name": "partial", "num-server-rounds": 1}),
+        num_silos=2,
+    )
     partial = json.loads((tmp_path / "results" / "partial" / "summary.json").read_text())
     assert partial["status"] == "completed" and partial["rounds"][0]["generators-used"] == ["silo-0", "silo-1"]

@@ -23,25 +23,44 @@ from tests.conftest import make_message, tiny_run_config
 NODE = {0: 1000, 1: 1001, 2: 1002}
 
 
-METRICS = {"num-examples": 10, "num-outliers": 0, "train-seconds": 1.0, "samples-per-second": 10.0,
-           "decoder-bytes": 100, "vae-bytes": 200, "peak-rss-mb": 100.0, "lipschitz-upper-bound": 5.0,
-           "lipschitz-empirical": 1.0, "train-loss": 1.0}
+METRICS = {
+    "num-examples": 10,
+    "num-outliers": 0,
+    "train-seconds": 1.0,
+    "samples-per-second": 10.0,
+    "decoder-bytes": 100,
+    "vae-bytes": 200,
+    "peak-rss-mb": 100.0,
+    "lipschitz-upper-bound": 5.0,
+    "lipschitz-empirical": 1.0,
+    "train-loss": 1.0,
+}
 
 
 def reply(node: int, desc, state, *, desc_json: str | None = None, extra_records=None, metrics=None):
-    content = RecordDict({
-        P.DECODER: ArrayRecord(array_dict={k: Array(np.asarray(v)) for k, v in state.items()}),
-        P.DESCRIPTOR: ConfigRecord({P.DESCRIPTOR_JSON: desc_json if desc_json is not None else desc.model_dump_json()}),
-        P.METRICS: MetricRecord(METRICS if metrics is None else metrics),
-    })
+    content = RecordDict(
+        {
+            P.DECODER: ArrayRecord(array_dict={k: Array(np.asarray(v)) for k, v in state.items()}),
+            P.DESCRIPTOR: ConfigRecord(
+                {P.DESCRIPTOR_JSON: desc_json if desc_json is not None else desc.model_dump_json()}
+            ),
+            P.METRICS: MetricRecord(METRICS if metrics is None else metrics),
+        }
+    )
     for k, v in (extra_records or {}).items():
         content[k] = v
     return make_message(content, MessageType.TRAIN, src=node, dst=1)
 
 
 def make_strategy(cfg, tmp_path: Path) -> AlignFLStrategy:
-    return AlignFLStrategy(AlignFLServer(cfg, GeneratorStore(tmp_path / "generators"), GlobalModel.from_config(cfg),
-                                         RunRecorder(tmp_path / "run", cfg.flat())))
+    return AlignFLStrategy(
+        AlignFLServer(
+            cfg,
+            GeneratorStore(tmp_path / "generators"),
+            GlobalModel.from_config(cfg),
+            RunRecorder(tmp_path / "run", cfg.flat()),
+        )
+    )
 
 
 def test_silo_missing_a_round_still_contributes(trained, tmp_path):
@@ -54,7 +73,9 @@ def test_silo_missing_a_round_still_contributes(trained, tmp_path):
     rnd = strategy.core.recorder.round(2)
     assert rnd["generators-used"] == ["silo-0", "silo-1", "silo-2"] and rnd["stale-silos"] == ["silo-1"]
     assert strategy.core.store.entry("silo-1")["stored_round"] == 1
-    synthetic = synthesize(strategy.core.store, strategy.core.terms, SyntheticBudget(30), SamplingStyle(), seed=lambda i: i)
+    synthetic = synthesize(
+        strategy.core.store, strategy.core.terms, SyntheticBudget(30), SamplingStyle(), seed=lambda i: i
+    )
     labels, counts = synthetic.y, synthetic.counts
     assert set(labels.tolist()) == {0, 1, 2, 3, 4, 5} and counts["silo-1"] == 30
     assert metrics["generators"] == 3 and arrays is not None
@@ -91,8 +112,11 @@ def _bad_variants(desc, state):
     missing = dict(list(state.items())[1:])
     extra = {**state, "encoder.mu.weight": np.zeros((2, 2), np.float32)}
     text = desc.model_dump_json()
-    huge = desc.model_copy(update={"architecture": ArchitectureSpec(name="huge", kind="mlp", latent_dim=256,
-                                                                    hidden=(4096, 4096, 4096, 4096))})
+    huge = desc.model_copy(
+        update={
+            "architecture": ArchitectureSpec(name="huge", kind="mlp", latent_dim=256, hidden=(4096, 4096, 4096, 4096))
+        }
+    )
     overflow = {k: np.full_like(v, 3e38) for k, v in state.items()}  # finite weights, infinite samples
     return {
         "NaN": dict(state=nan),
@@ -105,11 +129,19 @@ def _bad_variants(desc, state):
         "malformed descriptor": dict(state=state, desc_json="{not json"),
         "unknown descriptor field": dict(state=state, desc_json=text[:-1] + ', "backdoor": 1}'),
         "missing descriptor field": dict(state=state, desc_json=text.replace('"layout":"conditional",', "")),
-        "labels outside dataset": dict(state=state, desc_json=text.replace('"classes":["0","1"]', '"classes":["0","11"]')),
-        "path in a class name": dict(state=state, desc_json=text.replace('"classes":["0","1"]', '"classes":["0","../1"]')),
+        "labels outside dataset": dict(
+            state=state, desc_json=text.replace('"classes":["0","1"]', '"classes":["0","11"]')
+        ),
+        "path in a class name": dict(
+            state=state, desc_json=text.replace('"classes":["0","1"]', '"classes":["0","../1"]')
+        ),
         "old descriptor format": dict(state=state, desc_json=text.replace('"format":2', '"format":1')),
-        "other image shape": dict(state=state, desc_json=text.replace('"image_shape":[1,28,28]', '"image_shape":[3,28,28]')),
-        "unconditional in a classifier run": dict(state=state, desc_json=text.replace('"layout":"conditional"', '"layout":"unconditional"')),
+        "other image shape": dict(
+            state=state, desc_json=text.replace('"image_shape":[1,28,28]', '"image_shape":[3,28,28]')
+        ),
+        "unconditional in a classifier run": dict(
+            state=state, desc_json=text.replace('"layout":"conditional"', '"layout":"unconditional"')
+        ),
         "huge declared decoder": dict(state=state, desc_json=huge.model_dump_json()),
         "non-finite samples": dict(state=overflow),
         "unknown metric": dict(state=state, metrics={**METRICS, "backdoor": 1.0}),
@@ -120,17 +152,45 @@ def _bad_variants(desc, state):
     }
 
 
-REASON = {"other image shape": "image_shape", "unconditional in a classifier run": "conditional=",
-          "labels outside dataset": "assigned to silo",
-          "huge declared decoder": "declares a", "non-finite samples": "samples are not finite",
-          "unknown metric": "backdoor", "huge count": "num-examples", "NaN count": "num-examples"}
+REASON = {
+    "other image shape": "image_shape",
+    "unconditional in a classifier run": "conditional=",
+    "labels outside dataset": "assigned to silo",
+    "huge declared decoder": "declares a",
+    "non-finite samples": "samples are not finite",
+    "unknown metric": "backdoor",
+    "huge count": "num-examples",
+    "NaN count": "num-examples",
+}
 
 
-@pytest.mark.parametrize("variant", [
-    "NaN", "Inf", "wrong shape", "dtype", "missing tensors", "more tensors than the decoder", "encoder record",
-    "malformed descriptor", "unknown descriptor field", "missing descriptor field", "labels outside dataset",
-    "path in a class name", "old descriptor format", "other image shape", "unconditional in a classifier run", "huge declared decoder", "non-finite samples",
-    "unknown metric", "NaN count", "huge count", "list for a number", "metric missing"])
+@pytest.mark.parametrize(
+    "variant",
+    [
+        "NaN",
+        "Inf",
+        "wrong shape",
+        "dtype",
+        "missing tensors",
+        "more tensors than the decoder",
+        "encoder record",
+        "malformed descriptor",
+        "unknown descriptor field",
+        "missing descriptor field",
+        "labels outside dataset",
+        "path in a class name",
+        "old descriptor format",
+        "other image shape",
+        "unconditional in a classifier run",
+        "huge declared decoder",
+        "non-finite samples",
+        "unknown metric",
+        "NaN count",
+        "huge count",
+        "list for a number",
+        "metric missing",
+    ],
+)
 def test_bad_reply_is_rejected_and_keeps_last_good_generator(trained, tmp_path, variant):
     cfg, outs = trained
     strategy = make_strategy(cfg, tmp_path)
@@ -139,8 +199,7 @@ def test_bad_reply_is_rejected_and_keeps_last_good_generator(trained, tmp_path, 
     before = npz.read_bytes()
     desc, state = outs[0]
     bad = _bad_variants(desc, state)[variant]
-    arrays, metrics = strategy.aggregate_train(
-        2, [reply(NODE[0], desc, **bad), reply(NODE[2], *outs[2])])
+    arrays, metrics = strategy.aggregate_train(2, [reply(NODE[0], desc, **bad), reply(NODE[2], *outs[2])])
     rnd = strategy.core.recorder.round(2)
     assert rnd["accepted-replies"] == 1 and len(rnd["rejected-replies"]) == 1, rnd["rejected-replies"]
     assert rnd["rejected-replies"][0].startswith(f"node {NODE[0]}:")
@@ -186,8 +245,10 @@ def test_unconditional_generators_train_a_global_vae(tmp_path):
     outs = [Silo(cfg, parse_node_config({"partition-id": s})).train_round("run", 1) for s in range(2)]
     assert all(o.descriptor.cond_dim == 0 for o in outs)
     strategy = make_strategy(cfg, tmp_path)
-    arrays, metrics = strategy.aggregate_train(1, [reply(NODE[s], o.descriptor, {k: v.numpy() for k, v in o.decoder_state.items()})
-                                                   for s, o in enumerate(outs)])
+    arrays, metrics = strategy.aggregate_train(
+        1,
+        [reply(NODE[s], o.descriptor, {k: v.numpy() for k, v in o.decoder_state.items()}) for s, o in enumerate(outs)],
+    )
     assert arrays is not None and np.isfinite(metrics["server-train-loss"])
     from alignfl_app.data.datasets import global_test_set
 
@@ -236,13 +297,18 @@ def test_bad_evaluate_replies_are_left_out_without_harm(trained, tmp_path):
         return make_message(RecordDict({P.METRICS: MetricRecord(metrics)}), MessageType.EVALUATE, src=node, dst=1)
 
     good = {"accuracy": 0.5, "loss": 1.0, "num-examples": 4}
-    result = strategy.aggregate_evaluate(1, [
-        evaluate(NODE[0], good),
-        evaluate(NODE[1], {**good, "num-examples": 10**18, "accuracy": 1.0}),
-        evaluate(NODE[2], {**good, "num-examples": float("inf")}),
-        evaluate(4242, {**good, "accuracy": [1.0]}),
-        make_message(RecordDict({P.METRICS: ConfigRecord({"accuracy": "1.0"})}), MessageType.EVALUATE, src=4243, dst=1),
-    ])
+    result = strategy.aggregate_evaluate(
+        1,
+        [
+            evaluate(NODE[0], good),
+            evaluate(NODE[1], {**good, "num-examples": 10**18, "accuracy": 1.0}),
+            evaluate(NODE[2], {**good, "num-examples": float("inf")}),
+            evaluate(4242, {**good, "accuracy": [1.0]}),
+            make_message(
+                RecordDict({P.METRICS: ConfigRecord({"accuracy": "1.0"})}), MessageType.EVALUATE, src=4243, dst=1
+            ),
+        ],
+    )
     assert dict(result) == {"silo-mean-eval": 0.5, "num-examples": 4}
     assert set(strategy.core.recorder.round(1)["silos"]["silo-0"]) >= {"eval-accuracy"}
     assert "eval-accuracy" not in strategy.core.recorder.round(1)["silos"]["silo-1"]

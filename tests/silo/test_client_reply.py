@@ -18,8 +18,9 @@ from tests.conftest import make_context, make_message
 
 def train_reply(config, partition_id, context=None, server_round=1):
     ctx = context or make_context(config, partition_id)
-    msg = make_message(RecordDict({P.CONFIG: ConfigRecord({P.SERVER_ROUND: server_round})}),
-                       MessageType.TRAIN, src=1, dst=ctx.node_id)
+    msg = make_message(
+        RecordDict({P.CONFIG: ConfigRecord({P.SERVER_ROUND: server_round})}), MessageType.TRAIN, src=1, dst=ctx.node_id
+    )
     return client_app(msg, ctx), ctx
 
 
@@ -65,12 +66,15 @@ def test_node_config_picks_architecture_and_silo_name(tiny_config):
 def test_decoder_rebuilt_from_descriptor_reproduces_outputs(name):
     spec = load_architecture(name)
     vae = VAE(spec, 2, IMAGE_SHAPE)
-    desc = GeneratorDescriptor(silo="s", architecture=spec, layout="conditional", classes=("3", "7"),
-                               image_shape=IMAGE_SHAPE, round=1)
+    desc = GeneratorDescriptor(
+        silo="s", architecture=spec, layout="conditional", classes=("3", "7"), image_shape=IMAGE_SHAPE, round=1
+    )
     state = {k: v.numpy() for k, v in vae.decoder.state_dict().items()}
-    rebuilt = check_decoder_state(parse_descriptor(desc.model_dump_json()), state,
-                                  GeneratorTerms(IMAGE_SHAPE, desc.conditional, CLASS_NAMES["mnist"], 64 << 20,
-                                                 {"s": frozenset({"3", "7"})}))
+    rebuilt = check_decoder_state(
+        parse_descriptor(desc.model_dump_json()),
+        state,
+        GeneratorTerms(IMAGE_SHAPE, desc.conditional, CLASS_NAMES["mnist"], 64 << 20, {"s": frozenset({"3", "7"})}),
+    )
     z, y = torch.randn(5, spec.latent_dim), torch.eye(2)[torch.tensor([0, 1, 0, 1, 1])]
     vae.eval()
     assert torch.allclose(vae.decoder(z, y), rebuilt(z, y))
@@ -81,9 +85,17 @@ def test_evaluate_reply_reports_accuracy_on_local_test_set(tiny_config):
 
     ctx = make_context(tiny_config, 2)
     model = GlobalModel("classifier", 10)
-    msg = make_message(RecordDict({P.GLOBAL_MODEL: ArrayRecord(torch_state_dict=model.state()),
-                                   P.CONFIG: ConfigRecord({P.GLOBAL_MODEL_KIND: "classifier", P.SERVER_ROUND: 1})}),
-                       MessageType.EVALUATE, src=1, dst=ctx.node_id)
+    msg = make_message(
+        RecordDict(
+            {
+                P.GLOBAL_MODEL: ArrayRecord(torch_state_dict=model.state()),
+                P.CONFIG: ConfigRecord({P.GLOBAL_MODEL_KIND: "classifier", P.SERVER_ROUND: 1}),
+            }
+        ),
+        MessageType.EVALUATE,
+        src=1,
+        dst=ctx.node_id,
+    )
     metrics = client_app(msg, ctx).content[P.METRICS]
     assert 0.0 <= metrics["accuracy"] <= 1.0 and metrics["num-examples"] > 0
     assert len(metrics["per-class-accuracy"]) == 10

@@ -19,8 +19,7 @@ from tests.local_grid import run_server
 
 
 def run_config(tmp_path, **extra) -> dict:
-    return {**tiny_run_config(tmp_path / "results"), "max-per-class": 150, "audit": False, "run-name": "study",
-            **extra}
+    return {**tiny_run_config(tmp_path / "results"), "max-per-class": 150, "audit": False, "run-name": "study", **extra}
 
 
 def silo(cfg: dict, partition: int = 0) -> Silo:
@@ -122,12 +121,25 @@ def test_a_ledger_of_a_newer_format_is_refused_and_the_current_one_read(tmp_path
 def test_a_resumed_run_continues_the_silos_losses(tmp_path):
     """The server is SIGKILLed at round 3 and resumed with new node ids (a new run's nodes, their memory gone):
     round 3's silos continue from round 2's level, not from a fresh VAE's."""
-    cfg = {**run_config(tmp_path, **{"run-name": "r"}), "num-server-rounds": 3, "server-threads": 1,
-           "sample-grid-per-silo": 0}
+    cfg = {
+        **run_config(tmp_path, **{"run-name": "r"}),
+        "num-server-rounds": 3,
+        "server-threads": 1,
+        "sample-grid-per-silo": 0,
+    }
     killed = subprocess.run(
-        [sys.executable, "-c", "import json, sys; from tests.local_grid import run_server; "
-         "run_server(json.loads(sys.argv[1]), kill_at_round=3)", json.dumps(cfg)],
-        cwd=PROJECT, capture_output=True, text=True, timeout=300)
+        [
+            sys.executable,
+            "-c",
+            "import json, sys; from tests.local_grid import run_server; "
+            "run_server(json.loads(sys.argv[1]), kill_at_round=3)",
+            json.dumps(cfg),
+        ],
+        cwd=PROJECT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert killed.returncode == -9, killed.stderr[-3000:]
     run_server({**cfg, "resume": True}, node_base=2000)
     rounds = json.loads((tmp_path / "results" / "r" / "summary.json").read_text())["rounds"]

@@ -4,10 +4,15 @@ from alignfl_app.tools.benchmark import costs, markdown
 
 
 def summary(accuracies: list[float], dataset: str = "mnist") -> dict:
-    rounds = [{"round": i + 1, "elapsed-seconds": 10.0 * (i + 1), "global": {"accuracy": a}}
-              for i, a in enumerate(accuracies)]
-    return {"method": "alignfl", "config": {"silo-classes": "0,1;2,3", "dataset": dataset}, "rounds": rounds,
-            "final-global-accuracy": accuracies[-1]}
+    rounds = [
+        {"round": i + 1, "elapsed-seconds": 10.0 * (i + 1), "global": {"accuracy": a}} for i, a in enumerate(accuracies)
+    ]
+    return {
+        "method": "alignfl",
+        "config": {"silo-classes": "0,1;2,3", "dataset": dataset},
+        "rounds": rounds,
+        "final-global-accuracy": accuracies[-1],
+    }
 
 
 def test_time_to_accuracy_is_the_first_round_that_reaches_the_target_and_the_best():

@@ -11,8 +11,14 @@ from tests.conftest import PROJECT
 
 pytestmark = pytest.mark.e2e
 
-TINY = {"max-per-class": 50, "outliers-per-silo": 10, "local-epochs": 1, "num-server-rounds": 1,
-        "reference-epochs": 1, "silo-classes": "0,1;2,3"}
+TINY = {
+    "max-per-class": 50,
+    "outliers-per-silo": 10,
+    "local-epochs": 1,
+    "num-server-rounds": 1,
+    "reference-epochs": 1,
+    "silo-classes": "0,1;2,3",
+}
 
 
 def test_compare_runs_every_kind_of_method_and_writes_the_tables(tmp_path):
@@ -40,8 +46,19 @@ def test_every_set_option_counts(tmp_path, capsys):
     """``--set a=1 --set b=2`` applies both: a bad key in the first is refused before anything runs."""
     from alignfl_app.tools.compare import main
 
-    code = main(["mnist-fast", "--set", "no-such-key=1", "--set", "num-server-rounds=1",
-                 "--out", str(tmp_path / "out"), "--app", str(tmp_path / "no-app")])
+    code = main(
+        [
+            "mnist-fast",
+            "--set",
+            "no-such-key=1",
+            "--set",
+            "num-server-rounds=1",
+            "--out",
+            str(tmp_path / "out"),
+            "--app",
+            str(tmp_path / "no-app"),
+        ]
+    )
     assert code == 2
     err = capsys.readouterr().err.strip()
     assert "no-such-key" in err and "\n" not in err

@@ -9,8 +9,10 @@ from alignfl_app.tools.liveness_check import completed_rounds, main, merge_confi
 
 
 def summary(*elapsed, start=2.0) -> dict:
-    return {"initial-eval-elapsed-seconds": start,
-            "rounds": [{"round": i + 1, "elapsed-seconds": e, "silos": {}} for i, e in enumerate(elapsed)]}
+    return {
+        "initial-eval-elapsed-seconds": start,
+        "rounds": [{"round": i + 1, "elapsed-seconds": e, "silos": {}} for i, e in enumerate(elapsed)],
+    }
 
 
 def test_round_times_come_from_the_servers_clock_at_each_rounds_end():
@@ -30,8 +32,11 @@ def test_overrides_replace_the_fast_settings_once():
 
 def test_verdict_bounds_rounds_after_the_kill_and_checks_the_resumed_losses():
     args = SimpleNamespace(kill_round=2, bound=2.0)
-    clean = {"round-seconds": {1: 30.0, 2: 10.0, 3: 40.0, 4: 12.0, 5: 11.0}, "killed-after-round": 2,
-             "train-loss": {"silo-0": {1: 300.0, 2: 200.0, 3: 190.0}, "silo-1": {1: 310.0, 2: 210.0, 3: 205.0}}}
+    clean = {
+        "round-seconds": {1: 30.0, 2: 10.0, 3: 40.0, 4: 12.0, 5: 11.0},
+        "killed-after-round": 2,
+        "train-loss": {"silo-0": {1: 300.0, 2: 200.0, 3: 190.0}, "silo-1": {1: 310.0, 2: 210.0, 3: 205.0}},
+    }
     killed = {"round-seconds": {1: 31.0, 2: 21.0, 3: 23.0, 4: 12.0}}
     v = verdict(clean, killed, clean, args)
     assert v["clean-median-round-seconds"] == 11.0 and v["rounds-after-kill-within-bound"] is False  # 23 > 22
@@ -43,11 +48,25 @@ def test_verdict_bounds_rounds_after_the_kill_and_checks_the_resumed_losses():
 @pytest.mark.e2e
 def test_liveness_check_at_a_tiny_size(tmp_path):
     """3 SuperNodes, 3 rounds: one killed in round 2; the whole federation killed after round 2 and resumed."""
-    code = main(["--silos", "3", "--rounds", "3", "--min-silos", "2", "--out", str(tmp_path),
-                 "--run-config", "max-per-class=60 synthetic-per-silo=40"])
+    code = main(
+        [
+            "--silos",
+            "3",
+            "--rounds",
+            "3",
+            "--min-silos",
+            "2",
+            "--out",
+            str(tmp_path),
+            "--run-config",
+            "max-per-class=60 synthetic-per-silo=40",
+        ]
+    )
     report = json.loads((tmp_path / "liveness.json").read_text())
     assert report["clean-kill-and-resume"]["status"] == "finished:completed"
-    assert report["clean-kill-and-resume"]["resumed-after-rounds"] == [report["clean-kill-and-resume"]["killed-after-round"]]
+    assert report["clean-kill-and-resume"]["resumed-after-rounds"] == [
+        report["clean-kill-and-resume"]["killed-after-round"]
+    ]
     assert report["verdict"]["resume-continues"], report["verdict"]
     killed = report["node-killed"]
     assert killed["status"] == "finished:completed" and killed["killed-after-round"] == 1
