@@ -68,12 +68,13 @@ def one_line(err: ValidationError, source: str) -> str:
 
 
 class ArchitectureSpec(BaseModel):
-    """A silo's VAE architecture; the decoder half travels to the server inside the descriptor."""
+    """A silo's generator architecture (``conf/architectures/<name>.toml``); the decoder half travels to the server
+    inside the descriptor. ``kind`` names its family (alignfl_app/models/families/), which checks the rest."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     name: str = Field(pattern=NAME_PATTERN)
-    kind: Literal["mlp", "conv"]
+    kind: str = Field(pattern=NAME_PATTERN)
     latent_dim: int = Field(ge=1, le=256)
     hidden: tuple[int, ...] = Field(min_length=1, max_length=4)
     """MLP: widths of the hidden layers (encoder order). Conv: channels of the stride-2 stages."""
@@ -89,24 +90,20 @@ class ArchitectureSpec(BaseModel):
         return v
 
     @model_validator(mode="after")
-    def _refine_needs_conv(self) -> ArchitectureSpec:
-        if self.refine and self.kind != "conv":
-            raise ValueError(
-                f"refine = {self.refine} applies to conv architectures only: remove it or set kind = 'conv'"
-            )
+    def _family_accepts_it(self) -> ArchitectureSpec:
+        from alignfl_app.models.families import FAMILIES  # the families import this module
+
+        if self.kind not in FAMILIES:
+            raise ValueError(f"unknown kind '{self.kind}': use one of {sorted(FAMILIES)}")
+        FAMILIES[self.kind].check_spec(self)
         return self
 
     def check_fits(self, image_shape: tuple[int, int, int]) -> None:
-        """ConfigError unless this architecture can encode and decode images of ``image_shape``: each of a conv
-        architecture's stride-2 stages halves the sides."""
-        _, h, w = image_shape
-        down = 2 ** len(self.hidden)
-        if self.kind == "conv" and (h % down or w % down):
-            raise ConfigError(
-                f"architecture '{self.name}' ({len(self.hidden)} stride-2 stages) needs image sides "
-                f"divisible by {down}, but image-size is {h}x{w}: choose an image-size like "
-                f"'{-(-h // down) * down}x{-(-w // down) * down}' or another architecture"
-            )
+        """ConfigError unless this architecture can encode and decode images of ``image_shape`` (its family's
+        rule)."""
+        from alignfl_app.models.families import family_of
+
+        family_of(self.kind).check_fits(self, image_shape)
 
 
 def check_name(name: str) -> str:

@@ -10,7 +10,8 @@ from torch import nn
 
 from alignfl_app.config import CLASS_NAME_PATTERN, MAX_LATENT_COMPONENTS, NAME_PATTERN, ArchitectureSpec, one_line
 from alignfl_app.contract.replies import ReplyRejected
-from alignfl_app.models.vae import Decoder, build_decoder
+from alignfl_app.models.families import family_of
+from alignfl_app.models.vae import build_decoder
 
 DESCRIPTOR_FORMAT = 2
 
@@ -59,7 +60,7 @@ class GeneratorDescriptor(BaseModel):
 
     def sampling_bytes_per_sample(self) -> int:
         """Memory one sample's draw needs (float32 activations), from the descriptor alone."""
-        return 4 * Decoder.activations_per_sample(
+        return 4 * family_of(self.architecture.kind).decoder.activations_per_sample(
             self.architecture,
             0 if self.layout == "per-class" else self.cond_dim,
             self.image_shape,

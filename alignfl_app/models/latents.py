@@ -13,7 +13,8 @@ from typing import ClassVar
 
 import torch
 
-from alignfl_app.models.vae import VAE, Decoder, LatentMixture, one_hot
+from alignfl_app.models.families import Decoder, LatentMixture
+from alignfl_app.models.vae import VAE, one_hot
 
 
 @dataclass(frozen=True)

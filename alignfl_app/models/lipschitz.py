@@ -22,16 +22,31 @@ import math
 import torch
 from torch import nn
 
-from alignfl_app.config import LipschitzSection
+from alignfl_app.config import ConfigError, LipschitzSection
 from alignfl_app.devices import device_of
-from alignfl_app.models.vae import Decoder, one_hot
+from alignfl_app.models.families import Decoder
+from alignfl_app.models.vae import one_hot
 from alignfl_app.training import GradientRule, StepHook
 
 SECANT_STEP = 0.05
 
 
-def _layers(decoder: Decoder) -> list[nn.Module]:
-    return [m for m in decoder.modules() if isinstance(m, (nn.Linear, nn.ConvTranspose2d))]
+BOUNDED_LAYERS = (nn.Linear, nn.ConvTranspose2d)  # the layers _matrix_and_factor bounds
+
+
+def _layers(decoder: nn.Module) -> list[nn.Module]:
+    """The decoder's weighted layers; ConfigError for one this module has no bound for (a certified bound must
+    never omit a layer)."""
+    layers = []
+    for name, module in decoder.named_modules():
+        if isinstance(module, BOUNDED_LAYERS):
+            layers.append(module)
+        elif any(True for _ in module.parameters(recurse=False)):
+            raise ConfigError(
+                f"decoder layer '{name}' ({type(module).__name__}) has weights but no Lipschitz bound: add its rule "
+                "to alignfl_app/models/lipschitz.py or use lipschitz='none'"
+            )
+    return layers
 
 
 def _matrix_and_factor(layer: nn.Module) -> tuple[torch.Tensor, float]:

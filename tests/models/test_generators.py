@@ -12,8 +12,9 @@ from alignfl_app.config import ArchitectureSpec, parse_node_config, parse_run_co
 from alignfl_app.contract.descriptor import GeneratorDescriptor
 from alignfl_app.contract.replies import ReplyRejected
 from alignfl_app.contract.sampling import SamplingStyle, sample_generator
+from alignfl_app.models.families import LatentMixture
 from alignfl_app.models.latents import LatentFit, fit_gaussian_mixture
-from alignfl_app.models.vae import GeneratorSet, LatentMixture, one_hot
+from alignfl_app.models.vae import GeneratorSet, one_hot
 from alignfl_app.server.store import GeneratorTerms, check_decoder_state
 from alignfl_app.silo.core import Silo
 from tests.conftest import tiny_run_config
@@ -306,8 +307,9 @@ def test_silo_reports_label_fidelity_only_where_record_figures_may_leave(tmp_pat
 def test_activation_estimate_counts_every_value_a_draw_holds(spec):
     """The server bounds its sampling memory with this estimate before it builds a decoder: it must count the input
     and every layer's output of a real forward pass, refine layers included."""
-    from alignfl_app.models.vae import Decoder
+    from alignfl_app.models.families import family_of
 
+    Decoder = family_of(spec.kind).decoder
     decoder = Decoder(spec, cond_dim=2, image_shape=(1, 28, 28))
     counted = []
     for module in decoder.modules():
@@ -327,3 +329,23 @@ def test_activation_estimate_counts_every_value_a_draw_holds(spec):
     assert (
         Decoder.activations_per_sample(spec, 2, (1, 28, 28), 5) > spec.latent_dim + 2 + sum(counted) + functional_relu
     )
+
+
+def test_a_decoder_layer_without_a_lipschitz_rule_is_an_error_not_a_smaller_bound():
+    from alignfl_app.config import ConfigError
+    from alignfl_app.models.lipschitz import layer_bounds
+
+    decoder = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Conv2d(1, 1, 3))
+    with pytest.raises(ConfigError, match="'1' \\(Conv2d\\) has weights but no Lipschitz bound"):
+        layer_bounds(decoder)
+
+
+def test_an_architecture_of_an_unknown_family_is_refused_naming_the_known_ones(tmp_path):
+    from alignfl_app.config import ConfigError, load_architecture
+
+    (tmp_path / "deep.toml").write_text('kind = "resnet"\nlatent_dim = 8\nhidden = [16]\n')
+    with pytest.raises(ConfigError, match="unknown kind 'resnet': use one of \\['conv', 'mlp'\\]"):
+        load_architecture("deep", tmp_path)
+    (tmp_path / "flat.toml").write_text('kind = "mlp"\nlatent_dim = 8\nhidden = [16]\nrefine = 1\n')
+    with pytest.raises(ConfigError, match="refine = 1 applies to conv architectures only"):
+        load_architecture("flat", tmp_path)
