@@ -27,16 +27,14 @@ from pydantic import (
     model_validator,
 )
 
+from alignfl_app.data.catalog import CATALOG
 from alignfl_app.resources import conf_dir
 
-CLASS_NAMES = {
-    "mnist": tuple(str(d) for d in range(10)),
-    "fashion-mnist": ("tshirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "boot"),
-}
+CLASS_NAMES = {name: info.class_names for name, info in CATALOG.items()}
 NUM_CLASSES = {name: len(classes) for name, classes in CLASS_NAMES.items()}
-IMAGE_SHAPE = (1, 28, 28)  # the built-in datasets' own shape: the default image-size and channels
+IMAGE_SHAPE = (1, 28, 28)  # the default image-size and channels (MNIST's own shape)
 MAX_LATENT_COMPONENTS = 64  # a released decoder's mixture layer: components per class
-BUILT_IN_DATASETS = tuple(CLASS_NAMES)
+BUILT_IN_DATASETS = tuple(CATALOG)
 CLASS_NAME_PATTERN = r"^[^\x00-\x1f/\\]{1,64}$"  # a class name: printable, no path separators
 # how each kind of global model is judged on real test data (summary keys: global.<m>, eval-<m>, final-global-<m>)
 HEADLINE_METRIC = {"classifier": "accuracy", "vae": "neg-elbo"}
@@ -75,9 +73,12 @@ class ArchitectureSpec(BaseModel):
 
     name: str = Field(pattern=NAME_PATTERN)
     kind: str = Field(pattern=NAME_PATTERN)
-    latent_dim: int = Field(ge=1, le=256)
-    hidden: tuple[int, ...] = Field(min_length=1, max_length=4)
+    latent_dim: int = Field(default=0, ge=0, le=256)
+    """VAE families: the latent's size (required)."""
+    hidden: tuple[int, ...] = Field(default=(), max_length=4)
     """MLP: widths of the hidden layers (encoder order). Conv: channels of the stride-2 stages."""
+    components: int = Field(default=0, ge=0, le=8)
+    """gaussian family: Gaussian components per class in feature space (required)."""
     refine: int = Field(default=0, ge=0, le=3)
     """Conv only: stride-1 3x3 layers the decoder adds at each resolution below the image's own, so each upsampled
     feature map is reworked before the next stage (detail a single transposed conv per stage cannot draw)."""
@@ -251,8 +252,9 @@ class RunSection(Section):
 class DataSection(Section):
     """Which dataset, and which classes and outliers each silo holds."""
 
-    dataset: Literal["mnist", "fashion-mnist", "folder"] = "mnist"
-    """mnist / fashion-mnist: built in. folder: every silo reads its own ImageFolder (a sub-folder per class)."""
+    dataset: str = "mnist"
+    """A built-in dataset (mnist, fashion-mnist, elpv, animal-mnist: alignfl_app/data/catalog.py), or folder: every
+    silo reads its own ImageFolder (a sub-folder per class)."""
     data_root: str = ""
     """Where the server reads a built-in dataset's test split; ``alignfl run`` also gives it to new simulated
     silos. A silo reads its own (node config data-root, else $ALIGNFL_DATA_ROOT or ~/.cache/alignfl/data)."""
@@ -263,11 +265,13 @@ class DataSection(Section):
     """Flat form ``"hospital-a,hospital-b"``: the name of each group of silo-classes, in order (the only names the
     server accepts generators under; ``alignfl run`` names new simulated silos so); empty: silo-0, silo-1, ...
     A silo's name is its own: this never renames one."""
-    silo_layout: Literal["disjoint", "slices"] = "disjoint"
+    silo_layout: Literal["disjoint", "slices", "by-source"] = "disjoint"
     """disjoint: every class belongs to one silo. slices: a class listed by several silos is split into
-    disjoint slices of its records, one per silo (lets 50 silos share 10 classes for scaling runs)."""
+    disjoint slices of its records, one per silo (lets 50 silos share 10 classes for scaling runs). by-source:
+    silo k holds the records of the dataset's k-th source (elpv: the mono and the poly plant) of its classes."""
     max_per_class: int = Field(default=6000, ge=1)
-    outlier_dataset: Literal["auto", "none", "mnist", "fashion-mnist"] = "auto"
+    outlier_dataset: str = "auto"
+    """auto (the dataset's partner: mnist <-> fashion-mnist; none for the others), none, or a built-in dataset."""
     outlier_silos: tuple[int, ...] = (0,)
     outliers_per_silo: int = Field(default=600, ge=0)
     silo_data_dirs: tuple[str, ...] = ()
@@ -304,8 +308,24 @@ class DataSection(Section):
         if info.data.get("dataset") == "folder":
             if any(not isinstance(c, str) for g in v for c in g):
                 raise ValueError("dataset='folder' takes class names (the class folders' names), e.g. 'cat,dog;owl'")
-        elif any(not isinstance(c, int) or c < 0 or c > 9 for g in v for c in g):
-            raise ValueError(f"classes must be in 0..9, got '{_classes_text(v)}'")
+        else:
+            top = NUM_CLASSES.get(str(info.data.get("dataset")), 10) - 1
+            if any(not isinstance(c, int) or c < 0 or c > top for g in v for c in g):
+                raise ValueError(f"classes must be in 0..{top}, got '{_classes_text(v)}'")
+        return v
+
+    @field_validator("dataset")
+    @classmethod
+    def _known_dataset(cls, v: str) -> str:
+        if v != "folder" and v not in CATALOG:
+            raise ValueError(f"unknown dataset '{v}': use one of {[*CATALOG, 'folder']}")
+        return v
+
+    @field_validator("outlier_dataset")
+    @classmethod
+    def _known_outlier_dataset(cls, v: str) -> str:
+        if v not in ("auto", "none") and v not in CATALOG:
+            raise ValueError(f"unknown outlier-dataset '{v}': use auto, none or one of {list(CATALOG)}")
         return v
 
     @field_validator("silo_names", mode="before")
@@ -366,10 +386,19 @@ class DataSection(Section):
         else:
             if self.silo_data_dirs or self.global_test_dir:
                 raise ValueError("silo-data-dirs and global-test-dir apply to dataset='folder' only: clear them")
-            if self.silo_layout == "disjoint" and len(flat) != len(set(flat)):
+            if self.silo_layout == "by-source":
+                self._check_sources()
+            elif self.silo_layout == "disjoint" and len(flat) != len(set(flat)):
                 raise ValueError(
                     f"silo-classes: classes must be disjoint across silos, got '{_classes_text(self.silo_classes)}' "
                     "(or set silo-layout='slices' to split a shared class's records between its silos)"
+                )
+        if not self.is_folder:
+            top = NUM_CLASSES[self.dataset] - 1
+            if any(not isinstance(c, int) or not 0 <= c <= top for c in flat):
+                raise ValueError(
+                    f"silo-classes: classes must be in 0..{top} for {self.dataset}, got "
+                    f"'{_classes_text(self.silo_classes)}'"
                 )
         if self.silo_names and len(self.silo_names) != n:
             raise ValueError(
@@ -382,6 +411,16 @@ class DataSection(Section):
         if self.outlier_source == self.dataset:
             raise ValueError("outlier-dataset must differ from dataset (or be 'auto'/'none')")
         return self
+
+    def _check_sources(self) -> None:
+        sources = CATALOG[self.dataset].sources
+        if not sources:
+            raise ValueError(f"silo-layout='by-source' needs a dataset with sources (elpv); {self.dataset} has none")
+        if self.num_silos != len(sources):
+            raise ValueError(
+                f"silo-layout='by-source': {self.dataset} has {len(sources)} sources {list(sources)}, so silo-classes "
+                f"needs {len(sources)} groups (one silo per source), got {self.num_silos}"
+            )
 
     def _check_folder_keys(self) -> None:
         if self.silo_data_dirs and len(self.silo_data_dirs) != self.num_silos:
@@ -462,9 +501,7 @@ class DataSection(Section):
         if self.outlier_dataset == "none" or self.outliers_per_silo == 0 or not self.outlier_silos:
             return None
         if self.outlier_dataset == "auto":
-            if self.is_folder:
-                return None
-            return "fashion-mnist" if self.dataset == "mnist" else "mnist"
+            return None if self.is_folder else CATALOG[self.dataset].outlier_partner
         return self.outlier_dataset
 
     def resolved_data_root(self) -> Path:
@@ -494,6 +531,9 @@ class LocalTrainingSection(Section):
     """conditional: one decoder for the silo's classes, the class as input. per-class: one unconditional VAE per
     class, trained on that class's records only (every sample carries the class it was trained on)."""
     local_epochs: int = Field(default=10, ge=1)
+    local_min_steps: int = Field(default=200, ge=0, le=100_000)
+    """A VAE's local training takes at least this many optimizer steps a round (more passes for a small silo:
+    a few hundred images x a few epochs is too few steps for a conv decoder); 0: exactly local-epochs."""
     batch_size: int = Field(default=128, ge=1)
     learning_rate: float = Field(default=1e-3, gt=0)
     kl_weight: float = Field(default=1.0, ge=0)
@@ -593,6 +633,23 @@ class LipschitzSection(Section):
         return self
 
 
+class FeaturesSection(Section):
+    """The space the global classifier reads, shared by silos and server (alignfl_app/models/features.py)."""
+
+    space: Literal["pixels", "scattering"] = Field(default="pixels", alias="feature-space")
+    """pixels: the classifier reads images. scattering: it reads a fixed wavelet scattering of them; pixel
+    generators' samples go through the same transform, and the gaussian family generates features directly."""
+    scales: int = Field(default=3, ge=1, le=6, alias="scattering-scales")
+    angles: int = Field(default=8, ge=2, le=16, alias="scattering-angles")
+    pool: int = Field(default=1, ge=1, le=4, alias="scattering-pool")
+
+    @property
+    def spec(self):  # -> FeatureSpec (models/features.py imports torch; config does not)
+        from alignfl_app.models.features import FeatureSpec
+
+        return FeatureSpec(space=self.space, scales=self.scales, angles=self.angles, pool=self.pool)
+
+
 class ServerSection(Section):
     """What the server learns from the stored generators, and how."""
 
@@ -655,6 +712,7 @@ class RunConfig(BaseModel):
         "local": LocalTrainingSection,
         "privacy": PrivacySection,
         "lipschitz": LipschitzSection,
+        "features": FeaturesSection,
         "server": ServerSection,
         "baselines": BaselinesSection,
     }
@@ -664,6 +722,7 @@ class RunConfig(BaseModel):
     local: LocalTrainingSection = LocalTrainingSection()
     privacy: PrivacySection = PrivacySection()
     lipschitz: LipschitzSection = LipschitzSection()
+    features: FeaturesSection = FeaturesSection()
     server: ServerSection = ServerSection()
     baselines: BaselinesSection = BaselinesSection()
 
@@ -697,14 +756,28 @@ class RunConfig(BaseModel):
             raise ValueError(
                 f"lipschitz applies to ALIGN-FL's silo decoders only: set lipschitz='none' for strategy='{strategy}'"
             )
+        if self.features.space != "pixels":
+            if self.server.global_model != "classifier":
+                raise ValueError(
+                    f"feature-space='{self.features.space}' feeds a classifier: set global-model="
+                    "'classifier' or feature-space='pixels'"
+                )
+            try:
+                self.features.spec.check_fits(self.data.image_shape)
+            except ValueError as exc:
+                raise ValueError(str(exc)) from None
         if not self.local.conditional and self.local.generator_layout == "per-class":
             raise ValueError("generator-layout='per-class' labels every sample by its class: set conditional=true")
         if not self.local.conditional and self.server.global_model == "classifier":
             raise ValueError(
                 "an unconditional decoder yields unlabelled samples: set global-model='vae' or conditional=true"
             )
+        from alignfl_app.models.families import check_family_fits_run  # the families import this module
+
         for name in dict.fromkeys(self.local.silo_architectures):
-            load_architecture(name).check_fits(self.data.image_shape)
+            spec = load_architecture(name)
+            spec.check_fits(self.data.image_shape)
+            check_family_fits_run(spec, self)
         if self.run.resume and not self.run.run_name:
             raise ValueError("resume=true needs the run-name of the run to continue, e.g. run-name='study-1'")
         unknown = [name for name in self.run.silo_nodes if name not in self.data.names]

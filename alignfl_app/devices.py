@@ -30,8 +30,9 @@ def resolve_device(choice: DeviceChoice, key: str) -> torch.device:
 
 
 def device_of(module: nn.Module) -> torch.device:
-    """The device of a module's parameters (a module lives on one device)."""
-    return next(module.parameters()).device
+    """The device of a module's parameters, or of its buffers for one without parameters (a module lives on one
+    device)."""
+    return next(iter([*module.parameters(), *module.buffers()])).device
 
 
 def on_cpu(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

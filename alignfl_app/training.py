@@ -13,6 +13,7 @@ The silo's VAE, the baselines' classifier and the server's global model all trai
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -72,13 +73,19 @@ class CrossEntropy:
 # --- batchers -------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class ShuffledBatches:
-    """``epochs`` passes over the records, each a fresh permutation cut into ``batch_size`` slices."""
+    """``epochs`` passes over the records, each a fresh permutation cut into ``batch_size`` slices; more passes
+    when that makes fewer than ``min_steps`` batches (a small silo's VAE needs a number of steps, not of passes)."""
 
     batch_size: int
     epochs: int
+    min_steps: int = 0
+
+    def passes(self, n: int) -> int:
+        per_pass = max(math.ceil(n / self.batch_size), 1)
+        return max(self.epochs, math.ceil(self.min_steps / per_pass))
 
     def __call__(self, n: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
-        for _ in range(self.epochs):
+        for _ in range(self.passes(n)):
             perm = torch.randperm(n, generator=generator)
             for i in range(0, n, self.batch_size):
                 yield perm[i : i + self.batch_size]

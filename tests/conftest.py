@@ -28,6 +28,7 @@ TINY = {
     "sample-grid-per-silo": 4,
     "silo-classes": "0,1;2,3;4,5",
     "silo-architectures": "mlp-small;conv",
+    "local-min-steps": 0,  # tests check behaviour, not quality: exactly local-epochs
 }
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Annotated, Literal
 
 import torch
@@ -10,7 +11,8 @@ from torch import nn
 
 from alignfl_app.config import CLASS_NAME_PATTERN, MAX_LATENT_COMPONENTS, NAME_PATTERN, ArchitectureSpec, one_line
 from alignfl_app.contract.replies import ReplyRejected
-from alignfl_app.models.families import family_of
+from alignfl_app.models.families import GeneratorFamily, family_of
+from alignfl_app.models.features import FeatureSpec
 from alignfl_app.models.vae import build_decoder
 
 DESCRIPTOR_FORMAT = 2
@@ -33,6 +35,8 @@ class GeneratorDescriptor(BaseModel):
     latent_components: int = Field(default=0, ge=0, le=MAX_LATENT_COMPONENTS)
     """Components per class of the mixture layer in front of the decoder (0: none): run configuration, while the
     layer's weights, fitted to the records, travel with the decoder's tensors."""
+    features: FeatureSpec | None = None
+    """The feature space a feature family's decoder draws in (None: a pixel family, which draws images)."""
 
     @model_validator(mode="after")
     def _sane(self) -> GeneratorDescriptor:
@@ -42,6 +46,13 @@ class GeneratorDescriptor(BaseModel):
             raise ValueError("latent_components must be 0 (no mixture layer) or at least 2")
         if any(not 1 <= s <= 512 for s in self.image_shape):
             raise ValueError("image_shape sides must be in 1..512")
+        if (self.features is not None) != (self.family.output == "features"):
+            raise ValueError(
+                f"a '{self.architecture.kind}' decoder draws {self.family.output}: features must be "
+                f"{'the run feature space' if self.family.output == 'features' else 'absent'}"
+            )
+        if self.features is not None and self.features.is_pixels:
+            raise ValueError("features must name a feature space other than pixels")
         return self
 
     @property
@@ -53,17 +64,31 @@ class GeneratorDescriptor(BaseModel):
     def cond_dim(self) -> int:
         return len(self.classes) if self.conditional else 0
 
+    @property
+    def family(self) -> GeneratorFamily:
+        return family_of(self.architecture.kind)
+
+    @property
+    def output_shape(self) -> tuple[int, ...]:
+        """What one sample is: an image of ``image_shape``, or a point of the feature space of such images."""
+        return self.image_shape if self.features is None else self.features.out_shape(self.image_shape)
+
+    @property
+    def latent_dim(self) -> int:
+        """The size of the N(0, I) latent the server draws for one sample."""
+        return self.architecture.latent_dim if self.family.output == "pixels" else math.prod(self.output_shape)
+
     def build_decoder(self) -> nn.Module:
         return build_decoder(
-            self.architecture, self.layout, len(self.classes), self.image_shape, self.latent_components
+            self.architecture, self.layout, len(self.classes), self.output_shape, self.latent_components
         )
 
     def sampling_bytes_per_sample(self) -> int:
         """Memory one sample's draw needs (float32 activations), from the descriptor alone."""
-        return 4 * family_of(self.architecture.kind).decoder.activations_per_sample(
+        return 4 * self.family.decoder.activations_per_sample(
             self.architecture,
             0 if self.layout == "per-class" else self.cond_dim,
-            self.image_shape,
+            self.output_shape,
             self.latent_components,
         )
 

@@ -46,7 +46,7 @@ def sample_generator(
     per_class: Sequence[int] | None = None,
     chunk: int = 1024,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``n`` images in [0, 1] and their run-wide labels (``class_ids[k]`` for the descriptor's k-th class),
+    """``n`` samples (images in [0, 1], or points of the feature space for a feature family) and their run-wide labels (``class_ids[k]`` for the descriptor's k-th class),
     classes balanced over the silo's classes, or ``per_class[k]`` of class k (then ``n`` is their sum).
     Unconditional generators return label -1 (usable only by a global VAE). Drawn on the CPU (the same draw on
     every device), computed where the decoder is, ``chunk`` samples per forward pass (bounded memory).
@@ -60,16 +60,17 @@ def sample_generator(
         local = torch.repeat_interleave(torch.arange(k), torch.tensor(list(per_class), dtype=torch.long))
         n = len(local)
     local = local[torch.randperm(n, generator=g)]
-    z = torch.randn(n, desc.architecture.latent_dim, generator=g) * style.temperature
+    z = torch.randn(n, desc.latent_dim, generator=g) * style.temperature
     device = device_of(decoder)
     local = local.to(device)
     cond = one_hot(local, desc.cond_dim)
-    x = torch.empty(n, *desc.image_shape, device=device)
+    x = torch.empty(n, *desc.output_shape, device=device)
+    pixels = desc.family.output == "pixels"
     for start in range(0, n, max(chunk, 1)):
         part = slice(start, start + chunk)
         logits = decoder(z[part].to(device), None if cond is None else cond[part])
         if not torch.isfinite(logits).all():  # checked before the sigmoid, which would hide an Inf as 0 or 1
             raise GeneratorFailed(f"silo '{desc.silo}': its decoder drew non-finite samples")
-        x[part] = torch.sigmoid(logits * style.sharpness)
+        x[part] = torch.sigmoid(logits * style.sharpness) if pixels else logits
     labels = class_ids.to(device)[local] if desc.conditional else torch.full((n,), -1, device=device)
     return x, labels

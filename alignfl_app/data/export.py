@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from alignfl_app.config import BUILT_IN_DATASETS, ConfigError, RunConfig, parse_run_config
+from alignfl_app.data.catalog import CATALOG
 from alignfl_app.data.datasets import DataMissingError, federation_silo_data, global_test_set
 from alignfl_app.data.folders import TEST_FOLDER, save_image_folder
 from alignfl_app.training import to_local_labels
@@ -73,13 +74,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-per-class", type=int, default=6000, help="training images per class and silo")
     parser.add_argument("--outliers-per-silo", type=int, default=0,
                         help="images of the other dataset slipped into silo 0 with its labels (default: none)")
+    parser.add_argument("--silo-layout", choices=("slices", "by-source"), default=None,
+                        help="how silos share a class: slices (default), or by-source (default for elpv: a plant each)")
+    parser.add_argument("--image-size", default="", help="HEIGHTxWIDTH of the written images (default: the "
+                        "dataset's own, e.g. 28x28, elpv 300x300)")
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--data-root", default="", help="where the built-in datasets live (default: the data root)")
     args = parser.parse_args(argv)
     try:
+        info = CATALOG[args.dataset]
+        layout = args.silo_layout or ("by-source" if info.sources else "slices")
+        size = args.image_size or "x".join(map(str, info.native_size))
         cfg = parse_run_config({"dataset": args.dataset, "silo-classes": args.silo_classes, "seed": args.seed,
                                 "max-per-class": args.max_per_class, "outliers-per-silo": args.outliers_per_silo,
-                                "data-root": args.data_root, "silo-layout": "slices"})
+                                "data-root": args.data_root, "silo-layout": layout, "image-size": size})
         written, run_config = export_built_in(cfg, Path(args.out).expanduser().resolve())
     except (ConfigError, DataMissingError) as exc:
         print(f"error: {exc}", file=sys.stderr)

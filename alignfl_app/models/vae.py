@@ -181,6 +181,19 @@ class Classifier(nn.Module):
         return self.head(self.features(x))
 
 
+class FeatureClassifier(nn.Module):
+    """The global classifier of a feature-space run: the features standardised (running statistics of the data it
+    learns from), then an MLP."""
+
+    def __init__(self, in_dim: int, num_classes: int, hidden: int = 256) -> None:
+        super().__init__()
+        self.norm = nn.BatchNorm1d(in_dim, affine=False)
+        self.head = nn.Sequential(nn.Linear(in_dim, hidden), nn.ReLU(), nn.Dropout(0.3), nn.Linear(hidden, num_classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.norm(x.flatten(1)))
+
+
 def one_hot(labels_local: torch.Tensor, cond_dim: int) -> torch.Tensor | None:
     return F.one_hot(labels_local, cond_dim).to(torch.float32) if cond_dim else None
 

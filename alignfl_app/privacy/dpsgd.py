@@ -334,7 +334,10 @@ class PlainRound:
         return PlainGradient()
 
     def batches(self, group: int, n: int, seed: int) -> Iterator[torch.Tensor]:
-        return ShuffledBatches(self.local.batch_size, self.local.local_epochs)(n, torch.Generator().manual_seed(seed))
+        local = self.local
+        return ShuffledBatches(local.batch_size, local.local_epochs, local.local_min_steps)(
+            n, torch.Generator().manual_seed(seed)
+        )
 
     def carry(self) -> DPCarry | None:
         return None

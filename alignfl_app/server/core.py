@@ -157,6 +157,7 @@ class GlobalLearner:
 
     def __init__(self, cfg: RunConfig, model: GlobalModel, terms: GeneratorTerms) -> None:
         self.cfg, self.model, self.terms = cfg, model, terms
+        self.pixels = cfg.features.spec.is_pixels
         self.augment = SyntheticAugmentation(cfg.server.augment)
         self.budget = SyntheticBudget(cfg.server.synthetic_per_silo, cfg.server.synthetic_total)
         self.style = SamplingStyle.of(cfg.server)
@@ -196,12 +197,14 @@ class GlobalLearner:
                 seed=lambda i, e=epoch: synthesis_seed(c.run.seed, server_round, e, i),
                 device=self.model.device,
                 exclude=frozenset(failed),
+                encode=None if self.pixels else self.model.encode,
             )
             failed.update(synthetic.failed)
             if not len(synthetic.x):
                 schedule.step()
                 continue
-            x = self.augment(synthetic.x, augment_seed(c.run.seed, server_round, epoch))
+            # image transforms apply to images: a feature-space run's samples are features already
+            x = self.augment(synthetic.x, augment_seed(c.run.seed, server_round, epoch)) if self.pixels else synthetic.x
             n += len(x)
             generator = torch.Generator().manual_seed(server_batches_seed(c.run.seed, server_round, epoch))
             torch.manual_seed(server_training_seed(c.run.seed, server_round, epoch))

@@ -19,6 +19,14 @@ from alignfl_app.config import headline_metric
 from alignfl_app.files import atomic_write_text
 
 
+def feature_map(features: torch.Tensor) -> Any:
+    """A feature vector laid out as a near-square grid (zero-padded), for the sample grid."""
+    side = math.ceil(math.sqrt(features.numel()))
+    padded = torch.zeros(side * side)
+    padded[: features.numel()] = features.flatten().float()
+    return padded.view(side, side).numpy()
+
+
 def _jsonable(v: Any) -> Any:
     if isinstance(v, float):
         return None if math.isnan(v) or math.isinf(v) else v
@@ -84,6 +92,7 @@ class RunRecorder:
             self.summary[f"final-global-{key}"] = last["global"][key]
             if key == "accuracy":
                 self.summary["final-per-class-accuracy"] = last["global"].get("per-class-accuracy")
+                self.summary["final-global-balanced-accuracy"] = last["global"].get("balanced-accuracy")
         evaluated = [r for r in self.summary["rounds"] if any(f"eval-{key}" in m for m in r["silos"].values())]
         if evaluated:
             self.summary[f"final-per-silo-{key}"] = {
@@ -156,7 +165,9 @@ class RunRecorder:
                 ax = axes[i][j]
                 ax.axis("off")
                 if j < len(x):
-                    if x.shape[1] == 3:
+                    if x.dim() == 2:  # a feature family's sample: its features as a heat map
+                        ax.imshow(feature_map(x[j]), cmap="viridis")
+                    elif x.shape[1] == 3:
                         ax.imshow(x[j].permute(1, 2, 0).clamp(0, 1).numpy())
                     else:
                         ax.imshow(x[j, 0].numpy(), cmap="gray", vmin=0, vmax=1)

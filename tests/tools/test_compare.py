@@ -18,6 +18,7 @@ TINY = {
     "num-server-rounds": 1,
     "reference-epochs": 1,
     "silo-classes": "0,1;2,3",
+    "silo-names": "ward-a,ward-b",  # named silos: the tables follow the run's silo list
 }
 
 
@@ -29,7 +30,7 @@ def test_compare_runs_every_kind_of_method_and_writes_the_tables(tmp_path):
     assert fedprox["flwr-status"] == "finished:completed" and fedprox["method"] == "fedprox"
     assert fedprox["config"]["proximal-mu"] == 0.01
     silos = fedprox["rounds"][0]["silos"]
-    assert set(silos) == {"silo-0", "silo-1"} and silos["silo-0"]["num-outliers"] == 10
+    assert set(silos) == {"ward-a", "ward-b"} and silos["ward-a"]["num-outliers"] == 10
     # the full classifier travels both ways, unlike ALIGN-FL's decoder-only replies
     assert all(m["bytes-up"] == m["bytes-down-train"] > 0 for m in silos.values())
     write_comparison("mnist-fast", summaries, load_experiment("mnist-fast", TINY), tmp_path)
@@ -39,6 +40,7 @@ def test_compare_runs_every_kind_of_method_and_writes_the_tables(tmp_path):
     text = (tmp_path / "comparison.md").read_text()
     for heading in ("Final accuracy", "Global accuracy per round", "Per-class accuracy", "Per-silo accuracy"):
         assert heading in text
+    assert "| method | ward-a | ward-b |" in text and "balanced" in text
     assert (tmp_path / "accuracy.png").stat().st_size > 0
 
 

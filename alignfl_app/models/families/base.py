@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import nn
@@ -135,15 +136,28 @@ class GeneratorFamily:
     """A kind of generator: its decoder (what leaves the silo) and encoder classes and its own checks."""
 
     kind: str
-    decoder: type[Decoder]
-    encoder: type[Encoder]
+    decoder: type[nn.Module]
+    encoder: type[Encoder] | None
+    """None: the family fits its generator in closed form, without an encoder or gradient steps."""
+    output: Literal["pixels", "features"] = "pixels"
+    """What the decoder draws: pixel logits (the sampler applies the sharpened sigmoid), or points of the run's
+    feature space (used as they are)."""
 
     def check_spec(self, spec: ArchitectureSpec) -> None:
-        """ValueError naming the field when the architecture file sets what this family does not use."""
+        """ValueError naming the field when the architecture file lacks what this family needs or sets what it does
+        not use (a VAE family here)."""
         if spec.refine:
             raise ValueError(
                 f"refine = {spec.refine} applies to conv architectures only: remove it or set kind = 'conv'"
             )
+        self.check_vae_spec(spec)
+
+    @staticmethod
+    def check_vae_spec(spec: ArchitectureSpec) -> None:
+        if spec.latent_dim < 1 or not spec.hidden:
+            raise ValueError(f"kind = '{spec.kind}' needs latent_dim (1..256) and hidden (1 to 4 widths)")
+        if spec.components:
+            raise ValueError("components applies to kind = 'gaussian' only: remove it")
 
     def check_fits(self, spec: ArchitectureSpec, image_shape: tuple[int, int, int]) -> None:
         """ConfigError unless this architecture can encode and decode images of ``image_shape``."""

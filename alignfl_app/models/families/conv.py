@@ -69,6 +69,7 @@ class ConvEncoder(Encoder):
 class ConvFamily(GeneratorFamily):
     def check_spec(self, spec: ArchitectureSpec) -> None:
         """``refine`` is this family's own field."""
+        self.check_vae_spec(spec)
 
     def check_fits(self, spec: ArchitectureSpec, image_shape: tuple[int, int, int]) -> None:
         """Each stride-2 stage halves the sides."""
