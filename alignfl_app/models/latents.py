@@ -118,21 +118,35 @@ def posterior_batches(
 
 
 def fit_gaussian_mixture(
-    z: torch.Tensor, components: int, generator: torch.Generator, iterations: int = 50, jitter: float = 1e-4
+    z: torch.Tensor,
+    components: int,
+    generator: torch.Generator,
+    iterations: int = 50,
+    jitter: float = 1e-4,
+    shrink: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """EM for a full-covariance Gaussian mixture of ``z`` (float64): log-weights, means and Cholesky factors of
     ``components`` components. With too few points for that many (under 2 (d + 1) per component), fewer are
     fitted and copies share their weight, so the shapes stay fixed and the distribution is the fitted one. No
-    points: standard normals. Kept here rather than scikit-learn's: a few lines of torch, no new dependency."""
+    points: standard normals. ``shrink``: each covariance is ``shrunk_covariance`` (for fits with about as many
+    dimensions as points). Kept here rather than scikit-learn's: a few lines of torch, no new dependency."""
     n, d = z.shape
     eye = torch.eye(d, dtype=torch.float64)
     fitted = max(1, min(components, n // (2 * (d + 1))))
+
+    def covariance(diff: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        cov = shrunk_covariance(diff, weights) if shrink else (diff * weights[:, None]).T @ diff / weights.sum()
+        return cov + jitter * eye
+
     if n < 2:
         means = z.mean(0, keepdim=True) if n else torch.zeros(1, d, dtype=torch.float64)
         cov, log_w = eye[None], torch.zeros(1, dtype=torch.float64)
     else:
         means = z[torch.randperm(n, generator=generator)[:fitted]].clone()
-        cov = (torch.cov(z.T).reshape(d, d) + jitter * eye).expand(fitted, d, d)
+        if shrink:
+            cov = covariance(z - z.mean(0), torch.ones(n, dtype=torch.float64)).expand(fitted, d, d)
+        else:
+            cov = (torch.cov(z.T).reshape(d, d) + jitter * eye).expand(fitted, d, d)
         log_w = torch.full((fitted,), -math.log(fitted), dtype=torch.float64)
         for _ in range(iterations):
             log_p = torch.distributions.MultivariateNormal(means, covariance_matrix=cov).log_prob(z[:, None]) + log_w
@@ -140,8 +154,27 @@ def fit_gaussian_mixture(
             mass = resp.sum(0).clamp_min(1e-10)
             log_w = (mass / n).log()
             means = resp.T @ z / mass[:, None]
-            diff = z[:, None, :] - means
-            cov = torch.einsum("nk,nki,nkj->kij", resp, diff, diff) / mass[:, None, None] + jitter * eye
+            cov = torch.stack([covariance(z - means[k], resp[:, k]) for k in range(fitted)])
     copies = torch.arange(components) % len(means)
     shares = torch.bincount(copies, minlength=len(means)).double()
     return log_w[copies] - shares[copies].log(), means[copies], torch.linalg.cholesky(cov)[copies]
+
+
+def shrunk_covariance(diff: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """The weighted covariance of centred points ``diff`` [n, d] with its correlations shrunk towards zero and its
+    variances kept (Schafer and Strimmer 2005, target D): the weight is the estimated sampling variance of the
+    correlations over their squares, so a fit from few points in many dimensions keeps only the correlations its
+    points support (a raw covariance of n < d points is flat outside their span, and draws from it miss every new
+    record). ``weights`` >= 0 (an EM component's responsibilities) set the effective number of points."""
+    w = weights / weights.sum().clamp_min(1e-300)
+    cov = (diff * w[:, None]).T @ diff
+    sd = cov.diagonal().clamp_min(1e-300).sqrt()
+    x = diff / sd
+    corr = (x * w[:, None]).T @ x
+    effective = 1.0 / float((w * w).sum())
+    if effective < 2:
+        return torch.diag(cov.diagonal())
+    corr_variance = ((x * x * w[:, None]).T @ (x * x) - corr * corr).clamp_min(0) / (effective - 1)
+    off = ~torch.eye(len(cov), dtype=torch.bool)
+    weight = float((corr_variance[off].sum() / (corr[off] ** 2).sum().clamp_min(1e-300)).clamp(0, 1))
+    return cov * (1 - weight * off.double())

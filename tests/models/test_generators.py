@@ -13,7 +13,7 @@ from alignfl_app.contract.descriptor import GeneratorDescriptor
 from alignfl_app.contract.replies import ReplyRejected
 from alignfl_app.contract.sampling import SamplingStyle, sample_generator
 from alignfl_app.models.families import LatentMixture
-from alignfl_app.models.latents import LatentFit, fit_gaussian_mixture
+from alignfl_app.models.latents import LatentFit, fit_gaussian_mixture, shrunk_covariance
 from alignfl_app.models.vae import GeneratorSet, one_hot
 from alignfl_app.server.store import GeneratorTerms, check_decoder_state
 from alignfl_app.silo.core import Silo
@@ -131,6 +131,37 @@ def test_mixture_fit_recovers_a_known_mixture_and_keeps_its_shapes_with_few_reco
         log_w, means, tril = fit_gaussian_mixture(torch.randn(n, 4, dtype=torch.float64, generator=g), 10, g)
         assert log_w.shape == (10,) and means.shape == (10, 4) and tril.shape == (10, 4, 4)
         assert torch.isfinite(tril).all() and torch.isclose(log_w.exp().sum(), torch.tensor(1.0, dtype=torch.float64))
+
+
+def test_a_shrunk_fit_from_fewer_points_than_dimensions_covers_new_points():
+    """60 points in 100 correlated dimensions: the raw covariance is flat outside the points' span, so new points
+    of the same distribution are wildly unlikely under it; the shrunk one keeps them likely. With many points
+    the shrinkage vanishes and the fit is the sample covariance."""
+    g = torch.Generator().manual_seed(0)
+    d = 100
+    mixing = torch.randn(d, 5, dtype=torch.float64, generator=g)
+    true_cov = mixing @ mixing.T + torch.eye(d, dtype=torch.float64)
+
+    def draw(n):
+        return torch.randn(n, d, dtype=torch.float64, generator=g) @ torch.linalg.cholesky(true_cov).T
+
+    train, new = draw(60), draw(500)
+    fits = {shrink: fit_gaussian_mixture(train, 1, g, shrink=shrink) for shrink in (False, True)}
+    held_out = {
+        shrink: float(torch.distributions.MultivariateNormal(m[0], scale_tril=t[0]).log_prob(new).mean())
+        for shrink, (_, m, t) in fits.items()
+    }
+    truth = float(
+        torch.distributions.MultivariateNormal(torch.zeros(d, dtype=torch.float64), true_cov).log_prob(new).mean()
+    )
+    assert held_out[True] > held_out[False] + 100 and held_out[True] > truth - 60, (held_out, truth)
+    many = draw(20000)
+    centred = many - many.mean(0)
+    assert torch.allclose(
+        shrunk_covariance(centred, torch.ones(len(many), dtype=torch.float64)),
+        centred.T @ centred / len(many),
+        atol=0.05 * float(true_cov.diagonal().mean()),
+    )
 
 
 def test_silo_releases_a_mixture_decoder_the_server_accepts_and_draws_from(tmp_path):

@@ -75,7 +75,9 @@ def fit_class_mixtures(
     for decoder, (features, rows) in zip(decoders, groups, strict=True):
         z, rows = features.detach().cpu().double().flatten(1), rows.cpu()
         for row in range(decoder.mixture.log_weights.shape[0]):
-            log_w, means, tril = fit_gaussian_mixture(z[rows == row], decoder.spec.components, g, jitter=JITTER)
+            log_w, means, tril = fit_gaussian_mixture(
+                z[rows == row], decoder.spec.components, g, jitter=JITTER, shrink=True
+            )
             decoder.set_fit(row, log_w.float(), means.float(), tril.float())
 
 
