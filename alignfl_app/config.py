@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import re
 import tomllib
+import warnings
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -262,9 +263,9 @@ class DataSection(Section):
     """Flat form ``"0,1;2,3"``: silo k holds the classes of the k-th ';'-separated group (class ids of the
     built-in datasets; class names, i.e. folder names, for dataset='folder')."""
     silo_names: tuple[str, ...] = ()
-    """Flat form ``"hospital-a,hospital-b"``: the name of each group of silo-classes, in order (the only names the
-    server accepts generators under; ``alignfl run`` names new simulated silos so); empty: silo-0, silo-1, ...
-    A silo's name is its own: this never renames one."""
+    """Flat form ``"hospital-a;hospital-b"`` (';' between silos, as in every per-silo key): the name of each
+    group of silo-classes, in order (the only names the server accepts generators under; ``alignfl run`` names
+    new simulated silos so); empty: silo-0, silo-1, ... A silo's name is its own: this never renames one."""
     silo_layout: Literal["disjoint", "slices", "by-source"] = "disjoint"
     """disjoint: every class belongs to one silo. slices: a class listed by several silos is split into
     disjoint slices of its records, one per silo (lets 50 silos share 10 classes for scaling runs). by-source:
@@ -331,7 +332,16 @@ class DataSection(Section):
     @field_validator("silo_names", mode="before")
     @classmethod
     def _parse_names(cls, v: Any) -> Any:
-        return tuple(n.strip() for n in v.split(",") if n.strip()) if isinstance(v, str) else v
+        if not isinstance(v, str):
+            return v
+        if "," in v and ";" not in v:
+            warnings.warn(
+                "silo-names separated by ',' is deprecated: separate them with ';' like the other per-silo keys",
+                FutureWarning,
+                stacklevel=2,
+            )
+            v = v.replace(",", ";")
+        return tuple(n.strip() for n in v.split(";") if n.strip())
 
     @field_validator("silo_names")
     @classmethod
@@ -363,7 +373,7 @@ class DataSection(Section):
 
     @field_serializer("silo_names")
     def _names_flat(self, v: tuple[str, ...]) -> str:
-        return ",".join(v)
+        return ";".join(v)
 
     @field_serializer("outlier_silos")
     def _outlier_silos_flat(self, v: tuple[int, ...]) -> str:

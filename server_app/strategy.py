@@ -197,7 +197,7 @@ class AlignFLStrategy(Strategy):
                 f"num-supernodes={configured} (flwr run . --federation-config 'num-supernodes={configured}'); "
                 "or lower min-silos"
             )
-        log(INFO, "configure_train: asking %d silos to train their VAEs", len(nodes))
+        log(INFO, "configure_train: asking %d silos to train their generators", len(nodes))
         cfg = ConfigRecord({**dict(config), P.SERVER_ROUND: server_round})
         return [Message(RecordDict({P.CONFIG: cfg}), dst_node_id=n, message_type=MessageType.TRAIN) for n in nodes]
 

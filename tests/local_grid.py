@@ -7,6 +7,7 @@ server: a silo that never answers (died / timed out), one whose ClientApp raised
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 from collections.abc import Iterable
@@ -35,10 +36,9 @@ class LocalGrid(Grid):
         node_base: int = NODE_BASE,
     ) -> None:
         self.node_base = node_base  # node ids are node_base + partition id (a new run may get new ids)
-        try:  # the silos' own setup, as alignfl run makes it (an invalid run config is the server's to refuse)
+        # the silos' own setup, as alignfl run makes it (an invalid run config is the server's to refuse)
+        with contextlib.suppress(ConfigError):
             provision_simulated_silos(silos_root(), parse_run_config(run_config))
-        except ConfigError:
-            pass
         self.contexts = {node_base + p: make_context(run_config, p, node_id=node_base + p) for p in range(num_silos)}
         self.faults = faults or {}  # (round, partition) -> "timeout" | "error", train messages only
         self.kill_at_round = kill_at_round

@@ -105,6 +105,14 @@ def test_list_valued_keys_are_parsed_once_and_written_back_flat():
     assert parse_run_config(flat) == cfg
 
 
+def test_silo_names_take_semicolons_like_every_per_silo_key_and_commas_with_a_warning():
+    cfg = parse_run_config({"silo-classes": "0,1;2,3", "silo-names": "ward-a;ward-b"})
+    assert cfg.data.names == ("ward-a", "ward-b") and cfg.flat()["silo-names"] == "ward-a;ward-b"
+    with pytest.warns(FutureWarning, match="separate them with ';'"):
+        old = parse_run_config({"silo-classes": "0,1;2,3", "silo-names": "ward-a,ward-b"})
+    assert old == cfg
+
+
 def test_architecture_names_are_never_paths(tmp_path):
     (tmp_path / "evil.toml").write_text('kind = "mlp"\nlatent_dim = 4\nhidden = [8]\n')
     for name in (str(tmp_path / "evil"), "../" * 6 + str(tmp_path / "evil")[1:], ".hidden"):

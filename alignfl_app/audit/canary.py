@@ -213,7 +213,7 @@ def _restore(decoder: DecoderLike, state: tuple[bool, list[bool]] | None) -> Non
         return
     training, requires_grad = state
     decoder.train(training)
-    for p, flag in zip(decoder.parameters(), requires_grad):
+    for p, flag in zip(decoder.parameters(), requires_grad, strict=True):
         p.requires_grad_(flag)
 
 
@@ -308,7 +308,7 @@ def epsilon_lower_bound(
     m = len(s)
     if len(inc) != m or m < 2:
         raise ValueError("need at least 2 canaries and one inclusion bit per score")
-    if not 0 < beta < 1 or not 0 <= delta:
+    if not 0 < beta < 1 or delta < 0:
         raise ValueError("need 0 < beta < 1 and delta >= 0")
     if 2 * m * delta > 1:
         raise ValueError(f"delta={delta} is too large for {m} canaries (need 2 m delta <= 1)")

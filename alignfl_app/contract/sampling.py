@@ -46,10 +46,11 @@ def sample_generator(
     per_class: Sequence[int] | None = None,
     chunk: int = 1024,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``n`` samples (images in [0, 1], or points of the feature space for a feature family) and their run-wide labels (``class_ids[k]`` for the descriptor's k-th class),
-    classes balanced over the silo's classes, or ``per_class[k]`` of class k (then ``n`` is their sum).
-    Unconditional generators return label -1 (usable only by a global VAE). Drawn on the CPU (the same draw on
-    every device), computed where the decoder is, ``chunk`` samples per forward pass (bounded memory).
+    """``n`` samples (images in [0, 1], or points of the feature space for a feature family) and their run-wide
+    labels (``class_ids[k]`` for the descriptor's k-th class), classes balanced over the silo's classes, or
+    ``per_class[k]`` of class k (then ``n`` is their sum). Unconditional generators return label -1 (usable only
+    by a global VAE). Drawn on the CPU (the same draw on every device), computed where the decoder is, ``chunk``
+    samples per forward pass (bounded memory).
     GeneratorFailed if any sample is not finite.
     """
     g = torch.Generator().manual_seed(seed)

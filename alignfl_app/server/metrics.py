@@ -207,7 +207,9 @@ class RunRecorder:
                 record["eval-per-class-accuracy"] = list(m["per-class-accuracy"])
                 if self.class_names:
                     record["eval-accuracy-by-class"] = {
-                        name: v for name, v in zip(self.class_names, m["per-class-accuracy"]) if not math.isnan(v)
+                        name: v
+                        for name, v in zip(self.class_names, m["per-class-accuracy"], strict=True)
+                        if not math.isnan(v)
                     }
             total += n
             weighted += value * n

@@ -151,7 +151,8 @@ def markdown(rows: list[dict], scaling: list[dict]) -> str:
         for r in rows:
             out.append(
                 f"| {r['method']} | {r['silos']} | {_f(r['wall-seconds-per-round'])} | "
-                f"{_f(r['client-train-seconds-per-round'], digits=2)} | {_f(r['client-samples-per-second'], digits=0)} | "
+                f"{_f(r['client-train-seconds-per-round'], digits=2)} | "
+                f"{_f(r['client-samples-per-second'], digits=0)} | "
                 f"{_f(r['server-seconds-per-round'], digits=2)} | {_f(r['bytes-up-per-silo-round'], MB, 3)} | "
                 f"{_f(r['bytes-down-per-silo-round'], MB, 3)} | {_f(r['full-vae-bytes'], MB, 3)} | "
                 f"{_f(r['server-peak-rss-mb'], digits=0)} | {_f(r['client-peak-rss-mb'], digits=0)} | "

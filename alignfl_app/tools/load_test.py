@@ -80,7 +80,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"silos: {args.silos}  rounds: {args.rounds}  run status: {run['status']}")
     print(f"wall time (flwr run, incl. Ray start): {seconds:.0f} s")
     print(
-        f"peak memory, whole process tree: {peak['sum'] / 2**30:.2f} GiB; largest process: {peak['max'] / 2**30:.2f} GiB"
+        f"peak memory, whole process tree: {peak['sum'] / 2**30:.2f} GiB; "
+        f"largest process: {peak['max'] / 2**30:.2f} GiB"
     )
     print(
         f"generators used in the last round: {len(last.get('generators-used', []))}; "

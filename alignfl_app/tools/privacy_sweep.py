@@ -129,10 +129,10 @@ def write_report(rows: list[dict], out: Path) -> None:
             ]
             pts.sort(key=lambda r: float("inf") if r["epsilon"] == "none" else float(r["epsilon"]))
             xs = [r["epsilon"] for r in pts]
-            for ax, key in zip(axes, panels):
+            for ax, key in zip(axes, panels, strict=True):
                 ys = [r.get(key) if r.get(key) is not None else float("nan") for r in pts]
                 ax.plot(xs, ys, "o-", label=f"{ds}, lambda={wgt}")
-    for ax, (key, title) in zip(axes, panels.items()):
+    for ax, (key, title) in zip(axes, panels.items(), strict=True):
         ax.set_xlabel("epsilon ('none' = no DP)")
         ax.set_title(title)
         ax.grid(alpha=0.3)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 
@@ -123,7 +124,7 @@ def test_p_value_is_the_binomial_tail_plus_a_delta_term_and_grows_with_epsilon()
     expected = stats.binom.sf(v - 1, r, q) + 2 * m * 1e-5 * window
     assert one_run_p_value(m, r, v, 1.0, 1e-5) == pytest.approx(expected, rel=1e-9)
     p = [one_run_p_value(m, r, v, eps, 1e-4) for eps in np.linspace(0, 6, 61)]
-    assert all(b >= a for a, b in zip(p, p[1:]))
+    assert all(b >= a for a, b in itertools.pairwise(p))
 
 
 def test_bound_for_counts_is_the_boundary_of_the_refuted_epsilons():
@@ -258,7 +259,7 @@ def test_reconstruction_finds_what_the_decoder_memorised():
     kl = reconstruction_scores(decoder, LATENT, candidates, steps=100, restarts=4, seed=0, distance="bce")
     assert kl[:100].min() > kl[100:].max()
     # The entropy floor is removed: a copy scores -KL, about 0 (raw BCE would give -64 H(0.2) = -32).
-    assert -0.01 < kl[:100].min() and kl.max() <= 1e-4
+    assert kl[:100].min() > -0.01 and kl.max() <= 1e-4
 
 
 def test_reconstruction_rejects_a_decoder_of_another_image_size():

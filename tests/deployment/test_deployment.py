@@ -52,7 +52,7 @@ def test_operator_only_federation_runs_signed_app_and_refuses_outsiders(tmp_path
     run_config = (
         f"results-dir='{results}' num-server-rounds=1 max-per-class=60 outliers-per-silo=12 "
         "local-epochs=1 batch-size=32 synthetic-per-silo=40 server-epochs=1 silo-classes='0,1;2,3;6,7' "
-        f"silo-names='{','.join(SILOS)}' "
+        f"silo-names='{';'.join(SILOS)}' "
         "sample-grid-per-silo=2 round-timeout=300"
     )
     with deployment_federation(tmp_path / "fed") as fed:

@@ -27,7 +27,7 @@ def test_deployed_silos_train_on_their_own_folders(tmp_path):
         "silo-architectures='mlp-small;conv' sample-grid-per-silo=2 round-timeout=300"
     )
     names = ["site-a", "site-b", "site-c"]
-    run_config += f" silo-names='{','.join(names)}'"
+    run_config += f" silo-names='{';'.join(names)}'"
     with deployment_federation(tmp_path / "fed") as fed:
         node_ids = {}
         for k, (silo, folder) in enumerate(zip(names, folders, strict=True)):

@@ -66,13 +66,13 @@ def test_every_gradient_is_clipped_to_the_current_bound(arch):
         grads = torch.autograd.grad(per[i], params, retain_graph=True)
         n = float(torch.sqrt(sum((g**2).sum() for g in grads)))
         ref_norms.append(n)
-        for w, g in zip(want, grads):
+        for w, g in zip(want, grads, strict=True):
             w += min(1.0, bound / n) * g
     assert min(ref_norms) < bound < max(ref_norms)
     assert torch.allclose(norms, torch.tensor(ref_norms), rtol=1e-4)
     total = torch.sqrt(sum((g**2).sum() for g in got))
     assert total <= bound * len(x) + 1e-3
-    for w, g in zip(want, got):
+    for w, g in zip(want, got, strict=True):
         assert torch.allclose(w, g, atol=1e-3 * max(1.0, float(w.abs().max())), rtol=1e-3)
     assert not hasattr(params[0], "_norm_sample") and set(vae.state_dict()) == set(ref.state_dict())
 

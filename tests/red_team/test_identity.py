@@ -58,7 +58,7 @@ def test_5a_first_reply_cannot_bind_a_name_outside_the_run(trained, tmp_path):
 
 def test_5a_custom_silo_names_pin_identity(trained, tmp_path):
     cfg, outs = trained
-    named = parse_run_config({**cfg.flat(), "silo-names": "hospital-a,hospital-b,hospital-c"})
+    named = parse_run_config({**cfg.flat(), "silo-names": "hospital-a;hospital-b;hospital-c"})
     s = make_strategy(named, tmp_path)
     desc, state = outs[0]
     s.aggregate_train(

@@ -71,7 +71,7 @@ def test_silo_names_and_run_name_in_the_run_config_never_re_home_a_silo(tmp_path
     base = dp_config(tmp_path, **{"run-name": "study"})
     assert not train_reply(base, 0)[0].has_error()
     ledger_before = (silo0() / "privacy-ledger.json").read_text()
-    for attack in ({"silo-names": "h0,h1,h2"}, {"silo-names": "h0,h1,h2", "run-name": "other"}):
+    for attack in ({"silo-names": "h0;h1;h2"}, {"silo-names": "h0;h1;h2", "run-name": "other"}):
         _silo.cache_clear()
         refused(train_reply({**base, **attack, "dp-epsilon": 8.0}, 0)[0], "silo 'silo-0'", "at most epsilon 2")
         _silo.cache_clear()
@@ -82,8 +82,8 @@ def test_silo_names_and_run_name_in_the_run_config_never_re_home_a_silo(tmp_path
 
 def test_a_simulated_silo_answers_under_its_own_name_whatever_silo_names_say(tmp_path):
     cfg = tiny_run_config(tmp_path / "results")
-    provision_simulated_silos(silos_root(), parse_run_config({**cfg, "silo-names": "site-a,site-b,site-c"}))
-    reply, _ = train_reply({**cfg, "silo-names": "evil-0,evil-1,evil-2"}, 0)
+    provision_simulated_silos(silos_root(), parse_run_config({**cfg, "silo-names": "site-a;site-b;site-c"}))
+    reply, _ = train_reply({**cfg, "silo-names": "evil-0;evil-1;evil-2"}, 0)
     assert descriptor(reply)["silo"] == "site-a"  # the server of that run rejects it: not one of its names
     assert (silos_root() / "silo-0" / "state").is_dir() and not (silos_root() / "evil-0").exists()
 
@@ -109,7 +109,7 @@ def test_silo_data_dirs_in_the_run_config_never_pick_a_silos_data(tmp_path):
 
 
 def test_a_deployed_node_without_silo_name_refuses_in_one_line(tmp_path):
-    cfg = {**tiny_run_config(tmp_path / "results"), "silo-names": "ward-a,ward-b,ward-c"}
+    cfg = {**tiny_run_config(tmp_path / "results"), "silo-names": "ward-a;ward-b;ward-c"}
     ctx = make_context(cfg, 0, **{"silo-dir": str(tmp_path / "mine")})
     reason = refused(train_reply(cfg, 0, context=ctx)[0], "silo-name is missing")
     assert "ward-a" not in reason and not (tmp_path / "mine").exists()  # the run's name for it is not taken
@@ -130,14 +130,14 @@ def test_a_reused_silos_folder_refuses_a_launch_that_renames_or_re_homes_its_sil
     cfg = parse_run_config(tiny_run_config(tmp_path / "results"))
     provision_simulated_silos(tmp_path / "fed", cfg)
     provision_simulated_silos(tmp_path / "fed", cfg)  # the same federation again: fine
-    for other in ({"silo-names": "a,b,c"}, {"data-root": str(tmp_path)}):
+    for other in ({"silo-names": "a;b;c"}, {"data-root": str(tmp_path)}):
         with pytest.raises(ConfigError, match="fresh silos") as err:
             provision_simulated_silos(tmp_path / "fed", parse_run_config({**cfg.flat(), **other}))
         assert "\n" not in str(err.value) and "silo-0" in str(err.value)
     # a silo folder with history but no node config is silo-<k>: it is never renamed either
     (tmp_path / "old" / "silo-0" / "reports").mkdir(parents=True)
     with pytest.raises(ConfigError, match="silo-name='silo-0'"):
-        provision_simulated_silos(tmp_path / "old", parse_run_config({**cfg.flat(), "silo-names": "a,b,c"}))
+        provision_simulated_silos(tmp_path / "old", parse_run_config({**cfg.flat(), "silo-names": "a;b;c"}))
 
 
 def test_every_launch_of_alignfl_run_gets_fresh_silos_unless_it_keeps_them(tmp_path, monkeypatch):

@@ -18,7 +18,7 @@ TINY = {
     "num-server-rounds": 1,
     "reference-epochs": 1,
     "silo-classes": "0,1;2,3",
-    "silo-names": "ward-a,ward-b",  # named silos: the tables follow the run's silo list
+    "silo-names": "ward-a;ward-b",  # named silos: the tables follow the run's silo list
 }
 
 
@@ -34,7 +34,7 @@ def test_compare_runs_every_kind_of_method_and_writes_the_tables(tmp_path):
     # the full classifier travels both ways, unlike ALIGN-FL's decoder-only replies
     assert all(m["bytes-up"] == m["bytes-down-train"] > 0 for m in silos.values())
     write_comparison("mnist-fast", summaries, load_experiment("mnist-fast", TINY), tmp_path)
-    rows = list(csv.DictReader(open(tmp_path / "comparison.csv")))
+    rows = list(csv.DictReader((tmp_path / "comparison.csv").read_text().splitlines()))
     assert [r["method"] for r in rows] == methods
     assert all(0.0 <= float(r["global-accuracy"]) <= 1.0 for r in rows) and "class-9" in rows[0]
     text = (tmp_path / "comparison.md").read_text()
