@@ -685,6 +685,11 @@ class ServerSection(Section):
     """The server's memory for drawing one chunk of samples from one decoder (its activations, computed from the
     descriptor before anything is built); a decoder that cannot draw a chunk of 64 within it is refused."""
     sample_grid_per_silo: int = Field(default=10, ge=0, le=64)
+    judge_samples_per_class: int = Field(default=32, ge=0, le=1024)
+    """Samples per class the server draws from every new generator to judge it (0: no collapse check)."""
+    judge_min_spread: float = Field(default=0.01, ge=0, le=1)
+    """A class whose samples spread less (the mean over pixels or features of their standard deviation; pixels
+    and log-scattering features have fixed scales) is collapsed and the generator is refused."""
     augment: tuple[Literal["affine", "crop", "blur", "noise"], ...] = Field(
         default=("affine", "crop"), alias="server-augment"
     )

@@ -41,12 +41,13 @@ def make_global_evaluator(cfg: RunConfig, model: GlobalModel, recorder: RunRecor
     if test is None:
         return None
     x_test, y_test = (t.to(model.device) for t in test)  # moved once, judged every round
+    inputs = model.encode(x_test)  # in the model's input space once: a feature transform is fixed for the run
     where = cfg.data.dataset if by == "global-test-set" else "global-test-dir"
 
     def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         set_threads(cfg.server.threads)
         model.load_state(arrays.to_torch_state_dict())
-        metrics = model.evaluate(x_test, y_test)
+        metrics = model.evaluate_inputs(inputs, y_test)
         if server_round > 0:
             recorder.round(server_round)["global"] = metrics
             recorder.round(server_round)["elapsed-seconds"] = time.time() - recorder.started  # round wall times

@@ -25,6 +25,7 @@ from alignfl_app.models.global_model import GlobalModel
 from alignfl_app.seeds import augment_seed, server_batches_seed, server_training_seed, synthesis_seed
 from alignfl_app.server.augment import SyntheticAugmentation
 from alignfl_app.server.checkpoint import Checkpoint
+from alignfl_app.server.judging import GeneratorJudge
 from alignfl_app.server.metrics import RunRecorder
 from alignfl_app.server.operator import OperatorRequests
 from alignfl_app.server.store import GeneratorStore, GeneratorTerms, check_decoder_state
@@ -273,6 +274,7 @@ class AlignFLServer:
         self.registry = SiloRegistry.from_config(cfg)
         self.standing = SiloStanding()
         self.terms = GeneratorTerms.from_config(cfg)
+        self.judge = GeneratorJudge.from_config(cfg, self.terms)
         self.learner = GlobalLearner(cfg, model, self.terms)
         self.train_schema = train_metrics_schema(cfg.privacy.enabled)
         self.withdrawals = OperatorRequests(recorder.run_dir)
@@ -341,13 +343,24 @@ class AlignFLServer:
         if refusal:
             raise ReplyRejected(refusal)
         self.registry.check(server_round, node, desc.silo)
-        check_decoder_state(desc, reply.decoder, self.terms)
+        decoder = check_decoder_state(desc, reply.decoder, self.terms)
+        judgement = self.judge.judge(desc, decoder, reply.decoder, self.store)
         metrics = self.train_schema.received(reply.metrics).record()
-        self.store.put(desc, reply.decoder, server_round)
+        if judgement.replay_of is None:
+            self.store.put(desc, reply.decoder, server_round)
+            self.judge.remember(desc.silo, judgement)
+        else:
+            log.warning(
+                "Silo '%s' sent the same decoder as in round %d: nothing new is stored (stale)",
+                desc.silo,
+                judgement.replay_of,
+            )
         self.registry.bind(server_round, node, desc.silo)
         self.recorder.silo(server_round, desc.silo).update(
             {
                 **metrics,
+                **({"replay-of-round": judgement.replay_of} if judgement.replay_of is not None else {}),
+                **({"sample-spread-min": min(judgement.spread.values())} if judgement.spread else {}),
                 "bytes-up": reply.nbytes,
                 "bytes-down-train": 0,
                 "architecture": desc.architecture.name,

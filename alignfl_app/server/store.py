@@ -224,10 +224,14 @@ class GeneratorStore:
         self._write_index()
         (self.root / f"{check_name(silo)}.npz").unlink(missing_ok=True)
 
+    def state(self, silo: str) -> dict[str, np.ndarray]:
+        """The stored decoder's tensors, as they were sent."""
+        with np.load(self.root / f"{check_name(silo)}.npz", allow_pickle=False) as npz:  # never a path read from disk
+            return {k: npz[k] for k in npz.files}
+
     def load_decoder(self, silo: str) -> tuple[GeneratorDescriptor, nn.Module]:
         desc = self.descriptor(silo)
-        with np.load(self.root / f"{check_name(silo)}.npz", allow_pickle=False) as npz:  # never a path read from disk
-            state = {k: npz[k] for k in npz.files}
+        state = self.state(silo)
         decoder = desc.empty_decoder().to_empty(device="cpu")  # every weight is loaded next
         decoder.load_state_dict({k: torch.from_numpy(v) for k, v in state.items()}, strict=True)
         return desc, decoder.eval()

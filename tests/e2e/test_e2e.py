@@ -68,7 +68,7 @@ def test_private_run_releases_only_public_constants_and_stops_when_every_ledger_
         assert run["status"] == "finished:completed", log[-4000:]
         summary = json.loads((results / "private" / "summary.json").read_text())
         allowed = {f.alias for f in PrivateTrainMetrics.model_fields.values()}
-        server_side = {"bytes-up", "bytes-down-train", "architecture", "layout", "classes"}
+        server_side = {"bytes-up", "bytes-down-train", "architecture", "layout", "classes", "sample-spread-min"}
         for rnd in summary["rounds"]:
             assert rnd["accepted-replies"] == 3 and rnd["rejected-replies"] == []
             for silo, figures in rnd["silos"].items():

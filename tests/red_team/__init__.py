@@ -20,6 +20,9 @@ Attack classes
    operator withdrawal.
 6. Config and files: path-like run-name / architecture names, huge seeds, inf/nan rates, a tampered store index,
    reuse of a run folder, corrupted dataset files, newer stored formats.
+7. Sovereignty (test_silo_sovereignty.py): a run config re-homing, renaming or re-budgeting a silo; ledger edits.
+8. In-contract generators (test_judging.py): another silo's decoder, with or without noise; blank, constant and
+   latent-deaf decoders; replayed bytes.
 Own additions: descriptor round far in the future, zero-size / many tensors, case-variant and look-alike names,
 evaluate replies from strangers with maximal counts, duplicate train / evaluate replies from one node, a node
 claiming a silo's name first after a server restart (resume without silo-nodes).

@@ -8,6 +8,7 @@ import pytest
 
 from alignfl_app.config import parse_run_config
 from alignfl_app.server.checkpoint import Checkpoint
+from tests.conftest import retrained
 from tests.red_team.attack_kit import (
     NODE,
     evaluate_msg,
@@ -89,7 +90,7 @@ def test_5b_name_never_moves_when_owner_is_offline(trained, tmp_path):
     assert s.core.registry.name_of(NODE[0]) == "silo-0" and s.core.registry.name_of(6666) is None
     # round 3: the real silo is back and is still accepted
     s.core.nodes_to_ask(3, list(NODE.values()) + [6666])
-    s.aggregate_train(3, honest(outs))
+    s.aggregate_train(3, [reply(NODE[0], outs[0][0], retrained(outs[0][1])), *honest(outs, (1, 2))])
     assert s.core.recorder.round(3)["accepted-replies"] == 3, s.core.recorder.round(3)
     assert s.core.store.entry("silo-0")["stored_round"] == 3
     del asked

@@ -18,7 +18,7 @@ from alignfl_app.server.synthesis import SyntheticBudget, synthesize
 from alignfl_app.silo.core import Silo
 from server_app.messages import train_reply
 from server_app.strategy import AlignFLStrategy
-from tests.conftest import make_message, tiny_run_config
+from tests.conftest import make_message, retrained, tiny_run_config
 
 NODE = {0: 1000, 1: 1001, 2: 1002}
 
@@ -69,7 +69,7 @@ def test_silo_missing_a_round_still_contributes(trained, tmp_path):
     arrays, _ = strategy.aggregate_train(1, [reply(NODE[s], *outs[s]) for s in range(3)])
     assert arrays is not None and strategy.core.store.silos() == ["silo-0", "silo-1", "silo-2"]
     # round 2: silo 1 does not answer at all
-    arrays, metrics = strategy.aggregate_train(2, [reply(NODE[s], *outs[s]) for s in (0, 2)])
+    arrays, metrics = strategy.aggregate_train(2, [reply(NODE[s], outs[s][0], retrained(outs[s][1])) for s in (0, 2)])
     rnd = strategy.core.recorder.round(2)
     assert rnd["generators-used"] == ["silo-0", "silo-1", "silo-2"] and rnd["stale-silos"] == ["silo-1"]
     assert strategy.core.store.entry("silo-1")["stored_round"] == 1
@@ -199,7 +199,9 @@ def test_bad_reply_is_rejected_and_keeps_last_good_generator(trained, tmp_path, 
     before = npz.read_bytes()
     desc, state = outs[0]
     bad = _bad_variants(desc, state)[variant]
-    arrays, metrics = strategy.aggregate_train(2, [reply(NODE[0], desc, **bad), reply(NODE[2], *outs[2])])
+    arrays, metrics = strategy.aggregate_train(
+        2, [reply(NODE[0], desc, **bad), reply(NODE[2], outs[2][0], retrained(outs[2][1]))]
+    )
     rnd = strategy.core.recorder.round(2)
     assert rnd["accepted-replies"] == 1 and len(rnd["rejected-replies"]) == 1, rnd["rejected-replies"]
     assert rnd["rejected-replies"][0].startswith(f"node {NODE[0]}:")
