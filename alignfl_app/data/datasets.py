@@ -60,6 +60,7 @@ def ensure_datasets(cfg: RunConfig, root: Path | None = None) -> list[str]:
         fetch(root, dataset)
     return fetched
 
+
 @dataclass(frozen=True)
 class SiloData:
     """One silo's real data. Outliers are in the training set with the silo's own labels."""
@@ -117,7 +118,7 @@ def outlier_slice(cfg: RunConfig, silo: int, pool_size: int, seed_tag: int) -> n
         raise ValueError(
             f"outliers-per-silo={n} x {len(set(cfg.data.outlier_silos))} silos exceeds the {pool_size} images available"
         )
-    return _rng(cfg.run.seed, seed_tag).permutation(pool_size)[k * n:(k + 1) * n]
+    return _rng(cfg.run.seed, seed_tag).permutation(pool_size)[k * n : (k + 1) * n]
 
 
 def to_image_shape(x: torch.Tensor, image_shape: tuple[int, int, int]) -> torch.Tensor:
@@ -132,8 +133,9 @@ def to_image_shape(x: torch.Tensor, image_shape: tuple[int, int, int]) -> torch.
     return x.expand(-1, channels, -1, -1).contiguous() if channels != x.shape[1] else x
 
 
-def build_silo_data(cfg: RunConfig, silo: int, root: Path, classes: tuple[int, ...] | None = None,
-                    data_dir: Path | None = None) -> SiloData:
+def build_silo_data(
+    cfg: RunConfig, silo: int, root: Path, classes: tuple[int, ...] | None = None, data_dir: Path | None = None
+) -> SiloData:
     """Deterministic partition for ``silo`` (same seed -> same records on every machine), read from the silo's
     own data root (built-in datasets) or data folder (``dataset='folder'``).
 
@@ -148,9 +150,11 @@ def build_silo_data(cfg: RunConfig, silo: int, root: Path, classes: tuple[int, .
     classes = tuple(classes if classes is not None else cfg.data.silo_class_ids(silo))
     if cfg.data.is_folder:
         if data_dir is None:
-            raise DataFolderError(f"silo {silo} has no data folder: set data-dir in its node config (a simulated "
-                                  "silo's is <its silo-dir>/node-config.toml, which alignfl run writes from "
-                                  "silo-data-dirs)")
+            raise DataFolderError(
+                f"silo {silo} has no data folder: set data-dir in its node config (a simulated "
+                "silo's is <its silo-dir>/node-config.toml, which alignfl run writes from "
+                "silo-data-dirs)"
+            )
         return folder_silo_data(cfg, silo, Path(data_dir), classes)
     return built_in_silo_data(cfg, silo, Path(root), classes)
 
@@ -189,7 +193,13 @@ def built_in_silo_data(cfg: RunConfig, silo: int, root: Path, classes: tuple[int
         heldout = xo_test[h_idx]
     shape = cfg.data.image_shape
     return SiloData(
-        silo, classes, to_image_shape(x, shape), y, is_out, to_image_shape(x_test, shape), y_test,
+        silo,
+        classes,
+        to_image_shape(x, shape),
+        y,
+        is_out,
+        to_image_shape(x_test, shape),
+        y_test,
         to_image_shape(heldout, shape),
     )
 
@@ -216,8 +226,16 @@ def folder_silo_data(cfg: RunConfig, silo: int, folder: Path, classes: tuple[int
     kept = [np.sort(class_indices(y[train_idx], c, cfg.data.max_per_class, cfg.run.seed)) for c in classes]
     train_idx = train_idx[np.concatenate(kept)]
     x, y = x[train_idx], y[train_idx]
-    return SiloData(silo, classes, x, y, torch.zeros(len(x), dtype=torch.bool), x_test, y_test,
-                    torch.empty(0, *cfg.data.image_shape))
+    return SiloData(
+        silo,
+        classes,
+        x,
+        y,
+        torch.zeros(len(x), dtype=torch.bool),
+        x_test,
+        y_test,
+        torch.empty(0, *cfg.data.image_shape),
+    )
 
 
 def global_test_set(cfg: RunConfig, root: Path | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -227,8 +245,7 @@ def global_test_set(cfg: RunConfig, root: Path | None = None) -> tuple[torch.Ten
         folder = cfg.data.resolved_global_test_dir()
         if folder is None:
             return None
-        return load_image_folder(folder, cfg.data.class_names, cfg.data.image_shape, every_class=False,
-                                 skip_test=False)
+        return load_image_folder(folder, cfg.data.class_names, cfg.data.image_shape, every_class=False, skip_test=False)
     test = load_split(root or cfg.data.resolved_data_root(), cfg.data.dataset, False, cfg.data.image_size)
     return to_image_shape(test.images, cfg.data.image_shape), test.labels
 
@@ -241,8 +258,10 @@ def evaluation_plan(cfg: RunConfig) -> tuple[str, str]:
     if cfg.data.global_test_dir:
         return "global-test-dir", f"the images of global-test-dir {cfg.data.resolved_global_test_dir()}"
     if cfg.privacy.enabled:
-        return "none", ("no global-test-dir, and silos under DP do not evaluate on their records: the global model "
-                        "is not evaluated (set global-test-dir to evaluate it)")
+        return "none", (
+            "no global-test-dir, and silos under DP do not evaluate on their records: the global model "
+            "is not evaluated (set global-test-dir to evaluate it)"
+        )
     return "silos", "no global-test-dir: each silo judges the global model on its own held-out images"
 
 
@@ -251,9 +270,14 @@ def main(argv: list[str] | None = None) -> int:
         prog="alignfl fetch", description="Materialise and verify built-in datasets under the data root."
     )
     parser.add_argument("--root", default="", help="data root (default: $ALIGNFL_DATA_ROOT or ~/.cache/alignfl/data)")
-    parser.add_argument("--datasets", nargs="+", default=["mnist", "fashion-mnist"], choices=sorted(CATALOG),
-                        help="what to fetch (default: mnist fashion-mnist); " + "; ".join(
-                            f"{d.name}: {d.source}" for d in CATALOG.values()))
+    parser.add_argument(
+        "--datasets",
+        nargs="+",
+        default=["mnist", "fashion-mnist"],
+        choices=sorted(CATALOG),
+        help="what to fetch (default: mnist fashion-mnist); "
+        + "; ".join(f"{d.name}: {d.source}" for d in CATALOG.values()),
+    )
     parser.add_argument("--no-download", action="store_true", help="skip torchvision's web download attempt")
     args = parser.parse_args(argv)
     root = resolve_data_root(args.root)

@@ -18,8 +18,13 @@ import torch
 from alignfl_app.data.catalog import CATALOG, Split
 from alignfl_app.data.wheels import DatasetWheel, fetch_wheel, require, verify_folder
 
-WHEEL = DatasetWheel("elpv", "elpv-dataset", "1.0.0.post1",
-                     "85e31c1126ee9b48e62d3a0232c58f58b2d189b0814a45c13642fa0415af4a4c", "elpv_dataset/data/")
+WHEEL = DatasetWheel(
+    "elpv",
+    "elpv-dataset",
+    "1.0.0.post1",
+    "85e31c1126ee9b48e62d3a0232c58f58b2d189b0814a45c13642fa0415af4a4c",
+    "elpv_dataset/data/",
+)
 SURE_LABELS = {0.0: 0, 1.0: 1}  # defect probability -> class id of ("ok", "defect")
 TEST_SHARE = 0.25
 SPLIT_SEED = 20180101  # fixed: every run and method is judged on the same cells
@@ -78,5 +83,8 @@ def load(root: Path, name: str, train: bool, size: tuple[int, int] | None = None
     """The train or test cells, resized to ``size`` (default 300x300) as they are read; cached per process."""
     images, labels, sources = _cells(str(root), tuple(size or CATALOG["elpv"].native_size))
     keep = test_mask(labels, sources) != train
-    return Split(images[torch.from_numpy(keep)].float().div_(255.0), torch.from_numpy(labels[keep]),
-                 torch.from_numpy(sources[keep]))
+    return Split(
+        images[torch.from_numpy(keep)].float().div_(255.0),
+        torch.from_numpy(labels[keep]),
+        torch.from_numpy(sources[keep]),
+    )

@@ -40,8 +40,9 @@ def export_built_in(cfg: RunConfig, out: Path) -> tuple[int, str]:
     staging.rename(out)
     groups = ";".join(",".join(cfg.data.class_names[c] for c in g) for g in cfg.data.silo_classes)
     dirs = ";".join(str(out / f"silo-{k}") for k in range(cfg.data.num_silos))
-    return written, (f"dataset='folder' silo-classes='{groups}' silo-data-dirs='{dirs}' "
-                     f"global-test-dir='{out / GLOBAL_TEST_FOLDER}'")
+    return written, (
+        f"dataset='folder' silo-classes='{groups}' silo-data-dirs='{dirs}' global-test-dir='{out / GLOBAL_TEST_FOLDER}'"
+    )
 
 
 def write_folders(cfg: RunConfig, out: Path) -> int:
@@ -53,15 +54,17 @@ def write_folders(cfg: RunConfig, out: Path) -> int:
         silo_names = [names[c] for c in data.classes]
         folder = out / f"silo-{k}"
         written += save_image_folder(folder, data.x_train, to_local_labels(data.y_train, data.classes), silo_names)
-        written += save_image_folder(folder / TEST_FOLDER, data.x_test, to_local_labels(data.y_test, data.classes),
-                                     silo_names)
+        written += save_image_folder(
+            folder / TEST_FOLDER, data.x_test, to_local_labels(data.y_test, data.classes), silo_names
+        )
     exported = sorted({c for g in cfg.data.silo_classes for c in g})
     test = global_test_set(cfg)
     assert test is not None  # a built-in dataset always has its test split
     x, y = test
     chosen = torch.isin(y, torch.tensor(exported))
-    written += save_image_folder(out / GLOBAL_TEST_FOLDER, x[chosen], to_local_labels(y[chosen], tuple(exported)),
-                                 [names[c] for c in exported])
+    written += save_image_folder(
+        out / GLOBAL_TEST_FOLDER, x[chosen], to_local_labels(y[chosen], tuple(exported)), [names[c] for c in exported]
+    )
     return written
 
 
@@ -69,15 +72,29 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="alignfl export", description=__doc__.splitlines()[0])
     parser.add_argument("--dataset", required=True, choices=BUILT_IN_DATASETS)
     parser.add_argument("--out", required=True, help="a new (or empty) folder")
-    parser.add_argument("--silo-classes", default=RunConfig().flat()["silo-classes"],
-                        help="class ids per silo, as the run config's silo-classes (default: %(default)s)")
+    parser.add_argument(
+        "--silo-classes",
+        default=RunConfig().flat()["silo-classes"],
+        help="class ids per silo, as the run config's silo-classes (default: %(default)s)",
+    )
     parser.add_argument("--max-per-class", type=int, default=6000, help="training images per class and silo")
-    parser.add_argument("--outliers-per-silo", type=int, default=0,
-                        help="images of the other dataset slipped into silo 0 with its labels (default: none)")
-    parser.add_argument("--silo-layout", choices=("slices", "by-source"), default=None,
-                        help="how silos share a class: slices (default), or by-source (default for elpv: a plant each)")
-    parser.add_argument("--image-size", default="", help="HEIGHTxWIDTH of the written images (default: the "
-                        "dataset's own, e.g. 28x28, elpv 300x300)")
+    parser.add_argument(
+        "--outliers-per-silo",
+        type=int,
+        default=0,
+        help="images of the other dataset slipped into silo 0 with its labels (default: none)",
+    )
+    parser.add_argument(
+        "--silo-layout",
+        choices=("slices", "by-source"),
+        default=None,
+        help="how silos share a class: slices (default), or by-source (default for elpv: a plant each)",
+    )
+    parser.add_argument(
+        "--image-size",
+        default="",
+        help="HEIGHTxWIDTH of the written images (default: the dataset's own, e.g. 28x28, elpv 300x300)",
+    )
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--data-root", default="", help="where the built-in datasets live (default: the data root)")
     args = parser.parse_args(argv)
@@ -85,13 +102,24 @@ def main(argv: list[str] | None = None) -> int:
         info = CATALOG[args.dataset]
         layout = args.silo_layout or ("by-source" if info.sources else "slices")
         size = args.image_size or "x".join(map(str, info.native_size))
-        cfg = parse_run_config({"dataset": args.dataset, "silo-classes": args.silo_classes, "seed": args.seed,
-                                "max-per-class": args.max_per_class, "outliers-per-silo": args.outliers_per_silo,
-                                "data-root": args.data_root, "silo-layout": layout, "image-size": size})
+        cfg = parse_run_config(
+            {
+                "dataset": args.dataset,
+                "silo-classes": args.silo_classes,
+                "seed": args.seed,
+                "max-per-class": args.max_per_class,
+                "outliers-per-silo": args.outliers_per_silo,
+                "data-root": args.data_root,
+                "silo-layout": layout,
+                "image-size": size,
+            }
+        )
         written, run_config = export_built_in(cfg, Path(args.out).expanduser().resolve())
     except (ConfigError, DataMissingError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    print(f"[alignfl] wrote {written} images under {args.out}; train on them with\n"
-          f"  alignfl run --run-config \"{run_config}\"")
+    print(
+        f"[alignfl] wrote {written} images under {args.out}; train on them with\n"
+        f'  alignfl run --run-config "{run_config}"'
+    )
     return 0

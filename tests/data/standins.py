@@ -14,8 +14,14 @@ from PIL import Image
 from alignfl_app.data.wheels import write_manifest
 
 # (module type, defect probability) -> cells; the sure ones (0 and 1) are what alignfl uses
-ELPV_CELLS = {("mono", 0.0): 24, ("mono", 1.0): 12, ("poly", 0.0): 32, ("poly", 1.0): 16,
-              ("mono", 1 / 3): 3, ("poly", 2 / 3): 3}
+ELPV_CELLS = {
+    ("mono", 0.0): 24,
+    ("mono", 1.0): 12,
+    ("poly", 0.0): 32,
+    ("poly", 1.0): 16,
+    ("mono", 1 / 3): 3,
+    ("poly", 2 / 3): 3,
+}
 
 
 def elpv_standin(root: Path, size: int = 40) -> Path:

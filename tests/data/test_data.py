@@ -12,7 +12,7 @@ def test_silos_hold_disjoint_classes_and_only_their_own_labels(tiny_config):
     silos = [federation_silo_data(cfg, s) for s in range(cfg.data.num_silos)]
     label_sets = [set(d.classes) for d in silos]
     for i, a in enumerate(label_sets):
-        for b in label_sets[i + 1:]:
+        for b in label_sets[i + 1 :]:
             assert not a & b
     for d in silos:
         assert set(d.y_train.unique().tolist()) == set(d.classes)
@@ -49,7 +49,7 @@ def test_partition_is_deterministic_and_seed_dependent(tiny_config):
 
 def test_global_test_set_is_the_real_10_class_test_split(tiny_config):
     x, y = global_test_set(parse_run_config(tiny_config))
-    assert x.shape == (10000, 1, 28, 28) and 0.0 <= float(x.min()) and float(x.max()) <= 1.0
+    assert x.shape == (10000, 1, 28, 28) and float(x.min()) >= 0.0 and float(x.max()) <= 1.0
     assert sorted(y.unique().tolist()) == list(range(10))
 
 

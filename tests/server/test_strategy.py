@@ -10,57 +10,12 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Error, MessageType, Metri
 from alignfl_app.config import ArchitectureSpec, parse_node_config, parse_run_config
 from alignfl_app.contract import records as P
 from alignfl_app.contract.sampling import SamplingStyle
-from alignfl_app.models.global_model import GlobalModel
-from alignfl_app.server.core import AlignFLServer
-from alignfl_app.server.metrics import RunRecorder
 from alignfl_app.server.store import GeneratorStore, GeneratorTerms
 from alignfl_app.server.synthesis import SyntheticBudget, synthesize
 from alignfl_app.silo.core import Silo
 from server_app.messages import train_reply
-from server_app.strategy import AlignFLStrategy
 from tests.conftest import make_message, retrained, tiny_run_config
-
-NODE = {0: 1000, 1: 1001, 2: 1002}
-
-
-METRICS = {
-    "num-examples": 10,
-    "num-outliers": 0,
-    "train-seconds": 1.0,
-    "samples-per-second": 10.0,
-    "decoder-bytes": 100,
-    "vae-bytes": 200,
-    "peak-rss-mb": 100.0,
-    "lipschitz-upper-bound": 5.0,
-    "lipschitz-empirical": 1.0,
-    "train-loss": 1.0,
-}
-
-
-def reply(node: int, desc, state, *, desc_json: str | None = None, extra_records=None, metrics=None):
-    content = RecordDict(
-        {
-            P.DECODER: ArrayRecord(array_dict={k: Array(np.asarray(v)) for k, v in state.items()}),
-            P.DESCRIPTOR: ConfigRecord(
-                {P.DESCRIPTOR_JSON: desc_json if desc_json is not None else desc.model_dump_json()}
-            ),
-            P.METRICS: MetricRecord(METRICS if metrics is None else metrics),
-        }
-    )
-    for k, v in (extra_records or {}).items():
-        content[k] = v
-    return make_message(content, MessageType.TRAIN, src=node, dst=1)
-
-
-def make_strategy(cfg, tmp_path: Path) -> AlignFLStrategy:
-    return AlignFLStrategy(
-        AlignFLServer(
-            cfg,
-            GeneratorStore(tmp_path / "generators"),
-            GlobalModel.from_config(cfg),
-            RunRecorder(tmp_path / "run", cfg.flat()),
-        )
-    )
+from tests.red_team.attack_kit import METRICS, NODE, make_strategy, reply
 
 
 def test_silo_missing_a_round_still_contributes(trained, tmp_path):
