@@ -133,20 +133,16 @@ def fit_gaussian_mixture(
     n, d = z.shape
     eye = torch.eye(d, dtype=torch.float64)
     fitted = max(1, min(components, n // (2 * (d + 1))))
-
-    def covariance(diff: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        cov = shrunk_covariance(diff, weights) if shrink else (diff * weights[:, None]).T @ diff / weights.sum()
-        return cov + jitter * eye
-
     if n < 2:
         means = z.mean(0, keepdim=True) if n else torch.zeros(1, d, dtype=torch.float64)
         cov, log_w = eye[None], torch.zeros(1, dtype=torch.float64)
     else:
         means = z[torch.randperm(n, generator=generator)[:fitted]].clone()
         if shrink:
-            cov = covariance(z - z.mean(0), torch.ones(n, dtype=torch.float64)).expand(fitted, d, d)
+            cov = shrunk_covariance(z - z.mean(0), torch.ones(n, dtype=torch.float64)) + jitter * eye
         else:
-            cov = (torch.cov(z.T).reshape(d, d) + jitter * eye).expand(fitted, d, d)
+            cov = torch.cov(z.T).reshape(d, d) + jitter * eye
+        cov = cov.expand(fitted, d, d)
         log_w = torch.full((fitted,), -math.log(fitted), dtype=torch.float64)
         for _ in range(iterations):
             log_p = torch.distributions.MultivariateNormal(means, covariance_matrix=cov).log_prob(z[:, None]) + log_w
@@ -154,7 +150,11 @@ def fit_gaussian_mixture(
             mass = resp.sum(0).clamp_min(1e-10)
             log_w = (mass / n).log()
             means = resp.T @ z / mass[:, None]
-            cov = torch.stack([covariance(z - means[k], resp[:, k]) for k in range(fitted)])
+            if shrink:
+                cov = torch.stack([shrunk_covariance(z - means[k], resp[:, k]) for k in range(fitted)]) + jitter * eye
+            else:
+                diff = z[:, None, :] - means
+                cov = torch.einsum("nk,nki,nkj->kij", resp, diff, diff) / mass[:, None, None] + jitter * eye
     copies = torch.arange(components) % len(means)
     shares = torch.bincount(copies, minlength=len(means)).double()
     return log_w[copies] - shares[copies].log(), means[copies], torch.linalg.cholesky(cov)[copies]
