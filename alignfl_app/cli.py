@@ -27,6 +27,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "alignfl_app.tools.liveness_check",
         "5 real SuperNodes: one killed, then all killed and resumed: round times, losses",
     ),
+    "attack-bench": (
+        "alignfl_app.tools.attack_bench",
+        "five silos, one attacker: what each attack on the server costs",
+    ),
     "load-test": ("alignfl_app.tools.load_test", "many-silo simulation: wall time and peak memory"),
     "fleet-front": ("alignfl_app.tools.fleet_front", "the coordinator's silo-facing port: Fleet API only"),
     "withdraw": ("alignfl_app.server.operator", "withdraw a silo from a run: out of the store from the next round"),

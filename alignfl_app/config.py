@@ -35,6 +35,8 @@ CLASS_NAMES = {name: info.class_names for name, info in CATALOG.items()}
 NUM_CLASSES = {name: len(classes) for name, classes in CLASS_NAMES.items()}
 IMAGE_SHAPE = (1, 28, 28)  # the default image-size and channels (MNIST's own shape)
 MAX_LATENT_COMPONENTS = 64  # a released decoder's mixture layer: components per class
+MAX_SILOS = 1000  # silos of one run (silo-classes groups): every round asks, stores and draws from each
+MAX_CLASSES = 1000  # a folder dataset's label space: the global classifier has an output per class
 BUILT_IN_DATASETS = tuple(CATALOG)
 CLASS_NAME_PATTERN = r"^[^\x00-\x1f/\\]{1,64}$"  # a class name: printable, no path separators
 # how each kind of global model is judged on real test data (summary keys: global.<m>, eval-<m>, final-global-<m>)
@@ -201,10 +203,10 @@ class RunSection(Section):
     results_dir: str = "results"
     seed: int = Field(default=42, ge=0, lt=2**63)
     num_server_rounds: int = Field(default=4, ge=1, le=1000)
-    round_timeout: float = Field(default=3600.0, gt=0)
+    round_timeout: float = Field(default=3600.0, gt=0, le=7 * 24 * 3600)
     resume: bool = False
     """Continue results/<run-name>/ from its last completed round (checkpoint/), with every stored generator."""
-    min_silos: int = Field(default=0, ge=0)
+    min_silos: int = Field(default=0, ge=0, le=MAX_SILOS)
     """Silos that must be connected when the run starts (else it stops, naming the fix); 0: every configured silo."""
     silo_nodes: dict[str, int] = Field(default_factory=dict)
     """Flat form ``"hospital-a=123,hospital-b=456"``: the operator's binding of silo names to SuperNode ids (the
@@ -270,11 +272,11 @@ class DataSection(Section):
     """disjoint: every class belongs to one silo. slices: a class listed by several silos is split into
     disjoint slices of its records, one per silo (lets 50 silos share 10 classes for scaling runs). by-source:
     silo k holds the records of the dataset's k-th source (elpv: the mono and the poly plant) of its classes."""
-    max_per_class: int = Field(default=6000, ge=1)
+    max_per_class: int = Field(default=6000, ge=1, le=1_000_000)
     outlier_dataset: str = "auto"
     """auto (the dataset's partner: mnist <-> fashion-mnist; none for the others), none, or a built-in dataset."""
     outlier_silos: tuple[int, ...] = (0,)
-    outliers_per_silo: int = Field(default=600, ge=0)
+    outliers_per_silo: int = Field(default=600, ge=0, le=100_000)
     silo_data_dirs: tuple[str, ...] = ()
     """dataset='folder' in simulation, flat form ``"dirA;dirB"``: silo k's ImageFolder, given to new simulated silos
     by ``alignfl run`` and read by the offline tools; a running silo reads only its own node config's data-dir."""
@@ -286,6 +288,12 @@ class DataSection(Section):
     global_test_dir: str = ""
     """dataset='folder': an ImageFolder the server judges the global model on; empty: each silo judges it on its
     own held-out images."""
+    server_validation_dir: str = ""
+    """dataset='folder': the server's own labelled ImageFolder (any subset of the run's classes) on which it checks
+    that every new generator draws its classes recognisably; never the global-test-dir the results are scored on."""
+    server_validation_per_class: int = Field(default=100, ge=0, le=10_000)
+    """Built-in datasets: records per class of the training split the server keeps to check generators' labels
+    (the tail of the seeded order silos take their records from); 0: no label check."""
 
     @field_validator("silo_classes", mode="before")
     @classmethod
@@ -304,11 +312,15 @@ class DataSection(Section):
     ) -> tuple[tuple[int | str, ...], ...]:
         if not v or any(not g for g in v):
             raise ValueError("every silo needs at least one class, e.g. '0,1;2,3'")
+        if len(v) > MAX_SILOS:
+            raise ValueError(f"{len(v)} silos (';'-separated groups); at most {MAX_SILOS} in a run")
         if any(len(g) != len(set(g)) for g in v):
             raise ValueError(f"a silo lists a class twice, got '{_classes_text(v)}'")
         if info.data.get("dataset") == "folder":
             if any(not isinstance(c, str) for g in v for c in g):
                 raise ValueError("dataset='folder' takes class names (the class folders' names), e.g. 'cat,dog;owl'")
+            if len({c for g in v for c in g}) > MAX_CLASSES:
+                raise ValueError(f"at most {MAX_CLASSES} classes in a run (the global classifier's outputs)")
         else:
             top = NUM_CLASSES.get(str(info.data.get("dataset")), 10) - 1
             if any(not isinstance(c, int) or c < 0 or c > top for g in v for c in g):
@@ -394,8 +406,11 @@ class DataSection(Section):
         if self.is_folder:
             self._check_folder_keys()
         else:
-            if self.silo_data_dirs or self.global_test_dir:
-                raise ValueError("silo-data-dirs and global-test-dir apply to dataset='folder' only: clear them")
+            if self.silo_data_dirs or self.global_test_dir or self.server_validation_dir:
+                raise ValueError(
+                    "silo-data-dirs, global-test-dir and server-validation-dir apply to dataset='folder' only: "
+                    "clear them"
+                )
             if self.silo_layout == "by-source":
                 self._check_sources()
             elif self.silo_layout == "disjoint" and len(flat) != len(set(flat)):
@@ -413,7 +428,7 @@ class DataSection(Section):
         if self.silo_names and len(self.silo_names) != n:
             raise ValueError(
                 f"silo-names names {len(self.silo_names)} silos but silo-classes has {n} groups: give "
-                "one name per group, separated by ','"
+                "one name per group, separated by ';'"
             )
         bad = [s for s in self.outlier_silos if s < 0 or s >= n]
         if bad:
@@ -433,6 +448,15 @@ class DataSection(Section):
             )
 
     def _check_folder_keys(self) -> None:
+        if self.server_validation_dir and self.global_test_dir:
+            same = _resolve_against_project(self.server_validation_dir) == _resolve_against_project(
+                self.global_test_dir
+            )
+            if same:
+                raise ValueError(
+                    "server-validation-dir is the global-test-dir: generators would be judged on the images the "
+                    "results are scored on; give the server a separate labelled folder"
+                )
         if self.silo_data_dirs and len(self.silo_data_dirs) != self.num_silos:
             raise ValueError(
                 f"silo-data-dirs names {len(self.silo_data_dirs)} folders for the {self.num_silos} "
@@ -526,6 +550,9 @@ class DataSection(Section):
     def resolved_global_test_dir(self) -> Path | None:
         return _resolve_against_project(self.global_test_dir) if self.global_test_dir else None
 
+    def resolved_server_validation_dir(self) -> Path | None:
+        return _resolve_against_project(self.server_validation_dir) if self.server_validation_dir else None
+
 
 def _classes_text(groups: tuple[tuple[int | str, ...], ...]) -> str:
     return ";".join(",".join(map(str, g)) for g in groups)
@@ -540,11 +567,11 @@ class LocalTrainingSection(Section):
     generator_layout: Literal["conditional", "per-class"] = "conditional"
     """conditional: one decoder for the silo's classes, the class as input. per-class: one unconditional VAE per
     class, trained on that class's records only (every sample carries the class it was trained on)."""
-    local_epochs: int = Field(default=10, ge=1)
+    local_epochs: int = Field(default=10, ge=1, le=1000)
     local_min_steps: int = Field(default=200, ge=0, le=100_000)
     """A VAE's local training takes at least this many optimizer steps a round (more passes for a small silo:
     a few hundred images x a few epochs is too few steps for a conv decoder); 0: exactly local-epochs."""
-    batch_size: int = Field(default=128, ge=1)
+    batch_size: int = Field(default=128, ge=1, le=16_384)
     learning_rate: float = Field(default=1e-3, gt=0)
     kl_weight: float = Field(default=1.0, ge=0)
     latent_fit: Literal["gaussian", "mixture", "none"] = "gaussian"
@@ -557,7 +584,7 @@ class LocalTrainingSection(Section):
     """>0: each round the silo draws this many samples from its released decoder (as the server draws them) and
     reports the share a classifier trained on its own records assigns to the intended class; 0: not measured.
     Never under DP (a figure of the records)."""
-    client_threads: int = Field(default=1, ge=1)
+    client_threads: int = Field(default=1, ge=1, le=256)
     client_device: DeviceChoice = "auto"
     """Where silos train (a silo's node config may override it)."""
 
@@ -585,6 +612,9 @@ class LocalTrainingSection(Section):
         return self.silo_architectures[silo % len(self.silo_architectures)]
 
 
+MAX_DP_STEPS = 10_000  # per run: the PRV accountant of a longer plan takes minutes and gigabytes
+
+
 class PrivacySection(Section):
     """What the run asks of the silos' privacy (each silo's own policy may refuse), the DP-SGD recipe, and the
     silo-side audit.
@@ -598,7 +628,7 @@ class PrivacySection(Section):
     noise_multiplier: float = Field(default=0.0, ge=0, alias="dp-noise-multiplier")
     delta: float = Field(default=1e-5, gt=0, lt=1, alias="dp-delta")
     sample_rate: float = Field(default=0.05, gt=0, le=1, alias="dp-sample-rate")
-    steps: int = Field(default=300, ge=1, alias="dp-steps")
+    steps: int = Field(default=300, ge=1, le=MAX_DP_STEPS, alias="dp-steps")
     """DP-SGD steps per round (per generator group: per class with generator-layout='per-class')."""
     learning_rate: float = Field(default=2e-3, gt=0, alias="dp-learning-rate")
     clip_init: float = Field(default=1.0, gt=0, alias="dp-clip-init")
@@ -613,7 +643,7 @@ class PrivacySection(Section):
     """true: every DP draw comes from the OS's cryptographic generator (slower); false: a fast generator
     seeded from it."""
     audit: bool = True
-    audit_samples: int = Field(default=2000, ge=1)
+    audit_samples: int = Field(default=2000, ge=1, le=100_000)
 
     @model_validator(mode="after")
     def _one_calibration(self) -> PrivacySection:
@@ -624,9 +654,6 @@ class PrivacySection(Section):
     @property
     def enabled(self) -> bool:
         return self.epsilon > 0 or self.noise_multiplier > 0
-
-
-MAX_DP_STEPS = 10_000  # per run: the PRV accountant of a longer plan takes minutes and gigabytes
 
 
 class LipschitzSection(Section):
@@ -664,24 +691,24 @@ class ServerSection(Section):
     """What the server learns from the stored generators, and how."""
 
     global_model: Literal["classifier", "vae"] = "classifier"
-    synthetic_per_silo: int = Field(default=2000, ge=1)
-    synthetic_total: int = Field(default=0, ge=0)
+    synthetic_per_silo: int = Field(default=2000, ge=1, le=100_000)
+    synthetic_total: int = Field(default=0, ge=0, le=1_000_000)
     """>0: this many samples per server epoch in all, split evenly over the classes the stored generators hold,
     then over each class's silos (server time no longer grows with the silos); 0: synthetic-per-silo each."""
     sample_temperature: float = Field(default=1.0, gt=0)
     sample_sharpness: float = Field(default=3.0, ge=1)
     """Pixel logits are multiplied by it before the sigmoid: 1 = the decoder's mean image (the Bernoulli
     likelihood's average, blurred); larger values move every pixel towards its more likely value."""
-    epochs: int = Field(default=5, ge=0, alias="server-epochs")
-    batch_size: int = Field(default=128, ge=1, alias="server-batch-size")
+    epochs: int = Field(default=5, ge=0, le=1000, alias="server-epochs")
+    batch_size: int = Field(default=128, ge=1, le=16_384, alias="server-batch-size")
     learning_rate: float = Field(default=1e-3, gt=0, alias="server-learning-rate")
     label_smoothing: float = Field(default=0.1, ge=0, lt=1, alias="server-label-smoothing")
     """Share of each synthetic sample's target spread over all classes when the global classifier learns."""
-    threads: int = Field(default=2, ge=1, alias="server-threads")
+    threads: int = Field(default=2, ge=1, le=256, alias="server-threads")
     device: DeviceChoice = Field(default="auto", alias="server-device")
     """Where the server samples the generators and trains and evaluates the global model."""
-    max_decoder_mb: float = Field(default=64.0, gt=0)
-    max_sampling_mb: float = Field(default=1024.0, gt=0)
+    max_decoder_mb: float = Field(default=64.0, gt=0, le=2048)
+    max_sampling_mb: float = Field(default=1024.0, gt=0, le=65_536)
     """The server's memory for drawing one chunk of samples from one decoder (its activations, computed from the
     descriptor before anything is built); a decoder that cannot draw a chunk of 64 within it is refused."""
     sample_grid_per_silo: int = Field(default=10, ge=0, le=64)
@@ -690,6 +717,13 @@ class ServerSection(Section):
     judge_min_spread: float = Field(default=0.01, ge=0, le=1)
     """A class whose samples spread less (the mean over pixels or features of their standard deviation; pixels
     and log-scattering features have fixed scales) is collapsed and the generator is refused."""
+    judge_min_recognition: float = Field(default=1.0, ge=0, le=100)
+    """With labelled server data (server-validation-per-class, server-validation-dir): a linear probe fitted to the
+    server's images must recognise each class a new generator draws in its samples at least this many times as
+    often as chance (1 / the number of classes it has images of), else the generator is refused."""
+    judge_max_harm: float = Field(default=0.35, ge=0, le=1)
+    """With labelled server data: a new generator whose samples lower the probe's accuracy on one of the other
+    silos' classes by more than this (leave-one-out) gets its silo quarantined."""
     augment: tuple[Literal["affine", "crop", "blur", "noise"], ...] = Field(
         default=("affine", "crop"), alias="server-augment"
     )
@@ -714,7 +748,7 @@ class BaselinesSection(Section):
     """alignfl: decoders only, server learns from samples. fedavg/fedprox: Flower's built-in weight averaging
     of the global model, trained by the silos on their real data (local-epochs, batch-size, learning-rate)."""
     proximal_mu: float = Field(default=0.01, ge=0)
-    reference_epochs: int = Field(default=10, ge=1)
+    reference_epochs: int = Field(default=10, ge=1, le=1000)
 
 
 class RunConfig(BaseModel):

@@ -13,11 +13,13 @@ from alignfl_app.config import ConfigError, RunConfig, parse_run_config
 from alignfl_app.data.datasets import evaluation_plan, global_test_set
 from alignfl_app.data.folders import DataFolderError
 from alignfl_app.devices import resolve_device
+from alignfl_app.files import StorageError
 from alignfl_app.models.global_model import GlobalModel
 from alignfl_app.server.checkpoint import Checkpoint
 from alignfl_app.server.core import AlignFLServer
 from alignfl_app.server.metrics import RunRecorder
 from alignfl_app.server.store import GeneratorStore
+from alignfl_app.server.validation import LabelValidator, label_validator
 from alignfl_app.training import set_threads
 
 from .baselines import averaging_strategy
@@ -29,6 +31,15 @@ app = ServerApp()
 def run_directory(cfg: RunConfig, run_id: int):
     name = cfg.run.run_name or f"{cfg.data.dataset}-{time.strftime('%Y%m%d-%H%M%S')}-{run_id}"
     return cfg.run.resolved_results_dir() / name
+
+
+def finish_failed(recorder: RunRecorder) -> None:
+    """Mark the run failed in summary.json; a folder that cannot be written (often why the run failed) is only
+    logged, so the error that stopped the run is the one raised."""
+    try:
+        recorder.finish("failed")
+    except StorageError as exc:
+        log(WARNING, "alignfl: summary.json not updated: %s", exc)
 
 
 def make_global_evaluator(cfg: RunConfig, model: GlobalModel, recorder: RunRecorder):
@@ -67,6 +78,14 @@ def make_global_evaluator(cfg: RunConfig, model: GlobalModel, recorder: RunRecor
     return evaluate
 
 
+def make_label_validator(cfg: RunConfig, model: GlobalModel, recorder: RunRecorder) -> LabelValidator | None:
+    """The label check of every new generator's classes (``label_validator``), said in the log and summary.json."""
+    validator, detail = label_validator(cfg, model.encode)
+    recorder.summary["label-check"] = detail
+    log(INFO if validator else WARNING, "Label check of every new generator's classes: %s", detail)
+    return validator
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     try:
@@ -77,15 +96,20 @@ def main(grid: Grid, context: Context) -> None:
         raise
     run_dir = run_directory(cfg, context.run_id)
     checkpoint = Checkpoint(run_dir)
-    recorder = RunRecorder(run_dir, cfg.flat(), method=cfg.baselines.strategy, class_names=cfg.data.class_names)
+    try:
+        recorder = RunRecorder(run_dir, cfg.flat(), method=cfg.baselines.strategy, class_names=cfg.data.class_names)
+    except ConfigError as exc:  # StorageError too: a linked or unwritable results folder
+        log(ERROR, "alignfl: %s", exc)
+        raise
     log(INFO, "%s run %d: results in %s; server on %s", cfg.baselines.strategy, context.run_id, run_dir, device)
     model = GlobalModel.from_config(cfg, device)
 
     if cfg.baselines.strategy == "alignfl":
         try:
-            core = AlignFLServer(cfg, GeneratorStore(run_dir / "generators"), model, recorder)
+            labels = make_label_validator(cfg, model, recorder)
+            core = AlignFLServer(cfg, GeneratorStore(run_dir / "generators"), model, recorder, labels)
             first_round = core.first_round(checkpoint)
-        except ConfigError as exc:
+        except (ConfigError, DataFolderError) as exc:
             log(ERROR, "alignfl: %s", exc)
             raise
         strategy = AlignFLStrategy(core)
@@ -97,7 +121,7 @@ def main(grid: Grid, context: Context) -> None:
         evaluate = make_global_evaluator(cfg, model, recorder)
     except DataFolderError as exc:
         log(ERROR, "alignfl: %s", exc)
-        recorder.finish("failed")
+        finish_failed(recorder)
         raise
     try:
         result = strategy.start(
@@ -112,15 +136,19 @@ def main(grid: Grid, context: Context) -> None:
         )
     except ConfigError as exc:
         log(ERROR, "alignfl: %s", exc)
-        recorder.finish("failed")
+        finish_failed(recorder)
         raise
     except BaseException:
-        recorder.finish("failed")
+        finish_failed(recorder)
         raise
     if len(result.arrays):
         model.load_state(result.arrays.to_torch_state_dict())
-    recorder.save_model(model.saved(cfg.data.class_names), cfg.server.global_model)
-    path = recorder.finish("completed")
+    try:
+        recorder.save_model(model.saved(cfg.data.class_names), cfg.server.global_model)
+        path = recorder.finish("completed")
+    except StorageError as exc:
+        log(ERROR, "alignfl: %s", exc)
+        raise
     metric, by = recorder.metric, recorder.summary["evaluation"]["by"]
     final = recorder.summary.get(f"final-silo-mean-{metric}" if by == "silos" else f"final-global-{metric}")
     log(

@@ -120,3 +120,68 @@ def test_architecture_names_are_never_paths(tmp_path):
             load_architecture(name)
     with pytest.raises(ConfigError, match="architecture"):
         parse_node_config({"partition-id": 0, "architecture": "../conv"})
+
+
+# an absurd value of every resource-sized key: far past any honest run, within what a run config can say
+ABSURD = {
+    "num-server-rounds": 10**6,
+    "round-timeout": 1e12,
+    "min-silos": 10**9,
+    "silo-classes": ";".join(["0,1"] * 5000),
+    "max-per-class": 10**9,
+    "outliers-per-silo": 10**9,
+    "image-size": "100000x100000",
+    "server-validation-per-class": 10**9,
+    "local-epochs": 10**6,
+    "local-min-steps": 10**9,
+    "batch-size": 10**9,
+    "latent-components": 10**6,
+    "label-fidelity-samples": 10**9,
+    "client-threads": 10**6,
+    "dp-steps": 10**9,
+    "audit-samples": 10**9,
+    "scattering-scales": 100,
+    "scattering-angles": 10**4,
+    "scattering-pool": 10**4,
+    "synthetic-per-silo": 10**9,
+    "synthetic-total": 10**12,
+    "server-epochs": 10**6,
+    "server-batch-size": 10**9,
+    "server-threads": 10**6,
+    "max-decoder-mb": 1e9,
+    "max-sampling-mb": 1e12,
+    "sample-grid-per-silo": 10**6,
+    "judge-samples-per-class": 10**9,
+    "reference-epochs": 10**6,
+}
+NOT_RESOURCES = {"seed"}  # integers that size nothing
+
+
+@pytest.mark.parametrize("key", sorted(ABSURD))
+def test_every_resource_sized_key_refuses_an_absurd_value_in_one_line(key, tiny_config):
+    with pytest.raises(ConfigError) as err:
+        parse_run_config({**tiny_config, "silo-layout": "slices", key: ABSURD[key]})
+    message = str(err.value)
+    assert f": {key}: " in message and "\n" not in message, message
+
+
+def test_every_integer_and_memory_key_has_an_absurd_value_above():
+    """A new count, size or memory key must get an upper bound (and a line in ABSURD)."""
+    from alignfl_app.config import RunConfig
+
+    sized = {
+        field.alias or name.replace("_", "-")
+        for model in RunConfig.SECTIONS.values()
+        for name, field in model.model_fields.items()
+        if field.annotation is int or name.endswith("_mb")
+    }
+    assert sized - NOT_RESOURCES <= set(ABSURD), sorted(sized - NOT_RESOURCES - set(ABSURD))
+
+
+def test_the_shipped_experiments_fit_within_the_bounds():
+    from alignfl_app.experiments import load_experiment
+
+    paths = sorted((conf_dir() / "experiments").glob("*.toml"))
+    assert paths
+    for path in paths:
+        load_experiment(path.stem)

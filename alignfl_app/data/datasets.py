@@ -250,6 +250,29 @@ def global_test_set(cfg: RunConfig, root: Path | None = None) -> tuple[torch.Ten
     return to_image_shape(test.images, cfg.data.image_shape), test.labels
 
 
+def server_validation_set(cfg: RunConfig, root: Path | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The server's own labelled images, on which it checks the classes each generator draws: for a folder
+    dataset the images of ``server-validation-dir``; for a built-in one the last ``server-validation-per-class``
+    records of each class in the seeded order silos take their first ``max-per-class`` from (so the two do not
+    meet while a class has more records than both together; a by-source layout orders each source apart, so there
+    they may), never the test split results are scored on. None: no labelled server data."""
+    if cfg.data.is_folder:
+        folder = cfg.data.resolved_server_validation_dir()
+        if folder is None:
+            return None
+        return load_image_folder(folder, cfg.data.class_names, cfg.data.image_shape, every_class=False, skip_test=False)
+    per_class = cfg.data.server_validation_per_class
+    if per_class == 0:
+        return None
+    train = load_split(root or cfg.data.resolved_data_root(), cfg.data.dataset, True, cfg.data.image_size)
+    classes = range(len(cfg.data.class_names))
+    idx = np.concatenate(
+        [class_indices(train.labels, c, len(train.labels), cfg.run.seed)[-per_class:] for c in classes]
+    )
+    idx = np.sort(idx)
+    return to_image_shape(train.images[idx], cfg.data.image_shape), train.labels[idx]
+
+
 def evaluation_plan(cfg: RunConfig) -> tuple[str, str]:
     """(by, in words): what judges the global model: ``global-test-set`` (a built-in dataset's test split),
     ``global-test-dir``, ``silos`` (each silo on its own held-out images) or ``none`` (silos under DP refuse)."""

@@ -18,7 +18,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from alignfl_app.config import ConfigError, RunConfig, one_line
-from alignfl_app.files import atomic_write_bytes, atomic_write_text
+from alignfl_app.files import atomic_write_bytes, atomic_write_text, real_folder, refuse_link
 
 # Keys a resumed run may change: how long and where it runs, not what it learns.
 RESUMABLE_CHANGES = frozenset(
@@ -78,7 +78,7 @@ class Checkpoint:
         withdrawn: dict[str, int] | None = None,
         quarantined: dict[str, dict[str, Any]] | None = None,
     ) -> None:
-        self.dir.mkdir(parents=True, exist_ok=True)
+        real_folder(self.dir)
         model_file = model_file_name(completed_round)
         buf = io.BytesIO()
         np.savez(buf, **{k: v.detach().cpu().numpy() for k, v in model_state.items()})
@@ -98,6 +98,7 @@ class Checkpoint:
                 old.unlink(missing_ok=True)
 
     def load(self) -> CheckpointState:
+        refuse_link(self.dir)  # a linked folder would resume whatever model it points to
         try:
             state = CheckpointState.model_validate_json(self.state_path.read_text())
         except FileNotFoundError as exc:

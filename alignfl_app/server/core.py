@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,6 +31,7 @@ from alignfl_app.server.metrics import RunRecorder
 from alignfl_app.server.operator import OperatorRequests
 from alignfl_app.server.store import GeneratorStore, GeneratorTerms, check_decoder_state
 from alignfl_app.server.synthesis import SyntheticBudget, synthesize
+from alignfl_app.server.validation import HarmfulGenerator, LabelValidator
 from alignfl_app.training import CrossEntropy, ShuffledBatches, set_threads
 
 log = logging.getLogger("flwr.alignfl")  # printed by Flower's log handler, beside its own lines
@@ -269,18 +271,29 @@ def bounded(reasons: list[str]) -> list[str]:
 class AlignFLServer:
     """Keeps every silo's latest good generator and learns the global model from their samples."""
 
-    def __init__(self, cfg: RunConfig, store: GeneratorStore, model: GlobalModel, recorder: RunRecorder) -> None:
+    def __init__(
+        self,
+        cfg: RunConfig,
+        store: GeneratorStore,
+        model: GlobalModel,
+        recorder: RunRecorder,
+        labels: LabelValidator | None = None,
+    ) -> None:
+        """``labels``: the server's labelled images, to check the classes every new generator draws."""
         self.cfg, self.store, self.model, self.recorder = cfg, store, model, recorder
         self.registry = SiloRegistry.from_config(cfg)
         self.standing = SiloStanding()
         self.terms = GeneratorTerms.from_config(cfg)
-        self.judge = GeneratorJudge.from_config(cfg, self.terms)
+        encode = None if cfg.features.spec.is_pixels else model.encode
+        self.judge = GeneratorJudge.from_config(cfg, self.terms, labels, encode)
         self.learner = GlobalLearner(cfg, model, self.terms)
         self.train_schema = train_metrics_schema(cfg.privacy.enabled)
         self.withdrawals = OperatorRequests(recorder.run_dir)
 
     def first_round(self, checkpoint: Checkpoint) -> int:
-        """The first round to run: 1, or (resume) one past the checkpoint, whose state is loaded here."""
+        """The first round to run: 1, or (resume) one past the checkpoint, whose state is loaded here. A run that
+        stored generators but completed no round (stopped by a full disk, say) resumes at round 1 with them. Every
+        stored generator is re-checked against this run's terms first: what is read back from disk is not trusted."""
         cfg = self.cfg
         if not cfg.run.resume:
             if checkpoint.exists() or len(self.store):
@@ -289,8 +302,18 @@ class AlignFLServer:
                     "set resume=true to continue it, or choose another run-name"
                 )
             return 1
-        state = checkpoint.load()
-        checkpoint.check_compatible(state, cfg)
+        state = checkpoint.load() if checkpoint.exists() or not len(self.store) else None
+        if state is not None:
+            checkpoint.check_compatible(state, cfg)
+        self.store.check_against(self.terms)
+        if state is None:
+            log.warning(
+                "Resuming a run that completed no round: round 1 again, with its %d stored generators %s",
+                len(self.store),
+                self.store.silos(),
+            )
+            self.recorder.resume(0)
+            return 1
         self.model.load_state(checkpoint.load_model(state))
         self.registry.restore({int(k): v for k, v in state.silo_of_node.items()})
         self.standing = SiloStanding(dict(state.withdrawn), {k: dict(v) for k, v in state.quarantined.items()})
@@ -314,17 +337,20 @@ class AlignFLServer:
             self.standing.quarantined,
         )
 
-    def nodes_to_ask(self, server_round: int, connected: list[int]) -> list[int]:
-        """Apply the operator's withdrawals, then the nodes this round's instructions go to."""
+    def nodes_to_ask(self, server_round: int, connected: list[int], owing: Collection[int] = ()) -> list[int]:
+        """Apply the operator's withdrawals, then the nodes this round's instructions go to.
+
+        ``owing``: nodes whose reply to an earlier round's instruction is still to come. They are not sent another
+        one, but count as asked in this round: that reply is this round's from them when it comes."""
         for silo in self.withdrawals.withdrawn():
             if silo in self.registry.names and silo not in self.standing.withdrawn:
                 self.standing.withdrawn[silo] = server_round
                 self.store.remove(silo)
                 log.warning("Silo '%s' withdrawn by the operator: its generator left the store", silo)
                 self.record_standing()
-        nodes = self.registry.to_ask(connected, self.standing.excluded())
+        nodes = self.registry.to_ask(list(dict.fromkeys([*connected, *owing])), self.standing.excluded())
         self.registry.asked[server_round] = nodes
-        return nodes
+        return [n for n in nodes if n not in owing]
 
     def quarantine(self, silo: str, server_round: int, reason: str) -> None:
         self.standing.quarantined[silo] = {"round": server_round, "reason": reason}
@@ -344,7 +370,11 @@ class AlignFLServer:
             raise ReplyRejected(refusal)
         self.registry.check(server_round, node, desc.silo)
         decoder = check_decoder_state(desc, reply.decoder, self.terms)
-        judgement = self.judge.judge(desc, decoder, reply.decoder, self.store)
+        try:
+            judgement = self.judge.judge(desc, decoder, reply.decoder, self.store)
+        except HarmfulGenerator as exc:
+            self.quarantine(desc.silo, server_round, str(exc))
+            raise
         metrics = self.train_schema.received(reply.metrics).record()
         if judgement.replay_of is None:
             self.store.put(desc, reply.decoder, server_round)
@@ -361,6 +391,7 @@ class AlignFLServer:
                 **metrics,
                 **({"replay-of-round": judgement.replay_of} if judgement.replay_of is not None else {}),
                 **({"sample-spread-min": min(judgement.spread.values())} if judgement.spread else {}),
+                **(judgement.labels.record() if judgement.labels else {}),
                 "bytes-up": reply.nbytes,
                 "bytes-down-train": 0,
                 "architecture": desc.architecture.name,

@@ -7,13 +7,15 @@
 - collapse: the samples of a class that barely vary (a blank or constant decoder, one that ignores its latent,
   one image copied over and over) are refused.
 
-Each verdict is one line in the log and summary.json. What these checks cannot see without labelled data on the
-server (a generator that draws the wrong class, a backdoor trigger) is said in docs/deployment.md.
+With labelled data on the server, its classes are checked too (``validation.py``: recognisable, and no harm to the
+other silos' classes). Each verdict is one line in the log and summary.json. What these checks cannot see (without
+labelled server data: a generator that draws the wrong class; in every case a backdoor trigger) is said in
+docs/deployment.md.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -25,6 +27,7 @@ from alignfl_app.contract.descriptor import GeneratorDescriptor
 from alignfl_app.contract.replies import ReplyRejected
 from alignfl_app.contract.sampling import SamplingStyle, sample_generator
 from alignfl_app.server.store import GeneratorStore, GeneratorTerms
+from alignfl_app.server.validation import LabelledSamples, LabelValidator, LabelVerdict
 
 COPY_DISTANCE = 0.1
 """Relative distance between two trained generators' samples drawn from the same latents, under which one is a
@@ -78,22 +81,40 @@ class Judgement:
     spread: dict[str, float]
     """Per class: the mean over output dimensions of the samples' standard deviation."""
     samples: JudgeSamples
+    labels: LabelVerdict | None = None
+    """The label check's figures (None: no labelled server data, an unconditional generator, or a replay)."""
+
+
+Encoder = Callable[[torch.Tensor], torch.Tensor]
 
 
 class GeneratorJudge:
-    """Refuses copies and collapsed generators (ReplyRejected, one line) and spots replays. Keeps the judge's
-    samples of every stored generator, so a new one is compared without drawing the others again."""
+    """Refuses copies, collapsed generators and (given ``labels``) unrecognisable or harmful ones (ReplyRejected,
+    one line), and spots replays. Keeps the judge's samples of every stored generator, so a new one is compared
+    without drawing the others again. ``encode``: a feature-space run's transform of pixel samples."""
 
-    def __init__(self, terms: GeneratorTerms, style: SamplingStyle, samples_per_class: int, min_spread: float) -> None:
+    def __init__(
+        self,
+        terms: GeneratorTerms,
+        style: SamplingStyle,
+        samples_per_class: int,
+        min_spread: float,
+        labels: LabelValidator | None = None,
+        encode: Encoder | None = None,
+    ) -> None:
         self.terms, self.style = terms, style
         self.samples_per_class, self.min_spread = max(samples_per_class, 2), min_spread
         self.check_spread = samples_per_class > 0
+        self.labels, self.encode = labels, encode
         self.seen: dict[str, JudgeSamples] = {}
+        self.seen_labelled: dict[str, LabelledSamples] = {}
 
     @classmethod
-    def from_config(cls, cfg: RunConfig, terms: GeneratorTerms) -> GeneratorJudge:
+    def from_config(
+        cls, cfg: RunConfig, terms: GeneratorTerms, labels: LabelValidator | None = None, encode: Encoder | None = None
+    ) -> GeneratorJudge:
         s = cfg.server
-        return cls(terms, SamplingStyle.of(s), s.judge_samples_per_class, s.judge_min_spread)
+        return cls(terms, SamplingStyle.of(s), s.judge_samples_per_class, s.judge_min_spread, labels, encode)
 
     def judge(
         self,
@@ -107,13 +128,45 @@ class GeneratorJudge:
             replay_of = int(store.entry(desc.silo)["stored_round"])
         samples = self.draw(desc, decoder)
         spread = self.refuse_collapse(desc, samples) if self.check_spread else {}
-        if replay_of is None:
-            self.refuse_copies(desc, state, samples, store)
-        return Judgement(replay_of, spread, samples)
+        if replay_of is not None:
+            return Judgement(replay_of, spread, samples)
+        self.refuse_copies(desc, state, samples, store)
+        labels = None
+        if self.labels is not None and desc.conditional:
+            others = {s: self.labelled(store, s) for s in store.silos() if s != desc.silo}
+            labels = self.labels.check(
+                self.as_labelled(desc, samples),
+                {s: v for s, v in others.items() if v is not None},
+            )
+        return Judgement(None, spread, samples, labels)
 
     def remember(self, silo: str, judgement: Judgement) -> None:
         """The generator was stored: its samples are what later ones are compared with."""
         self.seen[silo] = judgement.samples
+        self.seen_labelled.pop(silo, None)
+
+    def stored_samples(self, store: GeneratorStore, silo: str) -> JudgeSamples:
+        """The judge's samples of a stored generator (drawn here once if it was stored before this server process
+        started: a resumed run)."""
+        if silo not in self.seen:
+            self.seen[silo] = self.draw(*store.load_decoder(silo))
+        return self.seen[silo]
+
+    def labelled(self, store: GeneratorStore, silo: str) -> LabelledSamples | None:
+        """A stored conditional generator's judge samples as the label check sees them (encoded once)."""
+        desc = store.descriptor(silo)
+        if not desc.conditional:
+            return None
+        if silo not in self.seen_labelled:
+            self.seen_labelled[silo] = self.as_labelled(desc, self.stored_samples(store, silo))
+        return self.seen_labelled[silo]
+
+    def as_labelled(self, desc: GeneratorDescriptor, samples: JudgeSamples) -> LabelledSamples:
+        """A conditional generator's judge samples in the run's input space, with class ids of the run."""
+        x = samples.x
+        if self.encode is not None and desc.family.output == "pixels":
+            x = self.encode(x.reshape(len(x), *desc.output_shape)).detach().float().cpu().flatten(1)
+        return LabelledSamples(x, self.terms.class_ids(desc).cpu()[samples.local])
 
     def draw(self, desc: GeneratorDescriptor, decoder: nn.Module) -> JudgeSamples:
         k = len(desc.classes)
@@ -164,10 +217,7 @@ class GeneratorJudge:
                         f"{distance:.1e}): each silo must share a generator of its own records"
                     )
                 continue
-            theirs = self.seen.get(other)
-            if theirs is None:  # stored before this server process started (a resumed run)
-                other_desc, other_decoder = store.load_decoder(other)
-                theirs = self.seen[other] = self.draw(other_desc, other_decoder)
+            theirs = self.stored_samples(store, other)
             if theirs.key != samples.key:
                 continue
             distance = sample_distance(samples.x, theirs.x)

@@ -5,6 +5,7 @@ The summary is rewritten after every round, so an interrupted run still leaves w
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import statistics
@@ -16,7 +17,7 @@ import numpy as np
 import torch
 
 from alignfl_app.config import headline_metric
-from alignfl_app.files import atomic_write_text
+from alignfl_app.files import atomic_write_bytes, real_folder, refuse_link
 
 
 def feature_map(features: torch.Tensor) -> Any:
@@ -39,15 +40,44 @@ def _jsonable(v: Any) -> Any:
     return v
 
 
+METRIC_RANGE = {"accuracy": (0.0, 1.0), "neg-elbo": (0.0, math.inf)}
+"""The values a silo's evaluation can take (a negative ELBO is a sum of a cross-entropy and a KL divergence)."""
+TRIM_SHARE = 0.2  # silo-mean-eval leaves out this share of the most extreme silos on each side ...
+TRIM_FROM = 5  # ... once at least this many silos are counted (with fewer, trimming would leave too few)
+
+
+def _number(v: Any) -> float | None:
+    """``v`` as a finite float, else None (a list, a string, NaN, inf)."""
+    if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)):
+        return None
+    v = float(v)
+    return v if math.isfinite(v) else None
+
+
+def _rates(values: Any, classes: int) -> bool:
+    """A per-class accuracy list this run can record: one rate (or NaN, class absent) per class."""
+    return (
+        isinstance(values, list)
+        and (not classes or len(values) == classes)
+        and all((isinstance(a, float) and math.isnan(a)) or (_number(a) is not None and 0 <= a <= 1) for a in values)
+    )
+
+
 class RunRecorder:
-    """Collects per-round metrics and writes every artefact of a run into one folder."""
+    """Collects per-round metrics and writes every artefact of a run into one folder.
+
+    The results folder, the run's folder and its samples/ must be real folders (a symbolic link would have every
+    artefact land where it points), and every file is written atomically, so a full disk or a killed server leaves
+    the previous file whole."""
 
     def __init__(
         self, run_dir: Path, config: dict[str, Any], method: str = "alignfl", class_names: tuple[str, ...] = ()
     ) -> None:
         self.run_dir = Path(run_dir)
         self.class_names = tuple(class_names)
-        (self.run_dir / "samples").mkdir(parents=True, exist_ok=True)
+        refuse_link(self.run_dir.parent)  # results-dir
+        real_folder(self.run_dir)
+        real_folder(self.run_dir / "samples")
         self.started = time.time()
         self.summary: dict[str, Any] = {
             "method": method,
@@ -98,11 +128,22 @@ class RunRecorder:
             self.summary[f"final-per-silo-{key}"] = {
                 s: m[f"eval-{key}"] for s, m in evaluated[-1]["silos"].items() if f"eval-{key}" in m
             }
-            if "silo-mean-eval" in evaluated[-1]:
-                self.summary[f"final-silo-mean-{key}"] = evaluated[-1]["silo-mean-eval"]
-        path = self.run_dir / "summary.json"
-        atomic_write_text(path, json.dumps(_jsonable(self.summary), indent=2))
+            for figure in ("mean", "median"):
+                if f"silo-{figure}-eval" in evaluated[-1]:
+                    self.summary[f"final-silo-{figure}-{key}"] = evaluated[-1][f"silo-{figure}-eval"]
+        return self._save("summary.json", json.dumps(_jsonable(self.summary), indent=2).encode())
+
+    def _save(self, name: str, data: bytes) -> Path:
+        """Write ``data`` to ``name`` inside the run's folder, atomically and never through a linked folder."""
+        path = self.run_dir / name
+        refuse_link(path.parent)
+        atomic_write_bytes(path, data)
         return path
+
+    def _save_figure(self, fig: Any, name: str, **kwargs: Any) -> Path:
+        buffer = io.BytesIO()
+        fig.savefig(buffer, format="png", **kwargs)
+        return self._save(name, buffer.getvalue())
 
     def finish(self, status: str = "completed") -> Path:
         self.summary["status"] = status
@@ -145,10 +186,10 @@ class RunRecorder:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
         fig.tight_layout()
-        path = self.run_dir / "accuracy.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        return path
+        try:
+            return self._save_figure(fig, "accuracy.png", dpi=110)
+        finally:
+            plt.close(fig)
 
     def save_sample_grid(self, server_round: int, samples: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> Path:
         """One row per silo: what its shared generator produces this round (label above each image)."""
@@ -177,43 +218,68 @@ class RunRecorder:
                     )
             axes[i][0].text(-0.3, 0.5, silo, transform=axes[i][0].transAxes, ha="right", va="center", fontsize=8)
         fig.suptitle(f"synthetic samples per silo, round {server_round}", fontsize=9)
-        path = self.run_dir / "samples" / f"round-{server_round:03d}.png"
-        fig.savefig(path, dpi=90, bbox_inches="tight")
-        plt.close(fig)
-        return path
+        try:
+            return self._save_figure(fig, f"samples/round-{server_round:03d}.png", dpi=90, bbox_inches="tight")
+        finally:
+            plt.close(fig)
 
     def save_model(self, saved: dict[str, Any], kind: str) -> Path:
         """``saved``: ``GlobalModel.saved`` (weights, class names, input transform)."""
-        path = self.run_dir / f"global_model_{kind}.pt"
-        torch.save(saved, path)
-        return path
+        buffer = io.BytesIO()
+        torch.save(saved, buffer)
+        return self._save(f"global_model_{kind}.pt", buffer.getvalue())
 
     def record_evaluations(
         self, server_round: int, results: list[tuple[str, dict[str, Any]]]
     ) -> dict[str, float] | None:
-        """Each silo's evaluation of the global model on its own real test set; the mean weighted by examples.
+        """Each silo's evaluation of the global model on its own real test set, and two figures over the silos.
 
-        Shared by every strategy, so ALIGN-FL and the baselines are judged and named the same way. A silo's weight
-        is its example count capped at the lower median of the round's counts: one silo claiming a huge count
-        cannot take over the mean."""
-        total, weighted = 0, 0.0
-        counts = [int(m.get("num-examples", 0)) for _, m in results]
-        cap = statistics.median_low(counts) if counts else 0
+        Shared by every strategy, so ALIGN-FL and the baselines are judged and named the same way. Each figure is a
+        silo's own claim, so the figures are built to hold against a colluding minority of silos:
+
+        - a value outside the metric's range (``METRIC_RANGE``: accuracy in [0, 1]) or not finite is left out (the
+          silo's record says why), so no value can drag a figure arbitrarily far;
+        - a silo's weight is its example count capped at the lower median of the counted silos' counts, so no
+          silo weighs more than the median silo;
+        - ``silo-mean-eval``: that weighted mean without the ``TRIM_SHARE`` most extreme silos on each side (at
+          least one each, from ``TRIM_FROM`` silos on). Up to that many liars are trimmed away: the mean stays
+          within the honest silos' range; more liars move it by at most their share of the kept weight times
+          the metric's range (accuracy: 1; a negative ELBO has no upper end, so only the median holds there);
+        - ``silo-median-eval``: the median over silos, one vote each. Any minority (fewer than half of the
+          counted silos) cannot move it outside the honest silos' range, whatever values and counts it sends.
+
+        Neither figure checks that a silo's test set or its honest-looking value is real; a majority decides both.
+        """
+        lo, hi = METRIC_RANGE.get(self.metric, (-math.inf, math.inf))
+        counted: list[tuple[str, float, int]] = []
         for silo, m in results:
-            value, n = float(m.get(self.metric, float("nan"))), min(int(m.get("num-examples", 0)), cap)
             record = self.silo(server_round, silo)
+            value, n = _number(m.get(self.metric)), max(int(_number(m.get("num-examples")) or 0), 0)
+            if value is None or not lo <= value <= hi:
+                claimed = repr(m.get(self.metric))[:40]
+                record["eval-left-out"] = f"{self.metric} {claimed} is not a finite value in [{lo}, {hi}]"
+                continue
             record.update({f"eval-{self.metric}": value, "eval-num-examples": n})
-            if "per-class-accuracy" in m:
-                record["eval-per-class-accuracy"] = list(m["per-class-accuracy"])
+            per_class = m.get("per-class-accuracy")
+            if _rates(per_class, len(self.class_names)):
+                record["eval-per-class-accuracy"] = list(per_class)
                 if self.class_names:
                     record["eval-accuracy-by-class"] = {
-                        name: v
-                        for name, v in zip(self.class_names, m["per-class-accuracy"], strict=True)
-                        if not math.isnan(v)
+                        name: v for name, v in zip(self.class_names, per_class, strict=True) if not math.isnan(v)
                     }
-            total += n
-            weighted += value * n
-        if total == 0:
+            if n > 0:
+                counted.append((silo, value, n))
+        if not counted:
             return None
-        self.round(server_round)["silo-mean-eval"] = weighted / total
-        return {"silo-mean-eval": weighted / total, "num-examples": total}
+        cap = statistics.median_low(n for _, _, n in counted)
+        ordered = sorted(counted, key=lambda c: (c[1], c[0]))
+        trim = max(1, int(len(ordered) * TRIM_SHARE)) if len(ordered) >= TRIM_FROM else 0
+        kept = ordered[trim : len(ordered) - trim]
+        total = sum(min(n, cap) for _, _, n in kept)
+        mean = sum(v * min(n, cap) for _, v, n in kept) / total
+        median = statistics.median(v for _, v, _ in counted)
+        rnd = self.round(server_round)
+        rnd.update({"silo-mean-eval": mean, "silo-median-eval": median})
+        if trim:
+            rnd["silo-eval-trimmed"] = sorted(s for s, _, _ in ordered[:trim] + ordered[len(ordered) - trim :])
+        return {"silo-mean-eval": mean, "silo-median-eval": median, "num-examples": total}

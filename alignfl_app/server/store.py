@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,7 +27,7 @@ from alignfl_app.config import (
 )
 from alignfl_app.contract.descriptor import GeneratorDescriptor
 from alignfl_app.contract.replies import ReplyRejected
-from alignfl_app.files import atomic_write_bytes, atomic_write_text
+from alignfl_app.files import atomic_write_bytes, atomic_write_text, real_folder
 from alignfl_app.models.features import FeatureSpec
 from alignfl_app.models.vae import one_hot
 
@@ -149,8 +151,7 @@ class GeneratorStore:
     """Each silo's latest good generator, on disk; survives rounds a silo misses and server restarts."""
 
     def __init__(self, root: Path) -> None:
-        self.root = Path(root)
-        self.root.mkdir(parents=True, exist_ok=True)
+        self.root = real_folder(root)
         self._index_path = self.root / "index.json"
         self._index: dict[str, dict] = self._read_index() if self._index_path.exists() else {}
 
@@ -183,8 +184,23 @@ class GeneratorStore:
                 ) from exc
         return dict(entries)
 
-    def _write_index(self) -> None:
-        atomic_write_text(self._index_path, json.dumps({"format": STORE_FORMAT, "generators": self._index}, indent=1))
+    def _commit(self, index: dict[str, dict]) -> None:
+        """Write ``index`` and only then make it the store's: a failed write leaves the store as it was."""
+        atomic_write_text(self._index_path, json.dumps({"format": STORE_FORMAT, "generators": index}, indent=1))
+        self._index = index
+
+    def check_against(self, terms: GeneratorTerms) -> None:
+        """Re-pin every stored generator to this run's terms with the checks a reply passes on arrival
+        (``check_decoder_state``): an index or decoder file edited on disk is refused in one line, never used."""
+        fix = "restore the store from a backup or start another run-name"
+        for silo in self.silos():
+            try:
+                check_decoder_state(self.descriptor(silo), self.state(silo), terms)
+            except (ReplyRejected, ValueError, OSError, zipfile.BadZipFile) as exc:
+                reason = " ".join(str(exc).split())[:300]
+                raise StoreFormatError(
+                    f"{self._index_path}: the stored generator of '{silo}' does not fit this run ({reason}): {fix}"
+                ) from exc
 
     def silos(self) -> list[str]:
         return sorted(self._index)
@@ -207,21 +223,25 @@ class GeneratorStore:
         path = self.root / f"{desc.silo}.npz"
         buffer = io.BytesIO()
         np.savez(buffer, **state)
-        atomic_write_bytes(path, buffer.getvalue())
-        self._index[desc.silo] = {
+        entry = {
             "descriptor": desc.model_dump(mode="json"),
             "file": path.name,
             "stored_round": server_round,
             "bytes": int(sum(a.nbytes for a in state.values())),
         }
-        self._write_index()
+        staged = self.root / f".{desc.silo}.npz.next"  # the old file stays until the index describes the new one
+        try:
+            atomic_write_bytes(staged, buffer.getvalue())
+            self._commit({**self._index, desc.silo: entry})
+            os.replace(staged, path)  # a rename: needs no space
+        finally:
+            staged.unlink(missing_ok=True)
 
     def remove(self, silo: str) -> None:
         """Take a silo's generator out of the store (withdrawn or quarantined): out of every later synthesis."""
         if silo not in self._index:
             return
-        del self._index[silo]
-        self._write_index()
+        self._commit({s: e for s, e in self._index.items() if s != silo})
         (self.root / f"{check_name(silo)}.npz").unlink(missing_ok=True)
 
     def state(self, silo: str) -> dict[str, np.ndarray]:

@@ -23,6 +23,8 @@ Attack classes
 7. Sovereignty (test_silo_sovereignty.py): a run config re-homing, renaming or re-budgeting a silo; ledger edits.
 8. In-contract generators (test_judging.py): another silo's decoder, with or without noise; blank, constant and
    latent-deaf decoders; replayed bytes.
+9. Wrong classes (test_labels.py): swapped labels, another silo's classes drawn under a silo's own names, samples
+   that pull the other silos' classes down (quarantine).
 Own additions: descriptor round far in the future, zero-size / many tensors, case-variant and look-alike names,
 evaluate replies from strangers with maximal counts, duplicate train / evaluate replies from one node, a node
 claiming a silo's name first after a server restart (resume without silo-nodes).

@@ -107,3 +107,69 @@ def test_4_evaluate_floods_do_not_hijack_silo_mean(trained, tmp_path):
     assert set(silos) <= {"silo-0", "silo-1", "silo-2"}, sorted(silos)  # no 'silo-1?' or 'node-4243' entries
     s.core.recorder.write()
     assert (tmp_path / "run" / "summary.json").stat().st_size < 1_000_000
+
+
+HONEST = [("silo-0", 0.80, 1000), ("silo-1", 0.82, 900), ("silo-2", 0.85, 1100)]
+
+
+def _figures(tmp_path, silos, metric="accuracy"):
+    from alignfl_app.server.metrics import RunRecorder
+
+    recorder = RunRecorder(tmp_path / "run", {"global-model": "vae" if metric == "neg-elbo" else "classifier"})
+    return recorder, recorder.record_evaluations(1, [(s, {metric: v, "num-examples": n}) for s, v, n in silos])
+
+
+@pytest.mark.parametrize("claim", [0.0, 1.0, 1e9, -1e9, float("nan"), float("inf")])
+def test_4_two_colluding_silos_of_five_move_the_median_at_most_by_the_honest_spread(tmp_path, claim):
+    """Two liars (the largest count the reply schema allows) against three honest silos: the median stays in the
+    honest range; the trimmed mean moves by at most the liar the trim keeps, never past the metric's range."""
+    honest_values = [v for _, v, _ in HONEST]
+    spread = max(honest_values) - min(honest_values)
+    _, clean = _figures(tmp_path / "clean", HONEST)
+    liars = [("liar-a", claim, 10**9), ("liar-b", claim, 10**9)]
+    recorder, attacked = _figures(tmp_path / "attacked", [*HONEST, *liars])
+    assert abs(attacked["silo-median-eval"] - clean["silo-median-eval"]) <= spread + 1e-12, attacked
+    assert min(honest_values) <= attacked["silo-median-eval"] <= max(honest_values)
+    assert 0.0 <= attacked["silo-mean-eval"] <= 1.0
+    # trimming one silo each side leaves at most one liar of three, weighing no more than the median count (1100)
+    share = 1100 / (900 + 1100 + 1100)
+    assert abs(attacked["silo-mean-eval"] - clean["silo-mean-eval"]) <= share + 1e-12
+    silos = recorder.round(1)["silos"]
+    if not 0 <= claim <= 1:  # out of range or not finite: left out, with the reason, never recorded as a value
+        assert attacked == clean and "eval-accuracy" not in silos["liar-a"], attacked
+        assert "eval-left-out" in silos["liar-a"]
+
+
+@pytest.mark.parametrize("claim", [0.0, 1.0])
+def test_4_one_liar_of_five_is_trimmed_out_of_the_mean(tmp_path, claim):
+    honest = [*HONEST, ("silo-3", 0.81, 950)]
+    _, result = _figures(tmp_path, [*honest, ("liar", claim, 10**9)])
+    values = [v for _, v, _ in honest]
+    assert min(values) <= result["silo-mean-eval"] <= max(values), result
+    assert min(values) <= result["silo-median-eval"] <= max(values), result
+
+
+def test_4_negative_elbo_claims_outside_its_range_are_left_out(tmp_path):
+    recorder, result = _figures(
+        tmp_path, [("silo-0", 120.0, 10), ("silo-1", -5.0, 10), ("silo-2", float("nan"), 10)], metric="neg-elbo"
+    )
+    assert result == {"silo-mean-eval": 120.0, "silo-median-eval": 120.0, "num-examples": 10}
+    assert "eval-left-out" in recorder.round(1)["silos"]["silo-1"]
+
+
+def test_4_a_per_class_list_of_the_wrong_length_is_left_out_not_fatal(tmp_path):
+    from alignfl_app.server.metrics import RunRecorder
+
+    recorder = RunRecorder(tmp_path / "run", {}, class_names=("0", "1", "2"))
+    result = recorder.record_evaluations(
+        1,
+        [
+            ("silo-0", {"accuracy": 0.5, "num-examples": 4, "per-class-accuracy": [0.5, 0.5]}),
+            ("silo-1", {"accuracy": 0.5, "num-examples": 4, "per-class-accuracy": [0.5, float("nan"), 7.0]}),
+            ("silo-2", {"accuracy": 0.5, "num-examples": 4, "per-class-accuracy": [0.5, float("nan"), 1.0]}),
+        ],
+    )
+    assert result["silo-mean-eval"] == 0.5
+    silos = recorder.round(1)["silos"]
+    assert "eval-per-class-accuracy" not in silos["silo-0"] and "eval-per-class-accuracy" not in silos["silo-1"]
+    assert silos["silo-2"]["eval-accuracy-by-class"] == {"0": 0.5, "2": 1.0}
