@@ -421,7 +421,9 @@ class AlignFLServer:
         missing = [self.registry.name_of(n) or f"node-{n}" for n in asked if n not in replied]
         if missing:
             log.warning(
-                "No train reply within round-timeout from %s (silo died or timed out); the round goes on", missing
+                "No train reply in time from %s (the silo died, or is late: its reply counts when it comes); "
+                "the round goes on",
+                missing,
             )
         stale = [s for s in self.store.silos() if self.store.entry(s)["stored_round"] != server_round]
         if stale:
