@@ -9,8 +9,12 @@ SuperNode fetches; the SuperNode checks them against its trusted entities.
 Our own code rather than nginx or haproxy: it runs on the uvicorn and httpx that Flower pins and serves
 this API with, adds no system service, and must rewrite the protobuf GetFab reply.
 
+The front reads at most ``--max-body-mb`` of request bodies at a time, all requests together: a body announced
+larger is refused before a byte of it is read, one that grows larger while it streams is cut off there, so no
+sender, with or without a credential, makes the front (or the SuperLink behind it) buffer more than that.
+
     alignfl fleet-front --certs CERT_DIR --signatures SIGNATURE_DIR [--host 0.0.0.0] [--port 9093]
-                        [--superlink-port 9091]
+                        [--superlink-port 9091] [--max-body-mb 256]
 """
 
 from __future__ import annotations
@@ -57,6 +61,46 @@ DROPPED_HEADERS = frozenset(
     }
 )
 UPSTREAM_TIMEOUT_S = 120.0
+MAX_BODY_MB = 256.0
+"""Request bodies in flight at once, in MiB: a train reply carries one decoder (max-decoder-mb, 64 by default) and
+its descriptor, so a few silos' replies fit side by side."""
+
+
+class BodyTooLarge(Exception):
+    """A request body that would take the bodies in flight past the front's limit."""
+
+
+class BodyBudget:
+    """The bytes of request bodies the front holds at once, across requests (one event loop: no lock needed)."""
+
+    def __init__(self, limit_bytes: int) -> None:
+        self.limit, self.held = limit_bytes, 0
+
+    def take(self, n: int) -> None:
+        if self.held + n > self.limit:
+            raise BodyTooLarge
+        self.held += n
+
+    def give_back(self, n: int) -> None:
+        self.held -= n
+
+
+async def read_body(request: Request, budget: BodyBudget) -> bytes:
+    """The request's body, read chunk by chunk against ``budget`` (BodyTooLarge as soon as it would pass it; an
+    announced Content-Length past it is refused before reading). The caller gives back ``len`` of the result."""
+    announced = request.headers.get("content-length", "")
+    if announced.isdigit() and int(announced) > budget.limit:
+        raise BodyTooLarge
+    chunks, taken = [], 0
+    try:
+        async for chunk in request.stream():
+            budget.take(len(chunk))
+            taken += len(chunk)
+            chunks.append(chunk)
+    except BaseException:
+        budget.give_back(taken)
+        raise
+    return b"".join(chunks)
 
 
 def kept_headers(headers: httpx.Headers | dict) -> dict[str, str]:
@@ -83,10 +127,12 @@ def sign_fab_reply(body: bytes, signatures: Path) -> bytes:
     return reply.SerializeToString(deterministic=True)
 
 
-def create_app(superlink: str, ca_cert: Path, signatures: Path) -> Starlette:
+def create_app(superlink: str, ca_cert: Path, signatures: Path, max_body_mb: float = MAX_BODY_MB) -> Starlette:
     """The front: ``POST`` to a Fleet API path goes to ``superlink`` (https, checked against ``ca_cert``); anything
-    else is answered 404 here and never reaches the SuperLink."""
+    else is answered 404 here and never reaches the SuperLink, and a body past ``max_body_mb`` (all requests in
+    flight together) 413."""
     state: dict[str, httpx.AsyncClient] = {}
+    budget = BodyBudget(int(max_body_mb * 2**20))
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: Starlette) -> AsyncIterator[None]:
@@ -104,12 +150,22 @@ def create_app(superlink: str, ca_cert: Path, signatures: Path) -> Starlette:
             log.warning("refused %s %s from %s: this port serves the Fleet API only", request.method, path, client)
             return PlainTextResponse("not found: this port serves Flower's Fleet API only\n", status_code=404)
         try:
-            upstream = await state["client"].post(
-                path, content=await request.body(), headers=kept_headers(request.headers)
+            content = await read_body(request, budget)
+        except BodyTooLarge:
+            client = request.client.host if request.client else "?"
+            log.warning("refused a body past %.0f MiB for %s from %s", budget.limit / 2**20, path, client)
+            return PlainTextResponse(
+                f"request body too large: this port takes at most {budget.limit / 2**20:.0f} MiB in flight\n",
+                status_code=413,
+                headers={"connection": "close"},
             )
+        try:
+            upstream = await state["client"].post(path, content=content, headers=kept_headers(request.headers))
         except httpx.TransportError as err:
             log.warning("SuperLink unreachable for %s: %s", path, err)
             return PlainTextResponse("SuperLink unavailable\n", status_code=503)
+        finally:
+            budget.give_back(len(content))
         body = upstream.content
         if path == GET_FAB_PATH and upstream.status_code == 200:
             body = sign_fab_reply(body, signatures)
@@ -130,6 +186,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--host", default="0.0.0.0", help="address silos connect to")
     parser.add_argument("--port", type=int, default=9093)
     parser.add_argument("--superlink-port", type=int, default=9091, help="the SuperLink's port on 127.0.0.1")
+    parser.add_argument(
+        "--max-body-mb", type=float, default=MAX_BODY_MB, help="request bodies held at once, all requests together"
+    )
     args = parser.parse_args(argv)
     for name in ("ca.crt", "server.pem", "server.key"):
         if not (args.certs / name).is_file():
@@ -138,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
             )
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per forwarded request otherwise
-    app = create_app(f"127.0.0.1:{args.superlink_port}", args.certs / "ca.crt", args.signatures)
+    app = create_app(f"127.0.0.1:{args.superlink_port}", args.certs / "ca.crt", args.signatures, args.max_body_mb)
     log.info(
         "Fleet API on %s:%d -> SuperLink 127.0.0.1:%d; app signatures from %s",
         args.host,
