@@ -4,14 +4,19 @@ import logging as _logging
 
 from alignfl_app.exports import lazy_exports
 
-# opacus.utils.module_utils calls logging.basicConfig() on import: drop the root handler it adds, else every Flower
-# log line is printed twice in the ServerApp / ClientApp processes. Every opacus import of alignfl is in this
-# package, so this runs first.
+# opacus.utils.module_utils calls logging.basicConfig() on import, which would give the root logger a handler and
+# print every Flower log line twice in the ServerApp / ClientApp processes. basicConfig does nothing while the root
+# has a handler, so a NullHandler stands there during the import (other threads' lines are never doubled, not even
+# while opacus loads). Every opacus import of alignfl is in this package, so this runs first.
+_placeholder = _logging.NullHandler()
 _handlers = list(_logging.getLogger().handlers)
-import opacus  # noqa: E402, F401
-
-for _handler in _logging.getLogger().handlers[len(_handlers) :]:
-    _logging.getLogger().removeHandler(_handler)
+_logging.getLogger().addHandler(_placeholder)
+try:
+    import opacus  # noqa: E402, F401
+finally:
+    for _handler in list(_logging.getLogger().handlers):
+        if _handler is _placeholder or _handler not in _handlers:
+            _logging.getLogger().removeHandler(_handler)
 
 __all__, __getattr__ = lazy_exports(
     __name__,

@@ -240,3 +240,22 @@ def test_audit_scores_a_memorised_outlier_as_leaked_and_a_typical_decoder_as_cle
     # a decoder that draws an outlier it never saw is outlier-like, but not nearer to the members
     fresh = audit_outliers(_constant_decoder_vae(heldout[0]), x, y, is_outlier, heldout, (0,), num_samples=50)
     assert fresh.member_nearer_rate == 0.0 and set(fresh.metrics()) >= {"audit-member-nearer-rate", "audit-mia-auc"}
+
+
+def test_importing_opacus_never_gives_the_root_logger_a_handler():
+    """opacus calls logging.basicConfig() on import: a root handler, even for the second it takes to load, would
+    print the lines other threads log meanwhile (the ServerApp's) twice."""
+    import subprocess
+    import sys
+
+    probe = (
+        "import logging\n"
+        "root, added = logging.getLogger(), []\n"
+        "original = root.addHandler\n"
+        "root.addHandler = lambda h: (added.append(type(h).__name__), original(h))\n"
+        "import alignfl_app.privacy\n"
+        "assert set(added) <= {'NullHandler'}, added\n"
+        "assert not root.handlers, root.handlers\n"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
