@@ -709,8 +709,13 @@ class ServerSection(Section):
     """Where the server samples the generators and trains and evaluates the global model."""
     max_decoder_mb: float = Field(default=64.0, gt=0, le=2048)
     max_sampling_mb: float = Field(default=1024.0, gt=0, le=65_536)
-    """The server's memory for drawing one chunk of samples from one decoder (its activations, computed from the
-    descriptor before anything is built); a decoder that cannot draw a chunk of 64 within it is refused."""
+    """The server's memory for drawing one chunk of samples from one decoder (its activations and its kernels'
+    workspaces, computed from the descriptor before anything is built); a decoder that cannot draw a chunk of 64
+    within it is refused."""
+    max_sample_mflops: float = Field(default=1000.0, gt=0, le=1_000_000)
+    """The server's compute for drawing one sample from one decoder, in millions of floating-point operations
+    (counted from the descriptor on the meta device before anything is built); a costlier decoder is refused. The
+    shipped architectures need at most about 230 (conv-deep at 128x128)."""
     sample_grid_per_silo: int = Field(default=10, ge=0, le=64)
     judge_samples_per_class: int = Field(default=32, ge=0, le=1024)
     """Samples per class the server draws from every new generator to judge it (0: no collapse check)."""

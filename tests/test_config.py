@@ -150,6 +150,7 @@ ABSURD = {
     "server-threads": 10**6,
     "max-decoder-mb": 1e9,
     "max-sampling-mb": 1e12,
+    "max-sample-mflops": 1e12,
     "sample-grid-per-silo": 10**6,
     "judge-samples-per-class": 10**9,
     "reference-epochs": 10**6,

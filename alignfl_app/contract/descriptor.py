@@ -83,9 +83,29 @@ class GeneratorDescriptor(BaseModel):
             self.architecture, self.layout, len(self.classes), self.output_shape, self.latent_components
         )
 
+    def _sampling_values(self) -> tuple[int, int]:
+        """Values a draw holds per sample and per pass; per class, the label's decoder draws each sample, and the
+        layout holds the sample's gathered latent and its output beside it."""
+        per_class = self.layout == "per-class"
+        per_sample, per_pass = self.family.decoder.sampling_values(
+            self.architecture, 0 if per_class else self.cond_dim, self.output_shape, self.latent_components
+        )
+        if per_class:
+            per_sample += self.latent_dim + math.prod(self.output_shape)
+        return per_sample, per_pass
+
     def sampling_bytes_per_sample(self) -> int:
-        """Memory one sample's draw needs (float32 activations), from the descriptor alone."""
-        return 4 * self.family.decoder.activations_per_sample(
+        """Memory one sample's draw needs (float32 activations and kernel workspaces), from the descriptor alone."""
+        return 4 * self._sampling_values()[0]
+
+    def sampling_bytes_per_pass(self) -> int:
+        """Memory one forward pass needs whatever its size (a kernel's copy of a weight), from the descriptor alone."""
+        return 4 * self._sampling_values()[1]
+
+    def sampling_flops_per_sample(self) -> int:
+        """FLOPs of one sample's draw, from the descriptor alone (counted on the meta device): what a draw costs the
+        server's compute. Per class, one class's decoder draws each sample."""
+        return self.family.decoder.flops_per_sample(
             self.architecture,
             0 if self.layout == "per-class" else self.cond_dim,
             self.output_shape,

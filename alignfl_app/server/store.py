@@ -1,9 +1,9 @@
 """What a silo's generator is (descriptor), how a received one is checked, and where it is kept.
 
 The server never trusts a reply: ``check_decoder_state`` rebuilds the decoder from the descriptor
-and demands exactly its tensor names, shapes and dtype, all finite, within a byte budget. Only then
-does ``GeneratorStore.put`` write it, atomically, so a rejected or half-written reply can never
-replace a silo's last good generator. Generators live on disk (``.npz`` loaded with
+and demands exactly its tensor names, shapes and dtype, all finite, within budgets of bytes, sampling memory and
+compute per sample. Only then does ``GeneratorStore.put`` write it, atomically, so a rejected or half-written reply
+can never replace a silo's last good generator. Generators live on disk (``.npz`` loaded with
 ``allow_pickle=False``: nothing from a client is unpickled) and are loaded one at a time.
 """
 
@@ -49,6 +49,9 @@ class GeneratorTerms:
     """silo name -> the class names the run assigned to it; no other silo name is accepted."""
     max_sampling_bytes: int = 2**30
     trial_samples: int = 16
+    max_sample_flops: int = 10**9
+    """The compute one drawn sample may cost (max-sample-mflops): a decoder within the byte limit can still be
+    costly enough to stall every round the server samples it."""
     features: FeatureSpec = FeatureSpec()
     """The run's feature space: what a feature family's decoder must draw in."""
 
@@ -62,11 +65,13 @@ class GeneratorTerms:
             cfg.data.assigned_classes(),
             int(cfg.server.max_sampling_mb * 2**20),
             features=cfg.features.spec,
+            max_sample_flops=int(cfg.server.max_sample_mflops * 1e6),
         )
 
     def sampling_chunk(self, desc: GeneratorDescriptor) -> int:
         """How many samples one forward pass of ``desc``'s decoder may draw within max-sampling-mb."""
-        return min(MAX_SAMPLING_CHUNK, self.max_sampling_bytes // max(desc.sampling_bytes_per_sample(), 1))
+        room = self.max_sampling_bytes - desc.sampling_bytes_per_pass()
+        return max(0, min(MAX_SAMPLING_CHUNK, room // max(desc.sampling_bytes_per_sample(), 1)))
 
     def class_ids(self, desc: GeneratorDescriptor) -> torch.Tensor:
         """The run's class id of each of the descriptor's classes (checked names only)."""
@@ -77,8 +82,8 @@ class GeneratorTerms:
 def check_decoder_state(desc: GeneratorDescriptor, state: dict[str, np.ndarray], terms: GeneratorTerms) -> nn.Module:
     """Return the decoder loaded with ``state`` or raise ReplyRejected naming the first problem.
 
-    Cheap checks come first and nothing is allocated for a decoder before its declared size is known to fit:
-    the descriptor must match the run's terms, the decoder is first built on the meta device (shapes only),
+    Cheap checks come first and nothing is allocated for a decoder before its declared size and compute are known
+    to fit: the descriptor must match the run's terms, the decoder is first built on the meta device (shapes only),
     and a loaded decoder must draw finite samples before it is accepted."""
     if desc.silo not in terms.assigned:
         raise ReplyRejected(f"silo '{desc.silo}' is not one of this run's silos {sorted(terms.assigned)} (silo-names)")
@@ -99,7 +104,8 @@ def check_decoder_state(desc: GeneratorDescriptor, state: dict[str, np.ndarray],
         )
     if terms.sampling_chunk(desc) < MIN_SAMPLING_CHUNK:
         raise ReplyRejected(
-            f"decoder needs {desc.sampling_bytes_per_sample() / 2**20:.1f} MiB per sample to draw, "
+            f"decoder needs {desc.sampling_bytes_per_sample() / 2**20:.1f} MiB per sample "
+            f"(+ {desc.sampling_bytes_per_pass() / 2**20:.1f} MiB per pass) to draw, "
             f"over max-sampling-mb={terms.max_sampling_bytes / 2**20:.0f} MiB for "
             f"{MIN_SAMPLING_CHUNK} samples"
         )
@@ -115,6 +121,13 @@ def check_decoder_state(desc: GeneratorDescriptor, state: dict[str, np.ndarray],
         raise ReplyRejected(
             f"descriptor declares a {declared / 2**20:.1f} MiB decoder, over the "
             f"{terms.max_bytes / 2**20:.1f} MiB limit"
+        )
+    flops = desc.sampling_flops_per_sample()
+    if flops > terms.max_sample_flops:
+        raise ReplyRejected(
+            f"decoder costs {flops / 1e6:,.0f} MFLOPs per drawn sample, over max-sample-mflops="
+            f"{terms.max_sample_flops / 1e6:,.0f}: send a narrower or shallower decoder (fewer channels or refine "
+            f"layers), or raise max-sample-mflops"
         )
     expected = shapes.state_dict()
     extra = sorted(set(state) - set(expected))

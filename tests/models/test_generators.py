@@ -362,6 +362,39 @@ def test_activation_estimate_counts_every_value_a_draw_holds(spec):
     )
 
 
+@pytest.mark.parametrize(
+    "spec, components",
+    [*((s, c) for s in SPECS for c in (0, 3)), (ArchitectureSpec(name="g", kind="gaussian", components=3), 0)],
+    ids=lambda v: getattr(v, "name", str(v)),
+)
+@pytest.mark.parametrize("layout", ["conditional", "per-class"])
+def test_compute_estimate_is_what_a_real_draw_counts(spec, components, layout):
+    """The server bounds a decoder's compute with this estimate (meta device, one sample) before it loads it: a real
+    draw of n samples must count n times as much, the mixture's affine draw counted in closed form (its additions,
+    one per latent value, are what a counter of products leaves out)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from alignfl_app.models.features import FeatureSpec
+
+    gaussian = spec.kind == "gaussian"  # a mixture itself: no mixture layer in front
+    desc = GeneratorDescriptor(
+        silo="s",
+        architecture=spec,
+        layout=layout,
+        classes=("a", "b"),
+        image_shape=(1, 28, 28),
+        round=1,
+        latent_components=components,
+        features=FeatureSpec(space="scattering", scales=2, pool=2) if gaussian else None,
+    )
+    decoder = desc.build_decoder().eval()
+    n = 10
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        decoder(torch.randn(n, desc.latent_dim), torch.eye(2)[torch.arange(n) % 2])
+    additions = n * desc.latent_dim if gaussian or components else 0
+    assert n * desc.sampling_flops_per_sample() == counter.get_total_flops() + additions > 0
+
+
 def test_a_decoder_layer_without_a_lipschitz_rule_is_an_error_not_a_smaller_bound():
     from alignfl_app.config import ConfigError
     from alignfl_app.models.lipschitz import layer_bounds

@@ -8,8 +8,9 @@ Attack classes
 1. Descriptor not pinned: other image_shape (1x32x32, 3x28x28), 'unconditional' layout in a classifier run, a
    label set other than the classes the run assigned (all ten classes, another silo's classes), look-alike class
    names (unicode), duplicate classes; a second round must not be poisoned.
-2. Memory: a tiny reply declaring a huge decoder (rejected without allocating: RSS < +200 MB); a decoder
-   within the byte limit whose activations exceed max-sampling-mb.
+2. Memory and compute: a tiny reply declaring a huge decoder (rejected without allocating: RSS < +200 MB); a
+   decoder within the byte limit whose activations exceed max-sampling-mb; one within both whose compute per
+   sample exceeds max-sample-mflops (rejected without drawing a sample).
 3. Poison: finite +-3e38 weights (non-finite samples) rejected at the trial batch; a poisoned generator that got
    into the store is skipped, logged and quarantined; a non-finite server round is rolled back; the checkpoint
    never holds NaN.

@@ -2,7 +2,8 @@
 through a latent mixture layer; an encoder (kept on the silo) maps a record to its posterior.
 
 A family (``GeneratorFamily``) names its decoder and encoder classes, checks its own architecture fields and
-image shapes, and owns its sampling-memory estimate. The registry (``families/__init__.py``) maps a kind to one.
+image shapes, and owns its sampling-memory estimate (``sampling_values``) and its compute per sample
+(``flops_per_sample``). The registry (``families/__init__.py``) maps a kind to one.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from typing import Literal
 
 import torch
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
 from alignfl_app.config import IMAGE_SHAPE, ArchitectureSpec, ConfigError
 
@@ -32,9 +34,21 @@ class LatentMixture(nn.Module):
 
     @staticmethod
     def values_per_sample(components: int, latent_dim: int) -> int:
-        """What one sample's pass holds: weights and their running sum in float64, the pick, the fresh normal
-        coordinate, the standard-normal latent and the output."""
-        return 4 * components + 4 + 2 * latent_dim
+        """What one sample's pass holds: weights, their running sum and the pick's temporaries in float64, the
+        fresh normal latent, the output, and the chosen rows' copy and their affine image while a component draws."""
+        return 5 * components + 32 + 4 * latent_dim
+
+    @staticmethod
+    def values_per_pass(rows: int, components: int, latent_dim: int) -> int:
+        """What one pass holds whatever its size: the weights' softmax in float64 and a copy of the drawing
+        component's triangular factor (``tril``)."""
+        return 2 * rows * components + latent_dim * latent_dim
+
+    @staticmethod
+    def flops_per_sample(latent_dim: int) -> int:
+        """One sample's affine draw ``mean + eps @ L.T`` (the pick reads data on the CPU, so it cannot run on the
+        meta device: counted in closed form; the pick itself is O(components), negligible)."""
+        return 2 * latent_dim * latent_dim + latent_dim
 
     def forward(self, z: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         components = self.log_weights.shape[1]
@@ -87,6 +101,12 @@ class Decoder(nn.Module, ABC):
     def network_activations(spec: ArchitectureSpec, in_dim: int, image_shape: tuple[int, ...]) -> int:
         """Values one sample's pass through the network holds beyond its input and output."""
 
+    @staticmethod
+    @abstractmethod
+    def network_workspace(spec: ArchitectureSpec, in_dim: int, image_shape: tuple[int, ...]) -> tuple[int, int]:
+        """Values a layer's kernel allocates while it runs beyond its input and output, per sample and per pass, of
+        the layer that needs the most (one layer runs at a time)."""
+
     @classmethod
     def activations_per_sample(
         cls, spec: ArchitectureSpec, cond_dim: int, image_shape: tuple[int, ...], latent_components: int = 0
@@ -98,6 +118,31 @@ class Decoder(nn.Module, ABC):
         if latent_components:
             total += LatentMixture.values_per_sample(latent_components, spec.latent_dim)
         return total + cls.network_activations(spec, spec.latent_dim + cond_dim, image_shape)
+
+    @classmethod
+    def sampling_values(
+        cls, spec: ArchitectureSpec, cond_dim: int, image_shape: tuple[int, ...], latent_components: int = 0
+    ) -> tuple[int, int]:
+        """Values a draw holds, per sample and per pass: every activation and every kernel's workspace, what bounds
+        the server's memory when it samples (``max-sampling-mb``), from the spec alone."""
+        per_sample, per_pass = cls.network_workspace(spec, spec.latent_dim + cond_dim, image_shape)
+        if latent_components:
+            per_pass += LatentMixture.values_per_pass(max(cond_dim, 1), latent_components, spec.latent_dim)
+        return cls.activations_per_sample(spec, cond_dim, image_shape, latent_components) + per_sample, per_pass
+
+    @classmethod
+    def flops_per_sample(
+        cls, spec: ArchitectureSpec, cond_dim: int, image_shape: tuple[int, ...], latent_components: int = 0
+    ) -> int:
+        """FLOPs of one sample's draw, what bounds the server's compute when it samples (``max-sample-mflops``):
+        the network's forward pass of one sample counted on the meta device (shapes only, nothing allocated)."""
+        with torch.device("meta"):
+            network = cls(spec, cond_dim, image_shape)
+            zin = torch.empty(1, spec.latent_dim + cond_dim)
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            network.decode(zin)
+        mixture = LatentMixture.flops_per_sample(spec.latent_dim) if latent_components else 0
+        return int(counter.get_total_flops()) + mixture
 
     def forward(self, z: torch.Tensor, y_onehot: torch.Tensor | None = None) -> torch.Tensor:
         if self.prior is not None:

@@ -49,6 +49,24 @@ class ConvDecoder(Decoder):
             total += 2 * cout * side_h * side_w * (1 + spec.refine)
         return total
 
+    @staticmethod
+    def network_workspace(spec: ArchitectureSpec, in_dim: int, image_shape: tuple[int, ...]) -> tuple[int, int]:
+        """A transposed convolution on the CPU (oneDNN) holds a reordered copy of its input, its output in a blocked
+        layout and that output's plain copy beside the one returned, and a reordered copy of its weight; the input
+        layer's matrix product may pack a copy of its weight (BLAS)."""
+        c, h, w = image_shape
+        chans = list(reversed(spec.hidden))
+        down = 2 ** len(chans)
+        pixels = max(h // down, 1) * max(w // down, 1)
+        per_sample, per_pass = 0, in_dim * chans[0] * pixels
+        for cin, cout in zip(chans, chans[1:] + [c], strict=True):
+            if spec.refine:  # stride 1, 3x3: as many values out as in
+                per_sample, per_pass = max(per_sample, 3 * cin * pixels), max(per_pass, cin * cin * 9)
+            per_sample = max(per_sample, cin * pixels + 2 * cout * 4 * pixels)  # stride 2, 4x4: four times the pixels
+            per_pass = max(per_pass, cin * cout * 16)
+            pixels *= 4
+        return per_sample, per_pass
+
 
 class ConvEncoder(Encoder):
     def build(self, spec: ArchitectureSpec, cond_dim: int, image_shape: tuple[int, ...]) -> int:

@@ -40,6 +40,22 @@ class GaussianDecoder(nn.Module):
         d = math.prod(image_shape)
         return d + cond_dim + LatentMixture.values_per_sample(spec.components, d)
 
+    @classmethod
+    def sampling_values(
+        cls, spec: ArchitectureSpec, cond_dim: int, image_shape: tuple[int, ...], latent_components: int = 0
+    ) -> tuple[int, int]:
+        """Values a draw holds, per sample and per pass (the mixture's own, ``LatentMixture``)."""
+        d = math.prod(image_shape)
+        per_pass = LatentMixture.values_per_pass(max(cond_dim, 1), spec.components, d)
+        return cls.activations_per_sample(spec, cond_dim, image_shape), per_pass
+
+    @staticmethod
+    def flops_per_sample(
+        spec: ArchitectureSpec, cond_dim: int, image_shape: tuple[int, ...], latent_components: int = 0
+    ) -> int:
+        """FLOPs of one sample's draw: the mixture's affine map, in closed form (``LatentMixture``)."""
+        return LatentMixture.flops_per_sample(math.prod(image_shape))
+
     @torch.no_grad()
     def set_fit(self, row: int, log_weights: torch.Tensor, means: torch.Tensor, scale_tril: torch.Tensor) -> None:
         self.mixture.log_weights[row] = log_weights

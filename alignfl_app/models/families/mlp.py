@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 from torch import nn
 
 from alignfl_app.config import ArchitectureSpec
@@ -30,6 +32,12 @@ class MLPDecoder(Decoder):
     @staticmethod
     def network_activations(spec: ArchitectureSpec, in_dim: int, image_shape: tuple[int, ...]) -> int:
         return 2 * sum(spec.hidden)  # each hidden layer: linear output + its activation
+
+    @staticmethod
+    def network_workspace(spec: ArchitectureSpec, in_dim: int, image_shape: tuple[int, ...]) -> tuple[int, int]:
+        """A linear layer's matrix product may pack a copy of its weight (BLAS), whatever the number of samples."""
+        widths = [in_dim, *reversed(spec.hidden), math.prod(image_shape)]
+        return 0, max(a * b for a, b in zip(widths, widths[1:], strict=False))
 
 
 class MLPEncoder(Encoder):
