@@ -212,6 +212,9 @@ class RunSection(Section):
     """Flat form ``"hospital-a=123,hospital-b=456"``: the operator's binding of silo names to SuperNode ids (the
     ids the SuperLink gave their registered keys); only these nodes are asked, each only for its own silo. Empty:
     a name is bound to the first node that sends a valid generator under it and never moves for the run."""
+    tracking: Literal["tensorboard", "none"] = "none"
+    """tensorboard: the server writes each round's figures and sample grid to <run dir>/tensorboard/ as they come,
+    to watch a run live and compare runs (needs the tensorboard package on the server only)."""
 
     @field_validator("silo_nodes", mode="before")
     @classmethod

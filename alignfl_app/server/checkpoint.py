@@ -33,6 +33,7 @@ RESUMABLE_CHANGES = frozenset(
         "server-threads",
         "client-threads",
         "sample-grid-per-silo",
+        "tracking",
         "server-device",
         "client-device",
     }

@@ -18,6 +18,7 @@ import torch
 
 from alignfl_app.config import headline_metric
 from alignfl_app.files import atomic_write_bytes, real_folder, refuse_link
+from alignfl_app.server.tracking import make_tracker
 
 
 def feature_map(features: torch.Tensor) -> Any:
@@ -88,6 +89,7 @@ class RunRecorder:
         if class_names:
             self.summary["class-names"] = list(class_names)  # per-class lists follow this order
         self.metric = headline_metric(config)
+        self.tracker = make_tracker(config.get("tracking", "none"), self.run_dir, self.summary["config"], class_names)
 
     def resume(self, completed_round: int) -> None:
         """Carry over the rounds an interrupted run completed (from its summary.json) into this one."""
@@ -95,6 +97,7 @@ class RunRecorder:
         previous = json.loads(path.read_text()) if path.exists() else {}
         self.summary["rounds"] = [r for r in previous.get("rounds", []) if r.get("round", 0) <= completed_round]
         self.summary["resumed-after-rounds"] = [*previous.get("resumed-after-rounds", []), completed_round]
+        self.tracker.resume(completed_round)
 
     def set_evaluation(self, by: str, detail: str) -> None:
         """Record what judges the global model: ``global-test-set``, ``global-test-dir``, ``silos`` or ``none``."""
@@ -131,7 +134,9 @@ class RunRecorder:
             for figure in ("mean", "median"):
                 if f"silo-{figure}-eval" in evaluated[-1]:
                     self.summary[f"final-silo-{figure}-{key}"] = evaluated[-1][f"silo-{figure}-eval"]
-        return self._save("summary.json", json.dumps(_jsonable(self.summary), indent=2).encode())
+        path = self._save("summary.json", json.dumps(_jsonable(self.summary), indent=2).encode())
+        self.tracker.rounds(self.summary["rounds"])  # after summary.json: tracking shows what the run recorded
+        return path
 
     def _save(self, name: str, data: bytes) -> Path:
         """Write ``data`` to ``name`` inside the run's folder, atomically and never through a linked folder."""
@@ -147,8 +152,11 @@ class RunRecorder:
 
     def finish(self, status: str = "completed") -> Path:
         self.summary["status"] = status
-        path = self.write()
-        self.plot_accuracy()
+        try:
+            path = self.write()
+            self.plot_accuracy()
+        finally:
+            self.tracker.close()
         return path
 
     def plot_accuracy(self) -> Path | None:
@@ -219,9 +227,11 @@ class RunRecorder:
             axes[i][0].text(-0.3, 0.5, silo, transform=axes[i][0].transAxes, ha="right", va="center", fontsize=8)
         fig.suptitle(f"synthetic samples per silo, round {server_round}", fontsize=9)
         try:
-            return self._save_figure(fig, f"samples/round-{server_round:03d}.png", dpi=90, bbox_inches="tight")
+            path = self._save_figure(fig, f"samples/round-{server_round:03d}.png", dpi=90, bbox_inches="tight")
         finally:
             plt.close(fig)
+        self.tracker.image(server_round, path.read_bytes())
+        return path
 
     def save_model(self, saved: dict[str, Any], kind: str) -> Path:
         """``saved``: ``GlobalModel.saved`` (weights, class names, input transform)."""

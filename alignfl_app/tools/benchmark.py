@@ -24,6 +24,7 @@ from typing import Any
 from alignfl_app.config import ConfigError
 from alignfl_app.experiments import add_overrides_option, parse_assignments
 from alignfl_app.tools.compare import FEDERATED, METHODS, run_methods
+from alignfl_app.tools.progress import progress
 
 SCALING_EXPERIMENT = "mnist-fast"
 TARGET_ACCURACY = {"mnist": 0.95, "fashion-mnist": 0.80}  # time-to-accuracy targets; other datasets: --target
@@ -208,19 +209,25 @@ def main(argv: list[str] | None = None) -> int:
     try:
         overrides = parse_assignments(args.set)
         rows: list[dict] = []
-        if args.experiment:
-            run_methods(args.experiment, args.methods, overrides, out / "methods", app)
-            rows = from_folder(out / "methods", args.target)
-        elif args.source:
-            rows = from_folder(Path(args.source), args.target)
         scaling = []
-        for n in args.scaling:
-            folder = out / f"scaling-{n}"
-            summaries = run_methods(
-                SCALING_EXPERIMENT, args.scaling_methods, {**scaling_overrides(n), **overrides}, folder, app
-            )
-            scaling += [costs(s) for s in summaries.values()]
-            (out / "benchmark.json").write_text(json.dumps({"methods": rows, "scaling": scaling}, indent=2))
+        runs = (len(args.methods) if args.experiment else 0) + len(args.scaling) * len(args.scaling_methods)
+        with progress("benchmark", runs) as steps:  # each run_methods adds its own line beneath
+            if args.experiment:
+                steps.doing(args.experiment)
+                run_methods(args.experiment, args.methods, overrides, out / "methods", app)
+                steps.advance(len(args.methods))
+                rows = from_folder(out / "methods", args.target)
+            elif args.source:
+                rows = from_folder(Path(args.source), args.target)
+            for n in args.scaling:
+                folder = out / f"scaling-{n}"
+                steps.doing(f"{n} silos")
+                summaries = run_methods(
+                    SCALING_EXPERIMENT, args.scaling_methods, {**scaling_overrides(n), **overrides}, folder, app
+                )
+                steps.advance(len(args.scaling_methods))
+                scaling += [costs(s) for s in summaries.values()]
+                (out / "benchmark.json").write_text(json.dumps({"methods": rows, "scaling": scaling}, indent=2))
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -54,6 +54,7 @@ from alignfl_app.models.vae import GeneratorSet, one_hot
 from alignfl_app.privacy.dpsgd import DifferentialPrivacy, DPCarry, DPRound, NoPrivacy, PlainRound
 from alignfl_app.privacy.ledger import LedgerAnchor
 from alignfl_app.silo.core import Silo, SiloState
+from alignfl_app.tools.progress import progress
 from alignfl_app.training import GradientRule
 
 
@@ -312,10 +313,12 @@ def main(argv: list[str] | None = None) -> int:
         flush=True,
     )
     table, broken = [], False
-    for kind in args.canary_kind:
-        for level in args.epsilons:
+    with progress("canary-audit", len(args.canary_kind) * len(args.epsilons)) as steps:
+        for kind, level in ((k, e) for k in args.canary_kind for e in args.epsilons):
+            steps.doing(f"{kind} canaries, epsilon {level}")
             with tempfile.TemporaryDirectory(prefix="alignfl-canary-") as tmp:
                 epsilon, reports = AUDITS[kind](level_config(base, level), args, Path(tmp))
+            steps.advance()
             for attack, report in reports.items():
                 name = f"{kind}-{level}" + ("-whole-vae" if attack == "whole VAE" else "")
                 (out / f"{name}.json").write_text(report.model_dump_json(indent=1))

@@ -33,6 +33,7 @@ from alignfl_app.experiments import (
 )
 from alignfl_app.reference import RUNNERS
 from alignfl_app.tools.local_superlink import SimulationLink, simulation_superlink
+from alignfl_app.tools.progress import progress
 from alignfl_app.training import set_threads
 
 FEDERATED = ("alignfl", "fedavg", "fedprox")
@@ -88,22 +89,26 @@ def run_methods(
     runs_dir.mkdir(parents=True, exist_ok=True)
     summaries = {}
     federated = [m for m in methods if m in FEDERATED]
-    if federated:
-        with (
-            tempfile.TemporaryDirectory(prefix="alignfl-compare-") as tmp,
-            simulation_superlink(Path(tmp), app) as link,
-        ):
-            for method in federated:  # one SuperLink, one `flwr run` per method
-                print(f"[compare] {method} (flwr run) ...", flush=True)
-                summaries[method] = run_federated(link, method, values, cfg, runs_dir, cpus_per_client, timeout)
-                print(
-                    f"[compare] {method}: final global {key} {summaries[method][f'final-global-{key}']:.4f}", flush=True
-                )
-    set_threads(1)
-    for method in [m for m in methods if m not in FEDERATED]:
-        print(f"[compare] {method} ...", flush=True)
-        summaries[method] = run_reference(method, cfg, runs_dir)
-        print(f"[compare] {method}: final global {key} {summaries[method][f'final-global-{key}']:.4f}", flush=True)
+    with progress("compare", len(methods)) as steps:
+        if federated:
+            with (
+                tempfile.TemporaryDirectory(prefix="alignfl-compare-") as tmp,
+                simulation_superlink(Path(tmp), app) as link,
+            ):
+                for method in federated:  # one SuperLink, one `flwr run` per method
+                    print(f"[compare] {method} (flwr run) ...", flush=True)
+                    steps.doing(method)
+                    summaries[method] = run_federated(link, method, values, cfg, runs_dir, cpus_per_client, timeout)
+                    steps.advance()
+                    final = summaries[method][f"final-global-{key}"]
+                    print(f"[compare] {method}: final global {key} {final:.4f}", flush=True)
+        set_threads(1)
+        for method in [m for m in methods if m not in FEDERATED]:
+            print(f"[compare] {method} ...", flush=True)
+            steps.doing(method)
+            summaries[method] = run_reference(method, cfg, runs_dir)
+            steps.advance()
+            print(f"[compare] {method}: final global {key} {summaries[method][f'final-global-{key}']:.4f}", flush=True)
     return {m: summaries[m] for m in methods}
 
 

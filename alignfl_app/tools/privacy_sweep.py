@@ -24,6 +24,7 @@ from pathlib import Path
 
 from alignfl_app.audit.outliers import audit_run
 from alignfl_app.tools.local_superlink import simulation_superlink
+from alignfl_app.tools.progress import progress
 
 COLUMNS = [
     "dataset",
@@ -147,6 +148,26 @@ def write_report(rows: list[dict], out: Path) -> None:
     plt.close(fig)
 
 
+def run_cell(
+    cell: tuple[str, str, str], args: argparse.Namespace, out: Path, cells: list[tuple[str, str, str]]
+) -> None:
+    """One cell's run (a SuperLink and a `flwr run`), then the report of every cell so far."""
+    print(f"[sweep] {run_name(*cell)}", flush=True)
+    os.environ["ALIGNFL_SILOS_ROOT"] = str(out / "silos" / run_name(*cell))  # the cell's own silos
+    with (
+        tempfile.TemporaryDirectory(prefix="alignfl-sweep-") as tmp,
+        simulation_superlink(Path(tmp), Path(args.app)) as link,
+    ):
+        t0 = time.perf_counter()
+        run, log = link.run_app(
+            run_config(*cell, args.base, out), num_supernodes=args.num_supernodes, timeout=args.timeout
+        )
+    print(f"[sweep] {run_name(*cell)}: {run['status']} in {time.perf_counter() - t0:.0f} s", flush=True)
+    if run["status"] != "finished:completed":
+        print(log[-3000:], flush=True)
+    write_report([row_of(out / run_name(*c) / "summary.json", *c) for c in cells], out)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="alignfl sweep", description=__doc__.splitlines()[0])
     ap.add_argument("--datasets", nargs="+", default=["mnist", "fashion-mnist"])
@@ -164,21 +185,11 @@ def main(argv: list[str] | None = None) -> int:
     cells = [(ds, eps, wgt) for ds in args.datasets for eps in args.epsilons for wgt in args.weights]
     todo = [c for c in cells if not (out / run_name(*c) / "summary.json").is_file()]
     if todo and not args.report_only:
-        for cell in todo:  # a SuperLink and a `flwr run` per cell; finished cells are kept (re-run resumes)
-            print(f"[sweep] {run_name(*cell)}", flush=True)
-            os.environ["ALIGNFL_SILOS_ROOT"] = str(out / "silos" / run_name(*cell))  # the cell's own silos
-            with (
-                tempfile.TemporaryDirectory(prefix="alignfl-sweep-") as tmp,
-                simulation_superlink(Path(tmp), Path(args.app)) as link,
-            ):
-                t0 = time.perf_counter()
-                run, log = link.run_app(
-                    run_config(*cell, args.base, out), num_supernodes=args.num_supernodes, timeout=args.timeout
-                )
-            print(f"[sweep] {run_name(*cell)}: {run['status']} in {time.perf_counter() - t0:.0f} s", flush=True)
-            if run["status"] != "finished:completed":
-                print(log[-3000:], flush=True)
-            write_report([row_of(out / run_name(*c) / "summary.json", *c) for c in cells], out)
+        with progress("sweep", len(todo)) as steps:
+            for cell in todo:  # a SuperLink and a `flwr run` per cell; finished cells are kept (re-run resumes)
+                steps.doing(run_name(*cell))
+                run_cell(cell, args, out, cells)
+                steps.advance()
     if args.reaudit:
         for c in cells:
             run = out / run_name(*c)
