@@ -11,6 +11,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, MessageType, MetricRecord
 
 from alignfl_app.contract import records as P
 from alignfl_app.models.global_model import GlobalModel
+from alignfl_app.server.checkpoint import Checkpoint
 from alignfl_app.server.core import AlignFLServer
 from alignfl_app.server.metrics import RunRecorder
 from alignfl_app.server.store import GeneratorStore
@@ -69,6 +70,15 @@ def make_strategy(cfg, tmp_path: Path) -> AlignFLStrategy:
 
 def honest(outs, silos=(0, 1, 2)):
     return [reply(NODE[s], *outs[s]) for s in silos]
+
+
+def checkpointed_round(cfg, outs, tmp_path: Path) -> tuple[AlignFLStrategy, Checkpoint]:
+    """A strategy after one honest round, checkpointed as the ServerApp does after every round."""
+    s = make_strategy(cfg, tmp_path)
+    s.aggregate_train(1, honest(outs))
+    ckpt = Checkpoint(tmp_path / "run")
+    s.core.save_checkpoint(ckpt, 1)
+    return s, ckpt
 
 
 def store_snapshot(tmp_path: Path) -> dict[str, bytes]:

@@ -18,7 +18,7 @@ from alignfl_app.files import StorageError
 from alignfl_app.server.checkpoint import Checkpoint
 from alignfl_app.server.store import GeneratorStore
 from tests.conftest import tiny_run_config
-from tests.red_team.attack_kit import NODE, honest, make_strategy, reply, store_snapshot
+from tests.red_team.attack_kit import NODE, checkpointed_round, honest, make_strategy, reply, store_snapshot
 
 
 @pytest.mark.parametrize(
@@ -113,10 +113,7 @@ def test_6_new_run_refuses_folder_with_stored_generators(trained, tmp_path):
 
 def test_6_newer_store_and_checkpoint_formats_refused_never_reset(trained, tmp_path):
     cfg, outs = trained
-    s = make_strategy(cfg, tmp_path)
-    s.aggregate_train(1, honest(outs))
-    ckpt = Checkpoint(tmp_path / "run")
-    s.core.save_checkpoint(ckpt, 1)
+    s, ckpt = checkpointed_round(cfg, outs, tmp_path)
     index = tmp_path / "generators" / "index.json"
     raw = json.loads(index.read_text())
     raw["format"] = 99
@@ -283,10 +280,7 @@ def test_6_a_full_disk_mid_round_leaves_a_resumable_checkpoint(trained, tmp_path
     resume=true continues at round 2."""
     cfg, outs = trained
     cfg = parse_run_config({**cfg.flat(), "run-name": "study"})
-    s = make_strategy(cfg, tmp_path)
-    s.aggregate_train(1, honest(outs))
-    ckpt = Checkpoint(tmp_path / "run")
-    s.core.save_checkpoint(ckpt, 1)
+    s, ckpt = checkpointed_round(cfg, outs, tmp_path)
     round1 = {k: v.clone() for k, v in s.core.model.state().items()}
     stored, stored_silos = store_snapshot(tmp_path), s.core.store.silos()
     with monkeypatch.context() as m:
@@ -342,9 +336,7 @@ def test_6_a_run_stopped_before_its_first_checkpoint_resumes_at_round_1(trained,
 def test_6_an_edited_store_index_is_refused_on_resume(trained, tmp_path, edit):
     cfg, outs = trained
     cfg = parse_run_config({**cfg.flat(), "run-name": "study"})
-    s = make_strategy(cfg, tmp_path)
-    s.aggregate_train(1, honest(outs))
-    s.core.save_checkpoint(Checkpoint(tmp_path / "run"), 1)
+    s, _ = checkpointed_round(cfg, outs, tmp_path)
     index = tmp_path / "generators" / "index.json"
     tampered = json.loads(index.read_text())
     edit(tampered["generators"]["silo-1"]["descriptor"])

@@ -11,6 +11,7 @@ from alignfl_app.server.checkpoint import Checkpoint
 from alignfl_app.server.store import GeneratorStore
 from tests.red_team.attack_kit import (
     NODE,
+    checkpointed_round,
     evaluate_msg,
     honest,
     make_strategy,
@@ -96,10 +97,7 @@ def test_own_resume_does_not_let_the_first_node_rebind_a_silo_name(trained, tmp_
     first after the restart under 'silo-0' must not take the name (and the real node be locked out)."""
     cfg, outs = trained
     named = parse_run_config({**cfg.flat(), "run-name": "study"})
-    s = make_strategy(named, tmp_path)
-    s.aggregate_train(1, honest(outs))
-    ckpt = Checkpoint(tmp_path / "run")
-    s.core.save_checkpoint(ckpt, 1)
+    s, ckpt = checkpointed_round(named, outs, tmp_path)
     resumed = make_strategy(parse_run_config({**named.flat(), "resume": True}), tmp_path)
     assert resumed.core.first_round(ckpt) == 2
     desc, state = outs[0]
