@@ -82,8 +82,8 @@ class LabelVerdict:
     """What the label check measured for an accepted generator."""
 
     recognised: dict[int, float]
-    """Per class the generator draws: the share of its samples of it that the probe of the server's images
-    assigns to it."""
+    """Per class the generator draws that the server has images of: the share of its samples of it that the probe
+    of the server's images assigns to it."""
     harm: float | None
     """The largest drop of the probe's accuracy on one of the other silos' classes when the generator joins (None:
     no other silo's class to judge it by)."""
@@ -110,8 +110,10 @@ class LabelValidator:
         """Refuse (ReplyRejected) a generator whose classes the server does not recognise; HarmfulGenerator for one
         that pulls the other silos' classes down."""
         predicted = self.real.predict(candidate.x)
+        known = set(self.real.classes.tolist())  # a class the server has no images of cannot be recognised
         recognised = {
-            c: float((predicted[candidate.y == c] == c).double().mean()) for c in sorted(set(candidate.y.tolist()))
+            c: float((predicted[candidate.y == c] == c).double().mean())
+            for c in sorted(set(candidate.y.tolist()) & known)
         }
         for c, share in recognised.items():
             if share < self.floor:

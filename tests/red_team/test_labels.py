@@ -12,7 +12,7 @@ from alignfl_app.models.global_model import GlobalModel
 from alignfl_app.server.core import AlignFLServer
 from alignfl_app.server.metrics import RunRecorder
 from alignfl_app.server.store import GeneratorStore
-from alignfl_app.server.validation import HarmfulGenerator, LabelledSamples
+from alignfl_app.server.validation import HarmfulGenerator, LabelledSamples, LabelValidator
 from alignfl_app.silo.core import Silo
 from server_app.app import make_label_validator
 from server_app.strategy import AlignFLStrategy
@@ -142,3 +142,17 @@ def _decoder(desc, state):
     decoder = desc.empty_decoder().to_empty(device="cpu")
     decoder.load_state_dict({k: torch.from_numpy(v) for k, v in state.items()})
     return decoder
+
+
+def test_a_class_the_server_has_no_images_of_is_not_judged(silos, tmp_path):
+    """A server-validation-dir may hold a subset of the run's classes: silo 1's classes 2 and 3 are then neither
+    recognised nor refused."""
+    cfg, outs, _ = silos
+    s = checked_strategy(cfg, tmp_path)
+    labels = s.core.judge.labels
+    only_0_and_1 = labels.y < 2
+    partial = LabelValidator(labels.x[only_0_and_1], labels.y[only_0_and_1], cfg.data.class_names, 1.0, 0.35)
+    desc, state = outs[1]
+    judge = s.core.judge
+    verdict = partial.check(judge.as_labelled(desc, judge.draw(desc, _decoder(desc, state))), {})
+    assert verdict.recognised == {} and verdict.harm is None
