@@ -891,8 +891,8 @@ class SiloNodeConfig(BaseModel):
         extra="forbid", alias_generator=_dashed, populate_by_name=True, frozen=True, allow_inf_nan=False
     )
 
-    partition_id: int = Field(ge=0)
-    num_partitions: int | None = Field(default=None, ge=1)
+    partition_id: int = Field(ge=0, lt=MAX_SILOS)
+    num_partitions: int | None = Field(default=None, ge=1, le=MAX_SILOS)
     architecture: str | None = Field(default=None, pattern=NAME_PATTERN)
     data_root: str | None = None
     silo_name: str | None = Field(default=None, pattern=NAME_PATTERN)

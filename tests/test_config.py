@@ -64,6 +64,10 @@ def test_node_config_overrides_validate():
     assert (node.partition_id, node.architecture, node.silo_name) == (2, "conv", "hospital-a")
     with pytest.raises(ConfigError, match="partition-id"):
         parse_node_config({"architecture": "conv"})
+    for absurd in ({"partition-id": 10**12}, {"partition-id": 0, "num-partitions": 10**9}):
+        with pytest.raises(ConfigError, match="partition") as exc:
+            parse_node_config(absurd)
+        assert "\n" not in str(exc.value)
 
 
 def test_node_config_check_is_one_line_and_strict():
