@@ -61,7 +61,8 @@ def test_private_run_releases_only_public_constants_and_stops_when_every_ledger_
     base = (
         f"results-dir='{results}' num-server-rounds=2 max-per-class=100 outliers-per-silo=20 "
         "silo-classes='0,1;2,3;4,5' silo-architectures='mlp-small' generator-layout='per-class' "
-        "dp-epsilon=2.0 dp-steps=5 synthetic-per-silo=100 server-epochs=1 sample-grid-per-silo=2"
+        "dp-epsilon=2.0 dp-steps=5 synthetic-per-silo=100 server-epochs=1 sample-grid-per-silo=2 "
+        "server-validation-per-class=0"  # 5 DP steps draw noise, which the server's label check would refuse
     )
     with simulation_superlink(tmp_path / "link", PROJECT) as link:
         run, log = link.run_app(base + " run-name='private'", num_supernodes=3)
