@@ -729,9 +729,10 @@ class ServerSection(Section):
     """With labelled server data (server-validation-per-class, server-validation-dir): a linear probe fitted to the
     server's images must recognise each class a new generator draws in its samples at least this many times as
     often as chance (1 / the number of classes it has images of), else the generator is refused."""
-    judge_max_harm: float = Field(default=0.35, ge=0, le=1)
+    judge_max_harm: float = Field(default=0.2, ge=0, le=1)
     """With labelled server data: a new generator whose samples lower the probe's accuracy on one of the other
-    silos' classes by more than this (leave-one-out) gets its silo quarantined."""
+    silos' classes by more than the server's own images of its classes would (leave-one-out), by more than this,
+    gets its silo quarantined."""
     augment: tuple[Literal["affine", "crop", "blur", "noise"], ...] = Field(
         default=("affine", "crop"), alias="server-augment"
     )

@@ -8,10 +8,11 @@ solved in closed form: no seed, no schedule, milliseconds) judge every new gener
   samples of it at least ``judge-min-recognition`` times as often as chance (1 / the number of classes the server
   has images of): a silo that swaps its labels, or draws another class under its own name, is refused. The check
   depends on this generator alone, not on which silos replied before it;
-- leave-one-out: a probe fitted to the judge's samples of the other stored generators, with and without the new
-  one, scored on the server's images: a generator that lowers its accuracy on one of the other silos' classes by
-  more than ``judge-max-harm`` draws that class under its own labels; it is harmful, and its silo is quarantined
-  (an honest new class lowers its look-alikes a little, a shirt the T-shirts: by 0.26 at most in our measurements).
+- leave-one-out: a probe fitted to the judge's samples of the other stored generators plus the new one's, scored
+  on the server's images of the other silos' classes, against the same probe with the server's own images of the
+  new generator's classes in place of its samples: a new class lowers its look-alikes anyway (a coat the
+  pullovers), so only a drop beyond that, of more than ``judge-max-harm`` on one class, is harm: the generator
+  draws that class under its own labels, and its silo is quarantined.
 """
 
 from __future__ import annotations
@@ -85,8 +86,8 @@ class LabelVerdict:
     """Per class the generator draws that the server has images of: the share of its samples of it that the probe
     of the server's images assigns to it."""
     harm: float | None
-    """The largest drop of the probe's accuracy on one of the other silos' classes when the generator joins (None:
-    no other silo's class to judge it by)."""
+    """The largest drop of the probe's accuracy on one of the other silos' classes when the generator's samples
+    stand in for the server's images of its classes (None: nothing to judge it by)."""
 
     def record(self) -> dict[str, float]:
         """The figures summary.json keeps per silo and round."""
@@ -125,20 +126,34 @@ class LabelValidator:
         if not others:
             return LabelVerdict(recognised, None)
         rest = LabelledSamples.join(list(others.values()))
-        judged = sorted(set(rest.y.tolist()))
-        before = per_class_accuracy(RidgeProbe(rest), self.x, self.y, judged)
-        after = per_class_accuracy(RidgeProbe(LabelledSamples.join([rest, candidate])), self.x, self.y, judged)
-        if not before:
+        judged = sorted(set(rest.y.tolist()) - set(recognised))
+        stand_in = self.real_images_like(candidate)
+        if not judged or stand_in is None:
             return LabelVerdict(recognised, None)
-        worst = max(before, key=lambda c: before[c] - after[c])
-        harm = before[worst] - after[worst]
+        # the other classes' accuracy with the server's own images of the new classes in place of the samples: a
+        # new class lowers its look-alikes anyway (a coat the pullovers), only what the samples take beyond counts
+        honest = per_class_accuracy(RidgeProbe(LabelledSamples.join([rest, stand_in])), self.x, self.y, judged)
+        after = per_class_accuracy(RidgeProbe(LabelledSamples.join([rest, candidate])), self.x, self.y, judged)
+        worst = max(honest, key=lambda c: honest[c] - after[c])
+        harm = honest[worst] - after[worst]
         if harm > self.max_harm:
             raise HarmfulGenerator(
                 f"its samples lower the server's recognition of another silo's class '{self.class_names[worst]}' "
-                f"from {before[worst]:.0%} to {after[worst]:.0%} (judge-max-harm={self.max_harm:g}): it draws that "
-                "class under its own labels"
+                f"to {after[worst]:.0%}, where its classes drawn as the server's own images leave {honest[worst]:.0%} "
+                f"(judge-max-harm={self.max_harm:g}): it draws that class under its own labels"
             )
         return LabelVerdict(recognised, harm)
+
+    def real_images_like(self, candidate: LabelledSamples) -> LabelledSamples | None:
+        """As many of the server's images of each of the candidate's classes as it drew samples of (None: the server
+        has no images of some of them, so the candidate cannot be compared with its classes drawn well)."""
+        parts = []
+        for c in sorted(set(candidate.y.tolist())):
+            mine = self.x[self.y == c][: int((candidate.y == c).sum())]
+            if not len(mine):
+                return None
+            parts.append(LabelledSamples(mine, torch.full((len(mine),), c, dtype=candidate.y.dtype)))
+        return LabelledSamples.join(parts)
 
 
 def label_validator(

@@ -117,16 +117,17 @@ def test_samples_that_pull_other_classes_down_are_harmful(silos, tmp_path):
 
 
 def test_a_harmful_generator_gets_its_silo_quarantined(silos, tmp_path):
-    """Any drop of the other classes counts as harm at judge-max-harm=0: the silo that adds one is quarantined,
-    its stored generator leaves the store and its replies are refused from then on."""
-    cfg, outs, _ = silos
-    strict = cfg.model_copy(update={"server": cfg.server.model_copy(update={"judge_max_harm": 0.0})})
-    s = checked_strategy(strict, tmp_path)
+    """With the recognition check off (judge-min-recognition=0), a decoder of silo 0's classes sent by silo 1 under
+    its own class names is caught by leave-one-out harm: silo 1 is quarantined, its replies refused from then on."""
+    cfg, outs, (stolen_desc, stolen_state) = silos
+    lenient = cfg.model_copy(update={"server": cfg.server.model_copy(update={"judge_min_recognition": 0.0})})
+    s = checked_strategy(lenient, tmp_path)
     honest_round(s, outs, 1, silos=(0, 2))
-    s.aggregate_train(2, [reply(NODE[1], *outs[1])])
+    forged = stolen_desc.model_copy(update={"silo": outs[1][0].silo, "classes": outs[1][0].classes})
+    s.aggregate_train(2, [reply(NODE[1], forged, stolen_state)])
     assert "silo-1" in s.core.standing.quarantined
     assert "silo-1" not in s.core.store.silos()
-    s.aggregate_train(3, [reply(NODE[1], outs[1][0], {k: v * 1.0001 for k, v in outs[1][1].items()})])
+    s.aggregate_train(3, [reply(NODE[1], *outs[1])])
     assert "quarantined since round 2" in s.core.recorder.round(3)["rejected-replies"][0]
 
 
